@@ -1,0 +1,10 @@
+"""curvkern: fused optimizers and a fused cross-entropy Hessian-vector product for PyTorch.
+
+Every kernel exists three times, chosen by ``fused=``: Triton (CUDA), C++/OpenMP (CPU) and the
+pure-PyTorch eager reference; see :mod:`curvkern._dispatch`.
+"""
+from curvkern import optim
+from curvkern._dispatch import available_backends
+
+__all__ = ["optim", "available_backends"]
+__version__ = "0.1.0"

@@ -1,0 +1,138 @@
+"""The one place that turns ``fused=`` and the tensors' device into a backend, or an error.
+
+Every kernel family (``"hysterograd"``, ``"biostatis"``, ``"cross_entropy"``) registers the
+implementation each backend has with :func:`register`. :func:`select` picks one:
+
+- ``"eager"``: the pure-PyTorch reference, on any device.
+- ``"cpp"``: the C++/OpenMP kernels of ``curvkern._C``, CPU tensors only.
+- ``"triton"``: the Triton kernels, CUDA tensors (CPU tensors too under ``TRITON_INTERPRET=1``).
+- ``"auto"``: Triton on CUDA, C++ on CPU; the eager reference, with a one-time warning that
+  says why, where that backend is not available.
+
+An explicit backend that cannot run raises; it never silently runs something else.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import warnings
+from typing import Callable
+
+import torch
+
+FUSED_CHOICES = ("auto", "eager", "cpp", "triton")
+BACKENDS = ("eager", "cpp", "triton")
+
+# The issue that will bring each backend a family does not have yet: what NotImplementedError names.
+_PLANNED = {
+    ("hysterograd", "cpp"): "C++/OpenMP fused multi-tensor steps for HysteroGrad and BiostatisV6 (CPU)",
+    ("biostatis", "cpp"): "C++/OpenMP fused multi-tensor steps for HysteroGrad and BiostatisV6 (CPU)",
+    ("hysterograd", "triton"): "Triton fused multi-tensor steps for HysteroGrad and BiostatisV6 (CUDA)",
+    ("biostatis", "triton"): "Triton fused multi-tensor steps for HysteroGrad and BiostatisV6 (CUDA)",
+}
+
+_REGISTRY: dict[tuple[str, str], Callable] = {}
+_warned: set[tuple[str, str]] = set()
+
+
+def register(family: str, backend: str) -> Callable[[Callable], Callable]:
+    """Decorator: ``fn`` is ``family``'s implementation on ``backend``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+    def decorator(fn: Callable) -> Callable:
+        _REGISTRY[(family, backend)] = fn
+        return fn
+
+    return decorator
+
+
+def check_fused(fused: object) -> str:
+    """Validate a ``fused=`` argument (for constructors and functions, before any work)."""
+    if fused not in FUSED_CHOICES:
+        raise ValueError(f"fused must be one of {FUSED_CHOICES}, got {fused!r}")
+    return fused  # type: ignore[return-value]
+
+
+@functools.cache
+def cpp_unavailable_reason() -> str | None:
+    """Why ``curvkern._C`` cannot be used, or None when it loaded."""
+    try:
+        from curvkern import _C  # noqa: F401
+    except ImportError as exc:
+        return (
+            f"the C++ extension curvkern._C is not built ({exc}); "
+            "build it with `make venv` or `pip install --no-build-isolation -e .`"
+        )
+    return None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """Why Triton kernels cannot run on ``device``, or None when they can."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install triton)"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and triton_interpreted():
+        return None
+    if device.type == "cpu":
+        return "Triton kernels run on CUDA tensors; CPU tensors need TRITON_INTERPRET=1 (the interpreter)"
+    return f"Triton kernels run on CUDA tensors, got a tensor on {device}"
+
+
+def _unavailable_reason(family: str, backend: str, device: torch.device) -> str | None:
+    if backend == "cpp":
+        if device.type != "cpu":
+            return f"fused='cpp' runs on CPU tensors, got a tensor on {device}"
+        return cpp_unavailable_reason()
+    if backend == "triton":
+        return triton_unavailable_reason(device)
+    return None
+
+
+def _not_implemented(family: str, backend: str) -> NotImplementedError:
+    planned = _PLANNED.get((family, backend))
+    where = f" It arrives with the issue '{planned}'." if planned else ""
+    return NotImplementedError(f"{family}: fused={backend!r} has no kernel yet.{where}")
+
+
+def select(family: str, fused: str, device: torch.device) -> tuple[str, Callable]:
+    """Return ``(backend, implementation)`` for ``family`` on ``device``, or raise."""
+    fused = check_fused(fused)
+    device = torch.device(device)
+    if fused == "auto":
+        preferred = "triton" if device.type == "cuda" else "cpp"
+        reason = _unavailable_reason(family, preferred, device)
+        if reason is None and (family, preferred) not in _REGISTRY:
+            reason = str(_not_implemented(family, preferred))
+        if reason is None:
+            return preferred, _REGISTRY[(family, preferred)]
+        if (family, preferred) not in _warned:
+            _warned.add((family, preferred))
+            warnings.warn(
+                f"curvkern: {family} on {device.type} runs the eager reference because {reason}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return "eager", _REGISTRY[(family, "eager")]
+    if (family, fused) not in _REGISTRY:
+        raise _not_implemented(family, fused)
+    reason = _unavailable_reason(family, fused, device)
+    if reason is not None:
+        raise RuntimeError(f"{family}: fused={fused!r} cannot run: {reason}")
+    return fused, _REGISTRY[(family, fused)]
+
+
+def available_backends(family: str, device: torch.device | str = "cpu") -> list[str]:
+    """Backends that implement ``family`` and can run on ``device``: what tests parametrize over."""
+    device = torch.device(device)
+    return [
+        backend
+        for backend in BACKENDS
+        if (family, backend) in _REGISTRY and _unavailable_reason(family, backend, device) is None
+    ]

@@ -1,0 +1,82 @@
+"""What both optimizers share: input checks, hyperparameter validation, low-precision policy."""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+# Parameters in these dtypes keep fp32 optimizer state and do their math in fp32; the result is
+# written back to the parameter rounded to nearest even (a deliberate deviation from the originals,
+# whose bf16/fp16 state loses small updates or overflows to inf/NaN).
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def state_dtype(param: torch.Tensor) -> torch.dtype:
+    """dtype of a parameter's optimizer state and of the elementwise math on it."""
+    return torch.float32 if param.dtype in LOW_PRECISION else param.dtype
+
+
+def check_params(name: str, params: Iterable[torch.Tensor]) -> torch.device | None:
+    """Reject what no backend supports; return the one device the tensors share (None if empty)."""
+    device = None
+    for p in params:
+        if p.is_complex():
+            raise TypeError(f"{name} does not support complex parameters (got one of dtype {p.dtype})")
+        if p.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"{name} supports parameters of dtype float16, bfloat16, float32 and float64, got {p.dtype}"
+            )
+        if device is None:
+            device = p.device
+        elif p.device != device:
+            raise RuntimeError(
+                f"{name}: all parameters of a param group must be on one device, got {device} and "
+                f"{p.device}; put parameters on different devices in different param groups"
+            )
+    return device
+
+
+def grad_of(name: str, param: torch.Tensor) -> torch.Tensor | None:
+    grad = param.grad
+    if grad is None:
+        return None
+    if grad.is_sparse:
+        raise RuntimeError(f"{name} does not support sparse gradients")
+    return grad
+
+
+def _number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"Invalid {name}: {value!r} (expected a finite number)")
+    return float(value)
+
+
+def require_range(name: str, value: object, low: float | None = None, high: float | None = None,
+                  *, low_open: bool = False, high_open: bool = False) -> float:
+    """Check ``low <= value <= high`` (with open ends where asked) and say the range when it fails."""
+    x = _number(name, value)
+    too_low = low is not None and (x <= low if low_open else x < low)
+    too_high = high is not None and (x >= high if high_open else x > high)
+    if too_low or too_high:
+        left = "-inf" if low is None else f"{low:g}"
+        right = "inf" if high is None else f"{high:g}"
+        bounds = ("(" if low_open or low is None else "[") + f"{left}, {right}" + (")" if high_open or high is None else "]")
+        raise ValueError(f"Invalid {name}: {value!r} (expected a value in {bounds})")
+    return x
+
+
+def restore_state(optimizer: torch.optim.Optimizer, state_dict: dict, convert) -> None:
+    """Undo ``Optimizer.load_state_dict``'s cast of every floating state tensor to its parameter's dtype.
+
+    That cast would round fp32 state of a bf16 parameter, or a group scalar kept in the default
+    dtype, to the parameter's dtype. After the base class has checked and mapped the state,
+    ``convert(param, key, saved_value)`` rebuilds each entry from the saved value.
+    """
+    saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for pid, param in zip(saved_ids, params):
+        saved = state_dict["state"].get(pid)
+        if saved is not None:
+            optimizer.state[param] = {key: convert(param, key, value) for key, value in saved.items()}

@@ -1,0 +1,121 @@
+"""HysteroGrad's eager reference: the functional step every backend is tested against.
+
+Follows ``shared/specs/hysterograd.md`` §4 operation by operation, in three separately callable
+stages (§5): pass A updates the metric and reduces Σu² over the group, the scalar stage advances
+τ, T, E and decides the gate, pass B moves the parameters. Everything stays on the device: the
+gate is a 0-dim bool tensor and pass B selects with it, so a NaN step is never written (G10).
+
+Rounding contract the fused kernels mirror:
+- pass A, per tensor: ``G ← G·β + ((1−β)·s)·g²``; ``u = g / (√G + ε)``; the per-tensor Σu² is
+  taken in the state dtype, then added, tensor by tensor in group order, into the group
+  accumulator kept in the group scalars' dtype (torch's default dtype, fp32, as in the original);
+- scalar stage in the group scalars' dtype;
+- pass B: ``p ← p + u·(−η·k)`` where the gate is open (``−η·k`` is a Python float without
+  clipping, a 0-dim tensor with it).
+bf16/fp16 parameters keep G in fp32 and do all of this in fp32, then round p to nearest even.
+"""
+from __future__ import annotations
+
+import torch
+
+from curvkern._dispatch import register
+from curvkern.optim._common import LOW_PRECISION
+
+
+def hysterograd_pass_a(
+    grads: list[torch.Tensor],
+    metrics: list[torch.Tensor],
+    accumulator: torch.Tensor,
+    *,
+    beta: float,
+    epsilon: float,
+    metric_scale: float,
+) -> list[torch.Tensor]:
+    """Update each metric G in place, add Σu² of the group into ``accumulator``; return the u."""
+    steps = []
+    for grad, metric in zip(grads, metrics):
+        grad = grad.to(metric.dtype)
+        metric.mul_(beta).addcmul_(grad, grad, value=(1 - beta) * metric_scale)
+        step = grad / (metric.sqrt() + epsilon)
+        accumulator += step.pow(2).sum()
+        steps.append(step)
+    return steps
+
+
+def hysterograd_scalars(
+    accumulator: torch.Tensor,
+    tau: torch.Tensor,
+    temp: torch.Tensor,
+    energy: torch.Tensor,
+    *,
+    lr: float,
+    stiffening_factor: float,
+    beta: float,
+    cooling_rate: float,
+    adaptive_threshold: bool,
+    grad_clip: float | None,
+    hysteresis_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | float]:
+    """Advance τ, T, E in place from the group's Σu²; return (N̂, h, gate, −η·k)."""
+    norm = accumulator.sqrt()
+    if grad_clip:
+        ratio = grad_clip / (norm + 1e-6)
+        # min(1, C/(N+1e-6)) as the original writes it: a NaN ratio gives 1, not NaN.
+        clip_scale = torch.where(ratio < 1.0, ratio, torch.ones_like(ratio))
+    else:
+        clip_scale = 1.0
+    g_norm = norm * clip_scale
+    tau.add_(lr * g_norm)
+    temp.mul_(cooling_rate)
+    energy.copy_(beta * energy + (1 - beta) * g_norm)
+    cold_factor = 1 - torch.clamp(temp, 0, 1)
+    barrier = stiffening_factor * torch.sqrt(tau) * cold_factor * hysteresis_scale
+    if adaptive_threshold:
+        barrier = barrier * (energy + 1e-8)
+    return g_norm, barrier, g_norm > barrier, -lr * clip_scale
+
+
+def hysterograd_pass_b(
+    params: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    liquid: torch.Tensor,
+    neg_step_size: torch.Tensor | float,
+) -> None:
+    """Apply ``p ← p + u·(−η·k)`` where ``liquid``; a select, so NaN in u never reaches p."""
+    for param, step in zip(params, steps):
+        delta = torch.where(liquid, step, torch.zeros_like(step)).mul_(neg_step_size)
+        if param.dtype in LOW_PRECISION:
+            param.copy_(param.float().add_(delta))
+        else:
+            param.add_(delta)
+
+
+@register("hysterograd", "eager")
+def hysterograd_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    metrics: list[torch.Tensor],
+    tau: torch.Tensor,
+    temp: torch.Tensor,
+    energy: torch.Tensor,
+    *,
+    lr: float,
+    stiffening_factor: float,
+    beta: float,
+    epsilon: float,
+    cooling_rate: float,
+    metric_scale: float,
+    adaptive_threshold: bool,
+    grad_clip: float | None,
+    hysteresis_scale: float,
+) -> torch.Tensor:
+    """One group's step. Returns ``[N̂, h, gate]`` as one device tensor in the scalars' dtype."""
+    accumulator = torch.zeros((), dtype=tau.dtype, device=tau.device)
+    steps = hysterograd_pass_a(grads, metrics, accumulator, beta=beta, epsilon=epsilon, metric_scale=metric_scale)
+    g_norm, barrier, liquid, neg_step_size = hysterograd_scalars(
+        accumulator, tau, temp, energy,
+        lr=lr, stiffening_factor=stiffening_factor, beta=beta, cooling_rate=cooling_rate,
+        adaptive_threshold=adaptive_threshold, grad_clip=grad_clip, hysteresis_scale=hysteresis_scale,
+    )
+    hysterograd_pass_b(params, steps, liquid, neg_step_size)
+    return torch.stack([g_norm, barrier, liquid.to(g_norm.dtype)])

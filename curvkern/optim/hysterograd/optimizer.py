@@ -1,0 +1,175 @@
+"""HysteroGrad (HIOptimizer): hyperparameters, state, grouping, then one backend call per group."""
+from __future__ import annotations
+
+import torch
+
+from curvkern._dispatch import check_fused, select
+from curvkern.optim._common import check_params, grad_of, require_range, restore_state, state_dtype
+
+_NAME = "HysteroGrad"
+_GROUP_SCALARS = ("group_tau", "group_temp", "avg_energy")
+
+
+class HysteroGrad(torch.optim.Optimizer):
+    """Fisher-EMA preconditioned steps behind a hysteresis gate per parameter group.
+
+    Semantics of ``HIOptimizer`` from github dingste/HysteroGrad (``shared/specs/hysterograd.md``):
+    RMSprop-style ``u = g / (√G + ε)`` with ``G`` an EMA of ``metric_scale·g²``; a group moves,
+    ``p ← p − lr·k·u``, only when its (optionally clipped) norm ``N̂ = k·‖u‖`` exceeds the barrier
+    ``h = κ·√τ·(1 − clamp(T, 0, 1))·hs·(E + 1e-8)``, while τ, T, E and G advance on every step.
+
+    ``step()`` returns ``(status, g_norm, h_width)`` like the original: ``"Liquid"`` if any group
+    moved, and the means of N̂ and h over all groups. That tuple needs one small device-to-host
+    read per step; nothing else in the step leaves the device. The closure's loss, which the
+    original drops, is kept in ``last_loss``.
+
+    ``fused`` picks the backend: ``"eager"``, ``"cpp"``, ``"triton"`` or ``"auto"`` (see
+    :mod:`curvkern._dispatch`). It is not saved in ``state_dict()``, so a checkpoint loads under
+    every mode. State keys are the original's: ``G`` per parameter, and ``group_tau``,
+    ``group_temp``, ``avg_energy`` in the state of each group's first parameter.
+
+    Deliberate deviations from the original, each where it would crash or silently lose updates:
+    hyperparameters are validated; an int ``initial_temp`` is cast to float (spec G11);
+    bf16/fp16 parameters keep ``G`` in fp32 and do their math in fp32, the result rounded to
+    nearest even on store (the original keeps a bf16 ``G``); sparse gradients, complex parameters
+    and a group spread over several devices raise.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        stiffening_factor: float = 0.01,
+        beta: float = 0.99,
+        epsilon: float = 1e-7,
+        cooling_rate: float = 0.99,
+        initial_temp: float = 1.0,
+        metric_scale: float = 1.0,
+        adaptive_threshold: bool = True,
+        grad_clip: float | None = None,
+        hysteresis_scale: float = 1.0,
+        *,
+        fused: str = "auto",
+    ):
+        self.fused = check_fused(fused)
+        self.last_loss = None
+        defaults = dict(
+            lr=lr,
+            stiffening_factor=stiffening_factor,
+            beta=beta,
+            epsilon=epsilon,
+            cooling_rate=cooling_rate,
+            initial_temp=initial_temp,
+            metric_scale=metric_scale,
+            adaptive_threshold=adaptive_threshold,
+            grad_clip=grad_clip,
+            hysteresis_scale=hysteresis_scale,
+        )
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        require_range("lr", group["lr"], 0)
+        require_range("stiffening_factor", group["stiffening_factor"], 0)
+        require_range("beta", group["beta"], 0, 1, high_open=True)
+        # ε = 0 turns a zero gradient on a zero metric into 0/0 = NaN, freezing the group forever.
+        require_range("epsilon", group["epsilon"], 0, low_open=True)
+        require_range("cooling_rate", group["cooling_rate"], 0, 1)
+        require_range("initial_temp", group["initial_temp"])
+        require_range("metric_scale", group["metric_scale"], 0, low_open=True)
+        require_range("hysteresis_scale", group["hysteresis_scale"], 0)
+        if not isinstance(group["adaptive_threshold"], bool):
+            raise ValueError(f"Invalid adaptive_threshold: {group['adaptive_threshold']!r} (expected True or False)")
+        if group["grad_clip"] is not None:
+            # 0 means "off", as in the original; a negative clip would make τ negative and √τ NaN.
+            require_range("grad_clip", group["grad_clip"], 0)
+        device = check_params(_NAME, group["params"])
+        if device is not None:
+            select("hysterograd", self.fused, device)
+
+    def shock(self, factor: float = 0.5) -> None:
+        """Scale τ by ``factor`` and raise T to at least 0.2 in every group that has stepped."""
+        require_range("factor", factor, 0)
+        for group in self.param_groups:
+            scalars = self.state.get(group["params"][0], {}) if group["params"] else {}
+            if "group_tau" in scalars:
+                scalars["group_tau"].mul_(factor)
+                scalars["group_temp"].clamp_(min=0.2)
+
+    @torch.no_grad()
+    def step(self, closure=None) -> tuple[str, float, float]:
+        self.last_loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                self.last_loss = closure()
+
+        group_stats = []
+        for group in self.param_groups:
+            if not group["params"]:
+                continue
+            device = check_params(_NAME, group["params"])
+            first_state = self.state[group["params"][0]]
+            if "group_tau" not in first_state:
+                scalar_dtype = torch.get_default_dtype()
+                first_state["group_tau"] = torch.tensor(0.0, dtype=scalar_dtype, device=device)
+                first_state["group_temp"] = torch.tensor(float(group["initial_temp"]), dtype=scalar_dtype, device=device)
+                first_state["avg_energy"] = torch.tensor(0.0, dtype=scalar_dtype, device=device)
+
+            params, grads, metrics = [], [], []
+            for param in group["params"]:
+                grad = grad_of(_NAME, param)
+                if grad is None:
+                    continue
+                state = self.state[param]
+                if "G" not in state:
+                    state["G"] = torch.zeros_like(param, dtype=state_dtype(param), memory_format=torch.preserve_format)
+                params.append(param)
+                grads.append(grad)
+                metrics.append(state["G"])
+            if not params:
+                continue  # the original skips the group: τ, T, E do not advance
+
+            _, step_fn = select("hysterograd", self.fused, device)
+            group_stats.append(
+                step_fn(
+                    params, grads, metrics,
+                    first_state["group_tau"], first_state["group_temp"], first_state["avg_energy"],
+                    lr=group["lr"],
+                    stiffening_factor=group["stiffening_factor"],
+                    beta=group["beta"],
+                    epsilon=group["epsilon"],
+                    cooling_rate=group["cooling_rate"],
+                    metric_scale=group["metric_scale"],
+                    adaptive_threshold=group["adaptive_threshold"],
+                    grad_clip=group["grad_clip"],
+                    hysteresis_scale=group["hysteresis_scale"],
+                )
+            )
+
+        # Skipped groups contribute 0 but still count: the original's means are diluted (spec §9.10).
+        # The one device-to-host read of the step; sums in Python floats, as the original.
+        n_groups = len(self.param_groups)
+        liquid, g_norm_sum, h_sum = False, 0.0, 0.0
+        if group_stats:
+            home = group_stats[0].device
+            for g_norm, barrier, gate in torch.stack([s.to(home, torch.float64) for s in group_stats]).tolist():
+                liquid, g_norm_sum, h_sum = liquid or gate > 0, g_norm_sum + g_norm, h_sum + barrier
+        return ("Liquid" if liquid else "Frozen"), g_norm_sum / n_groups, h_sum / n_groups
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        restore_state(self, state_dict, _restore_entry)
+
+
+def _restore_entry(param: torch.Tensor, key: str, value):
+    if key == "G":
+        return value.to(device=param.device, dtype=state_dtype(param), copy=True)
+    if key in _GROUP_SCALARS:
+        # Checkpoints of the original hold an int64 temperature when initial_temp was an int.
+        dtype = value.dtype if value.is_floating_point() else torch.get_default_dtype()
+        return value.to(device=param.device, dtype=dtype, copy=True)
+    return value
+
+
+HIOptimizer = HysteroGrad

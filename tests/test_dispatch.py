@@ -1,0 +1,87 @@
+"""The one dispatch point: fused= choices, the auto rule, and errors instead of fallbacks."""
+import warnings
+
+import pytest
+import torch
+
+from curvkern import _dispatch
+
+
+@pytest.fixture
+def toy_family(monkeypatch):
+    """A family with an eager and a cpp implementation, registered only for the test."""
+    monkeypatch.setattr(_dispatch, "_REGISTRY", dict(_dispatch._REGISTRY))
+    monkeypatch.setattr(_dispatch, "_warned", set())
+    _dispatch.register("toy", "eager")(lambda: "eager")
+    _dispatch.register("toy", "cpp")(lambda: "cpp")
+    return "toy"
+
+
+def test_check_fused_rejects_unknown_values():
+    for good in _dispatch.FUSED_CHOICES:
+        assert _dispatch.check_fused(good) == good
+    for bad in ["fused", "cuda", True, None, "CPP"]:
+        with pytest.raises(ValueError, match="fused must be one of"):
+            _dispatch.check_fused(bad)
+
+
+def test_register_rejects_unknown_backend():
+    with pytest.raises(ValueError, match="unknown backend"):
+        _dispatch.register("toy", "numba")
+
+
+def test_extension_is_built_here():
+    # CI builds the extension; a missing build must fail loudly, not skip every cpp test.
+    assert _dispatch.cpp_unavailable_reason() is None
+
+
+def test_auto_prefers_cpp_on_cpu(toy_family):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backend, impl = _dispatch.select(toy_family, "auto", torch.device("cpu"))
+    assert (backend, impl()) == ("cpp", "cpp")
+
+
+def test_auto_falls_back_to_eager_once_with_a_reason(toy_family, monkeypatch):
+    monkeypatch.setattr(_dispatch, "cpp_unavailable_reason", lambda: "the C++ extension curvkern._C is not built")
+    with pytest.warns(RuntimeWarning, match="eager reference because the C\\+\\+ extension"):
+        assert _dispatch.select(toy_family, "auto", torch.device("cpu"))[0] == "eager"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _dispatch.select(toy_family, "auto", torch.device("cpu"))[0] == "eager"
+
+
+def test_auto_on_cuda_without_a_triton_kernel_warns_and_runs_eager(toy_family):
+    with pytest.warns(RuntimeWarning, match="toy: fused='triton' has no kernel yet"):
+        assert _dispatch.select(toy_family, "auto", torch.device("cuda"))[0] == "eager"
+
+
+def test_explicit_backend_that_cannot_run_raises(toy_family, monkeypatch):
+    with pytest.raises(RuntimeError, match="fused='cpp' runs on CPU tensors"):
+        _dispatch.select(toy_family, "cpp", torch.device("meta"))
+    monkeypatch.setattr(_dispatch, "cpp_unavailable_reason", lambda: "not built")
+    with pytest.raises(RuntimeError, match="not built"):
+        _dispatch.select(toy_family, "cpp", torch.device("cpu"))
+    assert _dispatch.available_backends(toy_family, "cpu") == ["eager"]
+
+
+def test_missing_kernel_names_its_issue():
+    with pytest.raises(NotImplementedError, match="C\\+\\+/OpenMP fused multi-tensor steps"):
+        if "cpp" in _dispatch.available_backends("hysterograd", "cpu"):
+            pytest.skip("the kernel exists now")
+        _dispatch.select("hysterograd", "cpp", torch.device("cpu"))
+
+
+def test_triton_needs_cuda_or_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET=1" in _dispatch.triton_unavailable_reason(torch.device("cpu"))
+    assert "CUDA tensors" in _dispatch.triton_unavailable_reason(torch.device("meta"))
+    assert _dispatch.triton_unavailable_reason(torch.device("cuda")) is None
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _dispatch.triton_unavailable_reason(torch.device("cpu")) is None
+
+
+def test_eager_is_always_available():
+    for family in ("hysterograd", "biostatis"):
+        assert _dispatch.available_backends(family, "cpu")[0] == "eager"
+        assert "eager" in _dispatch.available_backends(family, "meta")
