@@ -11,7 +11,7 @@ Rounding contract the fused kernels mirror:
   accumulator kept in the group scalars' dtype (torch's default dtype, fp32, as in the original);
 - scalar stage in the group scalars' dtype;
 - pass B: ``p ← p + u·(−η·k)`` where the gate is open (``−η·k`` is a Python float without
-  clipping, a 0-dim tensor with it).
+  clipping, a 0-dim fp64 tensor with it, holding the fp32 product −η·k where the clip bites).
 bf16/fp16 parameters keep G in fp32 and do all of this in fp32, then round p to nearest even.
 """
 from __future__ import annotations
@@ -60,10 +60,14 @@ def hysterograd_scalars(
     norm = accumulator.sqrt()
     if grad_clip:
         ratio = grad_clip / (norm + 1e-6)
+        clipped = ratio < 1.0
         # min(1, C/(N+1e-6)) as the original writes it: a NaN ratio gives 1, not NaN.
-        clip_scale = torch.where(ratio < 1.0, ratio, torch.ones_like(ratio))
+        clip_scale = torch.where(clipped, ratio, torch.ones_like(ratio))
+        # −η·k as the original forms it: an fp32 product where the clip bites, the double −η elsewhere.
+        neg_step_size = torch.where(clipped, (-lr * ratio).double(), -lr)
     else:
         clip_scale = 1.0
+        neg_step_size = -lr
     g_norm = norm * clip_scale
     tau.add_(lr * g_norm)
     temp.mul_(cooling_rate)
@@ -72,7 +76,7 @@ def hysterograd_scalars(
     barrier = stiffening_factor * torch.sqrt(tau) * cold_factor * hysteresis_scale
     if adaptive_threshold:
         barrier = barrier * (energy + 1e-8)
-    return g_norm, barrier, g_norm > barrier, -lr * clip_scale
+    return g_norm, barrier, g_norm > barrier, neg_step_size
 
 
 def hysterograd_pass_b(
