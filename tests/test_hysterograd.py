@@ -602,3 +602,11 @@ def test_matches_the_original_algorithm(backend, device, dtype):
                 torch.testing.assert_close(opt.state[p]["G"].cpu(), reference.state[q]["G"], rtol=0, atol=0)
 
     check()
+
+
+def test_rejected_param_group_leaves_the_optimizer_unchanged():
+    p, opt = make("eager", "cpu")
+    with pytest.raises(ValueError, match="beta"):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "beta": 2.0})
+    assert len(opt.param_groups) == 1
+    assert run(opt, p, GRAD, 1)[0][0] == "Liquid"

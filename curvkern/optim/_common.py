@@ -6,6 +6,8 @@ from typing import Iterable
 
 import torch
 
+from curvkern._dispatch import check_fused, select
+
 # Parameters in these dtypes keep fp32 optimizer state and do their math in fp32; the result is
 # written back to the parameter rounded to nearest even (a deliberate deviation from the originals,
 # whose bf16/fp16 state loses small updates or overflows to inf/NaN).
@@ -80,3 +82,39 @@ def restore_state(optimizer: torch.optim.Optimizer, state_dict: dict, convert) -
         saved = state_dict["state"].get(pid)
         if saved is not None:
             optimizer.state[param] = {key: convert(param, key, value) for key, value in saved.items()}
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """What both optimizers share around their step: ``fused=``, group validation, state restore.
+
+    ``fused`` is an attribute, not a hyperparameter: ``state_dict()`` does not carry it, so a
+    checkpoint saved under one mode loads under every other.
+    """
+
+    family: str  # the kernel family in curvkern._dispatch
+
+    def __init__(self, params, defaults: dict, fused: str):
+        self.fused = check_fused(fused)
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict) -> None:
+        raise NotImplementedError
+
+    def _restore_entry(self, param: torch.Tensor, key: str, value):
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._validate_group(group)
+            device = check_params(type(self).__name__, group["params"])
+            if device is not None:
+                select(self.family, self.fused, device)  # an explicit backend that cannot run fails here
+        except Exception:
+            self.param_groups.pop()  # leave the optimizer as it was
+            raise
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        restore_state(self, state_dict, self._restore_entry)

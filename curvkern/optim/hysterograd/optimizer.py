@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import torch
 
-from curvkern._dispatch import check_fused, select
-from curvkern.optim._common import check_params, grad_of, require_range, restore_state, state_dtype
+from curvkern._dispatch import select
+from curvkern.optim._common import FusedOptimizer, check_params, grad_of, require_range, state_dtype
 
 _NAME = "HysteroGrad"
 _GROUP_SCALARS = ("group_tau", "group_temp", "avg_energy")
 
 
-class HysteroGrad(torch.optim.Optimizer):
+class HysteroGrad(FusedOptimizer):
     """Fisher-EMA preconditioned steps behind a hysteresis gate per parameter group.
 
     Semantics of ``HIOptimizer`` from github dingste/HysteroGrad (``shared/specs/hysterograd.md``):
@@ -35,6 +35,8 @@ class HysteroGrad(torch.optim.Optimizer):
     and a group spread over several devices raise.
     """
 
+    family = "hysterograd"
+
     def __init__(
         self,
         params,
@@ -51,7 +53,6 @@ class HysteroGrad(torch.optim.Optimizer):
         *,
         fused: str = "auto",
     ):
-        self.fused = check_fused(fused)
         self.last_loss = None
         defaults = dict(
             lr=lr,
@@ -65,11 +66,9 @@ class HysteroGrad(torch.optim.Optimizer):
             grad_clip=grad_clip,
             hysteresis_scale=hysteresis_scale,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, fused)
 
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
+    def _validate_group(self, group: dict) -> None:
         require_range("lr", group["lr"], 0)
         require_range("stiffening_factor", group["stiffening_factor"], 0)
         require_range("beta", group["beta"], 0, 1, high_open=True)
@@ -84,9 +83,6 @@ class HysteroGrad(torch.optim.Optimizer):
         if group["grad_clip"] is not None:
             # 0 means "off", as in the original; a negative clip would make τ negative and √τ NaN.
             require_range("grad_clip", group["grad_clip"], 0)
-        device = check_params(_NAME, group["params"])
-        if device is not None:
-            select("hysterograd", self.fused, device)
 
     def shock(self, factor: float = 0.5) -> None:
         """Scale τ by ``factor`` and raise T to at least 0.2 in every group that has stepped."""
@@ -130,7 +126,7 @@ class HysteroGrad(torch.optim.Optimizer):
             if not params:
                 continue  # the original skips the group: τ, T, E do not advance
 
-            _, step_fn = select("hysterograd", self.fused, device)
+            _, step_fn = select(self.family, self.fused, device)
             group_stats.append(
                 step_fn(
                     params, grads, metrics,
@@ -157,19 +153,15 @@ class HysteroGrad(torch.optim.Optimizer):
                 liquid, g_norm_sum, h_sum = liquid or gate > 0, g_norm_sum + g_norm, h_sum + barrier
         return ("Liquid" if liquid else "Frozen"), g_norm_sum / n_groups, h_sum / n_groups
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        restore_state(self, state_dict, _restore_entry)
-
-
-def _restore_entry(param: torch.Tensor, key: str, value):
-    if key == "G":
-        return value.to(device=param.device, dtype=state_dtype(param), copy=True)
-    if key in _GROUP_SCALARS:
-        # Checkpoints of the original hold an int64 temperature when initial_temp was an int.
-        dtype = value.dtype if value.is_floating_point() else torch.get_default_dtype()
-        return value.to(device=param.device, dtype=dtype, copy=True)
-    return value
+    @staticmethod
+    def _restore_entry(param: torch.Tensor, key: str, value):
+        if key == "G":
+            return value.to(device=param.device, dtype=state_dtype(param), copy=True)
+        if key in _GROUP_SCALARS:
+            # Checkpoints of the original hold an int64 temperature when initial_temp was an int.
+            dtype = value.dtype if value.is_floating_point() else torch.get_default_dtype()
+            return value.to(device=param.device, dtype=dtype, copy=True)
+        return value
 
 
 HIOptimizer = HysteroGrad
