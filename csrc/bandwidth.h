@@ -3,7 +3,7 @@
 
 namespace curvkern {
 
-// out = a + scalar * b (STREAM triad), in one OpenMP parallel region.
-void stream_triad_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double scalar);
+// a += scalar * b in place, in one OpenMP parallel region.
+void stream_axpy_(at::Tensor& a, const at::Tensor& b, double scalar);
 
 }  // namespace curvkern

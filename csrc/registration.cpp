@@ -12,9 +12,9 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(curvkern, m) {
-  m.def("stream_triad_(Tensor(a!) out, Tensor a, Tensor b, float scalar) -> ()");
+  m.def("stream_axpy_(Tensor(a!) a, Tensor b, float scalar) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(curvkern, CPU, m) {
-  m.impl("stream_triad_", &curvkern::stream_triad_);
+  m.impl("stream_axpy_", &curvkern::stream_axpy_);
 }

@@ -1,70 +1,68 @@
-"""Measured memory bandwidth: the ceiling every kernel's GB/s is reported against."""
+"""The bandwidth probe: the operation whose best time gives the ceiling every kernel's GB/s is
+reported against.
+
+On the CPU it is curvkern._C's in-place ``a += s·b`` over arrays larger than the last-level cache:
+2 reads and 1 write per element, the access pattern of an optimizer step, with no hidden
+write-allocate read, so the bytes it counts are the bytes it moves. On a GPU it is a
+device-to-device copy (read + write), timed with CUDA events.
+"""
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from curvkern._dispatch import cpp_unavailable_reason
 
-
-def _require_extension() -> None:
-    reason = cpp_unavailable_reason()
-    if reason is not None:
-        raise RuntimeError(f"curvkern.bandwidth needs the C++ extension: {reason}")
+# 3 x 256 MiB on the CPU exceeds this machine's 480 MiB last-level cache; 1 GiB per array on a GPU
+# dwarfs any L2.
+PROBE_NUMEL = {"cpu": 64 * 2**20, "cuda": 256 * 2**20}
 
 
 if cpp_unavailable_reason() is None:
 
-    @torch.library.register_fake("curvkern::stream_triad_")
-    def _stream_triad_fake(out, a, b, scalar):
-        torch._check(a.shape == b.shape == out.shape, lambda: "out, a and b must have one shape")
-        torch._check(a.dtype == b.dtype == out.dtype, lambda: "out, a and b must share one dtype")
+    @torch.library.register_fake("curvkern::stream_axpy_")
+    def _stream_axpy_fake(a, b, scalar):
+        torch._check(a.shape == b.shape, lambda: "a and b must have one shape")
+        torch._check(a.dtype == b.dtype, lambda: "a and b must share one dtype")
 
 
-def stream_triad_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scalar: float) -> torch.Tensor:
-    """``out = a + scalar * b`` in one OpenMP region (the STREAM triad); returns ``out``."""
-    _require_extension()
-    torch.ops.curvkern.stream_triad_(out, a, b, scalar)
-    return out
+def stream_axpy_(a: torch.Tensor, b: torch.Tensor, scalar: float) -> torch.Tensor:
+    """``a += scalar * b`` in place, in one OpenMP region; returns ``a``."""
+    reason = cpp_unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"the CPU bandwidth probe needs the C++ extension: {reason}")
+    torch.ops.curvkern.stream_axpy_(a, b, scalar)
+    return a
 
 
-def triad_bytes(numel: int, dtype: torch.dtype) -> int:
-    """Compulsory traffic of one triad: read a and b, write out."""
-    return 3 * numel * torch.empty((), dtype=dtype).element_size()
+@dataclass(frozen=True)
+class BandwidthProbe:
+    run: Callable[[], object]
+    bytes_moved: int  # per call
+    description: str
 
 
-def measure_cpu_bandwidth(numel: int = 64 * 2**20, repeats: int = 10) -> float:
-    """Best triad bandwidth in GB/s on float32 arrays of ``numel`` elements.
-
-    The default (3 x 256 MiB) exceeds this machine's several-hundred-MiB last-level cache, so the
-    figure is DRAM bandwidth, not cache bandwidth.
-    """
-    _require_extension()
-    a = torch.rand(numel)
-    b = torch.rand(numel)
-    out = torch.empty(numel)
-    stream_triad_(out, a, b, 0.5)  # first touch of out's pages
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        stream_triad_(out, a, b, 0.5)
-        best = min(best, time.perf_counter() - start)
-    return triad_bytes(numel, out.dtype) / best / 1e9
+def bandwidth_probe(device: torch.device | str = "cpu", numel: int | None = None) -> BandwidthProbe:
+    """The probe on ``device`` over arrays of ``numel`` float32 elements (default: past any cache)."""
+    device = torch.device(device)
+    numel = PROBE_NUMEL[device.type] if numel is None else numel
+    if device.type == "cuda":
+        src = torch.empty(numel, device=device).uniform_()
+        dst = torch.empty_like(src)
+        return BandwidthProbe(lambda: dst.copy_(src), 2 * numel * src.itemsize, "CUDA device-to-device copy")
+    a, b = torch.rand(numel), torch.rand(numel)
+    # A tiny scale keeps a finite over any number of calls.
+    return BandwidthProbe(lambda: stream_axpy_(a, b, 1e-12), 3 * numel * a.itemsize, "in-place a += s*b, curvkern._C")
 
 
-def measure_cuda_bandwidth(numel: int = 256 * 2**20, repeats: int = 20, device: str = "cuda") -> float:
-    """Best device-to-device copy bandwidth in GB/s (read + write), timed with CUDA events."""
-    src = torch.empty(numel, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    torch.cuda.synchronize(device)
-    best = float("inf")
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3)
-    return 2 * src.numel() * src.element_size() / best / 1e9
+def measure_bandwidth(device: torch.device | str = "cpu", numel: int | None = None, repeats: int = 10) -> float:
+    """Best GB/s of the probe over ``repeats`` timed calls, after one warm-up call."""
+    from curvkern.bench.timing import time_once  # the benchmarks' timer: CUDA events or perf_counter
+
+    device = torch.device(device)
+    probe = bandwidth_probe(device, numel)
+    probe.run()
+    best = min(time_once(probe.run, device) for _ in range(repeats))
+    return probe.bytes_moved / best / 1e9

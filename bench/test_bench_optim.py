@@ -1,0 +1,10 @@
+"""Every optimizer backend that can run here, its eager reference and fused AdamW, on the same cases."""
+from curvkern.bench.timing import plan_repeats, synchronized
+
+
+def test_optimizer_step(benchmark, case, device, budget_s):
+    step = case.setup()
+    benchmark.group = case.workload
+    benchmark.extra_info.update(case.describe())
+    rounds = plan_repeats(step, device, budget_s)
+    benchmark.pedantic(synchronized(step, device), rounds=rounds, iterations=1)

@@ -1,0 +1,159 @@
+"""The benchmark cases as data: which kernel, on which backend, at which shape and dtype, and how many
+bytes one call must move at the least.
+
+The main job (``python -m curvkern.bench``) and the pytest-benchmark suites under ``bench/`` both take
+their cases from :func:`build_cases`, so a backend registered with :mod:`curvkern._dispatch` shows up in
+both the day it lands.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from curvkern import available_backends
+from curvkern.bandwidth import PROBE_NUMEL
+from curvkern.optim import BiostatisV6, HysteroGrad
+from curvkern.optim._common import state_dtype
+
+REFERENCE_BACKEND = "eager"
+PEER_KERNEL = "adamw"
+PEER_BACKEND = "torch-fused"
+
+# Arrays one optimizer step must stream per parameter element, in the order the kernels touch them.
+# ``p`` and ``g`` have the parameter's dtype, every other name is optimizer state. A name listed twice
+# is a second pass over that array, which no kernel can avoid: the whole group's reduction sits between
+# the passes. Sources:
+# - AdamW (fused): reads p, g, m, v and writes p, m, v; the issue counts "about 7 arrays per element".
+# - HysteroGrad, shared/specs/hysterograd.md §5: pass A reads g, G and writes G; pass B reads g, G again
+#   (to recompute u) and p, and writes p: 7, as the issue counts.
+# - BiostatisV6, shared/specs/biostatis.md §8: pass A reads g, m, v; the update pass reads g, m, v, both
+#   EMAs and p and writes m, v, both EMAs and p: 14 (the spec's "about 9 reads and 5 writes").
+TRAFFIC: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "adamw": (("p", "g", "m", "v"), ("p", "m", "v")),
+    "hysterograd": (("g", "G", "g", "G", "p"), ("G", "p")),
+    "biostatis": (("g", "m", "v", "g", "m", "v", "ema1", "ema2", "p"), ("m", "v", "ema1", "ema2", "p")),
+}
+PARAMETER_DTYPE_ARRAYS = ("p", "g")
+
+# The quick bandwidth-probe size only checks the plumbing.
+QUICK_PROBE_NUMEL = 2**20
+
+
+@dataclass(frozen=True)
+class Shape:
+    num_tensors: int
+    numel: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.num_tensors}x{self.numel}"
+
+
+# (a) 128 fp32 tensors of 2^20: 512 MiB of parameters alone, 1.5 to 3 GiB with gradients and state,
+#     well past the last-level cache, so the figures are DRAM bandwidth;
+# (b) 1000 tensors of 1000 elements: per-tensor overheads (launches, Python loops) dominate;
+# (c) (a) in bf16, where curvkern keeps fp32 state and fused AdamW keeps bf16 state.
+DEFAULT_WORKLOADS = ((Shape(128, 2**20), torch.float32), (Shape(1000, 1000), torch.float32), (Shape(128, 2**20), torch.bfloat16))
+QUICK_WORKLOADS = ((Shape(4, 4096), torch.float32), (Shape(50, 100), torch.float32), (Shape(4, 4096), torch.bfloat16))
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _curvkern_state_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    return state_dtype(torch.empty(0, dtype=param_dtype))
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    make_optimizer: Callable[[list[torch.Tensor], str], torch.optim.Optimizer]
+    state_dtype: Callable[[torch.dtype], torch.dtype]
+    family: str | None  # the curvkern._dispatch family; None for the torch peer
+
+    def backends(self, device: torch.device) -> list[str]:
+        if self.family is None:
+            return [PEER_BACKEND]
+        # Triton on CPU tensors runs in its interpreter, a correctness tool: timing it says nothing.
+        return [b for b in available_backends(self.family, device) if not (b == "triton" and device.type == "cpu")]
+
+    def bytes_per_element(self, param_dtype: torch.dtype) -> int:
+        reads, writes = TRAFFIC[self.name]
+        state_itemsize = self.state_dtype(param_dtype).itemsize
+        return sum(param_dtype.itemsize if array in PARAMETER_DTYPE_ARRAYS else state_itemsize for array in reads + writes)
+
+
+KERNELS = (
+    Kernel(PEER_KERNEL, lambda params, _backend: torch.optim.AdamW(params, fused=True), lambda dtype: dtype, None),
+    Kernel("hysterograd", lambda params, backend: HysteroGrad(params, fused=backend), _curvkern_state_dtype, "hysterograd"),
+    Kernel("biostatis", lambda params, backend: BiostatisV6(params, fused=backend), _curvkern_state_dtype, "biostatis"),
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    kernel: Kernel
+    backend: str
+    shape: Shape
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def name(self) -> str:
+        return f"{self.kernel.name}/{self.backend}/{self.shape.label}/{dtype_name(self.dtype)}"
+
+    @property
+    def workload(self) -> str:
+        """What the cases compared with each other share: the pytest-benchmark group."""
+        return f"{self.shape.label}/{dtype_name(self.dtype)}/{self.device.type}"
+
+    @property
+    def compulsory_bytes(self) -> int:
+        return self.shape.num_tensors * self.shape.numel * self.kernel.bytes_per_element(self.dtype)
+
+    def describe(self) -> dict:
+        """The fields that identify the case in a report record (and in pytest-benchmark's extra_info)."""
+        return {
+            "kernel": self.kernel.name,
+            "backend": self.backend,
+            "shape": self.shape.label,
+            "dtype": dtype_name(self.dtype),
+            "device": self.device.type,
+            "bytes": self.compulsory_bytes,
+        }
+
+    def setup(self, warmup_steps: int = 2) -> Callable[[], object]:
+        """Build parameters with gradients and the optimizer; return its ``step``, already warmed up.
+
+        The warm-up steps create the optimizer state, so the timed steps only stream it.
+        """
+        generator = torch.Generator(self.device).manual_seed(0)
+
+        def random_tensor() -> torch.Tensor:
+            return torch.randn(self.shape.numel, generator=generator, device=self.device).to(self.dtype)
+
+        params = [random_tensor() for _ in range(self.shape.num_tensors)]
+        for param in params:
+            param.grad = random_tensor()
+        optimizer = self.kernel.make_optimizer(params, self.backend)
+        for _ in range(warmup_steps):
+            optimizer.step()
+        return optimizer.step
+
+
+def build_cases(device: torch.device, quick: bool = False) -> list[Case]:
+    """Every kernel on every backend that can run on ``device``, for each workload."""
+    workloads = QUICK_WORKLOADS if quick else DEFAULT_WORKLOADS
+    return [
+        Case(kernel, backend, shape, dtype, device)
+        for shape, dtype in workloads
+        for kernel in KERNELS
+        for backend in kernel.backends(device)
+    ]
+
+
+def probe_numel(device: torch.device, quick: bool) -> int:
+    return QUICK_PROBE_NUMEL if quick else PROBE_NUMEL[device.type]

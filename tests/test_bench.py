@@ -1,0 +1,159 @@
+"""The benchmark machinery at --quick size: the report's schema, the table, the PNG, the converter from
+pytest-benchmark's JSON, the compulsory-byte counts, and the baseline each speedup is taken against."""
+import contextlib
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from matplotlib.image import imread
+
+from curvkern.bench import report
+from curvkern.bench.__main__ import main
+from curvkern.bench.cases import KERNELS, Case, Shape, build_cases, dtype_name
+from curvkern.bench.timing import Timing
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+def identity(record: dict) -> tuple:
+    return record["kernel"], record["backend"], record["shape"], record["dtype"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One ``python -m curvkern.bench --quick`` run: (its output directory, what it printed)."""
+    out_dir = tmp_path_factory.mktemp("bench")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        main(["--quick", "--out", str(out_dir)])
+    return out_dir, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def quick_report(quick_run) -> dict:
+    out_dir, _ = quick_run
+    return json.loads((out_dir / report.JSON_NAME).read_text())
+
+
+def test_report_has_one_record_per_case_in_the_schema(quick_report):
+    assert quick_report["schema"] == report.SCHEMA
+    assert quick_report["source"] == "curvkern.bench"
+    machine = quick_report["machine"]
+    assert tuple(machine) == report.MACHINE_FIELDS
+    assert machine["torch_version"] == torch.__version__
+    ceiling = machine["bandwidth_ceiling_gbps"]
+    assert ceiling > 0
+
+    expected = [(c.kernel.name, c.backend, c.shape.label, dtype_name(c.dtype)) for c in build_cases(CPU, quick=True)]
+    assert [identity(r) for r in quick_report["records"]] == expected
+    for record in quick_report["records"]:
+        assert tuple(record) == report.RECORD_FIELDS
+        assert record["device"] == "cpu"
+        assert 0 < record["min_s"] <= record["median_s"]
+        assert record["repeats"] >= 3
+        assert record["gbps"] == pytest.approx(record["bytes"] / record["median_s"] / 1e9)
+        assert record["fraction_of_ceiling"] == pytest.approx(record["gbps"] / ceiling)
+        assert record["speedup_vs_peer"] > 0  # the peer runs on every workload
+        if record["kernel"] == "adamw":
+            assert record["speedup_vs_eager"] is None  # torch's AdamW has no curvkern eager reference
+        else:
+            assert record["speedup_vs_eager"] > 0
+        if record["backend"] == "eager":
+            assert record["speedup_vs_eager"] == 1.0
+
+
+def test_table_prints_every_record_and_the_paths(quick_run, quick_report):
+    out_dir, printed = quick_run
+    lines = printed.splitlines()
+    for record in quick_report["records"]:
+        rows = [line for line in lines if tuple(line.split()[:4]) == identity(record)]
+        assert len(rows) == 1, f"no single table row for {identity(record)}"
+        assert f"{record['gbps']:.1f}" in rows[0].split()
+    assert f"{quick_report['machine']['bandwidth_ceiling_gbps']:.1f} GB/s" in printed
+    assert str(out_dir / report.JSON_NAME) in printed
+    assert str(out_dir / report.PNG_NAME) in printed
+
+
+def test_png_is_a_readable_image(quick_run):
+    out_dir, _ = quick_run
+    png = out_dir / report.PNG_NAME
+    assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    height, width, channels = imread(png).shape
+    assert height > 100 and width > 100 and channels in (3, 4)
+
+
+def test_pytest_benchmark_json_converts_to_the_same_records(quick_report, tmp_path):
+    benchmark_json = tmp_path / "pytest-benchmark.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "pytest", "bench/", "--quick", f"--benchmark-json={benchmark_json}",
+         "-q", "-p", "no:cacheprovider"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+
+    converted = report.report_from_pytest_benchmark(json.loads(benchmark_json.read_text()))
+    assert converted["schema"] == report.SCHEMA
+    assert converted["source"] == "pytest-benchmark"
+    assert tuple(converted["machine"]) == report.MACHINE_FIELDS
+    assert converted["machine"]["bandwidth_ceiling_gbps"] > 0
+    assert sorted(identity(r) for r in converted["records"]) == sorted(identity(r) for r in quick_report["records"])
+    for record in converted["records"]:
+        assert tuple(record) == report.RECORD_FIELDS
+        assert record["speedup_vs_peer"] > 0
+
+    report.main(["--from-pytest-benchmark", str(benchmark_json), "--out", str(tmp_path / "rendered")])
+    assert json.loads((tmp_path / "rendered" / report.JSON_NAME).read_text()) == converted
+    assert (tmp_path / "rendered" / report.PNG_NAME).read_bytes().startswith(b"\x89PNG")
+
+
+def test_speedups_are_taken_against_the_same_workloads_baselines():
+    def record(kernel, backend, dtype, median_s):
+        fields = {"kernel": kernel, "backend": backend, "shape": "4x4096", "dtype": dtype, "device": "cpu", "bytes": 10**9}
+        return report.make_record(fields, Timing(median_s=median_s, min_s=median_s, repeats=3))
+
+    records = [
+        record("adamw", "torch-fused", "float32", 1.0),
+        record("hysterograd", "eager", "float32", 4.0),
+        record("hysterograd", "cpp", "float32", 0.5),
+        record("biostatis", "cpp", "float32", 2.0),  # its eager reference was filtered out
+        record("adamw", "torch-fused", "bfloat16", 2.0),
+        record("hysterograd", "eager", "bfloat16", 10.0),
+        record("hysterograd", "cpp", "bfloat16", 1.0),
+    ]
+    machine = {"bandwidth_ceiling_gbps": 4.0}
+    derived = {
+        identity(r)[:2] + (r["dtype"],): (r["speedup_vs_eager"], r["speedup_vs_peer"], r["fraction_of_ceiling"])
+        for r in report.build_report(machine, records, source="synthetic")["records"]
+    }
+    assert derived == {
+        ("adamw", "torch-fused", "float32"): (None, 1.0, 0.25),
+        ("hysterograd", "eager", "float32"): (1.0, 0.25, 0.0625),
+        ("hysterograd", "cpp", "float32"): (8.0, 2.0, 0.5),
+        ("biostatis", "cpp", "float32"): (None, 0.5, 0.125),
+        ("adamw", "torch-fused", "bfloat16"): (None, 1.0, 0.125),
+        ("hysterograd", "eager", "bfloat16"): (1.0, 0.2, 0.025),
+        ("hysterograd", "cpp", "bfloat16"): (10.0, 2.0, 0.25),
+    }
+
+
+@pytest.mark.parametrize(
+    "kernel_name,dtype,bytes_per_element",
+    [
+        ("adamw", torch.float32, 7 * 4),
+        ("hysterograd", torch.float32, 7 * 4),
+        ("biostatis", torch.float32, 14 * 4),
+        # bf16: AdamW keeps bf16 state; curvkern keeps fp32 state, only p and g are bf16.
+        ("adamw", torch.bfloat16, 7 * 2),
+        ("hysterograd", torch.bfloat16, 4 * 2 + 3 * 4),  # p, g: g, g, p, p; G: G, G, G
+        ("biostatis", torch.bfloat16, 4 * 2 + 10 * 4),  # p, g: g, g, p, p; state: the other ten
+    ],
+)
+def test_compulsory_bytes_follow_the_traffic_table(kernel_name, dtype, bytes_per_element):
+    kernel = next(k for k in KERNELS if k.name == kernel_name)
+    case = Case(kernel, "eager", Shape(num_tensors=3, numel=10), dtype, CPU)
+    assert case.compulsory_bytes == 3 * 10 * bytes_per_element
