@@ -199,8 +199,9 @@ def importance_of(state):
     return (m.abs().mean() / (v.sqrt().mean() + 1e-12)).item()
 
 
-def test_d6_importance_constant_gradient_never_fires(backend, device):
-    params = tensors([[0.0] * 3, [0.0] * 3], device, F64)
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_d6_importance_constant_gradient_never_fires(backend, device, dtype):
+    params = tensors([[0.0] * 3, [0.0] * 3], device, dtype)
     with_ascent = BiostatisV6(params[:1], fused=backend)
     without = BiostatisV6(params[1:], ascent_strength=0.0, fused=backend)
     checkpoints = {1: 3.1623, 10: 6.5279, 100: 3.2408, 1000: 1.2576}
@@ -210,12 +211,15 @@ def test_d6_importance_constant_gradient_never_fires(backend, device):
         without.step()
         if t in checkpoints:
             assert importance_of(with_ascent.state[params[0]]) == pytest.approx(checkpoints[t], abs=1e-4)
-            assert importance_of(with_ascent.state[params[0]]) == pytest.approx((1 - 0.9 ** t) / math.sqrt(1 - 0.999 ** t))
+            # fp32 moments drift ~1e-5 from the closed form over 1000 EMA steps.
+            closed_form = (1 - 0.9 ** t) / math.sqrt(1 - 0.999 ** t)
+            assert importance_of(with_ascent.state[params[0]]) == pytest.approx(closed_form, rel=1e-6 if dtype == F64 else 3e-5)
     assert torch.equal(params[0], params[1])
 
 
-def test_d6_importance_alternating_gradient_fires_at_step_72(backend, device):
-    params = tensors([[0.0] * 3, [0.0] * 3], device, F64)
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_d6_importance_alternating_gradient_fires_at_step_72(backend, device, dtype):
+    params = tensors([[0.0] * 3, [0.0] * 3], device, dtype)
     with_ascent = BiostatisV6(params[:1], weight_decay=0, fused=backend)
     without = BiostatisV6(params[1:], weight_decay=0, ascent_strength=0.0, fused=backend)
     for t in range(1, 73):
@@ -234,7 +238,8 @@ def test_d6_importance_alternating_gradient_fires_at_step_72(backend, device):
     # At t = 72 the "ascent" adds −(lr/bc1)·h·e·0.01·α_a·δ·g: more descent along g, h·e ≈ 1.
     gap = (params[0] - params[1]).detach().cpu()
     per_unit = -(1e-3 / (1 - 0.9 ** 72)) * 0.01 * 0.05 * (1 - math.exp(-0.02 * 72)) * g
-    assert ((gap / per_unit - 1).abs() < 0.02).all()
+    # In fp32 the 4e-9 gap is quantized by the ulp of p (~1e-10).
+    assert ((gap / per_unit - 1).abs() < (0.02 if dtype == F64 else 0.1)).all()
     assert (torch.sign(gap) == -math.copysign(1, g)).all() and (params[0] - before).abs().sum() > 0
 
 
@@ -250,10 +255,11 @@ def test_d7_polarity_is_asymmetric(backend, device):
     assert gap.item() == pytest.approx(2 * 1e-3 * (s.h * s.e).item() * 0.0380797 * 0.3, rel=1e-5)
 
 
-def test_d8_group_partitioning_changes_the_update(backend, device):
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_d8_group_partitioning_changes_the_update(backend, device, dtype):
     def run(grouped):
-        a = torch.zeros(1000, device=device, requires_grad=True)
-        b = torch.zeros(10, device=device, requires_grad=True)
+        a = torch.zeros(1000, device=device, dtype=dtype, requires_grad=True)
+        b = torch.zeros(10, device=device, dtype=dtype, requires_grad=True)
         groups = [{"params": [a, b]}] if grouped else [{"params": [a]}, {"params": [b]}]
         opt = BiostatisV6(groups, weight_decay=0, fused=backend)
         set_grads([a, b], [torch.full((1000,), 0.001), torch.full((10,), 3.0)])

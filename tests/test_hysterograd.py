@@ -12,6 +12,11 @@ FAMILY = "hysterograd"
 GRAD = [0.5, -1.0]
 
 
+@pytest.fixture(params=[torch.float32, torch.float64], ids=["fp32", "fp64"])
+def dtype(request):
+    return request.param
+
+
 def make(backend, device, values=(1.0, -2.0), dtype=torch.float32, **hyper):
     p = torch.tensor(values, dtype=dtype, device=device, requires_grad=True)
     return p, HysteroGrad([p], fused=backend, **hyper)
@@ -77,8 +82,8 @@ G2_TABLE = [
 ]
 
 
-def test_g2_freeze_flip_and_shock(backend, device):
-    p, opt = make(backend, device, **G2)
+def test_g2_freeze_flip_and_shock(backend, device, dtype):
+    p, opt = make(backend, device, dtype=dtype, **G2)
     for t, (status, g_norm, h, tau) in enumerate(G2_TABLE, start=1):
         got = run(opt, p, GRAD, 1)[0]
         assert got[0] == status
@@ -96,8 +101,8 @@ def test_g2_freeze_flip_and_shock(backend, device):
     close(scalars(opt, p), [31.12278, 0.2, energy])
 
 
-def test_g2b_spike_unfreezes(backend, device):
-    p, opt = make(backend, device, **G2)
+def test_g2b_spike_unfreezes(backend, device, dtype):
+    p, opt = make(backend, device, dtype=dtype, **G2)
     run(opt, p, GRAD, 8)
     before = p.detach().clone()
     status, g_norm, h = run(opt, p, [50.0, -100.0], 1)[0]
@@ -108,8 +113,8 @@ def test_g2b_spike_unfreezes(backend, device):
     close(scalars(opt, p)[0], 76.38230)
 
 
-def test_g4_clipping(backend, device):
-    p, opt = make(backend, device, grad_clip=1.0)
+def test_g4_clipping(backend, device, dtype):
+    p, opt = make(backend, device, dtype=dtype, grad_clip=1.0)
     status, g_norm, h = run(opt, p, GRAD, 1)[0]
     assert status == "Liquid"
     assert g_norm != 1.0
@@ -125,8 +130,8 @@ def test_g4_clipping(backend, device):
         close(p.detach(), p_t)
 
 
-def test_g5_zero_gradient(backend, device):
-    p, opt = make(backend, device)
+def test_g5_zero_gradient(backend, device, dtype):
+    p, opt = make(backend, device, dtype=dtype)
     for temp in [0.99, 0.9801]:
         assert run(opt, p, [0.0, 0.0], 1)[0] == ("Frozen", 0.0, 0.0)
         close(p.detach(), [1.0, -2.0], rtol=0, atol=0)
@@ -138,11 +143,11 @@ def test_g5_zero_gradient(backend, device):
     close(p.detach(), [0.99, -1.99])
 
 
-def test_g6_none_gradient_and_diluted_means(backend, device):
-    a = torch.tensor([1.0, -2.0], device=device, requires_grad=True)
-    b = torch.tensor([3.0], device=device, requires_grad=True)
+def test_g6_none_gradient_and_diluted_means(backend, device, dtype):
+    a = torch.tensor([1.0, -2.0], device=device, dtype=dtype, requires_grad=True)
+    b = torch.tensor([3.0], device=device, dtype=dtype, requires_grad=True)
     opt = HysteroGrad([{"params": [a]}, {"params": [b]}], fused=backend)
-    a.grad = torch.tensor(GRAD, device=device)
+    a.grad = torch.tensor(GRAD, device=device, dtype=dtype)
     status, g_norm, h = opt.step()
     assert status == "Liquid"
     close([g_norm, h], [7.0710573, 8.408938e-7], rtol=1e-5, atol=0)
@@ -151,8 +156,8 @@ def test_g6_none_gradient_and_diluted_means(backend, device):
     close(scalars(opt, b), [0.0, 1.0, 0.0], rtol=0, atol=0)
 
 
-def test_g8_hot_start(backend, device):
-    p, opt = make(backend, device, initial_temp=1.5)
+def test_g8_hot_start(backend, device, dtype):
+    p, opt = make(backend, device, dtype=dtype, initial_temp=1.5)
     results = run(opt, p, GRAD, 41)
     assert all(h == 0.0 for _, _, h in results[:40])
     close(results[40][2], 3.53211e-5, rtol=1e-4)
@@ -160,10 +165,10 @@ def test_g8_hot_start(backend, device):
     assert all(status == "Liquid" for status, _, _ in results)
 
 
-def test_g9_first_step_magnitude(backend, device):
+def test_g9_first_step_magnitude(backend, device, dtype):
     config = dict(lr=0.05, metric_scale=300, beta=0.9, epsilon=1e-8, cooling_rate=0.995,
                   stiffening_factor=0.005, grad_clip=2.5, hysteresis_scale=0.6)
-    p, opt = make(backend, device, values=(1.0, -2.0, 0.0), **config)
+    p, opt = make(backend, device, dtype=dtype, values=(1.0, -2.0, 0.0), **config)
     status, g_norm, h = run(opt, p, [0.5, -1.0, 0.0], 1)[0]
     assert status == "Liquid"
     close([g_norm, h], [0.2581989, 4.40056e-8], rtol=1e-5, atol=0)
@@ -172,8 +177,8 @@ def test_g9_first_step_magnitude(backend, device):
     close(scalars(opt, p), [0.01290994, 0.995, 0.02581989])
 
 
-def test_g10_nan_poisoning_never_reaches_parameters(backend, device):
-    p, opt = make(backend, device)
+def test_g10_nan_poisoning_never_reaches_parameters(backend, device, dtype):
+    p, opt = make(backend, device, dtype=dtype)
     status, g_norm, h = run(opt, p, [math.nan, -1.0], 1)[0]
     assert status == "Frozen" and math.isnan(g_norm) and math.isnan(h)
     close(p.detach(), [1.0, -2.0], rtol=0, atol=0)
@@ -187,16 +192,16 @@ def test_g10_nan_poisoning_never_reaches_parameters(backend, device):
 
 
 @pytest.mark.parametrize("grad", [[math.inf, -1.0], [-math.inf, 1.0]])
-def test_infinite_gradient_freezes_without_touching_parameters(backend, device, grad):
-    p, opt = make(backend, device)
+def test_infinite_gradient_freezes_without_touching_parameters(backend, device, dtype, grad):
+    p, opt = make(backend, device, dtype=dtype)
     status, g_norm, _ = run(opt, p, grad, 1)[0]
     assert status == "Frozen" and math.isnan(g_norm)
     assert torch.equal(p.detach().cpu(), torch.tensor([1.0, -2.0]))
 
 
-def test_g11_integer_initial_temp_is_cast(backend, device):
-    p, opt = make(backend, device, initial_temp=1)
-    q, reference = make(backend, device, initial_temp=1.0)
+def test_g11_integer_initial_temp_is_cast(backend, device, dtype):
+    p, opt = make(backend, device, dtype=dtype, initial_temp=1)
+    q, reference = make(backend, device, dtype=dtype, initial_temp=1.0)
     assert run(opt, p, GRAD, 3) == run(reference, q, GRAD, 3)
     assert opt.state[p]["group_temp"].dtype == torch.float32
 
@@ -206,17 +211,17 @@ def random_grads(seed, shapes, steps, device):
     return [[torch.randn(s, generator=gen).to(device) for s in shapes] for _ in range(steps)]
 
 
-def test_p1_gradient_scale_invariance(backend, device):
+def test_p1_gradient_scale_invariance(backend, device, dtype):
     shapes = [(7,), (3, 5)]
     grads = random_grads(0, shapes, 20, device)
     trajectories = []
     for scale in [1.0, 1000.0]:
-        params = [torch.zeros(s, device=device, requires_grad=True) for s in shapes]
+        params = [torch.zeros(s, device=device, dtype=dtype, requires_grad=True) for s in shapes]
         opt = HysteroGrad(params, lr=0.01, fused=backend)
         results = []
         for step_grads in grads:
             for p, g in zip(params, step_grads):
-                p.grad = g * scale
+                p.grad = g.to(dtype) * scale
             results.append(opt.step())
         trajectories.append((results, [p.detach().clone() for p in params]))
     (results_1, params_1), (results_c, params_c) = trajectories
@@ -226,8 +231,8 @@ def test_p1_gradient_scale_invariance(backend, device):
         close(a, b, rtol=0, atol=1e-6)
 
 
-def test_p2_frozen_steps_keep_parameters_bitwise_and_advance_state(backend, device):
-    p, opt = make(backend, device, **G2)
+def test_p2_frozen_steps_keep_parameters_bitwise_and_advance_state(backend, device, dtype):
+    p, opt = make(backend, device, dtype=dtype, **G2)
     run(opt, p, GRAD, 4)
     for _ in range(4):
         before_p, before_metric = p.detach().clone(), opt.state[p]["G"].clone()
@@ -238,9 +243,9 @@ def test_p2_frozen_steps_keep_parameters_bitwise_and_advance_state(backend, devi
         assert all(a != b for a, b in zip(scalars(opt, p), before_scalars) if b != 0.0)
 
 
-def test_p3_adaptive_off_relation(backend, device):
-    p_on, adaptive = make(backend, device)
-    p_off, plain = make(backend, device, adaptive_threshold=False)
+def test_p3_adaptive_off_relation(backend, device, dtype):
+    p_on, adaptive = make(backend, device, dtype=dtype)
+    p_off, plain = make(backend, device, dtype=dtype, adaptive_threshold=False)
     for _ in range(5):
         _, _, h_on = run(adaptive, p_on, GRAD, 1)[0]
         _, _, h_off = run(plain, p_off, GRAD, 1)[0]
@@ -248,8 +253,8 @@ def test_p3_adaptive_off_relation(backend, device):
         close(h_off, h_on / (energy + 1e-8), rtol=1e-5)
 
 
-def test_p5_steady_state_constant_gradient(backend, device):
-    p, opt = make(backend, device)
+def test_p5_steady_state_constant_gradient(backend, device, dtype):
+    p, opt = make(backend, device, dtype=dtype)
     results = run(opt, p, GRAD, 2000)
     assert all(status == "Liquid" for status, _, _ in results)
     _, g_norm, h = results[-1]
@@ -258,14 +263,14 @@ def test_p5_steady_state_constant_gradient(backend, device):
     close([tau, energy], [3.00365, 1.414223], rtol=1e-4)
 
 
-def test_p6_status_is_any_group_and_means_divide_by_all_groups(backend, device):
-    a = torch.tensor([1.0, -2.0], device=device, requires_grad=True)
-    b = torch.tensor([1.0, -2.0], device=device, requires_grad=True)
-    c = torch.tensor([5.0], device=device, requires_grad=True)
+def test_p6_status_is_any_group_and_means_divide_by_all_groups(backend, device, dtype):
+    a = torch.tensor([1.0, -2.0], device=device, dtype=dtype, requires_grad=True)
+    b = torch.tensor([1.0, -2.0], device=device, dtype=dtype, requires_grad=True)
+    c = torch.tensor([5.0], device=device, dtype=dtype, requires_grad=True)
     opt = HysteroGrad([{"params": [a]}, {"params": [b], **G2}, {"params": [c]}], fused=backend)
     for _ in range(5):
-        a.grad = torch.tensor(GRAD, device=device)
-        b.grad = torch.tensor(GRAD, device=device)
+        a.grad = torch.tensor(GRAD, device=device, dtype=dtype)
+        b.grad = torch.tensor(GRAD, device=device, dtype=dtype)
         status, g_norm, h = opt.step()
     # Group b froze at step 5 (G2) while group a stays liquid; c never had a gradient.
     assert status == "Liquid"
@@ -282,8 +287,8 @@ def test_no_gradient_at_all(backend, device):
     assert set(opt.state[p]) == {"group_tau", "group_temp", "avg_energy"}
 
 
-def test_closure_loss_is_kept_but_tuple_returned(backend, device):
-    p, opt = make(backend, device)
+def test_closure_loss_is_kept_but_tuple_returned(backend, device, dtype):
+    p, opt = make(backend, device, dtype=dtype)
 
     def closure():
         opt.zero_grad()
