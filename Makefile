@@ -8,11 +8,12 @@ CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h')
 
 venv: $(VENV)/.built
 
+# hessian-eigenthings (tests and benchmarks only) exists only as pre-releases; torch is pinned again
+# there so the resolver never swaps the CPU wheel for a multi-GB CUDA build.
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
-	# only pre-releases exist; torch pinned again so the resolver never swaps it
 	$(PY) -m pip install --quiet --pre "hessian-eigenthings==1.0.0a5" torch==2.13.0
 	touch $@
 
