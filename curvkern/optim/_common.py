@@ -1,4 +1,4 @@
-"""What both optimizers share: input checks, hyperparameter validation, low-precision policy."""
+"""What both optimizers share: input checks, validation, low-precision policy, the FusedOptimizer base."""
 from __future__ import annotations
 
 import math
