@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from contextlib import contextmanager
+from typing import Iterable, Iterator
 
 import torch
 
@@ -18,6 +19,20 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def state_dtype(param: torch.Tensor) -> torch.dtype:
     """dtype of a parameter's optimizer state and of the elementwise math on it."""
     return torch.float32 if param.dtype in LOW_PRECISION else param.dtype
+
+
+@contextmanager
+def updated_in_math_dtype(param: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Yield ``param`` to update in place in its math dtype (:func:`state_dtype`).
+
+    A low-precision parameter is updated as an fp32 copy, written back rounded to nearest even.
+    """
+    if param.dtype not in LOW_PRECISION:
+        yield param
+        return
+    work = param.float()
+    yield work
+    param.copy_(work)
 
 
 def check_params(name: str, params: Iterable[torch.Tensor]) -> torch.device | None:

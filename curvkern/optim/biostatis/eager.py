@@ -37,7 +37,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from curvkern._dispatch import register
-from curvkern.optim._common import LOW_PRECISION
+from curvkern.optim._common import updated_in_math_dtype
 
 # Hard-coded constants of the original (spec §1).
 GLOBAL_FACTOR = 0.5          # global gains use ρ/2 and λ/2
@@ -222,15 +222,10 @@ def biostatis_update(
         update = exp_avg / denom + FLOW_WEIGHT * flow + ADAPTIVE_WEIGHT * adaptive
         update.mul_(scalars.coef[i].to(dtype))
 
-        if param.dtype in LOW_PRECISION:
-            p32 = param.to(dtype)
+        with updated_in_math_dtype(param) as target:
             if weight_decay != 0:
-                p32.mul_(decay)
-            param.copy_(p32.add_(update))
-        else:
-            if weight_decay != 0:
-                param.mul_(decay)
-            param.add_(update)
+                target.mul_(decay)
+            target.add_(update)
 
 
 @register("biostatis", "eager")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from curvkern._dispatch import register
-from curvkern.optim._common import LOW_PRECISION
+from curvkern.optim._common import updated_in_math_dtype
 
 
 def hysterograd_pass_a(
@@ -88,10 +88,8 @@ def hysterograd_pass_b(
     """Apply ``p ← p + u·(−η·k)`` where ``liquid``; a select, so NaN in u never reaches p."""
     for param, step in zip(params, steps):
         delta = torch.where(liquid, step, torch.zeros_like(step)).mul_(neg_step_size)
-        if param.dtype in LOW_PRECISION:
-            param.copy_(param.float().add_(delta))
-        else:
-            param.add_(delta)
+        with updated_in_math_dtype(param) as target:
+            target.add_(delta)
 
 
 @register("hysterograd", "eager")
