@@ -14,6 +14,7 @@ HYPERPARAMETERS = (
     "lr", "betas", "eps", "weight_decay", "homeo_rate", "coherence_target", "energy_target",
     "lambda_energy", "memory_decays", "memory_weights", "flip_threshold", "ascent_strength",
 )
+SEQUENCE_HYPERPARAMETERS = ("betas", "memory_decays", "memory_weights")
 
 
 class BiostatisV6(FusedOptimizer):
@@ -88,7 +89,28 @@ class BiostatisV6(FusedOptimizer):
         super().__init__(params, defaults, fused)
 
     def _validate_group(self, group: dict) -> None:
-        _validate(group)
+        require_range("lr", group["lr"], 0)
+        for i, beta in enumerate(_sequence("betas", group["betas"], 2)):
+            require_range(f"betas[{i}]", beta, 0, 1, high_open=True)
+        require_range("eps", group["eps"], 0)
+        require_range("weight_decay", group["weight_decay"], 0)
+        require_range("homeo_rate", group["homeo_rate"], 0)
+        require_range("coherence_target", group["coherence_target"])
+        require_range("energy_target", group["energy_target"], 0)
+        require_range("lambda_energy", group["lambda_energy"], 0)
+        require_range("flip_threshold", group["flip_threshold"])
+        require_range("ascent_strength", group["ascent_strength"], 0)
+        decays = _sequence("memory_decays", group["memory_decays"])
+        weights = _sequence("memory_weights", group["memory_weights"])
+        for i, decay in enumerate(decays):
+            require_range(f"memory_decays[{i}]", decay, 0, 1, high_open=True)
+        for i, weight in enumerate(weights):
+            require_range(f"memory_weights[{i}]", weight)
+        if len(decays) != len(weights):
+            raise ValueError(
+                f"Invalid memory_decays and memory_weights: they pair up one to one, got {len(decays)} "
+                f"memory_decays and {len(weights)} memory_weights"
+            )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -153,13 +175,10 @@ class BiostatisV6(FusedOptimizer):
 
 def _hyperparameters(group: dict) -> dict:
     """The group's 12 hyperparameters as the backends take them (plain floats and tuples)."""
-    hyper = {key: group[key] for key in HYPERPARAMETERS}
-    for key in ("betas", "memory_decays", "memory_weights"):
-        hyper[key] = tuple(float(x) for x in hyper[key])
-    for key in HYPERPARAMETERS:
-        if key not in ("betas", "memory_decays", "memory_weights"):
-            hyper[key] = float(hyper[key])
-    return hyper
+    return {
+        key: tuple(float(x) for x in group[key]) if key in SEQUENCE_HYPERPARAMETERS else float(group[key])
+        for key in HYPERPARAMETERS
+    }
 
 
 def _sequence(name: str, value: object, length: int | None = None) -> Sequence:
@@ -169,29 +188,3 @@ def _sequence(name: str, value: object, length: int | None = None) -> Sequence:
         what = f"a sequence of {length} numbers" if length is not None else "a sequence of numbers"
         raise ValueError(f"Invalid {name}: {value!r} (expected {what})")
     return value
-
-
-def _validate(group: dict) -> None:
-    require_range("lr", group["lr"], 0)
-    for i, beta in enumerate(_sequence("betas", group["betas"], 2)):
-        require_range(f"betas[{i}]", beta, 0, 1, high_open=True)
-    require_range("eps", group["eps"], 0)
-    require_range("weight_decay", group["weight_decay"], 0)
-    require_range("homeo_rate", group["homeo_rate"], 0)
-    require_range("coherence_target", group["coherence_target"])
-    require_range("energy_target", group["energy_target"], 0)
-    require_range("lambda_energy", group["lambda_energy"], 0)
-    require_range("flip_threshold", group["flip_threshold"])
-    require_range("ascent_strength", group["ascent_strength"], 0)
-    decays = _sequence("memory_decays", group["memory_decays"])
-    weights = _sequence("memory_weights", group["memory_weights"])
-    for i, decay in enumerate(decays):
-        require_range(f"memory_decays[{i}]", decay, 0, 1, high_open=True)
-    for i, weight in enumerate(weights):
-        require_range(f"memory_weights[{i}]", weight)
-    if len(decays) != len(weights):
-        raise ValueError(
-            f"Invalid memory_decays and memory_weights: they pair up one to one, got {len(decays)} "
-            f"memory_decays and {len(weights)} memory_weights"
-        )
-
