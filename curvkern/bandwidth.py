@@ -18,6 +18,7 @@ from curvkern._dispatch import cpp_unavailable_reason
 # 3 x 256 MiB on the CPU exceeds this machine's 480 MiB last-level cache; 1 GiB per array on a GPU
 # dwarfs any L2.
 PROBE_NUMEL = {"cpu": 64 * 2**20, "cuda": 256 * 2**20}
+PROBE_DESCRIPTION = {"cpu": "in-place a += s*b, curvkern._C", "cuda": "CUDA device-to-device copy"}
 
 
 if cpp_unavailable_reason() is None:
@@ -51,10 +52,10 @@ def bandwidth_probe(device: torch.device | str = "cpu", numel: int | None = None
     if device.type == "cuda":
         src = torch.empty(numel, device=device).uniform_()
         dst = torch.empty_like(src)
-        return BandwidthProbe(lambda: dst.copy_(src), 2 * numel * src.itemsize, "CUDA device-to-device copy")
+        return BandwidthProbe(lambda: dst.copy_(src), 2 * numel * src.itemsize, PROBE_DESCRIPTION["cuda"])
     a, b = torch.rand(numel), torch.rand(numel)
     # A tiny scale keeps a finite over any number of calls.
-    return BandwidthProbe(lambda: stream_axpy_(a, b, 1e-12), 3 * numel * a.itemsize, "in-place a += s*b, curvkern._C")
+    return BandwidthProbe(lambda: stream_axpy_(a, b, 1e-12), 3 * numel * a.itemsize, PROBE_DESCRIPTION["cpu"])
 
 
 def measure_bandwidth(device: torch.device | str = "cpu", numel: int | None = None, repeats: int = 10) -> float:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from curvkern.bandwidth import bandwidth_probe, measure_bandwidth
+from curvkern.bandwidth import PROBE_DESCRIPTION, measure_bandwidth
 from curvkern.bench.cases import build_cases, probe_numel
 from curvkern.bench.report import build_report, collect_machine_info, make_record, publish
 from curvkern.bench.timing import BUDGET_S, QUICK_BUDGET_S, time_callable
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     # The ceiling is the best the machine achieves: measured again after the cases, so one dip (a busy
     # neighbour on a shared host halves it here at times) does not inflate every fraction of it.
     machine["bandwidth_ceiling_gbps"] = max(ceiling_before, measure_ceiling(device, args.quick))
-    machine["bandwidth_probe"] = bandwidth_probe(device, numel=1).description
+    machine["bandwidth_probe"] = PROBE_DESCRIPTION[device.type]
     publish(build_report(machine, records, source="curvkern.bench"), args.out)
 
 
