@@ -17,7 +17,7 @@ setup(
             name="curvkern._C",
             sources=SOURCES,
             include_dirs=[str(ROOT / "csrc")],
-            extra_compile_args=["-O3", "-fopenmp", "-std=c++17"],
+            extra_compile_args=["-O3", "-fopenmp", "-std=c++20", "-ffp-contract=off", "-fno-math-errno"],
             extra_link_args=["-fopenmp"],
         )
     ],

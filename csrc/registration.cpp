@@ -1,9 +1,11 @@
 // The curvkern operator library: schemas and their CPU kernels.
-// Fake (meta) implementations live in curvkern/_ops.py so torch.compile can trace every op.
+// Fake (meta) implementations are registered in Python next to each op's wrapper
+// (curvkern/bandwidth.py, curvkern/optim/<family>/cpp.py), so torch.compile can trace every op.
 #include <Python.h>
 #include <torch/library.h>
 
 #include "bandwidth.h"
+#include "optim/hysterograd.h"
 
 // A real Python module, so `import curvkern._C` loads this library and runs TORCH_LIBRARY.
 extern "C" PyObject* PyInit__C(void) {
@@ -13,8 +15,21 @@ extern "C" PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(curvkern, m) {
   m.def("stream_axpy_(Tensor(a!) a, Tensor b, float scalar) -> ()");
+  m.def(
+      "hysterograd_pass_a_(Tensor[] grads, Tensor(a!)[] metrics, Tensor(b!) accumulator, float beta, "
+      "float epsilon, float metric_scale) -> ()");
+  m.def(
+      "hysterograd_scalars_(Tensor accumulator, Tensor(a!) tau, Tensor(b!) temp, Tensor(c!) energy, float lr, "
+      "float stiffening_factor, float beta, float cooling_rate, bool adaptive_threshold, float? grad_clip, "
+      "float hysteresis_scale) -> (Tensor, Tensor)");
+  m.def(
+      "hysterograd_pass_b_(Tensor(a!)[] params, Tensor[] grads, Tensor[] metrics, Tensor stats, "
+      "Tensor neg_step_size, float epsilon) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(curvkern, CPU, m) {
   m.impl("stream_axpy_", &curvkern::stream_axpy_);
+  m.impl("hysterograd_pass_a_", &curvkern::hysterograd_pass_a_);
+  m.impl("hysterograd_scalars_", &curvkern::hysterograd_scalars_);
+  m.impl("hysterograd_pass_b_", &curvkern::hysterograd_pass_b_);
 }
