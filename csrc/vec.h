@@ -21,10 +21,7 @@ namespace detail {
 
 template <typename To, typename From>
 CURVKERN_INLINE To bit_cast(From from) {
-  static_assert(sizeof(To) == sizeof(From));
-  To to;
-  std::memcpy(&to, &from, sizeof(To));
-  return to;
+  return __builtin_bit_cast(To, from);
 }
 
 template <typename T>
@@ -47,7 +44,7 @@ CURVKERN_INLINE float exp(float x) {
   // Taylor coefficients 1/n!, n = 0..7: the remainder at |r| = ln2/2 is below 2^-27.
   static constexpr float kPoly[8] = {1.0f, 1.0f, 0.5f, 1.66666667e-1f, 4.16666667e-2f,
                                      8.33333333e-3f, 1.38888889e-3f, 1.98412698e-4f};
-  const float clamped = std::fmin(std::fmax(x, kMin), kMax);
+  const float clamped = x < kMin ? kMin : (x > kMax ? kMax : x);  // selects: fmin/fmax do not vectorize
   const float k = (clamped * kLog2e + kRound) - kRound;
   const float r = std::fma(-k, kLn2Lo, std::fma(-k, kLn2Hi, clamped));
   const float poly = detail::horner(r, kPoly, 8);
@@ -74,7 +71,7 @@ CURVKERN_INLINE double exp(double x) {
       1.0, 1.0, 0.5, 1.6666666666666666e-1, 4.1666666666666664e-2, 8.3333333333333332e-3,
       1.3888888888888889e-3, 1.9841269841269841e-4, 2.4801587301587302e-5, 2.7557319223985893e-6,
       2.7557319223985888e-7, 2.5052108385441720e-8, 2.0876756987868100e-9, 1.6059043836821613e-10};
-  const double clamped = std::fmin(std::fmax(x, kMin), kMax);
+  const double clamped = x < kMin ? kMin : (x > kMax ? kMax : x);
   const double k = (clamped * kLog2e + kRound) - kRound;
   const double r = std::fma(-k, kLn2Lo, std::fma(-k, kLn2Hi, clamped));
   const double poly = detail::horner(r, kPoly, 14);

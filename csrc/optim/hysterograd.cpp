@@ -61,43 +61,31 @@ CURVKERN_INLINE void pass_b_segment(P* param, const P* grad, const S* metric, in
   }
 }
 
-// One parallel region per pass over all units; partials land per segment, so the per-tensor sums
-// do not depend on the thread count.
-template <typename P, typename S>
-CURVKERN_INLINE void pass_a_loop(const ChunkTable& table, P* const* grads, S* const* metrics, double* partials,
-                                 S beta, S scaled, S epsilon) {
-#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
-  for (int64_t u = 0; u < table.num_units(); ++u) {
-    for (int64_t s = table.unit_begin(u); s < table.unit_begin(u + 1); ++s) {
-      const Segment& seg = table.segment(s);
-      partials[s] = pass_a_segment(grads[seg.tensor] + seg.start, metrics[seg.tensor] + seg.start, seg.length,
-                                   beta, scaled, epsilon);
-    }
-  }
-}
-
-template <typename P, typename S>
-CURVKERN_INLINE void pass_b_loop(const ChunkTable& table, P* const* params, P* const* grads, S* const* metrics,
-                                 S epsilon, S neg_step) {
-#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
-  for (int64_t u = 0; u < table.num_units(); ++u) {
-    for (int64_t s = table.unit_begin(u); s < table.unit_begin(u + 1); ++s) {
-      const Segment& seg = table.segment(s);
-      pass_b_segment(params[seg.tensor] + seg.start, grads[seg.tensor] + seg.start,
-                     metrics[seg.tensor] + seg.start, seg.length, epsilon, neg_step);
-    }
-  }
-}
-
-// The ISA clones, one per (parameter, state) dtype pair.
+// The ISA clones, one pair per (parameter, state) dtype. The OpenMP region sits in the cloned
+// function itself, so GCC outlines (and vectorizes) its body once per clone. One region per pass over
+// all units; partials land per segment, so the per-tensor sums do not depend on the thread count.
 #define CURVKERN_HYSTEROGRAD_KERNELS(P, S, suffix)                                                             \
   CURVKERN_CLONES void pass_a_##suffix(const ChunkTable& table, P* const* grads, S* const* metrics,            \
                                        double* partials, S beta, S scaled, S epsilon) {                        \
-    pass_a_loop<P, S>(table, grads, metrics, partials, beta, scaled, epsilon);                                  \
+    _Pragma("omp parallel for schedule(static) num_threads(at::get_num_threads())")                            \
+    for (int64_t u = 0; u < table.num_units(); ++u) {                                                          \
+      for (int64_t s = table.unit_begin(u); s < table.unit_begin(u + 1); ++s) {                                \
+        const Segment& seg = table.segment(s);                                                                 \
+        partials[s] = pass_a_segment(grads[seg.tensor] + seg.start, metrics[seg.tensor] + seg.start,           \
+                                     seg.length, beta, scaled, epsilon);                                       \
+      }                                                                                                        \
+    }                                                                                                          \
   }                                                                                                            \
   CURVKERN_CLONES void pass_b_##suffix(const ChunkTable& table, P* const* params, P* const* grads,            \
                                        S* const* metrics, S epsilon, S neg_step) {                             \
-    pass_b_loop<P, S>(table, params, grads, metrics, epsilon, neg_step);                                        \
+    _Pragma("omp parallel for schedule(static) num_threads(at::get_num_threads())")                            \
+    for (int64_t u = 0; u < table.num_units(); ++u) {                                                          \
+      for (int64_t s = table.unit_begin(u); s < table.unit_begin(u + 1); ++s) {                                \
+        const Segment& seg = table.segment(s);                                                                 \
+        pass_b_segment(params[seg.tensor] + seg.start, grads[seg.tensor] + seg.start,                          \
+                       metrics[seg.tensor] + seg.start, seg.length, epsilon, neg_step);                        \
+      }                                                                                                        \
+    }                                                                                                          \
   }                                                                                                            \
   void dispatch(const ChunkTable& table, P* const* grads, S* const* metrics, double* partials, S beta,         \
                 S scaled, S epsilon) {                                                                         \
