@@ -75,17 +75,30 @@ class ChunkTable {
 // core's L2 cache while leaving thousands of units to share between threads at 40 M elements.
 constexpr int64_t kChunkElements = 16384;
 
-// Sums in kLanes independent double accumulators, lane l taking the elements i ≡ l (mod kLanes),
-// folded in a fixed tree: the same bits from the AVX-512, AVX2 and baseline clones (which would
-// each reduce in a different order if left to `omp simd reduction`).
+// Sums in kLanes independent accumulators, lane l taking the elements i ≡ l (mod kLanes), folded in
+// a fixed tree: the same bits from the AVX-512, AVX2 and baseline clones (which would each reduce in
+// a different order if left to `omp simd reduction`). A lane adds in the state type S over a stage
+// of kStageBlocks blocks, then into float64: nearly float64 accuracy at the cost of S additions.
 constexpr int kLanes = 16;
+constexpr int64_t kStageBlocks = 16;
 
-template <int kWidth>
+template <int kWidth, typename S>
 struct LaneSums {
+  S staged[kWidth][kLanes] = {};
   double lane[kWidth][kLanes] = {};
 
+  void flush() {
+    for (int k = 0; k < kWidth; ++k) {
+      for (int l = 0; l < kLanes; ++l) {
+        lane[k][l] += static_cast<double>(staged[k][l]);
+        staged[k][l] = S(0);
+      }
+    }
+  }
+
   // The totals, folded pairwise (lane l with l + 8, then + 4, + 2, + 1).
-  void fold(double* out) const {
+  void fold(double* out) {
+    flush();
     for (int k = 0; k < kWidth; ++k) {
       double v[kLanes];
       for (int l = 0; l < kLanes; ++l) v[l] = lane[k][l];
@@ -129,6 +142,18 @@ inline __attribute__((always_inline)) void stream_in_blocks(int64_t n, Prefetch&
     for (int l = 0; l < kLanes; ++l) body(i + l, l);
   }
   for (int l = 0; i + l < n; ++l) body(i + l, l);
+}
+
+// stream_in_blocks over [0, n) for a body that adds into `sums`, flushed to float64 every stage.
+template <typename Sums, typename Prefetch, typename Body>
+inline __attribute__((always_inline)) void stream_and_sum(int64_t n, Sums& sums, Prefetch&& prefetch, Body&& body) {
+  constexpr int64_t kStage = kStageBlocks * kLanes;
+  for (int64_t base = 0; base < n; base += kStage) {
+    stream_in_blocks(
+        std::min(kStage, n - base), [&](int64_t ahead) CURVKERN_INLINE_LAMBDA { prefetch(base + ahead); },
+        [&](int64_t i, int l) CURVKERN_INLINE_LAMBDA { body(base + i, l); });
+    sums.flush();
+  }
 }
 
 // Low-precision parameters are read into fp32 and written back rounded to nearest even, with bit

@@ -67,13 +67,13 @@ struct Plan {
 
 template <typename P, typename S>
 CURVKERN_INLINE void grad_sums_segment(const P* grad, int64_t n, double* out) {
-  LaneSums<kGradSums> sums;
+  LaneSums<kGradSums, S> sums;
   auto add = [&](int64_t i, int l) CURVKERN_INLINE_LAMBDA {
     const S g = load(grad, i);
-    sums.lane[kSumGG][l] += static_cast<double>(g * g);
-    sums.lane[kSumTanh][l] += static_cast<double>(std::fabs(vec::tanh(g)));
+    sums.staged[kSumGG][l] += g * g;
+    sums.staged[kSumTanh][l] += std::fabs(vec::tanh(g));
   };
-  stream_in_blocks(n, [&](int64_t ahead) CURVKERN_INLINE_LAMBDA { prefetch_read(grad + ahead); }, add);
+  stream_and_sum(n, sums, [&](int64_t ahead) CURVKERN_INLINE_LAMBDA { prefetch_read(grad + ahead); }, add);
   sums.fold(out);
 }
 
@@ -82,22 +82,22 @@ CURVKERN_INLINE void moment_sums_segment(const Plan<P, S>& plan, int64_t t, int6
   const P* grad = plan.grads[t] + start;
   const S* exp_avg = plan.exp_avgs[t] + start;
   const S* exp_avg_sq = plan.exp_avg_sqs[t] + start;
-  LaneSums<kMomentSums> sums;
+  LaneSums<kMomentSums, S> sums;
   auto add = [&](int64_t i, int l) CURVKERN_INLINE_LAMBDA {
     const S g = load(grad, i);
     const S m = std::fma(g, plan.one_minus_beta1, exp_avg[i] * plan.beta1);
     const S v = std::fma(plan.one_minus_beta2 * g, g, exp_avg_sq[i] * plan.beta2);
-    sums.lane[kSumMG][l] += static_cast<double>(m * g);
-    sums.lane[kSumMM][l] += static_cast<double>(m * m);
-    sums.lane[kSumAbsM][l] += static_cast<double>(std::fabs(m));
-    sums.lane[kSumSqrtV][l] += static_cast<double>(std::sqrt(v));
+    sums.staged[kSumMG][l] += m * g;
+    sums.staged[kSumMM][l] += m * m;
+    sums.staged[kSumAbsM][l] += std::fabs(m);
+    sums.staged[kSumSqrtV][l] += std::sqrt(v);
   };
   auto prefetch = [&](int64_t ahead) CURVKERN_INLINE_LAMBDA {
     prefetch_read(grad + ahead);
     prefetch_read(exp_avg + ahead);
     prefetch_read(exp_avg_sq + ahead);
   };
-  stream_in_blocks(n, prefetch, add);
+  stream_and_sum(n, sums, prefetch, add);
   sums.fold(out);
 }
 

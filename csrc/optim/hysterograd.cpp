@@ -33,14 +33,14 @@ CURVKERN_INLINE S preconditioned_step(const P* grad, S* metric, int64_t i, S bet
 // Σu² of one segment, updating its G.
 template <typename P, typename S>
 CURVKERN_INLINE double pass_a_segment(const P* grad, S* metric, int64_t n, S beta, S scaled, S epsilon) {
-  LaneSums<1> sums;
+  LaneSums<1, S> sums;
   auto prefetch = [&](int64_t ahead) CURVKERN_INLINE_LAMBDA {
     prefetch_read(grad + ahead);
     prefetch_write(metric + ahead);
   };
-  stream_in_blocks(n, prefetch, [&](int64_t i, int l) CURVKERN_INLINE_LAMBDA {
+  stream_and_sum(n, sums, prefetch, [&](int64_t i, int l) CURVKERN_INLINE_LAMBDA {
     const S u = preconditioned_step(grad, metric, i, beta, scaled, epsilon);
-    sums.lane[0][l] += static_cast<double>(u * u);
+    sums.staged[0][l] += u * u;
   });
   double total;
   sums.fold(&total);
