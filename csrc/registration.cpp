@@ -26,10 +26,10 @@ TORCH_LIBRARY(curvkern, m) {
   m.def(
       "hysterograd_pass_b_(Tensor(a!)[] params, Tensor[] grads, Tensor[] metrics, Tensor stats, "
       "Tensor neg_step_size, float epsilon) -> ()");
-  m.def("biostatis_grad_sums(Tensor[] grads) -> Tensor");
+  m.def("biostatis_sums(Tensor[] grads, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, float beta1, float beta2) -> Tensor");
   m.def(
       "biostatis_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] memory_emas, Tensor(e!)[] steps, Tensor grad_sums, Tensor group_sums, float lr, float beta1, "
+      "Tensor(d!)[] memory_emas, Tensor(e!)[] steps, Tensor sums, Tensor group_sums, float lr, float beta1, "
       "float beta2, float eps, float weight_decay, float homeo_rate, float coherence_target, float energy_target, float lambda_energy, "
       "float[] memory_decays, float[] memory_weights, float flip_threshold, float ascent_strength) -> Tensor");
 }
@@ -39,6 +39,6 @@ TORCH_LIBRARY_IMPL(curvkern, CPU, m) {
   m.impl("hysterograd_pass_a_", &curvkern::hysterograd_pass_a_);
   m.impl("hysterograd_scalars_", &curvkern::hysterograd_scalars_);
   m.impl("hysterograd_pass_b_", &curvkern::hysterograd_pass_b_);
-  m.impl("biostatis_grad_sums", &curvkern::biostatis_grad_sums);
+  m.impl("biostatis_sums", &curvkern::biostatis_sums);
   m.impl("biostatis_update_", &curvkern::biostatis_update_);
 }

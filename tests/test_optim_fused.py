@@ -143,8 +143,8 @@ def test_results_do_not_depend_on_the_thread_count(family, backend, dtype):
 
 
 @needs_cpp
-def test_biostatis_windows_cover_tensors_larger_than_a_window():
-    """fp64 tensors of 1.5 M elements exceed a window on caches up to ~290 MiB: the update runs window by window."""
+def test_large_tensors_span_many_work_units():
+    """Tensors of 1.5 M elements span ~90 units each; the update walks the units from last to first."""
     shapes = [1_500_000, 10, 1_500_000]
     got, _ = run("biostatis", "cpp", shapes, torch.float64, 2, CONFIGS["biostatis"][0], 1, none_rate=0)
     expected, _ = run("biostatis", "eager", shapes, torch.float64, 2, CONFIGS["biostatis"][0], 1, none_rate=0)
@@ -164,9 +164,10 @@ def test_opcheck_every_optimizer_op():
                           (torch.tensor(4.0), *scalars(), 1e-3, 0.01, 0.9, 0.99, True, 1.0, 1.0))
     stats, neg = ops.hysterograd_scalars_(torch.tensor(4.0), *scalars(), 1e-3, 0.0, 0.9, 0.99, True, None, 1.0)
     torch.library.opcheck(ops.hysterograd_pass_b_.default, ([p.clone() for p in params], grads, metrics, stats, neg, 1e-7))
-    sums = ops.biostatis_grad_sums(grads)
-    torch.library.opcheck(ops.biostatis_grad_sums.default, (grads,))
     state = lambda: [torch.rand(n, generator=gen) for n in (5, 33)]  # noqa: E731
+    moments = (state(), state())
+    sums = ops.biostatis_sums(grads, *moments, 0.9, 0.999)
+    torch.library.opcheck(ops.biostatis_sums.default, (grads, *moments, 0.9, 0.999))
     emas = [torch.rand(n, generator=gen) for n in (5, 33) for _memory in range(2)]  # tensor-major
     torch.library.opcheck(ops.biostatis_update_.default, (
         [p.clone() for p in params], grads, state(), state(), emas,
@@ -183,10 +184,11 @@ def test_ops_reject_bad_inputs_with_clear_errors():
     with pytest.raises(RuntimeError, match="shape"):
         ops.hysterograd_pass_a_(g, [torch.zeros(5)], torch.zeros(()), 0.9, 1e-7, 1.0)
     with pytest.raises(RuntimeError, match="one dtype"):
-        ops.biostatis_grad_sums([torch.randn(3), torch.randn(3, dtype=torch.float64)])
+        ops.biostatis_sums([torch.randn(3), torch.randn(3, dtype=torch.float64)], [torch.zeros(3)] * 2,
+                           [torch.zeros(3)] * 2, 0.9, 0.999)
     with pytest.raises(RuntimeError, match="float16, bfloat16, float32 or float64"):
-        ops.biostatis_grad_sums([torch.ones(3, dtype=torch.int32)])
-    sums = ops.biostatis_grad_sums(g)
+        ops.biostatis_sums([torch.ones(3, dtype=torch.int32)], [torch.zeros(3)], [torch.zeros(3)], 0.9, 0.999)
+    sums = ops.biostatis_sums(g, [torch.zeros(4)], [torch.zeros(4)], 0.9, 0.999)
     with pytest.raises(RuntimeError, match="memory EMAs"):
         ops.biostatis_update_(g, g, [torch.zeros(4)], [torch.zeros(4)], [], [torch.tensor(0.0)], sums, sums.sum(0),
                               1e-3, 0.9, 0.999, 1e-8, 0.0, 0.03, 0.8, 1e-3, 0.1, [0.9], [1.0], 0.2, 0.05)
@@ -197,18 +199,22 @@ def test_ops_reject_bad_inputs_with_clear_errors():
 def test_vectorized_tanh_is_accurate(dtype):
     """csrc/vec.h's tanh, read back through Σ|tanh g| of one-element tensors (scalar path) and of one
     long tensor (vector path), against mpmath."""
+    def abs_tanh_sums(tensors):
+        zeros = [torch.zeros_like(t) for t in tensors]
+        return torch.ops.curvkern.biostatis_sums(tensors, zeros, zeros, 0.9, 0.999)[:, 2]
+
     mpmath.mp.dps = 40
     x = torch.cat([torch.linspace(-12, 12, 2001, dtype=torch.float64), torch.logspace(-30, 1.5, 300, dtype=torch.float64),
                    torch.tensor([0.0, 0.5499, 0.55, 0.5501, 44.0, 90.0, 1e4])]).to(dtype)
     exact = torch.tensor([abs(float(mpmath.tanh(mpmath.mpf(float(v))))) for v in x], dtype=torch.float64)
-    got = torch.ops.curvkern.biostatis_grad_sums([v.reshape(1) for v in x])[:, 2]
+    got = abs_tanh_sums([v.reshape(1) for v in x])
     ulp = torch.finfo(dtype).eps
     error_in_ulps = ((got - exact).abs() / (exact.abs().clamp_min(torch.finfo(dtype).tiny) * ulp))
     assert error_in_ulps.max() <= (2.5 if dtype == torch.float32 else 2.0), (error_in_ulps.max(), x[error_in_ulps.argmax()])
-    total = torch.ops.curvkern.biostatis_grad_sums([x])[0, 2]
+    total = abs_tanh_sums([x])[0]
     assert total == pytest.approx(exact.sum().item(), rel=4 * ulp)
-    special = torch.ops.curvkern.biostatis_grad_sums([torch.tensor([v], dtype=dtype) for v in (float("nan"), float("inf"))])
-    assert special[0, 2].isnan() and special[1, 2] == 1.0
+    special = abs_tanh_sums([torch.tensor([v], dtype=dtype) for v in (float("nan"), float("inf"))])
+    assert special[0].isnan() and special[1] == 1.0
 
 
 @needs_cpp
@@ -221,7 +227,7 @@ def test_kernels_are_vectorized_in_their_isa_clones():
     if objdump is None:
         pytest.skip("objdump not installed")
     symbols = subprocess.run([objdump, "-t", extension.__file__], check=True, capture_output=True, text=True).stdout
-    for kernel in ("pass_a_f32", "pass_b_f32", "grad_sums_f32", "windows_f32"):
+    for kernel in ("pass_a_f32", "pass_b_f32", "sums_f32", "update_f32"):
         for isa in ("arch_x86_64_v4", "arch_x86_64_v3", "default"):
             assert re.search(rf"{kernel}\S*_omp_fn\.\d+\.{isa}\b", symbols), (kernel, isa)
     disassembly = subprocess.run([objdump, "-d", "--no-show-raw-insn", extension.__file__], check=True,
@@ -237,10 +243,10 @@ def test_kernels_are_vectorized_in_their_isa_clones():
     assert re.search(r"vsqrtps\s.*zmm", body("pass_a_f32", "arch_x86_64_v4"))
     assert re.search(r"vdivps\s.*zmm", body("pass_a_f32", "arch_x86_64_v4"))
     # tanh's polynomial and exp are fused multiply-adds on full vectors.
-    assert len(re.findall(r"vfmadd\S*\s.*zmm", body("grad_sums_f32", "arch_x86_64_v4"))) >= 10
-    assert len(re.findall(r"vfmadd\S*\s.*ymm", body("grad_sums_f32", "arch_x86_64_v3"))) >= 10
-    assert re.search(r"vsqrtps\s.*zmm", body("windows_f32", "arch_x86_64_v4"))
-    assert re.search(r"vdivps\s.*zmm", body("windows_f32", "arch_x86_64_v4"))  # the update's m / (√v/√bc2 + ε)
+    assert len(re.findall(r"vfmadd\S*\s.*zmm", body("sums_f32", "arch_x86_64_v4"))) >= 10
+    assert len(re.findall(r"vfmadd\S*\s.*ymm", body("sums_f32", "arch_x86_64_v3"))) >= 10
+    assert re.search(r"vsqrtps\s.*zmm", body("sums_f32", "arch_x86_64_v4"))
+    assert re.search(r"vdivps\s.*zmm", body("update_f32", "arch_x86_64_v4"))  # the update's m / (√v/√bc2 + ε)
     # bf16 parameters: converted in registers (bit arithmetic), the math still on vectors.
-    for kernel in ("pass_b_bf16", "windows_bf16"):
+    for kernel in ("pass_b_bf16", "update_bf16"):
         assert re.search(r"(vsqrtps|vdivps)\s.*[yz]mm", body(kernel, "arch_x86_64_v4")), kernel

@@ -1,22 +1,20 @@
-// BiostatisV6 on the CPU, scheduled for the fewest trips to memory (shared/specs/biostatis.md §8):
+// BiostatisV6 on the CPU, in the two passes of shared/specs/biostatis.md §8:
 //
-// 1. One region over all gradients: per tensor Σg² and Σ|tanh g|. They give the group gains h_G, e_G
-//    and each tensor's local gains, which every update needs before any parameter moves.
-// 2. The tensors in windows that fit in the last-level cache, all windows in one region. Per window:
-//    a read pass over (g, m, v) for Σm'g, Σm'², Σ|m'| and Σ√v' per tensor; the scalar stage of its
-//    tensors (one thread); then the update pass writing m, v, the EMAs and p, which finds g, m and v
-//    still in cache. Memory traffic: g once for (1), g, m, v for the window pass, and the EMAs and p
-//    in the update: 12 arrays per element instead of the 14 of two passes over the whole group.
+// 1. biostatis_sums, one region over all tensors reading (g, m, v): per tensor Σg², Σ|tanh g|, Σm'g,
+//    Σm'², Σ|m'| and Σ√v' of the gradient and the updated moments. tanh's arithmetic hides under
+//    the three streams. The group gains need every tensor's sums before any parameter moves.
+// 2. biostatis_update_: the scalar stage (float64, as eager), then one region writing m, v, the EMAs
+//    and p. It walks the work units from last to first, so it starts on the (g, m, v) that pass 1
+//    read last, which may still be in the last-level cache.
 //
 // Rounding mirrors the eager reference (curvkern/optim/biostatis/eager.py) operation by operation,
 // including where torch's vectorized CPU kernels fuse: `x.mul_(a).add_(g, alpha=b)` is fma(g, b, x·a)
-// and `addcmul_(g, g, value=c)` is fma(c·g, g, ·). The float64 scalar stage is the eager one; the fp32
-// tanh(C − c*) goes through torch's own tanh, so it rounds exactly as eager does.
+// and `addcmul_(g, g, value=c)` is fma(c·g, g, ·). The fp32 tanh(C − c*) of the scalar stage goes
+// through torch's own tanh, so it rounds exactly as eager's does.
 #include "optim/biostatis.h"
 
 #include <ATen/Parallel.h>
 #include <omp.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -46,9 +44,9 @@ constexpr double kAscentRate = 0.02;
 constexpr double kImportanceEps = 1e-12;
 constexpr double kCosineEps = 1e-8;
 
-enum GradSum { kSumGG, kSumTanh, kGradSums };
-enum GradColumn { kColNumel, kColGG, kColTanh, kGradColumns };  // rows of biostatis_grad_sums
-enum MomentSum { kSumMG, kSumMM, kSumAbsM, kSumSqrtV, kMomentSums };
+// The sums of one tensor, and the columns of biostatis_sums (its element count first).
+enum Sum { kSumGG, kSumTanh, kSumMG, kSumMM, kSumAbsM, kSumSqrtV, kSums };
+enum SumColumn { kColNumel, kSumColumns = kSums + 1 };
 enum ScalarColumn { kColHG, kColEG, kColH, kColE, kColTau, kColImportance, kColAscent, kColSqrtBc2, kColCoef, kColumns };
 
 // Everything the passes read: pointers per tensor and the per-tensor scalars of the update.
@@ -65,28 +63,17 @@ struct Plan {
   std::vector<S> tau, ascent, sqrt_bc2, coef;  // per tensor, rounded to S where they meet tensors
 };
 
+// All six sums of one segment: the gradient's and those of the updated moments m', v' (not written).
 template <typename P, typename S>
-CURVKERN_INLINE void grad_sums_segment(const P* grad, int64_t n, double* out) {
-  LaneSums<kGradSums, S> sums;
+CURVKERN_INLINE void sums_segment(const P* grad, const S* exp_avg, const S* exp_avg_sq, int64_t n, S beta1,
+                                  S one_minus_beta1, S beta2, S one_minus_beta2, double* out) {
+  LaneSums<kSums, S> sums;
   auto add = [&](int64_t i, int l) CURVKERN_INLINE_LAMBDA {
     const S g = load(grad, i);
+    const S m = std::fma(g, one_minus_beta1, exp_avg[i] * beta1);
+    const S v = std::fma(one_minus_beta2 * g, g, exp_avg_sq[i] * beta2);
     sums.staged[kSumGG][l] += g * g;
     sums.staged[kSumTanh][l] += std::fabs(vec::tanh(g));
-  };
-  stream_and_sum(n, sums, [&](int64_t ahead) CURVKERN_INLINE_LAMBDA { prefetch_read(grad + ahead); }, add);
-  sums.fold(out);
-}
-
-template <typename P, typename S>
-CURVKERN_INLINE void moment_sums_segment(const Plan<P, S>& plan, int64_t t, int64_t start, int64_t n, double* out) {
-  const P* grad = plan.grads[t] + start;
-  const S* exp_avg = plan.exp_avgs[t] + start;
-  const S* exp_avg_sq = plan.exp_avg_sqs[t] + start;
-  LaneSums<kMomentSums, S> sums;
-  auto add = [&](int64_t i, int l) CURVKERN_INLINE_LAMBDA {
-    const S g = load(grad, i);
-    const S m = std::fma(g, plan.one_minus_beta1, exp_avg[i] * plan.beta1);
-    const S v = std::fma(plan.one_minus_beta2 * g, g, exp_avg_sq[i] * plan.beta2);
     sums.staged[kSumMG][l] += m * g;
     sums.staged[kSumMM][l] += m * m;
     sums.staged[kSumAbsM][l] += std::fabs(m);
@@ -176,59 +163,33 @@ CURVKERN_INLINE void update_dispatch(const Plan<P, S>& plan, const Segment& seg)
   }
 }
 
-// The tensors [first, last) of one cache-sized window, with their chunk table.
-struct Window {
-  int64_t first, last;
-  ChunkTable table;
-};
-
-// Called by one thread between a window's two passes: the window's per-tensor scalars from its sums.
-using WindowScalars = void (*)(void* context, const Window& window, const std::vector<double>& moment_sums);
-
 // The ISA clones of the two regions, one set per (parameter, state) dtype pair; the OpenMP regions
 // sit in the cloned functions so that GCC outlines and vectorizes their bodies once per clone.
 #define CURVKERN_BIOSTATIS_KERNELS(P, S, suffix)                                                               \
-  CURVKERN_CLONES void grad_sums_##suffix(const ChunkTable& table, P* const* grads, double* partials) {        \
+  CURVKERN_CLONES void sums_##suffix(const ChunkTable& table, const Plan<P, S>& plan, double* partials) {      \
     _Pragma("omp parallel for schedule(static) num_threads(at::get_num_threads())")                            \
     for (int64_t u = 0; u < table.num_units(); ++u) {                                                          \
       for (int64_t s = table.unit_begin(u); s < table.unit_begin(u + 1); ++s) {                                \
         const Segment& seg = table.segment(s);                                                                 \
-        grad_sums_segment<P, S>(grads[seg.tensor] + seg.start, seg.length, partials + s * kGradSums);          \
+        sums_segment(plan.grads[seg.tensor] + seg.start, plan.exp_avgs[seg.tensor] + seg.start,                \
+                     plan.exp_avg_sqs[seg.tensor] + seg.start, seg.length, plan.beta1, plan.one_minus_beta1,   \
+                     plan.beta2, plan.one_minus_beta2, partials + s * kSums);                                  \
       }                                                                                                        \
     }                                                                                                          \
   }                                                                                                            \
-  CURVKERN_CLONES void windows_##suffix(Plan<P, S>& plan, const std::vector<Window>& windows,                 \
-                                        WindowScalars scalars, void* context) {                                \
-    std::vector<double> partials;                                                                              \
-    _Pragma("omp parallel num_threads(at::get_num_threads())")                                                 \
-    for (const Window& window : windows) {                                                                     \
-      const ChunkTable& table = window.table;                                                                  \
-      _Pragma("omp single") partials.assign(table.num_segments() * kMomentSums, 0.0);                          \
-      _Pragma("omp for schedule(static)")                                                                      \
-      for (int64_t u = 0; u < table.num_units(); ++u) {                                                        \
-        for (int64_t s = table.unit_begin(u); s < table.unit_begin(u + 1); ++s) {                              \
-          const Segment& seg = table.segment(s);                                                               \
-          moment_sums_segment(plan, window.first + seg.tensor, seg.start, seg.length,                          \
-                              partials.data() + s * kMomentSums);                                              \
-        }                                                                                                      \
-      }                                                                                                        \
-      _Pragma("omp single") scalars(context, window, table.reduce_per_tensor(partials, kMomentSums));          \
-      _Pragma("omp for schedule(static)")                                                                      \
-      for (int64_t u = 0; u < table.num_units(); ++u) {                                                        \
-        for (int64_t s = table.unit_begin(u); s < table.unit_begin(u + 1); ++s) {                              \
-          Segment seg = table.segment(s);                                                                      \
-          seg.tensor += window.first;                                                                          \
-          update_dispatch(plan, seg);                                                                          \
-        }                                                                                                      \
+  CURVKERN_CLONES void update_##suffix(const ChunkTable& table, const Plan<P, S>& plan) {                      \
+    const int64_t last = table.num_units() - 1;                                                                \
+    _Pragma("omp parallel for schedule(static) num_threads(at::get_num_threads())")                            \
+    for (int64_t u = 0; u <= last; ++u) {                                                                      \
+      for (int64_t s = table.unit_begin(last - u); s < table.unit_begin(last - u + 1); ++s) {                  \
+        update_dispatch(plan, table.segment(s));                                                               \
       }                                                                                                        \
     }                                                                                                          \
   }                                                                                                            \
-  void grad_sums(const ChunkTable& table, P* const* grads, double* partials) {                                 \
-    grad_sums_##suffix(table, grads, partials);                                                                \
+  void run_sums(const ChunkTable& table, const Plan<P, S>& plan, double* partials) {                          \
+    sums_##suffix(table, plan, partials);                                                                      \
   }                                                                                                            \
-  void run_windows(Plan<P, S>& plan, const std::vector<Window>& windows, WindowScalars scalars, void* context) { \
-    windows_##suffix(plan, windows, scalars, context);                                                         \
-  }
+  void run_update(const ChunkTable& table, const Plan<P, S>& plan) { update_##suffix(table, plan); }
 
 CURVKERN_BIOSTATIS_KERNELS(float, float, f32)
 CURVKERN_BIOSTATIS_KERNELS(double, double, f64)
@@ -236,73 +197,10 @@ CURVKERN_BIOSTATIS_KERNELS(c10::BFloat16, float, bf16)
 CURVKERN_BIOSTATIS_KERNELS(c10::Half, float, f16)
 #undef CURVKERN_BIOSTATIS_KERNELS
 
-// Elements per window: g, m and v of a window take an eighth of the last-level cache, leaving room
-// for the EMAs and p that the update streams past them.
-int64_t window_elements(int64_t state_itemsize) {
-  long cache = sysconf(_SC_LEVEL3_CACHE_SIZE);
-  if (cache <= 0) cache = 32L << 20;
-  return std::max<int64_t>(kChunkElements, cache / 8 / (3 * state_itemsize));
-}
-
-std::vector<Window> make_windows(const std::vector<int64_t>& numels, int64_t limit) {
-  std::vector<Window> windows;
-  int64_t first = 0, total = 0;
-  for (int64_t t = 0; t < static_cast<int64_t>(numels.size()); ++t) {
-    if (t > first && total + numels[t] > limit) {
-      windows.push_back({first, t, ChunkTable({numels.begin() + first, numels.begin() + t}, kChunkElements)});
-      first = t;
-      total = 0;
-    }
-    total += numels[t];
-  }
-  windows.push_back({first, static_cast<int64_t>(numels.size()),
-                     ChunkTable({numels.begin() + first, numels.end()}, kChunkElements)});
-  return windows;
-}
-
 // NaN-propagating max, as torch.clamp_min.
 double clamp_min(double x, double low) { return x < low ? low : x; }
 // Python's max(low, min(high, x)) and C's fmax/fmin: a NaN maps to `high`, not NaN (eager's _clip).
 double clip(double x, double low, double high) { return std::fmax(std::fmin(x, high), low); }
-
-// The scalar stage's inputs that do not depend on the window, and where it writes.
-struct ScalarContext {
-  std::vector<double> numels, steps, h_local, e_local, gg;
-  double h_global, e_global, lr, beta1, beta2, flip_threshold, ascent_strength;
-  double* columns;  // the [n, kColumns] result
-};
-
-// eager.biostatis_scalars for the window's tensors, in float64.
-void window_scalars(void* raw, const Window& window, const std::vector<double>& moment_sums) {
-  auto& c = *static_cast<ScalarContext*>(raw);
-  for (int64_t t = window.first; t < window.last; ++t) {
-    const double* sums = moment_sums.data() + (t - window.first) * kMomentSums;
-    const double n_local = clamp_min(c.numels[t], 1.0);
-    const double h = kAlphaGlobal * c.h_global + (1 - kAlphaGlobal) * c.h_local[t];
-    const double e = kAlphaGlobal * c.e_global + (1 - kAlphaGlobal) * c.e_local[t];
-    const double cos = sums[kSumMG] / (clamp_min(std::sqrt(sums[kSumMM]), kCosineEps) *
-                                       clamp_min(std::sqrt(c.gg[t]), kCosineEps));
-    const double tau = std::tanh(cos);
-    const double importance = (sums[kSumAbsM] / n_local) / (sums[kSumSqrtV] / n_local + kImportanceEps);
-    const double delta = 1 - std::exp(-kAscentRate * c.steps[t]);
-    const double ascent = importance < c.flip_threshold ? c.ascent_strength * delta : 0.0;
-    const double bc1 = 1 - std::pow(c.beta1, c.steps[t]);
-    const double bc2 = 1 - std::pow(c.beta2, c.steps[t]);
-    // `lr / tensor` in Python is torch's `reciprocal(tensor) * lr`: two roundings, mirrored here.
-    const double step_size = 1.0 / bc1 * c.lr;
-    const double coef = -step_size * h * e;
-    double* row = c.columns + t * kColumns;
-    row[kColHG] = c.h_global;
-    row[kColEG] = c.e_global;
-    row[kColH] = h;
-    row[kColE] = e;
-    row[kColTau] = tau;
-    row[kColImportance] = importance;
-    row[kColAscent] = ascent;
-    row[kColSqrtBc2] = std::sqrt(bc2);
-    row[kColCoef] = coef;
-  }
-}
 
 // tanh of float64 values rounded to the default dtype, through torch's own tanh (eager's _tanh_default_dtype).
 std::vector<double> tanh_in_default_dtype(const std::vector<double>& x) {
@@ -321,49 +219,67 @@ double read_step(at::Tensor& step, const char* op) {
   }
 }
 
+// The step's constants in the state type, as they meet tensors in eager.
+template <typename P, typename S>
+void set_moment_constants(Plan<P, S>& plan, double beta1, double beta2) {
+  plan.beta1 = static_cast<S>(beta1);
+  plan.one_minus_beta1 = static_cast<S>(1 - beta1);
+  plan.beta2 = static_cast<S>(beta2);
+  plan.one_minus_beta2 = static_cast<S>(1 - beta2);
+}
+
+void check_lists(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                 const char* op) {
+  TORCH_CHECK(grads.size() == params.size() && exp_avgs.size() == params.size() &&
+                  exp_avg_sqs.size() == params.size(),
+              op, ": got ", params.size(), " tensors, ", grads.size(), " gradients, ", exp_avgs.size(), " exp_avg and ",
+              exp_avg_sqs.size(), " exp_avg_sq");
+}
+
 #undef CURVKERN_INLINE
 
 }  // namespace
 
-namespace {
-
-// The parameters' dtype, checked to be shared by the gradients.
-at::ScalarType param_dtype(at::TensorList params, at::TensorList grads, const char* op) {
-  const at::ScalarType dtype = common_dtype(params, op, "parameters");
-  for (const at::Tensor& g : grads) {
-    TORCH_CHECK(g.scalar_type() == dtype, op, ": a gradient's dtype ", g.scalar_type(),
-                " differs from its parameter's ", dtype);
-  }
-  return dtype;
-}
-
-}  // namespace
-
-at::Tensor biostatis_grad_sums(at::TensorList grads) {
-  constexpr const char* op = "curvkern::biostatis_grad_sums";
+at::Tensor biostatis_sums(at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs, double beta1,
+                          double beta2) {
+  constexpr const char* op = "curvkern::biostatis_sums";
+  check_lists(grads, grads, exp_avgs, exp_avg_sqs, op);
   const int64_t n = static_cast<int64_t>(grads.size());
-  at::Tensor sums = at::zeros({n, kGradColumns}, at::kDouble);
+  at::Tensor sums = at::zeros({n, kSumColumns}, at::kDouble);
   if (n == 0) return sums;
   const at::ScalarType dtype = common_dtype(grads, op, "gradients");
   StreamableTensors layout(op);
-  std::vector<at::Tensor> views;
-  for (int64_t i = 0; i < n; ++i) views.push_back(layout.prepare(i, {}, {grads[i]})[0]);
+  std::vector<at::Tensor> grad_views, exp_avg_views, exp_avg_sq_views;
+  for (int64_t i = 0; i < n; ++i) {
+    check_state(exp_avgs[i], dtype, op, "exp_avg");
+    check_state(exp_avg_sqs[i], dtype, op, "exp_avg_sq");
+    auto views = layout.prepare(i, {}, {grads[i], exp_avgs[i], exp_avg_sqs[i]});
+    grad_views.push_back(views[0]);
+    exp_avg_views.push_back(views[1]);
+    exp_avg_sq_views.push_back(views[2]);
+  }
   const std::vector<int64_t> numels = numels_of(grads);
   double* out = sums.data_ptr<double>();
   with_param_types(dtype, op, [&](auto param_tag, auto state_tag) {
     using P = typename decltype(param_tag)::type;
     using S = typename decltype(state_tag)::type;
-    std::vector<P*> pointers;
-    for (const at::Tensor& v : views) pointers.push_back(v.data_ptr<P>());
+    Plan<P, S> plan;
+    for (int64_t i = 0; i < n; ++i) {
+      plan.grads.push_back(grad_views[i].data_ptr<P>());
+      plan.exp_avgs.push_back(exp_avg_views[i].data_ptr<S>());
+      plan.exp_avg_sqs.push_back(exp_avg_sq_views[i].data_ptr<S>());
+    }
+    set_moment_constants(plan, beta1, beta2);
     const ChunkTable table(numels, kChunkElements);
-    std::vector<double> partials(table.num_segments() * kGradSums);
-    grad_sums(table, pointers.data(), partials.data());
-    const std::vector<double> per_tensor = table.reduce_per_tensor(partials, kGradSums);
+    std::vector<double> partials(table.num_segments() * kSums);
+    run_sums(table, plan, partials.data());
+    const std::vector<double> per_tensor = table.reduce_per_tensor(partials, kSums);
     for (int64_t t = 0; t < n; ++t) {
+      out[t * kSumColumns + kColNumel] = static_cast<double>(numels[t]);
       // Rounded to the state dtype, as eager's per-tensor sums are.
-      out[t * kGradColumns + kColNumel] = static_cast<double>(numels[t]);
-      out[t * kGradColumns + kColGG] = static_cast<double>(static_cast<S>(per_tensor[t * kGradSums + kSumGG]));
-      out[t * kGradColumns + kColTanh] = static_cast<double>(static_cast<S>(per_tensor[t * kGradSums + kSumTanh]));
+      for (int k = 0; k < kSums; ++k) {
+        out[t * kSumColumns + 1 + k] = static_cast<double>(static_cast<S>(per_tensor[t * kSums + k]));
+      }
     }
   });
   return sums;
@@ -371,7 +287,7 @@ at::Tensor biostatis_grad_sums(at::TensorList grads) {
 
 at::Tensor biostatis_update_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                              at::TensorList exp_avg_sqs, at::TensorList memory_emas, at::TensorList steps,
-                             const at::Tensor& grad_sums, const at::Tensor& group_sums, double lr, double beta1,
+                             const at::Tensor& sums, const at::Tensor& group_sums, double lr, double beta1,
                              double beta2, double eps, double weight_decay, double homeo_rate,
                              double coherence_target, double energy_target, double lambda_energy,
                              at::ArrayRef<double> memory_decays, at::ArrayRef<double> memory_weights,
@@ -379,23 +295,28 @@ at::Tensor biostatis_update_(at::TensorList params, at::TensorList grads, at::Te
   constexpr const char* op = "curvkern::biostatis_update_";
   const int64_t n = static_cast<int64_t>(params.size());
   const int64_t memories = static_cast<int64_t>(memory_decays.size());
+  check_lists(params, grads, exp_avgs, exp_avg_sqs, op);
   TORCH_CHECK(memory_weights.size() == memory_decays.size(), op, ": got ", memory_decays.size(),
               " memory_decays but ", memory_weights.size(), " memory_weights");
-  TORCH_CHECK(static_cast<int64_t>(grads.size()) == n && static_cast<int64_t>(exp_avgs.size()) == n &&
-                  static_cast<int64_t>(exp_avg_sqs.size()) == n && static_cast<int64_t>(steps.size()) == n,
-              op, ": got ", n, " parameters, ", grads.size(), " gradients, ", exp_avgs.size(), " exp_avg, ",
-              exp_avg_sqs.size(), " exp_avg_sq and ", steps.size(), " step tensors");
+  TORCH_CHECK(static_cast<int64_t>(steps.size()) == n, op, ": got ", n, " parameters but ", steps.size(),
+              " step tensors");
   TORCH_CHECK(static_cast<int64_t>(memory_emas.size()) == n * memories, op, ": expected ", n * memories,
               " memory EMAs (", memories, " per parameter), got ", memory_emas.size());
-  TORCH_CHECK(grad_sums.device().is_cpu() && grad_sums.scalar_type() == at::kDouble &&
-                  grad_sums.sizes() == at::IntArrayRef({n, kGradColumns}),
-              op, ": grad_sums must be biostatis_grad_sums' float64 [", n, ", ", kGradColumns, "] of these gradients");
-  TORCH_CHECK(group_sums.device().is_cpu() && group_sums.scalar_type() == at::kDouble && group_sums.numel() == kGradColumns,
-              op, ": group_sums must be the float64 column sums of the whole group's grad_sums");
+  TORCH_CHECK(sums.device().is_cpu() && sums.scalar_type() == at::kDouble &&
+                  sums.sizes() == at::IntArrayRef({n, kSumColumns}),
+              op, ": sums must be biostatis_sums' float64 [", n, ", ", static_cast<int>(kSumColumns),
+              "] of these tensors");
+  TORCH_CHECK(group_sums.device().is_cpu() && group_sums.scalar_type() == at::kDouble &&
+                  group_sums.numel() == kSumColumns,
+              op, ": group_sums must be the float64 column sums of the whole group's biostatis_sums");
   at::Tensor columns = at::zeros({n, kColumns}, at::kDouble);
   if (n == 0) return columns;
 
-  const at::ScalarType dtype = param_dtype(params, grads, op);
+  const at::ScalarType dtype = common_dtype(params, op, "parameters");
+  for (const at::Tensor& g : grads) {
+    TORCH_CHECK(g.scalar_type() == dtype, op, ": a gradient's dtype ", g.scalar_type(),
+                " differs from its parameter's ", dtype);
+  }
   StreamableTensors layout(op);
   std::vector<at::Tensor> param_views, grad_views, exp_avg_views, exp_avg_sq_views, ema_views;
   for (int64_t i = 0; i < n; ++i) {
@@ -409,50 +330,64 @@ at::Tensor biostatis_update_(at::TensorList params, at::TensorList grads, at::Te
     for (int64_t j = 0; j < memories; ++j) ema_views.push_back(views[3 + j]);
     grad_views.push_back(views.back());
   }
-
-  const at::Tensor sums = grad_sums.contiguous();
-  const double* sum_rows = sums.const_data_ptr<double>();
-  const double* group = group_sums.contiguous().const_data_ptr<double>();
-  ScalarContext context;
-  context.numels.resize(n);
-  context.steps.resize(n);
-  context.gg.resize(n);
+  const at::Tensor sum_table = sums.contiguous();
+  const double* rows = sum_table.const_data_ptr<double>();
   for (int64_t t = 0; t < n; ++t) {
-    TORCH_CHECK(sum_rows[t * kGradColumns + kColNumel] == static_cast<double>(params[t].numel()), op,
-                ": grad_sums row ", t, " does not belong to parameter ", t);
-    context.numels[t] = sum_rows[t * kGradColumns + kColNumel];
-    context.gg[t] = sum_rows[t * kGradColumns + kColGG];
+    TORCH_CHECK(rows[t * kSumColumns + kColNumel] == static_cast<double>(params[t].numel()), op, ": sums row ", t,
+                " does not belong to parameter ", t);
   }
+  std::vector<double> step_counts(n);
   for (int64_t t = 0; t < n; ++t) {
     at::Tensor step = steps[t];
-    context.steps[t] = read_step(step, op);
+    step_counts[t] = read_step(step, op);
   }
 
-  // Group and local gains, as eager.biostatis_scalars computes them.
+  // The scalar stage, eager.biostatis_scalars in float64. Group means are count-weighted.
+  const at::Tensor group_table = group_sums.contiguous();
+  const double* group = group_table.const_data_ptr<double>();
   const double n_group = clamp_min(group[kColNumel], 1.0);
-  const double energy_global = group[kColGG] / n_group;
-  const double coherence_global = group[kColTanh] / n_group;
+  const double energy_global = group[1 + kSumGG] / n_group;
+  const double coherence_global = group[1 + kSumTanh] / n_group;
   std::vector<double> coherence_offsets(n + 1);
-  context.e_local.resize(n);
   for (int64_t t = 0; t < n; ++t) {
-    const double n_local = clamp_min(context.numels[t], 1.0);
-    coherence_offsets[t] = sum_rows[t * kGradColumns + kColTanh] / n_local - coherence_target;
-    const double e_local = 1 + lambda_energy * (energy_target - context.gg[t] / n_local);
-    context.e_local[t] = clip(kLocalBlend[0] * e_local + kLocalBlend[1], kLocalClamp[0], kLocalClamp[1]);
+    coherence_offsets[t] = rows[t * kSumColumns + 1 + kSumTanh] / clamp_min(rows[t * kSumColumns], 1.0) - coherence_target;
   }
   coherence_offsets[n] = coherence_global - coherence_target;
   const std::vector<double> tanh_offsets = tanh_in_default_dtype(coherence_offsets);
-  context.h_local.resize(n);
-  for (int64_t t = 0; t < n; ++t) context.h_local[t] = 1.0 - homeo_rate * tanh_offsets[t];
-  context.h_global = 1.0 - kGlobalFactor * homeo_rate * tanh_offsets[n];
-  const double e_global = 1 + kGlobalFactor * lambda_energy * (energy_target - energy_global);
-  context.e_global = clip(kGlobalBlend[0] * e_global + kGlobalBlend[1], kGlobalClamp[0], kGlobalClamp[1]);
-  context.lr = lr;
-  context.beta1 = beta1;
-  context.beta2 = beta2;
-  context.flip_threshold = flip_threshold;
-  context.ascent_strength = ascent_strength;
-  context.columns = columns.data_ptr<double>();
+  const double h_global = 1.0 - kGlobalFactor * homeo_rate * tanh_offsets[n];
+  const double e_global = clip(kGlobalBlend[0] * (1 + kGlobalFactor * lambda_energy * (energy_target - energy_global)) +
+                                   kGlobalBlend[1],
+                               kGlobalClamp[0], kGlobalClamp[1]);
+  double* out = columns.data_ptr<double>();
+  for (int64_t t = 0; t < n; ++t) {
+    const double* row = rows + t * kSumColumns;
+    const double* sum = row + 1;
+    const double n_local = clamp_min(row[kColNumel], 1.0);
+    const double h_local = 1.0 - homeo_rate * tanh_offsets[t];
+    const double e_local = clip(kLocalBlend[0] * (1 + lambda_energy * (energy_target - sum[kSumGG] / n_local)) +
+                                    kLocalBlend[1],
+                                kLocalClamp[0], kLocalClamp[1]);
+    const double h = kAlphaGlobal * h_global + (1 - kAlphaGlobal) * h_local;
+    const double e = kAlphaGlobal * e_global + (1 - kAlphaGlobal) * e_local;
+    const double cos = sum[kSumMG] / (clamp_min(std::sqrt(sum[kSumMM]), kCosineEps) *
+                                      clamp_min(std::sqrt(sum[kSumGG]), kCosineEps));
+    const double importance = (sum[kSumAbsM] / n_local) / (sum[kSumSqrtV] / n_local + kImportanceEps);
+    const double delta = 1 - std::exp(-kAscentRate * step_counts[t]);
+    const double bc1 = 1 - std::pow(beta1, step_counts[t]);
+    const double bc2 = 1 - std::pow(beta2, step_counts[t]);
+    // `lr / tensor` in Python is torch's `reciprocal(tensor) * lr`: two roundings, mirrored here.
+    const double step_size = 1.0 / bc1 * lr;
+    double* column = out + t * kColumns;
+    column[kColHG] = h_global;
+    column[kColEG] = e_global;
+    column[kColH] = h;
+    column[kColE] = e;
+    column[kColTau] = std::tanh(cos);
+    column[kColImportance] = importance;
+    column[kColAscent] = importance < flip_threshold ? ascent_strength * delta : 0.0;
+    column[kColSqrtBc2] = std::sqrt(bc2);
+    column[kColCoef] = -step_size * h * e;
+  }
 
   with_param_types(dtype, op, [&](auto param_tag, auto state_tag) {
     using P = typename decltype(param_tag)::type;
@@ -463,13 +398,15 @@ at::Tensor biostatis_update_(at::TensorList params, at::TensorList grads, at::Te
       plan.grads.push_back(grad_views[i].data_ptr<P>());
       plan.exp_avgs.push_back(exp_avg_views[i].data_ptr<S>());
       plan.exp_avg_sqs.push_back(exp_avg_sq_views[i].data_ptr<S>());
+      const double* column = out + i * kColumns;
+      plan.tau.push_back(static_cast<S>(column[kColTau]));
+      plan.ascent.push_back(static_cast<S>(column[kColAscent]));
+      plan.sqrt_bc2.push_back(static_cast<S>(column[kColSqrtBc2]));
+      plan.coef.push_back(static_cast<S>(column[kColCoef]));
     }
     for (const at::Tensor& ema : ema_views) plan.emas.push_back(ema.data_ptr<S>());
     plan.num_memories = static_cast<int>(memories);
-    plan.beta1 = static_cast<S>(beta1);
-    plan.one_minus_beta1 = static_cast<S>(1 - beta1);
-    plan.beta2 = static_cast<S>(beta2);
-    plan.one_minus_beta2 = static_cast<S>(1 - beta2);
+    set_moment_constants(plan, beta1, beta2);
     plan.eps = static_cast<S>(eps);
     plan.decay = static_cast<S>(1 - lr * weight_decay);
     for (int64_t j = 0; j < memories; ++j) {
@@ -477,26 +414,7 @@ at::Tensor biostatis_update_(at::TensorList params, at::TensorList grads, at::Te
       plan.memory_keep.push_back(static_cast<S>(1 - memory_decays[j]));
       plan.memory_weight.push_back(static_cast<S>(memory_weights[j]));
     }
-    plan.tau.resize(n);
-    plan.ascent.resize(n);
-    plan.sqrt_bc2.resize(n);
-    plan.coef.resize(n);
-    struct Both {
-      ScalarContext* context;
-      Plan<P, S>* plan;
-    } both{&context, &plan};
-    const WindowScalars scalars = [](void* raw, const Window& window, const std::vector<double>& moment_sums) {
-      auto& b = *static_cast<Both*>(raw);
-      window_scalars(b.context, window, moment_sums);
-      for (int64_t t = window.first; t < window.last; ++t) {
-        const double* row = b.context->columns + t * kColumns;
-        b.plan->tau[t] = static_cast<S>(row[kColTau]);
-        b.plan->ascent[t] = static_cast<S>(row[kColAscent]);
-        b.plan->sqrt_bc2[t] = static_cast<S>(row[kColSqrtBc2]);
-        b.plan->coef[t] = static_cast<S>(row[kColCoef]);
-      }
-    };
-    run_windows(plan, make_windows(numels_of(params), window_elements(sizeof(S))), scalars, &both);
+    run_update(ChunkTable(numels_of(params), kChunkElements), plan);
   });
   layout.write_back();
   return columns;

@@ -1,11 +1,11 @@
 """BiostatisV6 on the CPU: the C++/OpenMP kernels of ``curvkern._C`` (csrc/optim/biostatis.cpp).
 
-Two ops, so that a group is summed as a whole before any of it moves:
+The eager reference's stages as two ops, so that a group is summed as a whole before any of it moves:
 
-- ``biostatis_grad_sums`` (one OpenMP region over the gradients): per tensor ``(numel, Σg², Σ|tanh g|)``;
-  their column sums over the group are its group statistics (the all-reduce seam for sharded training);
-- ``biostatis_update_``: per cache-sized window of tensors, the moment sums (Σm'g, Σm'², Σ|m'|, Σ√v'),
-  the window's scalar stage and the update of m, v, the EMAs and p, all windows in one region.
+- ``biostatis_sums`` (pass A, one OpenMP region reading g, m, v): per tensor ``(numel, Σg², Σ|tanh g|,
+  Σm'g, Σm'², Σ|m'|, Σ√v')``; their column sums over the group are its group statistics (the
+  all-reduce seam for sharded training);
+- ``biostatis_update_``: the scalar stage, then pass B (one region) writing m, v, the EMAs and p.
 
 A group that mixes parameter dtypes runs one pair of calls per dtype around one shared group sum.
 """
@@ -23,18 +23,19 @@ _ops = torch.ops.curvkern
 _SCALAR_COLUMNS = 9  # h_G, e_G, h, e, τ, I, ascent, √bc2, coef
 
 
-@torch.library.register_fake("curvkern::biostatis_grad_sums")
-def _grad_sums_fake(grads):
-    return grads[0].new_empty((len(grads), 3), dtype=torch.float64) if grads else torch.empty((0, 3), dtype=torch.float64)
+@torch.library.register_fake("curvkern::biostatis_sums")
+def _sums_fake(grads, exp_avgs, exp_avg_sqs, beta1, beta2):
+    torch._check(len(grads) == len(exp_avgs) == len(exp_avg_sqs), lambda: "one exp_avg and exp_avg_sq per gradient")
+    return torch.empty((len(grads), 7), dtype=torch.float64, device="cpu")
 
 
 @torch.library.register_fake("curvkern::biostatis_update_")
-def _update_fake(params, grads, exp_avgs, exp_avg_sqs, memory_emas, steps, grad_sums, group_sums, lr, beta1, beta2,
+def _update_fake(params, grads, exp_avgs, exp_avg_sqs, memory_emas, steps, sums, group_sums, lr, beta1, beta2,
                  eps, weight_decay, homeo_rate, coherence_target, energy_target, lambda_energy, memory_decays,
                  memory_weights, flip_threshold, ascent_strength):
     torch._check(len(memory_decays) == len(memory_weights), lambda: "one memory weight per memory decay")
     torch._check(len(memory_emas) == len(params) * len(memory_decays), lambda: "one EMA per parameter and memory")
-    return grad_sums.new_empty((len(params), _SCALAR_COLUMNS))
+    return sums.new_empty((len(params), _SCALAR_COLUMNS))
 
 
 @register("biostatis", "cpp")
@@ -62,13 +63,14 @@ def biostatis_step(
     """One group's step, same contract as the eager ``biostatis_step``."""
     positions = list(range(len(params)))
     buckets = by_dtype(params, grads, exp_avgs, exp_avg_sqs, memory_emas, state_steps, positions)
-    grad_sums = [_ops.biostatis_grad_sums(bucket[1]) for bucket in buckets]
-    group_sums = (grad_sums[0] if len(grad_sums) == 1 else torch.cat(grad_sums)).sum(0)
+    beta1, beta2 = float(betas[0]), float(betas[1])
+    sums = [_ops.biostatis_sums(bucket[1], bucket[2], bucket[3], beta1, beta2) for bucket in buckets]
+    group_sums = (sums[0] if len(sums) == 1 else torch.cat(sums)).sum(0)
     columns = []
-    for (b_params, b_grads, b_exp_avgs, b_exp_avg_sqs, b_emas, b_steps, _), b_sums in zip(buckets, grad_sums):
+    for (b_params, b_grads, b_exp_avgs, b_exp_avg_sqs, b_emas, b_steps, _), b_sums in zip(buckets, sums):
         columns.append(_ops.biostatis_update_(
             b_params, b_grads, b_exp_avgs, b_exp_avg_sqs, [ema for emas in b_emas for ema in emas], b_steps,
-            b_sums, group_sums, float(lr), float(betas[0]), float(betas[1]), float(eps), float(weight_decay),
+            b_sums, group_sums, float(lr), beta1, beta2, float(eps), float(weight_decay),
             float(homeo_rate), float(coherence_target), float(energy_target), float(lambda_energy),
             [float(d) for d in memory_decays], [float(w) for w in memory_weights], float(flip_threshold),
             float(ascent_strength),
