@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "bandwidth.h"
+#include "ce/cross_entropy.h"
 
 // A real Python module, so `import curvkern._C` loads this library and runs TORCH_LIBRARY.
 extern "C" PyObject* PyInit__C(void) {
@@ -13,8 +14,16 @@ extern "C" PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(curvkern, m) {
   m.def("stream_axpy_(Tensor(a!) a, Tensor b, float scalar) -> ()");
+  m.def("cross_entropy_forward(Tensor logits, Tensor target, int ignore_index, float label_smoothing) -> (Tensor, Tensor)");
+  m.def("cross_entropy_backward(Tensor logits, Tensor target, Tensor lse, Tensor grad_scale, int ignore_index, "
+        "float label_smoothing) -> Tensor");
+  m.def("cross_entropy_hvp_(Tensor logits, Tensor target, Tensor u, Tensor scale, int ignore_index, "
+        "float label_smoothing, int shift_period, Tensor(a!) out) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(curvkern, CPU, m) {
   m.impl("stream_axpy_", &curvkern::stream_axpy_);
+  m.impl("cross_entropy_forward", &curvkern::cross_entropy_forward);
+  m.impl("cross_entropy_backward", &curvkern::cross_entropy_backward);
+  m.impl("cross_entropy_hvp_", &curvkern::cross_entropy_hvp_);
 }

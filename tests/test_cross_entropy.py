@@ -4,6 +4,9 @@ Ground truth is PyTorch's own ``F.cross_entropy`` (and its autograd double backw
 results are compared with an fp64 ground truth by ‖a − b‖ / ‖b‖, against PyTorch's own low-precision error.
 """
 import math
+import re
+import shutil
+import subprocess
 from types import SimpleNamespace
 
 import pytest
@@ -377,3 +380,83 @@ def test_rows_past_two_to_the_31_elements(backend, device):
                              patterns[1:2].expand(len(checked), v).double(), reduction="sum")[2]
     assert relative_error(hvp[checked], expected) < 1e-2
     assert torch.count_nonzero(hvp[n - 3]) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_outputs_are_the_fp32_results_rounded(backend, device, dtype):
+    """Accumulation is fp32 and the only low-precision step is the final round to nearest even: the
+    results equal the same computation on fp32 logits rounded by PyTorch, overflow and subnormals included."""
+    logits, target, u = (t.to(device) for t in make_problem(8, 301, dtype=dtype, ignore=[2], seed=3))
+    logits[5] = float("nan")
+    for scale in [1e-6, 1.0, 3e5]:
+        grad_loss = torch.tensor(scale, dtype=dtype, device=device)
+        low = loss_grad_hvp(ours(backend), logits, target, u, grad_loss, reduction="sum")
+        high = loss_grad_hvp(ours(backend), logits.float(), target, u.float(), grad_loss.float(), reduction="sum")
+        for name, a, b in zip(["grad", "hvp"], low[1:3], high[1:3]):
+            torch.testing.assert_close(a, b.to(dtype), rtol=0, atol=0, equal_nan=True, msg=name)
+    rounded = curvkern.ce_hvp(logits, target, u, reduction="sum", fused=backend)
+    torch.testing.assert_close(rounded, curvkern.ce_hvp(logits.float(), target, u.float(), reduction="sum", fused=backend).to(dtype),
+                               rtol=0, atol=0, equal_nan=True)
+
+
+# --- the C++ ops ------------------------------------------------------------------------------------
+
+
+def cpp_ops():
+    if "cpp" not in curvkern.available_backends(FAMILY):
+        pytest.skip("the C++ extension is not built")
+    return torch.ops.curvkern
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cpp_ops_pass_opcheck(dtype):
+    ops = cpp_ops()
+    logits, target, u = make_problem(6, 9, dtype=dtype, ignore=[1])
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    _, lse = ops.cross_entropy_forward(logits, target, -100, 0.1)
+    torch.library.opcheck(ops.cross_entropy_forward.default, (logits, target, -100, 0.1))
+    for scale in [torch.tensor(0.5, dtype=acc), torch.rand(6, dtype=acc)]:
+        torch.library.opcheck(ops.cross_entropy_backward.default, (logits, target, lse, scale, -100, 0.1))
+        torch.library.opcheck(ops.cross_entropy_hvp_.default, (logits, target, u, scale, -100, 0.1, 0, torch.empty_like(logits)))
+    torch.library.opcheck(ops.cross_entropy_hvp_.default, (logits, target, u, scale, -100, 0.0, 3, torch.empty_like(logits)))
+
+
+def test_cpp_ops_reject_bad_inputs():
+    ops = cpp_ops()
+    logits, target, u = make_problem(4, 5, dtype=torch.float32)
+    scale = torch.tensor(1.0)
+    out = torch.empty_like(logits)
+    with pytest.raises(RuntimeError, match="dense last dimension"):
+        ops.cross_entropy_hvp_(logits.t().contiguous().t(), target, u, scale, -100, 0.0, 0, out)
+    with pytest.raises(RuntimeError, match="must have the logits' dtype"):
+        ops.cross_entropy_hvp_(logits, target, u.double(), scale, -100, 0.0, 0, out)
+    with pytest.raises(RuntimeError, match="scale must be a Float"):
+        ops.cross_entropy_hvp_(logits, target, u, scale.double(), -100, 0.0, 0, out)
+    with pytest.raises(RuntimeError, match="shift_period"):
+        ops.cross_entropy_hvp_(logits, target, u, scale, -100, 0.0, 3, out)
+    with pytest.raises(RuntimeError, match="contiguous int64"):
+        ops.cross_entropy_forward(logits, target.int(), -100, 0.0)
+    # An out-of-range label reaching the kernel directly gives NaN, never a read out of bounds.
+    loss, _ = ops.cross_entropy_forward(logits, torch.tensor([0, 7, -3, 1]), -100, 0.0)
+    assert loss[1:3].isnan().all() and loss[[0, 3]].isfinite().all()
+
+
+def test_cpp_kernels_are_cloned_and_vectorized_per_isa():
+    """Each parallel region exists as an AVX-512, an AVX2 and a baseline clone, and the AVX-512 clone of
+    the fp32 HVP runs on zmm registers with the exp inlined (no libm call in the loop)."""
+    cpp_ops()
+    import curvkern._C as extension
+
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump not installed")
+    symbols = subprocess.run([objdump, "-t", extension.__file__], check=True, capture_output=True, text=True).stdout
+    for kernel in ["forward", "backward", "hvp"]:
+        for dtype in ["float", "double", "bfloat16", "half"]:
+            for isa in ("avx512f", "avx2", "default"):
+                assert re.search(rf"ce_{kernel}_{dtype}\S*_omp_fn\.\d+\.{isa}\b", symbols), (kernel, dtype, isa)
+    (name,) = re.findall(r"\S*ce_hvp_float\S*_omp_fn\.\d+\.avx512f\b", symbols)
+    code = subprocess.run([objdump, "-d", "--no-show-raw-insn", f"--disassemble={name}", extension.__file__],
+                          check=True, capture_output=True, text=True).stdout
+    assert code.count("zmm") > 50
+    assert not re.search(r"call\s.*<(exp|expf|__expf)", code)
