@@ -4,7 +4,8 @@
 // One OpenMP parallel region splits the rows across threads. The HVP reads a row in two sweeps: the first
 // keeps an online max, sum of e^{z-max} and <e^{z-max}, u> block by block (a block is re-read from L1 right
 // after its max is taken), the second recomputes p and writes; a row of a 50k vocabulary (200 KB of fp32
-// logits plus 200 KB of u) is still in L2 when the second sweep reads it. Ignored rows are written as
+// logits plus 200 KB of u) is still in L2 when the second sweep reads it; the first sweep also keeps
+// e^{z - shift} in a per-thread row buffer, so each element costs one exp. Ignored rows are written as
 // zeros without reading the logits. bf16/fp16 accumulate in fp32, fp64 in fp64. Indexing is 64-bit and a
 // row may start anywhere (row stride >= V, or 0 for a broadcast u); the last dimension must be dense.
 #include "ce/cross_entropy.h"
@@ -21,6 +22,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 // Floating-point operations here never trap (no FP exceptions are enabled): telling GCC so lets it
 // if-convert the clamps inside exp below in every ISA clone, not only the AVX-512 one that has masked
@@ -172,9 +174,12 @@ struct RowStats {
   A sum_u;    // sum of u (label smoothing)
 };
 
-// Sweep 1 over one row: online max and sums, block by block.
+// Sweep 1 over one row: online max and sums, block by block. With u (the HVP), each e^{z - shift} is also
+// kept in ``exps`` and each block's shift in ``shifts`` (-inf where the block was shifted by 0, everything
+// before it being -inf), so sweep 2 rescales them instead of computing exp again.
 template <bool kWithU, bool kSums, typename scalar_t>
-CURVKERN_INLINE RowStats<acc_t<scalar_t>> row_stats(const scalar_t* z, const scalar_t* u, int64_t v) {
+CURVKERN_INLINE RowStats<acc_t<scalar_t>> row_stats(const scalar_t* z, const scalar_t* u, int64_t v,
+                                                    acc_t<scalar_t>* exps, acc_t<scalar_t>* shifts) {
   using A = acc_t<scalar_t>;
   constexpr A minus_inf = -std::numeric_limits<A>::infinity();
   RowStats<A> stats{minus_inf, A(0), A(0), A(0), A(0)};
@@ -198,10 +203,13 @@ CURVKERN_INLINE RowStats<acc_t<scalar_t>> row_stats(const scalar_t* z, const sca
     A sum_exp = 0, sum_exp_u = 0, sum_z = 0, sum_u = 0;
     if constexpr (kWithU) {
       const scalar_t* ub = u + start;
+      A* eb = exps + start;
+      shifts[start / kBlock] = stats.max;
 #pragma omp simd reduction(+ : sum_exp, sum_exp_u, sum_u)
       for (int64_t j = 0; j < length; ++j) {
         A e = vec_exp(load(zb[j]) - shift);
         A uj = load(ub[j]);
+        eb[j] = e;
         sum_exp += e;
         sum_exp_u += e * uj;
         if constexpr (kSums) sum_u += uj;
@@ -220,6 +228,12 @@ CURVKERN_INLINE RowStats<acc_t<scalar_t>> row_stats(const scalar_t* z, const sca
     stats.sum_u += sum_u;
   }
   return stats;
+}
+
+// Per-thread room for one row's e^{z - shift} and its blocks' shifts.
+template <typename A>
+int64_t scratch_size(int64_t classes) {
+  return classes + (classes + kBlock - 1) / kBlock;
 }
 
 template <typename scalar_t>
@@ -267,7 +281,8 @@ CURVKERN_INLINE void forward_row(const Problem<scalar_t>& p, int64_t r, acc_t<sc
   }
   const scalar_t* z = p.row(r);
   const bool smoothing = p.label_smoothing != A(0);
-  RowStats<A> stats = smoothing ? row_stats<false, true>(z, z, p.classes) : row_stats<false, false>(z, z, p.classes);
+  RowStats<A> stats = smoothing ? row_stats<false, true>(z, z, p.classes, nullptr, nullptr)
+                                 : row_stats<false, false>(z, z, p.classes, nullptr, nullptr);
   const A row_lse = stats.max + std::log(stats.sum_exp);
   lse[r] = row_lse;
   if (!p.in_range(y)) {  // the Python layer raises first on CPU; never read out of bounds regardless
@@ -307,7 +322,7 @@ CURVKERN_INLINE void backward_row(const Problem<scalar_t>& p, int64_t r, const a
 template <typename scalar_t>
 CURVKERN_INLINE void hvp_row(const Problem<scalar_t>& p, int64_t r, const scalar_t* u, int64_t u_row_stride,
                              const acc_t<scalar_t>* scale, int64_t scale_stride, scalar_t* out,
-                             int64_t out_row_stride, acc_t<scalar_t>* dot) {
+                             int64_t out_row_stride, acc_t<scalar_t>* dot, acc_t<scalar_t>* scratch) {
   using A = acc_t<scalar_t>;
   scalar_t* out_row = out + r * out_row_stride;
   const int64_t y = p.label(r);
@@ -324,15 +339,25 @@ CURVKERN_INLINE void hvp_row(const Problem<scalar_t>& p, int64_t r, const scalar
   const scalar_t* z = p.row(r);
   const scalar_t* u_row = u + r * u_row_stride;
   const bool smoothing = p.label_smoothing != A(0);
-  RowStats<A> stats = smoothing ? row_stats<true, true>(z, u_row, p.classes) : row_stats<true, false>(z, u_row, p.classes);
+  A* exps = scratch;
+  A* shifts = scratch + p.classes;
+  RowStats<A> stats = smoothing ? row_stats<true, true>(z, u_row, p.classes, exps, shifts)
+                                 : row_stats<true, false>(z, u_row, p.classes, exps, shifts);
   const A inverse_sum = A(1) / stats.sum_exp;
   const A p_dot_u = stats.sum_exp_u * inverse_sum;
   const A weight = scale[r * scale_stride] * inverse_sum;
-  const A shift = stats.max;
-  // Sweep 2: the row is still in cache.
+  // Sweep 2: u is still in cache, p_j = e_j e^{shift - max} / sum from the kept e_j. A block shifted by 0
+  // (stored as -inf) holds only zeros and NaN: its factor e^{-inf - max} is 0, so a NaN stays NaN.
+  for (int64_t start = 0; start < p.classes; start += kBlock) {
+    const int64_t length = std::min(kBlock, p.classes - start);
+    const A factor = weight * vec_exp(shifts[start / kBlock] - stats.max);
+    const A* eb = exps + start;
+    const scalar_t* ub = u_row + start;
+    scalar_t* ob = out_row + start;
 #pragma omp simd
-  for (int64_t j = 0; j < p.classes; ++j) {
-    out_row[j] = store<scalar_t>(weight * vec_exp(load(z[j]) - shift) * (load(u_row[j]) - p_dot_u));
+    for (int64_t j = 0; j < length; ++j) {
+      ob[j] = store<scalar_t>(factor * eb[j] * (load(ub[j]) - p_dot_u));
+    }
   }
   A row_dot = p_dot_u - (A(1) - p.label_smoothing) * load(u_row[y]);
   if (smoothing) row_dot -= p.label_smoothing / A(p.classes) * stats.sum_u;
@@ -356,8 +381,13 @@ CURVKERN_INLINE void hvp_row(const Problem<scalar_t>& p, int64_t r, const scalar
   __attribute__((target_clones("avx512f", "avx2", "default"))) void ce_hvp_##suffix(                          \
       const Problem<scalar_t>& p, const scalar_t* u, int64_t u_row_stride, const acc_t<scalar_t>* scale,       \
       int64_t scale_stride, scalar_t* out, int64_t out_row_stride, acc_t<scalar_t>* dot) {                     \
-    _Pragma("omp parallel for schedule(static) num_threads(at::get_num_threads())")                           \
-    for (int64_t r = 0; r < p.rows; ++r) hvp_row(p, r, u, u_row_stride, scale, scale_stride, out, out_row_stride, dot); \
+    _Pragma("omp parallel num_threads(at::get_num_threads())") {                                              \
+      std::vector<acc_t<scalar_t>> scratch(scratch_size<acc_t<scalar_t>>(p.classes));                         \
+      _Pragma("omp for schedule(static)")                                                                       \
+      for (int64_t r = 0; r < p.rows; ++r) {                                                                    \
+        hvp_row(p, r, u, u_row_stride, scale, scale_stride, out, out_row_stride, dot, scratch.data());          \
+      }                                                                                                         \
+    }                                                                                                           \
   }
 
 CURVKERN_CE_KERNELS(float, float)
