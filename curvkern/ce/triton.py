@@ -11,6 +11,7 @@ and the reduction scale is read from a device tensor: no host sync anywhere.
 from __future__ import annotations
 
 import importlib.util
+import struct
 
 import torch
 
@@ -161,7 +162,7 @@ def _launch_shape(n: int, v: int) -> tuple[tuple[int], int, int]:
 
 def _split(value: float) -> tuple[float, float]:
     """``value`` as fp32 high and low parts whose sum is ``value`` to about 2^-48."""
-    high = torch.tensor(value, dtype=torch.float32).item()
+    (high,) = struct.unpack("f", struct.pack("f", value))
     return high, value - high
 
 
