@@ -93,7 +93,6 @@ class _CrossEntropy(torch.autograd.Function):
         scale = _reduction_scale(target, ignore_index, reduction, lse.dtype)
         ctx.save_for_backward(logits, target, lse, scale)
         ctx.config = (kernels, ignore_index, label_smoothing, reduction)
-        ctx.mark_non_differentiable(target)
         if reduction == "none":
             return loss_rows.to(logits.dtype)
         return (loss_rows.sum() * scale).to(logits.dtype)
@@ -187,12 +186,10 @@ def _hvp_into(kernels, logits, flat_target, u, ignore_index, reduction, out, shi
     elif out.shape != logits.shape or out.dtype != logits.dtype or out.device != logits.device:
         raise ValueError(f"out must match the logits' shape, dtype and device, got {tuple(out.shape)} {out.dtype}")
     acc = accumulation_dtype(logits.dtype)
-    if reduction == "mean":
-        if valid_count is None:
-            valid_count = (flat_target != ignore_index).sum()
+    if reduction == "mean" and valid_count is not None:  # the caller counted (the causal shift)
         scale = _mean_scale(valid_count, acc)
     else:
-        scale = torch.ones((), dtype=acc, device=logits.device)
+        scale = _reduction_scale(flat_target, ignore_index, reduction, acc)
     out_rows = _writable_rows(out)
     with torch.no_grad():
         result_rows = out_rows if out_rows is not None else torch.empty(_row_shape(out), dtype=out.dtype, device=out.device)
