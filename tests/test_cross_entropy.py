@@ -4,9 +4,12 @@ Ground truth is PyTorch's own ``F.cross_entropy`` (and its autograd double backw
 results are compared with an fp64 ground truth by ‖a − b‖ / ‖b‖, against PyTorch's own low-precision error.
 """
 import math
+import os
 import re
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -474,3 +477,49 @@ def test_cpp_kernels_are_cloned_and_vectorized_per_isa():
                           check=True, capture_output=True, text=True).stdout
     assert code.count("zmm") > 50
     assert not re.search(r"call\s.*<(exp|expf|__expf)", code)
+
+
+# --- the Triton kernels, compiled -------------------------------------------------------------------
+
+
+def compile_for_sm90(dtype: str) -> None:
+    """Compile the three Triton kernels for ``dtype`` logits ahead of time for sm_90, to PTX and through
+    ptxas (run in a process without TRITON_INTERPRET, where ``triton.jit`` gives compilable functions)."""
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from curvkern.ce import triton as ce_triton
+
+    accumulator = "*fp64" if dtype == "fp64" else "*fp32"
+    acc = ce_triton.tl.float64 if dtype == "fp64" else ce_triton.tl.float32
+    logits, common = f"*{dtype}", {"N": "i64", "V": "i32", "ignore_index": "i32", "smoothing_hi": "fp32", "smoothing_lo": "fp32"}
+    kernels = [
+        (ce_triton._forward_kernel,
+         {"logits_ptr": logits, "row_stride": "i64", "target_ptr": "*i64", "loss_ptr": accumulator, "lse_ptr": accumulator},
+         {"ACC": acc, "SMOOTHING": True, "ROWS": 4, "BLOCK_V": 1024}),
+        (ce_triton._backward_kernel,
+         {"logits_ptr": logits, "row_stride": "i64", "target_ptr": "*i64", "lse_ptr": accumulator, "scale_ptr": accumulator,
+          "scale_stride": "i64", "grad_ptr": logits},
+         {"ACC": acc, "ROWS": 1, "BLOCK_V": 4096}),
+        (ce_triton._hvp_kernel,
+         {"logits_ptr": logits, "row_stride": "i64", "target_ptr": "*i64", "u_ptr": logits, "u_row_stride": "i64",
+          "scale_ptr": accumulator, "scale_stride": "i64", "out_ptr": logits, "out_row_stride": "i64", "dot_ptr": accumulator},
+         {"SHIFT_PERIOD": 128, "ACC": acc, "SMOOTHING": True, "ROWS": 1, "BLOCK_V": 4096}),
+    ]
+    for kernel, pointers, constants in kernels:
+        signature = {**pointers, **common, **{name: "constexpr" for name in constants}}
+        source = ASTSource(kernel, signature={name: signature[name] for name in kernel.arg_names}, constexprs=constants)
+        compiled = triton_compile(source, target=GPUTarget("cuda", 90, 32))
+        assert ".entry" in compiled.asm["ptx"]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16", "fp64"])
+def test_triton_kernels_compile_for_a_gpu_target(dtype):
+    """The interpreter accepts code the Triton compiler rejects: without a GPU, compile for one."""
+    pytest.importorskip("triton")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    script = f"import test_cross_entropy as t; t.compile_for_sm90({dtype!r})"
+    completed = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent, env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]

@@ -31,9 +31,11 @@ if importlib.util.find_spec("triton") is not None:
     def _label(target_ptr, rows, row_mask, ignore_index, SHIFT_PERIOD: tl.constexpr):
         """Row r's label: target[r], or target[r + 1] with the last step of each sequence ignored."""
         if SHIFT_PERIOD == 0:
-            return tl.load(target_ptr + rows, mask=row_mask, other=ignore_index)
-        last_step = (rows + 1) % SHIFT_PERIOD == 0
-        return tl.load(target_ptr + rows + 1, mask=row_mask & ~last_step, other=ignore_index)
+            label = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index)
+        else:
+            last_step = (rows + 1) % SHIFT_PERIOD == 0
+            label = tl.load(target_ptr + rows + 1, mask=row_mask & ~last_step, other=ignore_index)
+        return label
 
     @triton.jit
     def _row_stats(z_ptrs, u_ptrs, live, V, ACC: tl.constexpr, WITH_U: tl.constexpr, SUMS: tl.constexpr,
