@@ -5,8 +5,9 @@ hessian-eigenthings ``.hvp`` protocol on causal-LM logits, each against PyTorch'
 Baselines (``backend`` in a record):
 - ``torch-eager``: PyTorch's ``F.cross_entropy`` double backward (loss, ``autograd.grad`` twice), the peer
   of ``ce-hvp`` and ``ce-double-backward``;
-- ``torch-compile``: ``torch.compile`` of the closed-form eager HVP (what hessian-eigenthings 1.0.0a6 falls
-  back to), default sizes only (compiling takes tens of seconds);
+- ``torch-compile``: ``torch.compile`` of the closed-form eager HVP (for ``.hvp``, with the shifted copies
+  and the zero-padded result: what hessian-eigenthings 1.0.0a6 falls back to), default sizes only
+  (compiling takes tens of seconds);
 - ``eigenthings-autograd``: hessian-eigenthings 1.0.0a5's own path for ``loss_of_output_fn`` (its
   ``hf_lm_loss_of_output`` and ``autograd.grad`` twice), the peer of ``ce-eigenthings-hvp``.
 
@@ -65,7 +66,7 @@ KERNELS = tuple(CrossEntropyKernel(name) for name in COPIES)
 def _backends(kernel: CrossEntropyKernel, device: torch.device, quick: bool) -> list[str]:
     # Triton on CPU tensors runs in its interpreter, a correctness tool: timing it says nothing.
     ours = [b for b in available_backends(FAMILY, device) if not (b == "triton" and device.type == "cpu")]
-    compiled = ["torch-compile"] if kernel.name == "ce-hvp" and not quick else []
+    compiled = ["torch-compile"] if kernel.name != "ce-double-backward" and not quick else []
     return [kernel.peer_backend, *compiled, *ours]
 
 
@@ -76,6 +77,15 @@ def eager_closed_form_hvp(z: torch.Tensor, y: torch.Tensor, u: torch.Tensor, ign
     p = torch.softmax(zf, dim=-1)
     hvp = p * (uf - (p * uf).sum(-1, keepdim=True)) / valid.sum()
     return torch.where(valid[..., None], hvp, 0.0).to(z.dtype)
+
+
+def eigenthings_fallback_hvp(output: torch.Tensor, labels: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """hessian-eigenthings 1.0.0a6's fallback for a causal LM's ``.hvp``: shifted copies, the closed form,
+    the result copied into a zero (B, T, V) tensor."""
+    shifted = eager_closed_form_hvp(output[:, :-1].contiguous(), labels[:, 1:], u[:, :-1].contiguous())
+    full = torch.zeros_like(output)
+    full[:, :-1] = shifted
+    return full
 
 
 def _double_backward(loss_fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -167,6 +177,9 @@ class CrossEntropyCase:
 
             loss_of_output = hf_lm_loss_of_output()
             return lambda: _double_backward(lambda z: loss_of_output(z, batch), output, tangent)
+        if self.backend == "torch-compile":
+            compiled = torch.compile(eigenthings_fallback_hvp)
+            return lambda: compiled(output, batch["labels"], tangent)
         loss_of_output = ck_eigenthings.hf_lm_loss_of_output(fused=self.backend)
         return lambda: loss_of_output.hvp(output, batch, tangent)
 
