@@ -17,7 +17,11 @@ setup(
             name="curvkern._C",
             sources=SOURCES,
             include_dirs=[str(ROOT / "csrc")],
-            extra_compile_args=["-O3", "-fopenmp", "-std=c++17"],
+            # -ffp-contract=off: a product-sum is fused only where the kernel says std::fma, so the
+            # kernels round like the eager reference. -fno-math-errno and -fno-trapping-math change
+            # no result; they let GCC vectorize sqrt and the selects of csrc/vec.h (on AVX2 too).
+            extra_compile_args=["-O3", "-fopenmp", "-std=c++20", "-ffp-contract=off", "-fno-math-errno",
+                                "-fno-trapping-math"],
             extra_link_args=["-fopenmp"],
         )
     ],

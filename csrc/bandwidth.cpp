@@ -8,15 +8,14 @@
 #include <omp.h>
 
 #include "bandwidth.h"
+#include "cpu_dispatch.h"
 
 namespace curvkern {
 
 namespace {
 
-// Cloned per ISA and picked at load time: AVX-512 and AVX2 where the CPU has them, and the
-// library still runs on any x86-64.
 #define CURVKERN_AXPY_KERNEL(scalar_t, name)                                                    \
-  __attribute__((target_clones("avx512f", "avx2", "default"))) void name(                      \
+  CURVKERN_CLONES void name(                                                                     \
       scalar_t* __restrict a, const scalar_t* __restrict b, scalar_t scalar, int64_t n) {        \
     _Pragma("omp parallel for simd schedule(static) num_threads(at::get_num_threads())")        \
     for (int64_t i = 0; i < n; ++i) {                                                            \

@@ -1,10 +1,13 @@
 // The curvkern operator library: schemas and their CPU kernels.
-// Fake (meta) implementations live in curvkern/_ops.py so torch.compile can trace every op.
+// Fake (meta) implementations are registered in Python next to each op's wrapper
+// (curvkern/bandwidth.py, curvkern/optim/<family>/cpp.py, curvkern/ce/cpp.py), so torch.compile can trace every op.
 #include <Python.h>
 #include <torch/library.h>
 
 #include "bandwidth.h"
 #include "ce/cross_entropy.h"
+#include "optim/biostatis.h"
+#include "optim/hysterograd.h"
 
 // A real Python module, so `import curvkern._C` loads this library and runs TORCH_LIBRARY.
 extern "C" PyObject* PyInit__C(void) {
@@ -14,6 +17,22 @@ extern "C" PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(curvkern, m) {
   m.def("stream_axpy_(Tensor(a!) a, Tensor b, float scalar) -> ()");
+  m.def(
+      "hysterograd_pass_a_(Tensor[] grads, Tensor(a!)[] metrics, Tensor(b!) accumulator, float beta, "
+      "float epsilon, float metric_scale) -> ()");
+  m.def(
+      "hysterograd_scalars_(Tensor accumulator, Tensor(a!) tau, Tensor(b!) temp, Tensor(c!) energy, float lr, "
+      "float stiffening_factor, float beta, float cooling_rate, bool adaptive_threshold, float? grad_clip, "
+      "float hysteresis_scale) -> (Tensor, Tensor)");
+  m.def(
+      "hysterograd_pass_b_(Tensor(a!)[] params, Tensor[] grads, Tensor[] metrics, Tensor stats, "
+      "Tensor neg_step_size, float epsilon) -> ()");
+  m.def("biostatis_grad_sums(Tensor[] grads) -> Tensor");
+  m.def(
+      "biostatis_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] memory_emas, Tensor(e!)[] steps, Tensor grad_sums, Tensor group_sums, float lr, float beta1, "
+      "float beta2, float eps, float weight_decay, float homeo_rate, float coherence_target, float energy_target, float lambda_energy, "
+      "float[] memory_decays, float[] memory_weights, float flip_threshold, float ascent_strength) -> Tensor");
   m.def("cross_entropy_forward(Tensor logits, Tensor target, int ignore_index, float label_smoothing) -> (Tensor, Tensor)");
   m.def("cross_entropy_backward(Tensor logits, Tensor target, Tensor lse, Tensor grad_scale, int ignore_index, "
         "float label_smoothing) -> Tensor");
@@ -23,6 +42,11 @@ TORCH_LIBRARY(curvkern, m) {
 
 TORCH_LIBRARY_IMPL(curvkern, CPU, m) {
   m.impl("stream_axpy_", &curvkern::stream_axpy_);
+  m.impl("hysterograd_pass_a_", &curvkern::hysterograd_pass_a_);
+  m.impl("hysterograd_scalars_", &curvkern::hysterograd_scalars_);
+  m.impl("hysterograd_pass_b_", &curvkern::hysterograd_pass_b_);
+  m.impl("biostatis_grad_sums", &curvkern::biostatis_grad_sums);
+  m.impl("biostatis_update_", &curvkern::biostatis_update_);
   m.impl("cross_entropy_forward", &curvkern::cross_entropy_forward);
   m.impl("cross_entropy_backward", &curvkern::cross_entropy_backward);
   m.impl("cross_entropy_hvp_", &curvkern::cross_entropy_hvp_);

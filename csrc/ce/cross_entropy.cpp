@@ -3,10 +3,9 @@
 //
 // One OpenMP parallel region splits the rows across threads. The HVP reads a row in two sweeps: the first
 // keeps an online max, sum of e^{z-max} and <e^{z-max}, u> block by block (a block is re-read from L1 right
-// after its max is taken), the second recomputes p and writes; a row of a 50k vocabulary (200 KB of fp32
-// logits plus 200 KB of u) is still in L2 when the second sweep reads it; the first sweep also keeps
-// e^{z - shift} in a per-thread row buffer, so each element costs one exp. Ignored rows are written as
-// zeros without reading the logits. bf16/fp16 accumulate in fp32, fp64 in fp64. Indexing is 64-bit and a
+// after its max is taken) and keeps each e^{z - shift} in a per-thread row buffer; the second rescales them
+// into p and writes, reading u while it is still in L2 (a 50k-vocabulary row is 200 KB of fp32), so each
+// element costs one exp (csrc/vec.h). Ignored rows are written as zeros without reading the logits. bf16/fp16 accumulate in fp32, fp64 in fp64. Indexing is 64-bit and a
 // row may start anywhere (row stride >= V, or 0 for a broadcast u); the last dimension must be dense.
 #include "ce/cross_entropy.h"
 
@@ -16,7 +15,6 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -24,11 +22,7 @@
 #include <type_traits>
 #include <vector>
 
-// Floating-point operations here never trap (no FP exceptions are enabled): telling GCC so lets it
-// if-convert the clamps inside exp below in every ISA clone, not only the AVX-512 one that has masked
-// instructions. Values and rounding are unchanged (this is not -ffast-math).
-#pragma GCC push_options
-#pragma GCC optimize("no-trapping-math")
+#include "vec.h"
 
 namespace curvkern {
 
@@ -36,87 +30,12 @@ namespace {
 
 #define CURVKERN_INLINE inline __attribute__((always_inline))
 
-// Branch-free exp that GCC vectorizes inside `omp simd` loops (std::exp is a libm call there).
-// Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, a Taylor polynomial accurate below one ulp on that
-// interval, and 2^n applied as two factors 2^{n/2} 2^{n-n/2}, so gradual underflow and overflow come
-// out right without branches: exp(-inf) = 0, exp(+inf) = inf, NaN stays NaN.
-// TODO(lead): to be replaced by curvkern::vec::exp from csrc/vec.h once it lands on main.
-template <typename T>
-struct ExpConstants;
-
-template <>
-struct ExpConstants<float> {
-  using Bits = uint32_t;
-  static constexpr float lo = -104.0f, hi = 89.0f;
-  static constexpr float log2e = 1.44269504088896341f;
-  static constexpr float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
-  static constexpr float round_magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  static constexpr int mantissa_bits = 23, exponent_bias = 127, degree = 7;
-};
-
-template <>
-struct ExpConstants<double> {
-  using Bits = uint64_t;
-  static constexpr double lo = -746.0, hi = 710.0;
-  static constexpr double log2e = 1.4426950408889634074;
-  static constexpr double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
-  static constexpr double round_magic = 6755399441055744.0;  // 1.5 * 2^52
-  static constexpr int mantissa_bits = 52, exponent_bias = 1023, degree = 13;
-};
-
-// 1/k! for k = 0 .. degree: the Taylor coefficients of e^r.
-template <typename T>
-constexpr std::array<T, ExpConstants<T>::degree + 1> inverse_factorials() {
-  std::array<T, ExpConstants<T>::degree + 1> coefficients{};
-  coefficients[0] = T(1);
-  for (int k = 1; k <= ExpConstants<T>::degree; ++k) coefficients[k] = coefficients[k - 1] / T(k);
-  return coefficients;
-}
-
-template <typename T>
-constexpr std::array<T, ExpConstants<T>::degree + 1> kInverseFactorials = inverse_factorials<T>();
-
-// Horner's scheme for sum_{k >= K} r^{k-K} / k!, unrolled at compile time (a loop here would be a loop
-// inside the vectorized loop, which GCC does not always unroll first).
-template <typename T, int K>
-CURVKERN_INLINE T taylor_exp(T r) {
-  if constexpr (K == ExpConstants<T>::degree) {
-    return kInverseFactorials<T>[K];
-  } else {
-    return taylor_exp<T, K + 1>(r) * r + kInverseFactorials<T>[K];
-  }
-}
-
-template <typename T>
-CURVKERN_INLINE T power_of_two(typename ExpConstants<T>::Bits exponent) {
-  using C = ExpConstants<T>;
-  typename C::Bits bits = (exponent + C::exponent_bias) << C::mantissa_bits;
-  T result;
-  std::memcpy(&result, &bits, sizeof(T));
-  return result;
-}
-
-template <typename T>
-CURVKERN_INLINE T vec_exp(T x) {
-  using C = ExpConstants<T>;
-  using Bits = typename C::Bits;
-  // Comparisons are false for NaN, so NaN passes the clamp unchanged and poisons r below.
-  T clamped = x < C::lo ? C::lo : x;
-  clamped = clamped > C::hi ? C::hi : clamped;
-  T shifted = clamped * C::log2e + C::round_magic;
-  Bits shifted_bits, magic_bits;
-  T magic = C::round_magic;
-  std::memcpy(&shifted_bits, &shifted, sizeof(T));
-  std::memcpy(&magic_bits, &magic, sizeof(T));
-  Bits n = shifted_bits - magic_bits;  // two's complement n, as unsigned so nothing overflows
-  T n_real = shifted - C::round_magic;
-  T r = clamped - n_real * C::ln2_hi;
-  r = r - n_real * C::ln2_lo;
-  T poly = taylor_exp<T, 0>(r);
-  using Signed = std::make_signed_t<Bits>;
-  Bits half = static_cast<Bits>(static_cast<Signed>(n) >> 1);
-  return poly * power_of_two<T>(half) * power_of_two<T>(n - half);
-}
+// The ISA clones of these kernels: cpu_dispatch.h's list with x86-64-v4 (AVX-512 F+BW+DQ+VL+CD) in place
+// of bare avx512f. Without BW, GCC does not vectorize the bf16/fp16 loads and stores in the AVX-512 clone,
+// and without DQ it cannot convert vec::exp's double exponent to int64 in vector registers, so those
+// loops stayed scalar on an AVX-512 machine (the AVX2 clone vectorized them, but the loader picks
+// avx512f). Every AVX-512 server CPU since Skylake-SP has v4; one with bare AVX-512F gets the AVX2 clone.
+#define CURVKERN_CE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 
 template <typename scalar_t>
 using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -193,7 +112,7 @@ CURVKERN_INLINE RowStats<acc_t<scalar_t>> row_stats(const scalar_t* z, const sca
       block_max = x > block_max ? x : block_max;
     }
     if (block_max > stats.max) {
-      A rescale = vec_exp(stats.max - block_max);
+      A rescale = vec::exp(stats.max - block_max);
       stats.sum_exp *= rescale;
       stats.sum_exp_u *= rescale;
       stats.max = block_max;
@@ -207,7 +126,7 @@ CURVKERN_INLINE RowStats<acc_t<scalar_t>> row_stats(const scalar_t* z, const sca
       shifts[start / kBlock] = stats.max;
 #pragma omp simd reduction(+ : sum_exp, sum_exp_u, sum_u)
       for (int64_t j = 0; j < length; ++j) {
-        A e = vec_exp(load(zb[j]) - shift);
+        A e = vec::exp(load(zb[j]) - shift);
         A uj = load(ub[j]);
         eb[j] = e;
         sum_exp += e;
@@ -218,7 +137,7 @@ CURVKERN_INLINE RowStats<acc_t<scalar_t>> row_stats(const scalar_t* z, const sca
 #pragma omp simd reduction(+ : sum_exp, sum_z)
       for (int64_t j = 0; j < length; ++j) {
         A x = load(zb[j]);
-        sum_exp += vec_exp(x - shift);
+        sum_exp += vec::exp(x - shift);
         if constexpr (kSums) sum_z += x;
       }
     }
@@ -314,9 +233,9 @@ CURVKERN_INLINE void backward_row(const Problem<scalar_t>& p, int64_t r, const a
   const A uniform = p.label_smoothing / A(p.classes);
 #pragma omp simd
   for (int64_t j = 0; j < p.classes; ++j) {
-    out[j] = store<scalar_t>(scale * (vec_exp(load(z[j]) - row_lse) - uniform));
+    out[j] = store<scalar_t>(scale * (vec::exp(load(z[j]) - row_lse) - uniform));
   }
-  out[y] = store<scalar_t>(scale * (vec_exp(load(z[y]) - row_lse) - uniform - (A(1) - p.label_smoothing)));
+  out[y] = store<scalar_t>(scale * (vec::exp(load(z[y]) - row_lse) - uniform - (A(1) - p.label_smoothing)));
 }
 
 template <typename scalar_t>
@@ -350,7 +269,7 @@ CURVKERN_INLINE void hvp_row(const Problem<scalar_t>& p, int64_t r, const scalar
   // (stored as -inf) holds only zeros and NaN: its factor e^{-inf - max} is 0, so a NaN stays NaN.
   for (int64_t start = 0; start < p.classes; start += kBlock) {
     const int64_t length = std::min(kBlock, p.classes - start);
-    const A factor = weight * vec_exp(shifts[start / kBlock] - stats.max);
+    const A factor = weight * vec::exp(shifts[start / kBlock] - stats.max);
     const A* eb = exps + start;
     const scalar_t* ub = u_row + start;
     scalar_t* ob = out_row + start;
@@ -367,18 +286,18 @@ CURVKERN_INLINE void hvp_row(const Problem<scalar_t>& p, int64_t r, const scalar
 // One entry point per dtype and kernel, each cloned per ISA and picked at load time (the inlined row
 // loops are compiled three times: AVX-512, AVX2 and baseline x86-64).
 #define CURVKERN_CE_KERNELS(scalar_t, suffix)                                                                   \
-  __attribute__((target_clones("avx512f", "avx2", "default"))) void ce_forward_##suffix(                      \
+  CURVKERN_CE_CLONES void ce_forward_##suffix(                      \
       const Problem<scalar_t>& p, acc_t<scalar_t>* loss, acc_t<scalar_t>* lse) {                               \
     _Pragma("omp parallel for schedule(static) num_threads(at::get_num_threads())")                           \
     for (int64_t r = 0; r < p.rows; ++r) forward_row(p, r, loss, lse);                                         \
   }                                                                                                             \
-  __attribute__((target_clones("avx512f", "avx2", "default"))) void ce_backward_##suffix(                     \
+  CURVKERN_CE_CLONES void ce_backward_##suffix(                     \
       const Problem<scalar_t>& p, const acc_t<scalar_t>* lse, const acc_t<scalar_t>* grad_scale,               \
       int64_t grad_scale_stride, scalar_t* grad) {                                                              \
     _Pragma("omp parallel for schedule(static) num_threads(at::get_num_threads())")                           \
     for (int64_t r = 0; r < p.rows; ++r) backward_row(p, r, lse, grad_scale, grad_scale_stride, grad);         \
   }                                                                                                             \
-  __attribute__((target_clones("avx512f", "avx2", "default"))) void ce_hvp_##suffix(                          \
+  CURVKERN_CE_CLONES void ce_hvp_##suffix(                          \
       const Problem<scalar_t>& p, const scalar_t* u, int64_t u_row_stride, const acc_t<scalar_t>* scale,       \
       int64_t scale_stride, scalar_t* out, int64_t out_row_stride, acc_t<scalar_t>* dot) {                     \
     _Pragma("omp parallel num_threads(at::get_num_threads())") {                                              \
@@ -458,8 +377,6 @@ int64_t check_scale(const char* op, const char* name, const at::Tensor& scale, c
 }
 
 }  // namespace
-
-#pragma GCC pop_options
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logits, const at::Tensor& target,
                                                          int64_t ignore_index, double label_smoothing) {

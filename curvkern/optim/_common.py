@@ -64,6 +64,20 @@ def grad_of(name: str, param: torch.Tensor) -> torch.Tensor | None:
     return grad
 
 
+def by_dtype(params: list[torch.Tensor], *companions: list) -> list[tuple[list, ...]]:
+    """Split ``params`` and the lists parallel to it into one bucket per parameter dtype.
+
+    A fused kernel streams one dtype at a time; a group that mixes dtypes (fp32 norms beside bf16
+    weights) runs one call per dtype, in order of first appearance.
+    """
+    if len({p.dtype for p in params}) <= 1:
+        return [(params, *companions)]
+    buckets: dict[torch.dtype, list[int]] = {}
+    for i, p in enumerate(params):
+        buckets.setdefault(p.dtype, []).append(i)
+    return [tuple([items[i] for i in indices] for items in (params, *companions)) for indices in buckets.values()]
+
+
 def _number(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"Invalid {name}: {value!r} (expected a finite number)")

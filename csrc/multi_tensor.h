@@ -1,0 +1,212 @@
+// The multi-tensor work table shared by the fused optimizer kernels (shared/design.md, "Multi-tensor
+// work units"), and what the kernels need around it: tensor checks, a layout every kernel can stream,
+// deterministic lane sums and the low-precision load/store.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+namespace curvkern {
+
+// One tensor's elements [start, start + length) inside one work unit.
+struct Segment {
+  int64_t tensor;
+  int64_t start;
+  int64_t length;
+};
+
+// The tensors of a list laid end to end and cut every `chunk` elements into work units, so a unit
+// may hold the tail of one tensor and the heads of the next ones: a thousand small tensors cost the
+// same per byte as one large one. A unit's segments are consecutive, and so are a tensor's, which
+// lets per-tensor sums be reduced from per-segment partials in a fixed order: the result does not
+// depend on how many threads ran the units. Empty tensors have no segment.
+class ChunkTable {
+ public:
+  ChunkTable(const std::vector<int64_t>& numels, int64_t chunk) : tensor_first_(numels.size() + 1) {
+    int64_t offset = 0;  // position in the concatenation
+    for (size_t t = 0; t < numels.size(); ++t) {
+      tensor_first_[t] = static_cast<int64_t>(segments_.size());
+      for (int64_t start = 0; start < numels[t];) {
+        const int64_t unit = offset / chunk;
+        const int64_t length = std::min(numels[t] - start, (unit + 1) * chunk - offset);
+        if (unit_first_.size() <= static_cast<size_t>(unit)) unit_first_.push_back(static_cast<int64_t>(segments_.size()));
+        segments_.push_back({static_cast<int64_t>(t), start, length});
+        start += length;
+        offset += length;
+      }
+    }
+    tensor_first_[numels.size()] = static_cast<int64_t>(segments_.size());
+    unit_first_.push_back(static_cast<int64_t>(segments_.size()));
+  }
+
+  int64_t num_units() const { return static_cast<int64_t>(unit_first_.size()) - 1; }
+  int64_t num_segments() const { return static_cast<int64_t>(segments_.size()); }
+  const Segment& segment(int64_t s) const { return segments_[s]; }
+  // Segments [unit_begin(u), unit_begin(u + 1)) form unit u.
+  int64_t unit_begin(int64_t u) const { return unit_first_[u]; }
+  // Segments [tensor_begin(t), tensor_begin(t + 1)) cover tensor t.
+  int64_t tensor_begin(int64_t t) const { return tensor_first_[t]; }
+
+  // Per-tensor sums of per-segment partials (`width` values per segment), in segment order.
+  std::vector<double> reduce_per_tensor(const std::vector<double>& partials, int width) const {
+    const int64_t num_tensors = static_cast<int64_t>(tensor_first_.size()) - 1;
+    std::vector<double> sums(num_tensors * width, 0.0);
+    for (int64_t t = 0; t < num_tensors; ++t) {
+      for (int64_t s = tensor_first_[t]; s < tensor_first_[t + 1]; ++s) {
+        for (int k = 0; k < width; ++k) sums[t * width + k] += partials[s * width + k];
+      }
+    }
+    return sums;
+  }
+
+ private:
+  std::vector<Segment> segments_;
+  std::vector<int64_t> unit_first_;
+  std::vector<int64_t> tensor_first_;
+};
+
+// Elements per work unit: 16 Ki elements keep a unit's arrays (up to eight of them) within a
+// core's L2 cache while leaving thousands of units to share between threads at 40 M elements.
+constexpr int64_t kChunkElements = 16384;
+
+// Sums in kLanes independent double accumulators, lane l taking the elements i ≡ l (mod kLanes),
+// folded in a fixed tree: the same bits from the AVX-512, AVX2 and baseline clones (which would
+// each reduce in a different order if left to `omp simd reduction`).
+constexpr int kLanes = 16;
+
+template <int kWidth>
+struct LaneSums {
+  double lane[kWidth][kLanes] = {};
+
+  // The totals, folded pairwise (lane l with l + 8, then + 4, + 2, + 1).
+  void fold(double* out) const {
+    for (int k = 0; k < kWidth; ++k) {
+      double v[kLanes];
+      for (int l = 0; l < kLanes; ++l) v[l] = lane[k][l];
+      for (int half = kLanes / 2; half > 0; half /= 2) {
+        for (int l = 0; l < half; ++l) v[l] += v[l + half];
+      }
+      out[k] = v[0];
+    }
+  }
+};
+
+// Low-precision parameters are read into fp32 and written back rounded to nearest even.
+template <typename T>
+inline __attribute__((always_inline)) auto load(const T* data, int64_t i) {
+  if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
+    return static_cast<float>(data[i]);
+  } else {
+    return data[i];
+  }
+}
+
+template <typename T, typename V>
+inline __attribute__((always_inline)) void store(T* data, int64_t i, V value) {
+  data[i] = static_cast<T>(value);
+}
+
+// The parameter dtype → (parameter type, state type) pairs every optimizer kernel is built for:
+// low-precision parameters keep fp32 state.
+inline at::ScalarType state_dtype_of(at::ScalarType param_dtype) {
+  return param_dtype == at::kBFloat16 || param_dtype == at::kHalf ? at::kFloat : param_dtype;
+}
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls body(TypeTag<P>{}, TypeTag<S>{}) for the parameter dtype's (parameter, state) type pair.
+template <typename Body>
+void with_param_types(at::ScalarType dtype, const char* op, Body&& body) {
+  switch (dtype) {
+    case at::kFloat: return body(TypeTag<float>{}, TypeTag<float>{});
+    case at::kDouble: return body(TypeTag<double>{}, TypeTag<double>{});
+    case at::kBFloat16: return body(TypeTag<c10::BFloat16>{}, TypeTag<float>{});
+    case at::kHalf: return body(TypeTag<c10::Half>{}, TypeTag<float>{});
+    default: TORCH_CHECK(false, op, ": expected float16, bfloat16, float32 or float64 parameters, got ", dtype);
+  }
+}
+
+inline at::ScalarType common_dtype(at::TensorList tensors, const char* op, const char* what) {
+  TORCH_CHECK(!tensors.empty(), op, ": expected at least one tensor");
+  const at::ScalarType dtype = tensors[0].scalar_type();
+  for (const at::Tensor& t : tensors) {
+    TORCH_CHECK(t.scalar_type() == dtype, op, ": all ", what, " of a group must share one dtype, got ", dtype,
+                " and ", t.scalar_type(), "; put parameters of different dtypes in different param groups");
+  }
+  return dtype;
+}
+
+inline void check_state(const at::Tensor& state, at::ScalarType param_dtype, const char* op, const char* name) {
+  TORCH_CHECK(state.scalar_type() == state_dtype_of(param_dtype), op, ": ", name, " of a ", param_dtype,
+              " parameter must be ", state_dtype_of(param_dtype), ", got ", state.scalar_type());
+}
+
+inline std::vector<int64_t> numels_of(at::TensorList tensors) {
+  std::vector<int64_t> numels;
+  numels.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) numels.push_back(t.numel());
+  return numels;
+}
+
+// Checks one element of a multi-tensor call (a parameter, its gradient and its state tensors) and
+// makes it streamable: the kernels walk each tensor's storage in memory order, which needs every
+// tensor of the element dense, non-overlapping and with the parameter's strides. An element that is
+// not (a sliced parameter, a gradient in another memory format, state loaded in another layout) is
+// handed to the kernel as contiguous copies, and the mutated ones are copied back afterwards.
+class StreamableTensors {
+ public:
+  StreamableTensors(const char* op, int64_t num_tensors) : op_(op), num_tensors_(num_tensors) {}
+
+  // `mutated` are written by the kernel; `read` only read. Returns them in streamable form, in order.
+  std::vector<at::Tensor> prepare(int64_t index, const std::vector<at::Tensor>& mutated,
+                                  const std::vector<at::Tensor>& read) {
+    const at::Tensor& reference = mutated.empty() ? read.front() : mutated.front();
+    bool streamable = reference.is_non_overlapping_and_dense();
+    for (const auto* list : {&mutated, &read}) {
+      for (const at::Tensor& t : *list) {
+        TORCH_CHECK(t.device().is_cpu(), op_, ": expected CPU tensors, got one on ", t.device(), " (tensor ", index, ")");
+        TORCH_CHECK(t.sizes() == reference.sizes(), op_, ": tensor ", index, " has shape ", reference.sizes(),
+                    " but one of its companions has shape ", t.sizes());
+        streamable = streamable && t.strides() == reference.strides();
+      }
+    }
+    std::vector<at::Tensor> out;
+    out.reserve(mutated.size() + read.size());
+    for (const at::Tensor& t : mutated) {
+      if (streamable) {
+        out.push_back(t);
+      } else {
+        at::Tensor copy = t.contiguous();
+        if (!copy.is_same(t)) write_back_.emplace_back(t, copy);
+        out.push_back(copy);
+      }
+    }
+    for (const at::Tensor& t : read) out.push_back(streamable ? t : t.contiguous());
+    return out;
+  }
+
+  void write_back() {
+    for (auto& [original, copy] : write_back_) original.copy_(copy);
+    write_back_.clear();
+  }
+
+  const char* op() const { return op_; }
+
+ private:
+  const char* op_;
+  int64_t num_tensors_;
+  std::vector<std::pair<at::Tensor, at::Tensor>> write_back_;
+};
+
+
+
+}  // namespace curvkern

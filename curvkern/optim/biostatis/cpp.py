@@ -1,0 +1,82 @@
+"""BiostatisV6 on the CPU: the C++/OpenMP kernels of ``curvkern._C`` (csrc/optim/biostatis.cpp).
+
+Two ops, so that a group is summed as a whole before any of it moves:
+
+- ``biostatis_grad_sums`` (one OpenMP region over the gradients): per tensor ``(numel, Σg², Σ|tanh g|)``;
+  their column sums over the group are its group statistics (the all-reduce seam for sharded training);
+- ``biostatis_update_``: per cache-sized window of tensors, the moment sums (Σm'g, Σm'², Σ|m'|, Σ√v'),
+  the window's scalar stage and the update of m, v, the EMAs and p, all windows in one region.
+
+A group that mixes parameter dtypes runs one pair of calls per dtype around one shared group sum.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from curvkern._dispatch import register
+from curvkern.optim._common import by_dtype
+from curvkern.optim.biostatis.eager import BiostatisScalars
+
+_ops = torch.ops.curvkern
+_SCALAR_COLUMNS = 9  # h_G, e_G, h, e, τ, I, ascent, √bc2, coef
+
+
+@torch.library.register_fake("curvkern::biostatis_grad_sums")
+def _grad_sums_fake(grads):
+    return grads[0].new_empty((len(grads), 3), dtype=torch.float64) if grads else torch.empty((0, 3), dtype=torch.float64)
+
+
+@torch.library.register_fake("curvkern::biostatis_update_")
+def _update_fake(params, grads, exp_avgs, exp_avg_sqs, memory_emas, steps, grad_sums, group_sums, lr, beta1, beta2,
+                 eps, weight_decay, homeo_rate, coherence_target, energy_target, lambda_energy, memory_decays,
+                 memory_weights, flip_threshold, ascent_strength):
+    torch._check(len(memory_decays) == len(memory_weights), lambda: "one memory weight per memory decay")
+    torch._check(len(memory_emas) == len(params) * len(memory_decays), lambda: "one EMA per parameter and memory")
+    return grad_sums.new_empty((len(params), _SCALAR_COLUMNS))
+
+
+@register("biostatis", "cpp")
+def biostatis_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    memory_emas: list[list[torch.Tensor]],
+    state_steps: list[torch.Tensor],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    homeo_rate: float,
+    coherence_target: float,
+    energy_target: float,
+    lambda_energy: float,
+    memory_decays: Sequence[float],
+    memory_weights: Sequence[float],
+    flip_threshold: float,
+    ascent_strength: float,
+) -> BiostatisScalars:
+    """One group's step, same contract as the eager ``biostatis_step``."""
+    positions = list(range(len(params)))
+    buckets = by_dtype(params, grads, exp_avgs, exp_avg_sqs, memory_emas, state_steps, positions)
+    grad_sums = [_ops.biostatis_grad_sums(bucket[1]) for bucket in buckets]
+    group_sums = (grad_sums[0] if len(grad_sums) == 1 else torch.cat(grad_sums)).sum(0)
+    columns = []
+    for (b_params, b_grads, b_exp_avgs, b_exp_avg_sqs, b_emas, b_steps, _), b_sums in zip(buckets, grad_sums):
+        columns.append(_ops.biostatis_update_(
+            b_params, b_grads, b_exp_avgs, b_exp_avg_sqs, [ema for emas in b_emas for ema in emas], b_steps,
+            b_sums, group_sums, float(lr), float(betas[0]), float(betas[1]), float(eps), float(weight_decay),
+            float(homeo_rate), float(coherence_target), float(energy_target), float(lambda_energy),
+            [float(d) for d in memory_decays], [float(w) for w in memory_weights], float(flip_threshold),
+            float(ascent_strength),
+        ))
+    if len(columns) == 1:
+        table = columns[0]
+    else:  # back to the parameters' order
+        order = torch.tensor([i for bucket in buckets for i in bucket[-1]])
+        table = torch.empty_like(torch.cat(columns)).index_copy_(0, order, torch.cat(columns))
+    h_global, e_global = table[0, 0], table[0, 1]
+    return BiostatisScalars(h_global, e_global, *table[:, 2:].unbind(1))

@@ -1,0 +1,65 @@
+"""HysteroGrad on the CPU: the C++/OpenMP kernels of ``curvkern._C`` (csrc/optim/hysterograd.cpp).
+
+The three stages are ops of their own, as in the eager reference: ``hysterograd_pass_a_`` (one
+OpenMP region over the whole group: G updated, Σu² reduced per tensor in a fixed order),
+``hysterograd_scalars_`` (clip, τ, T, E, barrier and gate) and ``hysterograd_pass_b_`` (one region,
+run only when the gate is open). Their fake implementations below let ``torch.compile`` trace them.
+"""
+from __future__ import annotations
+
+import torch
+
+from curvkern._dispatch import register
+from curvkern.optim._common import by_dtype
+
+_ops = torch.ops.curvkern
+
+
+@torch.library.register_fake("curvkern::hysterograd_pass_a_")
+def _pass_a_fake(grads, metrics, accumulator, beta, epsilon, metric_scale):
+    torch._check(len(grads) == len(metrics), lambda: "one metric per gradient")
+
+
+@torch.library.register_fake("curvkern::hysterograd_scalars_")
+def _scalars_fake(accumulator, tau, temp, energy, lr, stiffening_factor, beta, cooling_rate,
+                  adaptive_threshold, grad_clip, hysteresis_scale):
+    return accumulator.new_empty(3), accumulator.new_empty((), dtype=torch.float64)
+
+
+@torch.library.register_fake("curvkern::hysterograd_pass_b_")
+def _pass_b_fake(params, grads, metrics, stats, neg_step_size, epsilon):
+    torch._check(len(params) == len(grads) == len(metrics), lambda: "one gradient and one metric per parameter")
+
+
+@register("hysterograd", "cpp")
+def hysterograd_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    metrics: list[torch.Tensor],
+    tau: torch.Tensor,
+    temp: torch.Tensor,
+    energy: torch.Tensor,
+    *,
+    lr: float,
+    stiffening_factor: float,
+    beta: float,
+    epsilon: float,
+    cooling_rate: float,
+    metric_scale: float,
+    adaptive_threshold: bool,
+    grad_clip: float | None,
+    hysteresis_scale: float,
+) -> torch.Tensor:
+    """One group's step, same contract as the eager ``hysterograd_step``: returns ``[N̂, h, gate]``."""
+    accumulator = torch.zeros((), dtype=tau.dtype)
+    buckets = by_dtype(params, grads, metrics)
+    for _, bucket_grads, bucket_metrics in buckets:
+        _ops.hysterograd_pass_a_(bucket_grads, bucket_metrics, accumulator, float(beta), float(epsilon),
+                                 float(metric_scale))
+    stats, neg_step_size = _ops.hysterograd_scalars_(
+        accumulator, tau, temp, energy, float(lr), float(stiffening_factor), float(beta), float(cooling_rate),
+        bool(adaptive_threshold), None if grad_clip is None else float(grad_clip), float(hysteresis_scale),
+    )
+    for bucket_params, bucket_grads, bucket_metrics in buckets:
+        _ops.hysterograd_pass_b_(bucket_params, bucket_grads, bucket_metrics, stats, neg_step_size, float(epsilon))
+    return stats

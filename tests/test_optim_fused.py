@@ -1,0 +1,242 @@
+"""The fused optimizer kernels against the eager reference: many random models, dtypes and layouts,
+determinism, the ops' registration (opcheck) and their vector math.
+
+Every backend other than eager that runs here is tested; the goldens and properties of the specs run
+against each backend in test_hysterograd.py and test_biostatis.py.
+"""
+import re
+import shutil
+import subprocess
+
+import mpmath
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from curvkern import available_backends
+from curvkern.optim import BiostatisV6, HysteroGrad
+
+OPTIMIZERS = {"hysterograd": HysteroGrad, "biostatis": BiostatisV6}
+CONFIGS = {
+    "hysterograd": [dict(lr=0.05), dict(lr=0.01, grad_clip=2.5, metric_scale=300.0, beta=0.9),
+                    dict(lr=1.0, stiffening_factor=1.0, initial_temp=0.0, adaptive_threshold=False)],
+    "biostatis": [dict(lr=1e-2), dict(lr=3e-3, weight_decay=0.0, homeo_rate=0.5, energy_target=1e-4),
+                  dict(lr=1e-2, memory_decays=(0.9, 0.99, 0.999), memory_weights=(0.5, 0.3, 0.2), flip_threshold=2.0),
+                  dict(lr=1e-2, memory_decays=(), memory_weights=())],
+}
+FUSED = [(family, backend) for family in OPTIMIZERS for backend in available_backends(family, "cpu") if backend != "eager"]
+CPP = [(family, "cpp") for family in OPTIMIZERS if "cpp" in available_backends(family, "cpu")]
+needs_cpp = pytest.mark.skipif(not CPP, reason="curvkern._C is not built")
+
+# Sizes around the vector width, the 16-lane sums and the 16 Ki-element work units.
+SIZES = [0, 1, 7, 16, 17, 100, 16383, 16385, 20000]
+
+
+def reversed_strides(t):
+    """``t`` as a non-contiguous tensor of the same shape (its dimensions stored in reverse order)."""
+    order = list(reversed(range(t.dim())))
+    return t.permute(order).contiguous().permute(order)
+
+
+def run(family, backend, shapes, dtype, steps, config, seed, groups=1, layout=lambda t: t, grad_layout=lambda t: t,
+        none_rate=0.15):
+    """Parameters after ``steps`` steps from a seeded start, with seeded gradients (some None)."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [layout(torch.randn(s, generator=gen, dtype=torch.float64).to(dtype)) for s in shapes]
+    split = [{"params": params[i::groups]} for i in range(groups) if params[i::groups]]
+    opt = OPTIMIZERS[family](split, fused=backend, **config)
+    for _ in range(steps):
+        for p in params:
+            scale = 10.0 ** torch.randint(-3, 1, (), generator=gen).item()
+            g = torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale
+            p.grad = None if torch.rand((), generator=gen) < none_rate else grad_layout(g.to(dtype))
+        opt.step()
+    return params, opt
+
+
+def assert_same_trajectory(got, expected, dtype):
+    """fp64 to 1e-12; fp32 to rounding (torch's fp32 sqrt is MKL's, not always correctly rounded, so u
+    may differ by an ulp); bf16 to the odd ulp where fp32 results that agree to rounding round apart."""
+    for a, b in zip(got, expected):
+        if dtype == torch.float64:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        elif a.numel():
+            rel = ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+            assert rel < (1e-5 if dtype == torch.float32 else 1e-3), rel
+
+
+@pytest.mark.parametrize("family,backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_fused_matches_eager_over_random_models(family, backend, dtype):
+    small = backend == "triton"  # the Triton interpreter is slow; its kernels see the same code paths
+    sizes = [s for s in SIZES if s < 1000] if small else SIZES
+
+    @settings(max_examples=4 if small or dtype != torch.float64 else 8, deadline=None)
+    @given(shapes=st.lists(st.sampled_from(sizes), min_size=1, max_size=4), groups=st.integers(1, 2),
+           config=st.sampled_from(CONFIGS[family]), seed=st.integers(0, 2**16))
+    def check(shapes, groups, config, seed):
+        steps = 10 if small else 50 if dtype == torch.float64 else 20
+        got, _ = run(family, backend, shapes, dtype, steps, config, seed, groups)
+        expected, _ = run(family, "eager", shapes, dtype, steps, config, seed, groups)
+        assert_same_trajectory(got, expected, dtype)
+
+    check()
+
+
+@pytest.mark.parametrize("family,backend", FUSED)
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "channels_last"])
+def test_non_contiguous_parameters_and_gradients(family, backend, layout):
+    shapes = [(6, 5, 4, 3), (2, 3, 4, 5)]
+    make = {
+        "transposed": lambda t: t.transpose(0, -1),
+        "sliced": lambda t: torch.cat([t, t]).narrow(0, 1, t.shape[0]),
+        "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
+    }[layout]
+    kwargs = dict(layout=make, grad_layout=reversed_strides, none_rate=0)
+    got, opt = run(family, backend, shapes, torch.float64, 5, CONFIGS[family][0], 0, **kwargs)
+    expected, _ = run(family, "eager", shapes, torch.float64, 5, CONFIGS[family][0], 0, **kwargs)
+    assert_same_trajectory(got, expected, torch.float64)
+    for p in got:
+        for value in opt.state[p].values():
+            for state in value if isinstance(value, list) else [value]:
+                if state.dim():
+                    assert state.shape == p.shape
+
+
+@pytest.mark.parametrize("family,backend", FUSED)
+def test_group_mixing_dtypes(family, backend):
+    """One group holding fp32, bf16 and fp64 tensors: group statistics still span all of them."""
+    def run_mixed(fused):
+        gen = torch.Generator().manual_seed(3)
+        params = [torch.randn(n, generator=gen).to(dtype) for n, dtype in
+                  ((40, torch.float32), (33, torch.bfloat16), (20, torch.float64), (7, torch.float32))]
+        opt = OPTIMIZERS[family](params, fused=fused, **CONFIGS[family][0])
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+            opt.step()
+        return params
+
+    for a, b in zip(run_mixed(backend), run_mixed("eager")):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@needs_cpp
+@pytest.mark.parametrize("family,backend", CPP)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_results_do_not_depend_on_the_thread_count(family, backend, dtype):
+    shapes = [40000, 1, 16385, 1000, 3]
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            params, opt = run(family, backend, shapes, dtype, 5, CONFIGS[family][1], 7)
+            results.append([p.clone() for p in params] + [
+                s for p in params for v in opt.state[p].values() for s in (v if isinstance(v, list) else [v])
+            ])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+@needs_cpp
+def test_biostatis_windows_cover_tensors_larger_than_a_window():
+    """fp64 tensors of 1.5 M elements exceed a window on caches up to ~290 MiB: the update runs window by window."""
+    shapes = [1_500_000, 10, 1_500_000]
+    got, _ = run("biostatis", "cpp", shapes, torch.float64, 2, CONFIGS["biostatis"][0], 1, none_rate=0)
+    expected, _ = run("biostatis", "eager", shapes, torch.float64, 2, CONFIGS["biostatis"][0], 1, none_rate=0)
+    assert_same_trajectory(got, expected, torch.float64)
+
+
+@needs_cpp
+def test_opcheck_every_optimizer_op():
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(n, generator=gen) for n in (5, 33)]
+    grads = [torch.randn(n, generator=gen) for n in (5, 33)]
+    metrics = [torch.rand(n, generator=gen) for n in (5, 33)]
+    scalars = lambda: [torch.tensor(v) for v in (0.5, 0.9, 0.1)]  # noqa: E731
+    ops = torch.ops.curvkern
+    torch.library.opcheck(ops.hysterograd_pass_a_.default, (grads, [m.clone() for m in metrics], torch.zeros(()), 0.9, 1e-7, 1.0))
+    torch.library.opcheck(ops.hysterograd_scalars_.default,
+                          (torch.tensor(4.0), *scalars(), 1e-3, 0.01, 0.9, 0.99, True, 1.0, 1.0))
+    stats, neg = ops.hysterograd_scalars_(torch.tensor(4.0), *scalars(), 1e-3, 0.0, 0.9, 0.99, True, None, 1.0)
+    torch.library.opcheck(ops.hysterograd_pass_b_.default, ([p.clone() for p in params], grads, metrics, stats, neg, 1e-7))
+    sums = ops.biostatis_grad_sums(grads)
+    torch.library.opcheck(ops.biostatis_grad_sums.default, (grads,))
+    state = lambda: [torch.rand(n, generator=gen) for n in (5, 33)]  # noqa: E731
+    emas = [torch.rand(n, generator=gen) for n in (5, 33) for _memory in range(2)]  # tensor-major
+    torch.library.opcheck(ops.biostatis_update_.default, (
+        [p.clone() for p in params], grads, state(), state(), emas,
+        [torch.tensor(0.0), torch.tensor(3.0)], sums, sums.sum(0), 1e-3, 0.9, 0.999, 1e-8, 0.01, 0.03, 0.8, 1e-3,
+        0.1, [0.9, 0.99], [0.6, 0.4], 0.2, 0.05))
+
+
+@needs_cpp
+def test_ops_reject_bad_inputs_with_clear_errors():
+    ops = torch.ops.curvkern
+    g = [torch.randn(4)]
+    with pytest.raises(RuntimeError, match="G of a Float parameter must be Float, got Double"):
+        ops.hysterograd_pass_a_(g, [torch.zeros(4, dtype=torch.float64)], torch.zeros(()), 0.9, 1e-7, 1.0)
+    with pytest.raises(RuntimeError, match="shape"):
+        ops.hysterograd_pass_a_(g, [torch.zeros(5)], torch.zeros(()), 0.9, 1e-7, 1.0)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        ops.biostatis_grad_sums([torch.randn(3), torch.randn(3, dtype=torch.float64)])
+    with pytest.raises(RuntimeError, match="float16, bfloat16, float32 or float64"):
+        ops.biostatis_grad_sums([torch.ones(3, dtype=torch.int32)])
+    sums = ops.biostatis_grad_sums(g)
+    with pytest.raises(RuntimeError, match="memory EMAs"):
+        ops.biostatis_update_(g, g, [torch.zeros(4)], [torch.zeros(4)], [], [torch.tensor(0.0)], sums, sums.sum(0),
+                              1e-3, 0.9, 0.999, 1e-8, 0.0, 0.03, 0.8, 1e-3, 0.1, [0.9], [1.0], 0.2, 0.05)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_vectorized_tanh_is_accurate(dtype):
+    """csrc/vec.h's tanh, read back through Σ|tanh g| of one-element tensors (scalar path) and of one
+    long tensor (vector path), against mpmath."""
+    mpmath.mp.dps = 40
+    x = torch.cat([torch.linspace(-12, 12, 2001, dtype=torch.float64), torch.logspace(-30, 1.5, 300, dtype=torch.float64),
+                   torch.tensor([0.0, 0.5499, 0.55, 0.5501, 44.0, 90.0, 1e4])]).to(dtype)
+    exact = torch.tensor([abs(float(mpmath.tanh(mpmath.mpf(float(v))))) for v in x], dtype=torch.float64)
+    got = torch.ops.curvkern.biostatis_grad_sums([v.reshape(1) for v in x])[:, 2]
+    ulp = torch.finfo(dtype).eps
+    error_in_ulps = ((got - exact).abs() / (exact.abs().clamp_min(torch.finfo(dtype).tiny) * ulp))
+    assert error_in_ulps.max() <= 2.0, (error_in_ulps.max(), x[error_in_ulps.argmax()])
+    total = torch.ops.curvkern.biostatis_grad_sums([x])[0, 2]
+    assert total == pytest.approx(exact.sum().item(), rel=4 * ulp)
+    special = torch.ops.curvkern.biostatis_grad_sums([torch.tensor([v], dtype=dtype) for v in (float("nan"), float("inf"))])
+    assert special[0, 2].isnan() and special[1, 2] == 1.0
+
+
+@needs_cpp
+def test_kernels_are_vectorized_in_their_isa_clones():
+    """The passes' OpenMP bodies exist as AVX-512, x86-64-v3 (AVX2 + FMA) and baseline clones, and the
+    AVX-512 clones compute on zmm registers, transcendental functions and square roots included."""
+    import curvkern._C as extension
+
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump not installed")
+    symbols = subprocess.run([objdump, "-t", extension.__file__], check=True, capture_output=True, text=True).stdout
+    for kernel in ("pass_a_f32", "pass_b_f32", "grad_sums_f32", "windows_f32"):
+        for isa in ("avx512f", "arch_x86_64_v3", "default"):
+            assert re.search(rf"{kernel}\S*_omp_fn\.\d+\.{isa}\b", symbols), (kernel, isa)
+    disassembly = subprocess.run([objdump, "-d", "--no-show-raw-insn", extension.__file__], check=True,
+                                 capture_output=True, text=True).stdout
+    bodies = {}
+    for block in disassembly.split("\n\n"):
+        match = re.match(r"[0-9a-f]+ <(\S+)>:", block.strip())
+        if match:
+            bodies[match.group(1)] = block
+    def body(kernel, isa):
+        (name,) = [n for n in bodies if re.search(rf"{kernel}\S*_omp_fn\.\d+\.{isa}$", n)]
+        return bodies[name]
+    assert re.search(r"vsqrtps\s.*zmm", body("pass_a_f32", "avx512f"))
+    assert re.search(r"vdivps\s.*zmm", body("pass_a_f32", "avx512f"))
+    # tanh's polynomial and exp are fused multiply-adds on full vectors.
+    assert len(re.findall(r"vfmadd\S*\s.*zmm", body("grad_sums_f32", "avx512f"))) >= 10
+    assert len(re.findall(r"vfmadd\S*\s.*ymm", body("grad_sums_f32", "arch_x86_64_v3"))) >= 10
+    assert re.search(r"vsqrtps\s.*zmm", body("windows_f32", "avx512f"))
