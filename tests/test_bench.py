@@ -175,3 +175,12 @@ def test_cross_entropy_cases_count_copies_of_the_logits_and_take_pytorch_as_peer
     quick = [c for c in build_cases(CPU, quick=True) if c.suite == "cross_entropy"]
     assert {(c.kernel.name, c.backend) for c in quick} >= {("ce-hvp", "torch-eager"), ("ce-hvp", "cpp"),
                                                              ("ce-double-backward", "cpp")}
+
+
+def test_extra_peak_bytes_sees_what_a_call_allocates():
+    from curvkern.bench.memory import extra_peak_bytes
+
+    size = 64 * 2**20
+    peak = extra_peak_bytes(lambda: torch.ones(size // 4), CPU)  # touched pages count, freed or not
+    assert peak is not None and 0.9 * size <= peak <= 1.5 * size
+    assert extra_peak_bytes(lambda: None, CPU) < 0.1 * size
