@@ -135,9 +135,12 @@ void with_param_types(at::ScalarType dtype, const char* op, Body&& body) {
   }
 }
 
+// The one dtype a list of parameters (or gradients) shares; one the kernels are built for.
 inline at::ScalarType common_dtype(at::TensorList tensors, const char* op, const char* what) {
   TORCH_CHECK(!tensors.empty(), op, ": expected at least one tensor");
   const at::ScalarType dtype = tensors[0].scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+              ": expected float16, bfloat16, float32 or float64 ", what, ", got ", dtype);
   for (const at::Tensor& t : tensors) {
     TORCH_CHECK(t.scalar_type() == dtype, op, ": all ", what, " of a group must share one dtype, got ", dtype,
                 " and ", t.scalar_type(), "; put parameters of different dtypes in different param groups");
@@ -164,7 +167,7 @@ inline std::vector<int64_t> numels_of(at::TensorList tensors) {
 // handed to the kernel as contiguous copies, and the mutated ones are copied back afterwards.
 class StreamableTensors {
  public:
-  StreamableTensors(const char* op, int64_t num_tensors) : op_(op), num_tensors_(num_tensors) {}
+  explicit StreamableTensors(const char* op) : op_(op) {}
 
   // `mutated` are written by the kernel; `read` only read. Returns them in streamable form, in order.
   std::vector<at::Tensor> prepare(int64_t index, const std::vector<at::Tensor>& mutated,
@@ -199,11 +202,8 @@ class StreamableTensors {
     write_back_.clear();
   }
 
-  const char* op() const { return op_; }
-
  private:
   const char* op_;
-  int64_t num_tensors_;
   std::vector<std::pair<at::Tensor, at::Tensor>> write_back_;
 };
 

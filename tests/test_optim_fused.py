@@ -66,7 +66,7 @@ def assert_same_trajectory(got, expected, dtype):
 
 
 @pytest.mark.parametrize("family,backend", FUSED)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_fused_matches_eager_over_random_models(family, backend, dtype):
     small = backend == "triton"  # the Triton interpreter is slow; its kernels see the same code paths
     sizes = [s for s in SIZES if s < 1000] if small else SIZES

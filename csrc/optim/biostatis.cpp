@@ -252,15 +252,11 @@ double clamp_min(double x, double low) { return x < low ? low : x; }
 // Python's max(low, min(high, x)) and C's fmax/fmin: a NaN maps to `high`, not NaN (eager's _clip).
 double clip(double x, double low, double high) { return std::fmax(std::fmin(x, high), low); }
 
-// The scalar stage's inputs that do not depend on the window.
+// The scalar stage's inputs that do not depend on the window, and where it writes.
 struct ScalarContext {
   std::vector<double> numels, steps, h_local, e_local, gg;
   double h_global, e_global, lr, beta1, beta2, flip_threshold, ascent_strength;
   double* columns;  // the [n, kColumns] result
-  std::vector<double>* tau;
-  std::vector<double>* ascent;
-  std::vector<double>* sqrt_bc2;
-  std::vector<double>* coef;
 };
 
 // eager.biostatis_scalars for the window's tensors, in float64.
@@ -292,10 +288,6 @@ void window_scalars(void* raw, const Window& window, const std::vector<double>& 
     row[kColAscent] = ascent;
     row[kColSqrtBc2] = std::sqrt(bc2);
     row[kColCoef] = coef;
-    (*c.tau)[t] = tau;
-    (*c.ascent)[t] = ascent;
-    (*c.sqrt_bc2)[t] = row[kColSqrtBc2];
-    (*c.coef)[t] = coef;
   }
 }
 
@@ -340,7 +332,7 @@ at::Tensor biostatis_grad_sums(at::TensorList grads) {
   at::Tensor sums = at::zeros({n, kGradColumns}, at::kDouble);
   if (n == 0) return sums;
   const at::ScalarType dtype = common_dtype(grads, op, "gradients");
-  StreamableTensors layout(op, n);
+  StreamableTensors layout(op);
   std::vector<at::Tensor> views;
   for (int64_t i = 0; i < n; ++i) views.push_back(layout.prepare(i, {}, {grads[i]})[0]);
   const std::vector<int64_t> numels = numels_of(grads);
@@ -391,7 +383,7 @@ at::Tensor biostatis_update_(at::TensorList params, at::TensorList grads, at::Te
   if (n == 0) return columns;
 
   const at::ScalarType dtype = param_dtype(params, grads, op);
-  StreamableTensors layout(op, n);
+  StreamableTensors layout(op);
   std::vector<at::Tensor> param_views, grad_views, exp_avg_views, exp_avg_sq_views, ema_views;
   for (int64_t i = 0; i < n; ++i) {
     std::vector<at::Tensor> mutated = {params[i], exp_avgs[i], exp_avg_sqs[i]};
@@ -448,11 +440,6 @@ at::Tensor biostatis_update_(at::TensorList params, at::TensorList grads, at::Te
   context.flip_threshold = flip_threshold;
   context.ascent_strength = ascent_strength;
   context.columns = columns.data_ptr<double>();
-  std::vector<double> tau(n), ascent(n), sqrt_bc2(n), coef(n);
-  context.tau = &tau;
-  context.ascent = &ascent;
-  context.sqrt_bc2 = &sqrt_bc2;
-  context.coef = &coef;
 
   with_param_types(dtype, op, [&](auto param_tag, auto state_tag) {
     using P = typename decltype(param_tag)::type;
@@ -490,10 +477,11 @@ at::Tensor biostatis_update_(at::TensorList params, at::TensorList grads, at::Te
       auto& b = *static_cast<Both*>(raw);
       window_scalars(b.context, window, moment_sums);
       for (int64_t t = window.first; t < window.last; ++t) {
-        b.plan->tau[t] = static_cast<S>((*b.context->tau)[t]);
-        b.plan->ascent[t] = static_cast<S>((*b.context->ascent)[t]);
-        b.plan->sqrt_bc2[t] = static_cast<S>((*b.context->sqrt_bc2)[t]);
-        b.plan->coef[t] = static_cast<S>((*b.context->coef)[t]);
+        const double* row = b.context->columns + t * kColumns;
+        b.plan->tau[t] = static_cast<S>(row[kColTau]);
+        b.plan->ascent[t] = static_cast<S>(row[kColAscent]);
+        b.plan->sqrt_bc2[t] = static_cast<S>(row[kColSqrtBc2]);
+        b.plan->coef[t] = static_cast<S>(row[kColCoef]);
       }
     };
     run_windows(plan, make_windows(numels_of(params), window_elements(sizeof(S))), scalars, &both);

@@ -136,7 +136,7 @@ void hysterograd_pass_a_(at::TensorList grads, at::TensorList metrics, at::Tenso
               op, ": the accumulator must be a 0-dim float32 or float64 CPU tensor");
   if (grads.empty()) return;
   const at::ScalarType dtype = common_dtype(grads, op, "gradients");
-  StreamableTensors layout(op, grads.size());
+  StreamableTensors layout(op);
   std::vector<at::Tensor> grad_views, metric_views;
   for (size_t i = 0; i < grads.size(); ++i) {
     check_state(metrics[i], dtype, op, "G");
@@ -268,7 +268,7 @@ void hysterograd_pass_b_(at::TensorList params, at::TensorList grads, at::Tensor
   const bool liquid = stats.scalar_type() == at::kDouble ? stats.const_data_ptr<double>()[2] > 0
                                                          : stats.const_data_ptr<float>()[2] > 0;
   if (!liquid) return;
-  StreamableTensors layout(op, params.size());
+  StreamableTensors layout(op);
   std::vector<at::Tensor> param_views, grad_views, metric_views;
   for (size_t i = 0; i < params.size(); ++i) {
     auto views = layout.prepare(i, {params[i]}, {grads[i], metrics[i]});
