@@ -37,7 +37,7 @@ TORCH_LIBRARY(curvkern, m) {
   m.def("cross_entropy_backward(Tensor logits, Tensor target, Tensor lse, Tensor grad_scale, int ignore_index, "
         "float label_smoothing) -> Tensor");
   m.def("cross_entropy_hvp_(Tensor logits, Tensor target, Tensor u, Tensor scale, int ignore_index, "
-        "float label_smoothing, int shift_period, Tensor(a!) out) -> Tensor");
+        "float label_smoothing, int shift_period, bool stream_out, Tensor(a!) out) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(curvkern, CPU, m) {

@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -149,6 +150,31 @@ CURVKERN_INLINE RowStats<acc_t<scalar_t>> row_stats(const scalar_t* z, const sca
   return stats;
 }
 
+// fp32 HVP results larger than the caches, written into a caller's buffer, go out with streaming stores
+// (AVX-512): an ordinary store first reads the line it writes (read-for-ownership), a third more traffic
+// on the output of a memory-bound kernel. Not into a fresh allocation: there the kernel's zeroing of each
+// newly touched page has just put it in cache, and ordinary stores measured faster. Same values, same
+// rounding: only the store instruction differs.
+constexpr int64_t kStreamingBytes = 64 << 20;
+
+__attribute__((target("avx512f"))) void stream_hvp_block(float* out, const float* exps, const float* u,
+                                                         float factor, float p_dot_u, int64_t length) {
+  int64_t j = 0;
+  for (; j < length && reinterpret_cast<uintptr_t>(out + j) % 64 != 0; ++j) out[j] = factor * exps[j] * (u[j] - p_dot_u);
+  const __m512 factors = _mm512_set1_ps(factor), shift = _mm512_set1_ps(p_dot_u);
+  for (; j + 16 <= length; j += 16) {
+    const __m512 scaled = _mm512_mul_ps(factors, _mm512_loadu_ps(exps + j));
+    _mm512_stream_ps(out + j, _mm512_mul_ps(scaled, _mm512_sub_ps(_mm512_loadu_ps(u + j), shift)));
+  }
+  for (; j < length; ++j) out[j] = factor * exps[j] * (u[j] - p_dot_u);
+}
+
+template <typename scalar_t>
+bool streams_output(int64_t rows, int64_t classes) {
+  return std::is_same_v<scalar_t, float> && rows * classes * int64_t(sizeof(float)) >= kStreamingBytes &&
+         __builtin_cpu_supports("avx512f");
+}
+
 // Per-thread room for one row's e^{z - shift} and its blocks' shifts.
 template <typename A>
 int64_t scratch_size(int64_t classes) {
@@ -241,7 +267,8 @@ CURVKERN_INLINE void backward_row(const Problem<scalar_t>& p, int64_t r, const a
 template <typename scalar_t>
 CURVKERN_INLINE void hvp_row(const Problem<scalar_t>& p, int64_t r, const scalar_t* u, int64_t u_row_stride,
                              const acc_t<scalar_t>* scale, int64_t scale_stride, scalar_t* out,
-                             int64_t out_row_stride, acc_t<scalar_t>* dot, acc_t<scalar_t>* scratch) {
+                             int64_t out_row_stride, acc_t<scalar_t>* dot, acc_t<scalar_t>* scratch,
+                             bool stream_output) {
   using A = acc_t<scalar_t>;
   scalar_t* out_row = out + r * out_row_stride;
   const int64_t y = p.label(r);
@@ -273,6 +300,12 @@ CURVKERN_INLINE void hvp_row(const Problem<scalar_t>& p, int64_t r, const scalar
     const A* eb = exps + start;
     const scalar_t* ub = u_row + start;
     scalar_t* ob = out_row + start;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (stream_output) {
+        stream_hvp_block(ob, eb, ub, factor, p_dot_u, length);
+        continue;
+      }
+    }
 #pragma omp simd
     for (int64_t j = 0; j < length; ++j) {
       ob[j] = store<scalar_t>(factor * eb[j] * (load(ub[j]) - p_dot_u));
@@ -299,13 +332,16 @@ CURVKERN_INLINE void hvp_row(const Problem<scalar_t>& p, int64_t r, const scalar
   }                                                                                                             \
   CURVKERN_CE_CLONES void ce_hvp_##suffix(                          \
       const Problem<scalar_t>& p, const scalar_t* u, int64_t u_row_stride, const acc_t<scalar_t>* scale,       \
-      int64_t scale_stride, scalar_t* out, int64_t out_row_stride, acc_t<scalar_t>* dot) {                     \
+      int64_t scale_stride, scalar_t* out, int64_t out_row_stride, acc_t<scalar_t>* dot, bool stream_out) {    \
+    const bool stream_output = stream_out && streams_output<scalar_t>(p.rows, p.classes);                   \
     _Pragma("omp parallel num_threads(at::get_num_threads())") {                                              \
       std::vector<acc_t<scalar_t>> scratch(scratch_size<acc_t<scalar_t>>(p.classes));                         \
       _Pragma("omp for schedule(static)")                                                                       \
       for (int64_t r = 0; r < p.rows; ++r) {                                                                    \
-        hvp_row(p, r, u, u_row_stride, scale, scale_stride, out, out_row_stride, dot, scratch.data());          \
+        hvp_row(p, r, u, u_row_stride, scale, scale_stride, out, out_row_stride, dot, scratch.data(),           \
+                stream_output);                                                                                 \
       }                                                                                                         \
+      if (stream_output) _mm_sfence(); /* streaming stores are weakly ordered: drain before the barrier */        \
     }                                                                                                           \
   }
 
@@ -421,7 +457,7 @@ at::Tensor cross_entropy_backward(const at::Tensor& logits, const at::Tensor& ta
 
 at::Tensor cross_entropy_hvp_(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& u,
                               const at::Tensor& scale, int64_t ignore_index, double label_smoothing,
-                              int64_t shift_period, at::Tensor& out) {
+                              int64_t shift_period, bool stream_out, at::Tensor& out) {
   const char* op = "curvkern::cross_entropy_hvp_";
   at::Tensor dot = at::empty({logits.size(0)}, logits.options().dtype(accumulation_type(logits.scalar_type())));
   dispatch_dtype(logits.scalar_type(), op, [&](auto* typed) {
@@ -436,10 +472,10 @@ at::Tensor cross_entropy_hvp_(const at::Tensor& logits, const at::Tensor& target
     scalar_t* out_data = out.data_ptr<scalar_t>();
     const int64_t u_stride = u.stride(0), out_stride = out.size(0) > 1 ? out.stride(0) : out.size(1);
     A* dot_data = dot.data_ptr<A>();
-    if constexpr (std::is_same_v<scalar_t, float>) ce_hvp_float(problem, u_data, u_stride, scale_data, scale_stride, out_data, out_stride, dot_data);
-    if constexpr (std::is_same_v<scalar_t, double>) ce_hvp_double(problem, u_data, u_stride, scale_data, scale_stride, out_data, out_stride, dot_data);
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) ce_hvp_bfloat16(problem, u_data, u_stride, scale_data, scale_stride, out_data, out_stride, dot_data);
-    if constexpr (std::is_same_v<scalar_t, c10::Half>) ce_hvp_half(problem, u_data, u_stride, scale_data, scale_stride, out_data, out_stride, dot_data);
+    if constexpr (std::is_same_v<scalar_t, float>) ce_hvp_float(problem, u_data, u_stride, scale_data, scale_stride, out_data, out_stride, dot_data, stream_out);
+    if constexpr (std::is_same_v<scalar_t, double>) ce_hvp_double(problem, u_data, u_stride, scale_data, scale_stride, out_data, out_stride, dot_data, stream_out);
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) ce_hvp_bfloat16(problem, u_data, u_stride, scale_data, scale_stride, out_data, out_stride, dot_data, stream_out);
+    if constexpr (std::is_same_v<scalar_t, c10::Half>) ce_hvp_half(problem, u_data, u_stride, scale_data, scale_stride, out_data, out_stride, dot_data, stream_out);
   });
   return dot;
 }

@@ -15,8 +15,9 @@ at::Tensor cross_entropy_backward(const at::Tensor& logits, const at::Tensor& ta
                                   const at::Tensor& grad_scale, int64_t ignore_index, double label_smoothing);
 
 // Writes scale_r * (p_r * u_r - p_r <p_r, u_r>) into out; returns <u_r, p_r - q_r> per row.
+// stream_out: out is a caller's buffer (its pages mapped), so a large fp32 result may bypass the cache.
 at::Tensor cross_entropy_hvp_(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& u,
                               const at::Tensor& scale, int64_t ignore_index, double label_smoothing,
-                              int64_t shift_period, at::Tensor& out);
+                              int64_t shift_period, bool stream_out, at::Tensor& out);
 
 }  // namespace curvkern

@@ -20,7 +20,7 @@ if cpp_unavailable_reason() is None:
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("curvkern::cross_entropy_hvp_")
-    def _hvp_fake(logits, target, u, scale, ignore_index, label_smoothing, shift_period, out):
+    def _hvp_fake(logits, target, u, scale, ignore_index, label_smoothing, shift_period, stream_out, out):
         torch._check(u.shape == logits.shape and out.shape == logits.shape, lambda: "u and out must match the logits")
         return logits.new_empty(logits.shape[0], dtype=accumulation_dtype(logits.dtype))
 
@@ -36,6 +36,6 @@ class CppCrossEntropy:
         return torch.ops.curvkern.cross_entropy_backward(logits, target, lse, grad_scale, ignore_index, label_smoothing)
 
     @staticmethod
-    def hvp(logits, target, u, scale, ignore_index, label_smoothing, shift_period, out):
+    def hvp(logits, target, u, scale, ignore_index, label_smoothing, shift_period, out, out_is_callers=False):
         return torch.ops.curvkern.cross_entropy_hvp_(logits, target, u, scale, ignore_index, label_smoothing,
-                                                     shift_period, out)
+                                                     shift_period, out_is_callers, out)

@@ -7,14 +7,15 @@ Every backend exposes the same three kernels on 2-D logits (N, V) whose last dim
   (0 on ignored rows) and log-sum-exp, both in the accumulation dtype;
 - ``backward(logits, target, lse, grad_scale, ignore_index, label_smoothing) -> grad``:
   ``grad_scale_r · (p_r − q_r)`` in the logits' dtype, exactly 0 on ignored rows;
-- ``hvp(logits, target, u, scale, ignore_index, label_smoothing, shift_period, out) -> dot``: writes
+- ``hvp(logits, target, u, scale, ignore_index, label_smoothing, shift_period, out, out_is_callers) -> dot``: writes
   ``scale_r · (p_r ⊙ u_r − p_r ⟨p_r, u_r⟩)`` into ``out`` (exactly 0 on ignored rows) and returns
   ``dot_r = ⟨u_r, p_r − q_r⟩`` (0 on ignored rows), what the gradient of the loss's incoming
   gradient needs.
 
 ``grad_scale`` and ``scale`` are 0-dim or (N,) tensors on the logits' device in the accumulation
 dtype (fp64 for fp64 logits, fp32 otherwise), so no kernel reads a number back to the host.
-``shift_period`` T > 0 is the causal-LM shift: row r takes its label from ``target[r + 1]`` and is
+``out_is_callers`` says ``out`` is a buffer the caller passed in rather than one just allocated (the C++
+kernel then writes large fp32 results with streaming stores). ``shift_period`` T > 0 is the causal-LM shift: row r takes its label from ``target[r + 1]`` and is
 ignored when ``(r + 1) % T == 0`` (the last time step); 0 means row r takes ``target[r]``.
 """
 from __future__ import annotations
@@ -67,7 +68,7 @@ class EagerCrossEntropy:
         return torch.where(valid[:, None], grad, 0.0).to(logits.dtype)
 
     @staticmethod
-    def hvp(logits, target, u, scale, ignore_index, label_smoothing, shift_period, out):
+    def hvp(logits, target, u, scale, ignore_index, label_smoothing, shift_period, out, out_is_callers=False):
         target = shifted_target(target, ignore_index, shift_period)
         z = logits.to(accumulation_dtype(logits.dtype))
         u = u.to(z.dtype)

@@ -181,7 +181,8 @@ def ce_hvp(
 def _hvp_into(kernels, logits, flat_target, u, ignore_index, reduction, out, shift_period, valid_count):
     """Run the HVP kernel on (…, V) tensors, writing into ``out`` (allocated when None) without copies
     where the rows are already strided views; returns ``out``."""
-    if out is None:
+    out_given = out is not None
+    if not out_given:
         out = torch.empty_like(logits, memory_format=torch.contiguous_format)
     elif out.shape != logits.shape or out.dtype != logits.dtype or out.device != logits.device:
         raise ValueError(f"out must match the logits' shape, dtype and device, got {tuple(out.shape)} {out.dtype}")
@@ -191,10 +192,11 @@ def _hvp_into(kernels, logits, flat_target, u, ignore_index, reduction, out, shi
     else:
         scale = _reduction_scale(flat_target, ignore_index, reduction, acc)
     out_rows = _writable_rows(out)
+    out_is_callers = out_given and out_rows is not None
     with torch.no_grad():
         result_rows = out_rows if out_rows is not None else torch.empty(_row_shape(out), dtype=out.dtype, device=out.device)
         kernels.hvp(_as_rows(logits), flat_target, _as_rows(u), scale, int(ignore_index), 0.0, shift_period,
-                    result_rows)
+                    result_rows, out_is_callers)
         if out_rows is None:  # an ``out`` no (N, V) view can write, e.g. a transposed one
             out.copy_(result_rows.view(out.shape))
     return out

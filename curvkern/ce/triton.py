@@ -202,7 +202,7 @@ class TritonCrossEntropy:
         return grad
 
     @staticmethod
-    def hvp(logits, target, u, scale, ignore_index, label_smoothing, shift_period, out):
+    def hvp(logits, target, u, scale, ignore_index, label_smoothing, shift_period, out, out_is_callers=False):
         n, v = logits.shape
         dot = torch.empty(n, dtype=accumulation_dtype(logits.dtype), device=logits.device)
         if n:
