@@ -97,11 +97,73 @@ struct LaneSums {
   }
 };
 
-// Low-precision parameters are read into fp32 and written back rounded to nearest even.
+// The hot loops' bodies are lambdas; inlined always, or a large outlined OpenMP body may keep them as
+// calls and lose its vectorization.
+#define CURVKERN_INLINE_LAMBDA __attribute__((always_inline))
+
+// Calls add(i, l) for every i in [0, n), l being i's lane: blocks of kLanes elements go through one
+// vector loop (each lane one accumulator), the tail to the first lanes.
+template <typename Add>
+inline __attribute__((always_inline)) void for_each_in_lanes(int64_t n, Add&& add) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) add(i + l, l);
+  }
+  for (int l = 0; i + l < n; ++l) add(i + l, l);
+}
+
+// Low-precision parameters are read into fp32 and written back rounded to nearest even, with bit
+// arithmetic and selects (c10's conversions branch on NaN and keep the loops scalar).
+namespace detail {
+
+inline __attribute__((always_inline)) float bf16_to_float(uint16_t bits) {
+  return __builtin_bit_cast(float, static_cast<uint32_t>(bits) << 16);
+}
+
+inline __attribute__((always_inline)) uint16_t float_to_bf16(float value) {
+  const uint32_t bits = __builtin_bit_cast(uint32_t, value);
+  const uint32_t rounded = (bits + UINT32_C(0x7FFF) + ((bits >> 16) & 1)) >> 16;
+  return static_cast<uint16_t>(value != value ? UINT32_C(0x7FC0) : rounded);
+}
+
+inline __attribute__((always_inline)) float fp16_to_float(uint16_t bits) {
+  const uint32_t sign = static_cast<uint32_t>(bits & 0x8000) << 16;
+  const uint32_t exponent = (bits >> 10) & 0x1F;
+  const uint32_t mantissa = bits & 0x3FF;
+  const uint32_t normal = ((exponent + 112) << 23) | (mantissa << 13);
+  const uint32_t special = UINT32_C(0x7F800000) | (mantissa << 13);  // inf, NaN
+  // Subnormals (and zero) are mantissa·2^-24, exact in fp32.
+  const uint32_t subnormal = __builtin_bit_cast(uint32_t, static_cast<float>(mantissa) * 0x1p-24f);
+  const uint32_t magnitude = exponent == 0 ? subnormal : (exponent == 31 ? special : normal);
+  return __builtin_bit_cast(float, sign | magnitude);
+}
+
+// fp32 → fp16, rounding to nearest even: fp32 arithmetic does the rounding. Scaling |x| up by 2^112
+// and back down by 2^-110 saturates what is too large to inf and leaves the rest; adding a power of two
+// aligned to x's fp16 exponent (at least that of the smallest normal) rounds away exactly the bits
+// fp16 cannot hold, and the sum's bits then hold the fp16 exponent and mantissa.
+inline __attribute__((always_inline)) uint16_t float_to_fp16(float value) {
+  const uint32_t bits = __builtin_bit_cast(uint32_t, value);
+  const uint32_t doubled = bits + bits;  // the sign shifted out
+  const uint32_t sign = bits & UINT32_C(0x80000000);
+  float base = (std::fabs(value) * 0x1p+112f) * 0x1p-110f;
+  uint32_t bias = doubled & UINT32_C(0xFF000000);
+  bias = bias < UINT32_C(0x71000000) ? UINT32_C(0x71000000) : bias;
+  base = __builtin_bit_cast(float, (bias >> 1) + UINT32_C(0x07800000)) + base;
+  const uint32_t base_bits = __builtin_bit_cast(uint32_t, base);
+  const uint32_t finite = ((base_bits >> 13) & UINT32_C(0x7C00)) + (base_bits & UINT32_C(0x0FFF));
+  return static_cast<uint16_t>((sign >> 16) | (doubled > UINT32_C(0xFF000000) ? UINT32_C(0x7E00) : finite));
+}
+
+}  // namespace detail
+
 template <typename T>
 inline __attribute__((always_inline)) auto load(const T* data, int64_t i) {
-  if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
-    return static_cast<float>(data[i]);
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return detail::bf16_to_float(data[i].x);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    return detail::fp16_to_float(data[i].x);
   } else {
     return data[i];
   }
@@ -109,7 +171,13 @@ inline __attribute__((always_inline)) auto load(const T* data, int64_t i) {
 
 template <typename T, typename V>
 inline __attribute__((always_inline)) void store(T* data, int64_t i, V value) {
-  data[i] = static_cast<T>(value);
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    data[i].x = detail::float_to_bf16(value);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    data[i].x = detail::float_to_fp16(value);
+  } else {
+    data[i] = value;
+  }
 }
 
 // The parameter dtype → (parameter type, state type) pairs every optimizer kernel is built for:

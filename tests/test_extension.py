@@ -63,7 +63,7 @@ def test_kernel_is_cloned_per_isa():
         pytest.skip("objdump not installed")
     symbols = subprocess.run([objdump, "-t", extension.__file__], check=True, capture_output=True, text=True).stdout
     # GCC clones the OpenMP-outlined loop body, where the vector code is.
-    for isa in ("avx512f", "arch_x86_64_v3", "default"):
+    for isa in ("arch_x86_64_v4", "arch_x86_64_v3", "default"):
         assert re.search(rf"axpy_float\S*_omp_fn\.\d+\.{isa}\b", symbols), isa
 
 

@@ -204,7 +204,7 @@ def test_vectorized_tanh_is_accurate(dtype):
     got = torch.ops.curvkern.biostatis_grad_sums([v.reshape(1) for v in x])[:, 2]
     ulp = torch.finfo(dtype).eps
     error_in_ulps = ((got - exact).abs() / (exact.abs().clamp_min(torch.finfo(dtype).tiny) * ulp))
-    assert error_in_ulps.max() <= 2.0, (error_in_ulps.max(), x[error_in_ulps.argmax()])
+    assert error_in_ulps.max() <= (2.5 if dtype == torch.float32 else 2.0), (error_in_ulps.max(), x[error_in_ulps.argmax()])
     total = torch.ops.curvkern.biostatis_grad_sums([x])[0, 2]
     assert total == pytest.approx(exact.sum().item(), rel=4 * ulp)
     special = torch.ops.curvkern.biostatis_grad_sums([torch.tensor([v], dtype=dtype) for v in (float("nan"), float("inf"))])
@@ -213,8 +213,8 @@ def test_vectorized_tanh_is_accurate(dtype):
 
 @needs_cpp
 def test_kernels_are_vectorized_in_their_isa_clones():
-    """The passes' OpenMP bodies exist as AVX-512, x86-64-v3 (AVX2 + FMA) and baseline clones, and the
-    AVX-512 clones compute on zmm registers, transcendental functions and square roots included."""
+    """The passes' OpenMP bodies exist as x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and baseline
+    clones, and the AVX-512 clones compute on zmm registers, tanh and square roots included."""
     import curvkern._C as extension
 
     objdump = shutil.which("objdump")
@@ -222,7 +222,7 @@ def test_kernels_are_vectorized_in_their_isa_clones():
         pytest.skip("objdump not installed")
     symbols = subprocess.run([objdump, "-t", extension.__file__], check=True, capture_output=True, text=True).stdout
     for kernel in ("pass_a_f32", "pass_b_f32", "grad_sums_f32", "windows_f32"):
-        for isa in ("avx512f", "arch_x86_64_v3", "default"):
+        for isa in ("arch_x86_64_v4", "arch_x86_64_v3", "default"):
             assert re.search(rf"{kernel}\S*_omp_fn\.\d+\.{isa}\b", symbols), (kernel, isa)
     disassembly = subprocess.run([objdump, "-d", "--no-show-raw-insn", extension.__file__], check=True,
                                  capture_output=True, text=True).stdout
@@ -234,9 +234,13 @@ def test_kernels_are_vectorized_in_their_isa_clones():
     def body(kernel, isa):
         (name,) = [n for n in bodies if re.search(rf"{kernel}\S*_omp_fn\.\d+\.{isa}$", n)]
         return bodies[name]
-    assert re.search(r"vsqrtps\s.*zmm", body("pass_a_f32", "avx512f"))
-    assert re.search(r"vdivps\s.*zmm", body("pass_a_f32", "avx512f"))
+    assert re.search(r"vsqrtps\s.*zmm", body("pass_a_f32", "arch_x86_64_v4"))
+    assert re.search(r"vdivps\s.*zmm", body("pass_a_f32", "arch_x86_64_v4"))
     # tanh's polynomial and exp are fused multiply-adds on full vectors.
-    assert len(re.findall(r"vfmadd\S*\s.*zmm", body("grad_sums_f32", "avx512f"))) >= 10
+    assert len(re.findall(r"vfmadd\S*\s.*zmm", body("grad_sums_f32", "arch_x86_64_v4"))) >= 10
     assert len(re.findall(r"vfmadd\S*\s.*ymm", body("grad_sums_f32", "arch_x86_64_v3"))) >= 10
-    assert re.search(r"vsqrtps\s.*zmm", body("windows_f32", "avx512f"))
+    assert re.search(r"vsqrtps\s.*zmm", body("windows_f32", "arch_x86_64_v4"))
+    assert re.search(r"vdivps\s.*zmm", body("windows_f32", "arch_x86_64_v4"))  # the update's m / (√v/√bc2 + ε)
+    # bf16 parameters: converted in registers (bit arithmetic), the math still on vectors.
+    for kernel in ("pass_b_bf16", "windows_bf16"):
+        assert re.search(r"(vsqrtps|vdivps)\s.*[yz]mm", body(kernel, "arch_x86_64_v4")), kernel

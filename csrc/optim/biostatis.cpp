@@ -58,8 +58,9 @@ struct Plan {
   std::vector<S*> exp_avgs, exp_avg_sqs;
   std::vector<S*> emas;  // tensor-major, num_memories per tensor
   int num_memories = 0;
+  // decay is 1 − lr·wd: exactly 1 without weight decay, and p·1 is p bit for bit (NaN, inf and −0
+  // included), so the multiply that eager skips then needs no branch here.
   S beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay;
-  bool decays_weights = false;
   std::vector<S> memory_decay, memory_keep, memory_weight;  // d_j, 1 − d_j, w_j
   std::vector<S> tau, ascent, sqrt_bc2, coef;  // per tensor, rounded to S where they meet tensors
 };
@@ -67,17 +68,12 @@ struct Plan {
 template <typename P, typename S>
 CURVKERN_INLINE void grad_sums_segment(const P* grad, int64_t n, double* out) {
   LaneSums<kGradSums> sums;
-  auto add = [&](int64_t i, int l) {
+  auto add = [&](int64_t i, int l) CURVKERN_INLINE_LAMBDA {
     const S g = load(grad, i);
     sums.lane[kSumGG][l] += static_cast<double>(g * g);
     sums.lane[kSumTanh][l] += static_cast<double>(std::fabs(vec::tanh(g)));
   };
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-#pragma omp simd
-    for (int l = 0; l < kLanes; ++l) add(i + l, l);
-  }
-  for (int l = 0; i + l < n; ++l) add(i + l, l);
+  for_each_in_lanes(n, add);
   sums.fold(out);
 }
 
@@ -87,7 +83,7 @@ CURVKERN_INLINE void moment_sums_segment(const Plan<P, S>& plan, int64_t t, int6
   const S* exp_avg = plan.exp_avgs[t] + start;
   const S* exp_avg_sq = plan.exp_avg_sqs[t] + start;
   LaneSums<kMomentSums> sums;
-  auto add = [&](int64_t i, int l) {
+  auto add = [&](int64_t i, int l) CURVKERN_INLINE_LAMBDA {
     const S g = load(grad, i);
     const S m = std::fma(g, plan.one_minus_beta1, exp_avg[i] * plan.beta1);
     const S v = std::fma(plan.one_minus_beta2 * g, g, exp_avg_sq[i] * plan.beta2);
@@ -96,12 +92,7 @@ CURVKERN_INLINE void moment_sums_segment(const Plan<P, S>& plan, int64_t t, int6
     sums.lane[kSumAbsM][l] += static_cast<double>(std::fabs(m));
     sums.lane[kSumSqrtV][l] += static_cast<double>(std::sqrt(v));
   };
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-#pragma omp simd
-    for (int l = 0; l < kLanes; ++l) add(i + l, l);
-  }
-  for (int l = 0; i + l < n; ++l) add(i + l, l);
+  for_each_in_lanes(n, add);
   sums.fold(out);
 }
 
@@ -114,34 +105,45 @@ CURVKERN_INLINE void update_segment(const Plan<P, S>& plan, int64_t t, int64_t s
   S* exp_avg = plan.exp_avgs[t] + start;
   S* exp_avg_sq = plan.exp_avg_sqs[t] + start;
   const int memories = kMemories >= 0 ? kMemories : plan.num_memories;
-  S* const* ema_table = plan.emas.data() + t * plan.num_memories;
-  const S* memory_decay = plan.memory_decay.data();
-  const S* memory_keep = plan.memory_keep.data();
-  const S* memory_weight = plan.memory_weight.data();
+  // Locals, not loads through the plan inside the loop: the compiler cannot rule out that the loop's
+  // stores change what such loads read, and would not vectorize.
+  constexpr int kSlots = kMemories > 0 ? kMemories : 1;
+  S* emas[kSlots];
+  S decays[kSlots], keeps[kSlots], weights[kSlots];
+  for (int j = 0; j < kMemories; ++j) {
+    emas[j] = plan.emas[t * plan.num_memories + j] + start;
+    decays[j] = plan.memory_decay[j];
+    keeps[j] = plan.memory_keep[j];
+    weights[j] = plan.memory_weight[j];
+  }
+  const S beta1 = plan.beta1, one_minus_beta1 = plan.one_minus_beta1;
+  const S beta2 = plan.beta2, one_minus_beta2 = plan.one_minus_beta2;
+  const S eps = plan.eps, decay = plan.decay;
   const S tau = plan.tau[t], ascent = plan.ascent[t], sqrt_bc2 = plan.sqrt_bc2[t], coef = plan.coef[t];
   const S polarity_scale = static_cast<S>(kPolarityScale), flow_weight = static_cast<S>(kFlowWeight);
   const S adaptive_weight = static_cast<S>(kAdaptiveWeight);
-  auto element = [&](int64_t i) {
+  auto element = [&](int64_t i) CURVKERN_INLINE_LAMBDA {
     const S g = load(grad, i);
-    const S m = std::fma(g, plan.one_minus_beta1, exp_avg[i] * plan.beta1);
-    const S v = std::fma(plan.one_minus_beta2 * g, g, exp_avg_sq[i] * plan.beta2);
+    const S m = std::fma(g, one_minus_beta1, exp_avg[i] * beta1);
+    const S v = std::fma(one_minus_beta2 * g, g, exp_avg_sq[i] * beta2);
     exp_avg[i] = m;
     exp_avg_sq[i] = v;
     S flow = S(0);
     for (int j = 0; j < memories; ++j) {
-      S* ema = ema_table[j] + start;
-      const S updated = std::fma(g, memory_keep[j], ema[i] * memory_decay[j]);
+      S* ema = kMemories >= 0 ? emas[j] : plan.emas[t * plan.num_memories + j] + start;
+      const S keep = kMemories >= 0 ? keeps[j] : plan.memory_keep[j];
+      const S memory_decay = kMemories >= 0 ? decays[j] : plan.memory_decay[j];
+      const S weight = kMemories >= 0 ? weights[j] : plan.memory_weight[j];
+      const S updated = std::fma(g, keep, ema[i] * memory_decay);
       ema[i] = updated;
-      flow = std::fma(updated, memory_weight[j], flow);
+      flow = std::fma(updated, weight, flow);
     }
     const S sign = static_cast<S>((g > S(0)) - (g < S(0)));
     S adaptive = g * (S(1) + polarity_scale * sign * tau);
     adaptive = adaptive + ascent * g;
-    const S denom = std::sqrt(v) / sqrt_bc2 + plan.eps;
+    const S denom = std::sqrt(v) / sqrt_bc2 + eps;
     const S update = (m / denom + flow_weight * flow + adaptive_weight * adaptive) * coef;
-    auto p = load(param, i);
-    if (plan.decays_weights) p = p * plan.decay;
-    store(param, i, p + update);
+    store(param, i, load(param, i) * decay + update);
   };
   if constexpr (kMemories >= 0) {
 #pragma omp simd
@@ -458,7 +460,6 @@ at::Tensor biostatis_update_(at::TensorList params, at::TensorList grads, at::Te
     plan.beta2 = static_cast<S>(beta2);
     plan.one_minus_beta2 = static_cast<S>(1 - beta2);
     plan.eps = static_cast<S>(eps);
-    plan.decays_weights = weight_decay != 0;
     plan.decay = static_cast<S>(1 - lr * weight_decay);
     for (int64_t j = 0; j < memories; ++j) {
       plan.memory_decay.push_back(static_cast<S>(memory_decays[j]));

@@ -34,18 +34,10 @@ CURVKERN_INLINE S preconditioned_step(const P* grad, S* metric, int64_t i, S bet
 template <typename P, typename S>
 CURVKERN_INLINE double pass_a_segment(const P* grad, S* metric, int64_t n, S beta, S scaled, S epsilon) {
   LaneSums<1> sums;
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-#pragma omp simd
-    for (int l = 0; l < kLanes; ++l) {
-      const S u = preconditioned_step(grad, metric, i + l, beta, scaled, epsilon);
-      sums.lane[0][l] += static_cast<double>(u * u);
-    }
-  }
-  for (int l = 0; i + l < n; ++l) {
-    const S u = preconditioned_step(grad, metric, i + l, beta, scaled, epsilon);
+  for_each_in_lanes(n, [&](int64_t i, int l) CURVKERN_INLINE_LAMBDA {
+    const S u = preconditioned_step(grad, metric, i, beta, scaled, epsilon);
     sums.lane[0][l] += static_cast<double>(u * u);
-  }
+  });
   double total;
   sums.fold(&total);
   return total;
