@@ -23,6 +23,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_dispatch.h"
 #include "vec.h"
 
 namespace curvkern {
@@ -31,12 +32,6 @@ namespace {
 
 #define CURVKERN_INLINE inline __attribute__((always_inline))
 
-// The ISA clones of these kernels: cpu_dispatch.h's list with x86-64-v4 (AVX-512 F+BW+DQ+VL+CD) in place
-// of bare avx512f. Without BW, GCC does not vectorize the bf16/fp16 loads and stores in the AVX-512 clone,
-// and without DQ it cannot convert vec::exp's double exponent to int64 in vector registers, so those
-// loops stayed scalar on an AVX-512 machine (the AVX2 clone vectorized them, but the loader picks
-// avx512f). Every AVX-512 server CPU since Skylake-SP has v4; one with bare AVX-512F gets the AVX2 clone.
-#define CURVKERN_CE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 
 template <typename scalar_t>
 using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -319,18 +314,18 @@ CURVKERN_INLINE void hvp_row(const Problem<scalar_t>& p, int64_t r, const scalar
 // One entry point per dtype and kernel, each cloned per ISA and picked at load time (the inlined row
 // loops are compiled three times: AVX-512, AVX2 and baseline x86-64).
 #define CURVKERN_CE_KERNELS(scalar_t, suffix)                                                                   \
-  CURVKERN_CE_CLONES void ce_forward_##suffix(                      \
+  CURVKERN_CLONES void ce_forward_##suffix(                      \
       const Problem<scalar_t>& p, acc_t<scalar_t>* loss, acc_t<scalar_t>* lse) {                               \
     _Pragma("omp parallel for schedule(static) num_threads(at::get_num_threads())")                           \
     for (int64_t r = 0; r < p.rows; ++r) forward_row(p, r, loss, lse);                                         \
   }                                                                                                             \
-  CURVKERN_CE_CLONES void ce_backward_##suffix(                     \
+  CURVKERN_CLONES void ce_backward_##suffix(                     \
       const Problem<scalar_t>& p, const acc_t<scalar_t>* lse, const acc_t<scalar_t>* grad_scale,               \
       int64_t grad_scale_stride, scalar_t* grad) {                                                              \
     _Pragma("omp parallel for schedule(static) num_threads(at::get_num_threads())")                           \
     for (int64_t r = 0; r < p.rows; ++r) backward_row(p, r, lse, grad_scale, grad_scale_stride, grad);         \
   }                                                                                                             \
-  CURVKERN_CE_CLONES void ce_hvp_##suffix(                          \
+  CURVKERN_CLONES void ce_hvp_##suffix(                          \
       const Problem<scalar_t>& p, const scalar_t* u, int64_t u_row_stride, const acc_t<scalar_t>* scale,       \
       int64_t scale_stride, scalar_t* out, int64_t out_row_stride, acc_t<scalar_t>* dot, bool stream_out) {    \
     const bool stream_output = stream_out && streams_output<scalar_t>(p.rows, p.classes);                   \
