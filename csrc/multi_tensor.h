@@ -101,16 +101,34 @@ struct LaneSums {
 // calls and lose its vectorization.
 #define CURVKERN_INLINE_LAMBDA __attribute__((always_inline))
 
-// Calls add(i, l) for every i in [0, n), l being i's lane: blocks of kLanes elements go through one
-// vector loop (each lane one accumulator), the tail to the first lanes.
-template <typename Add>
-inline __attribute__((always_inline)) void for_each_in_lanes(int64_t n, Add&& add) {
+// How far ahead the passes prefetch each array they stream. On this project's benchmark machine (a VM)
+// the hardware prefetcher falls behind any loop with real work per element: reading gradients for
+// Σ|tanh g| ran at 2.4 ns per element from DRAM and 0.6 from cache, and at 0.6 from DRAM with
+// software prefetches 4 KiB ahead.
+constexpr int64_t kPrefetchElements = 1024;
+
+template <typename T>
+inline __attribute__((always_inline)) void prefetch_read(const T* p) {
+  __builtin_prefetch(p, 0);
+}
+
+template <typename T>
+inline __attribute__((always_inline)) void prefetch_write(const T* p) {
+  __builtin_prefetch(p, 1);
+}
+
+// Calls body(i, l) for every i in [0, n), l being i's lane: blocks of kLanes elements go through one
+// vector loop (a lane can own an accumulator), the tail to the first lanes. Before each block,
+// prefetch(i + kPrefetchElements) requests the arrays ahead.
+template <typename Prefetch, typename Body>
+inline __attribute__((always_inline)) void stream_in_blocks(int64_t n, Prefetch&& prefetch, Body&& body) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
+    prefetch(i + kPrefetchElements);
 #pragma omp simd
-    for (int l = 0; l < kLanes; ++l) add(i + l, l);
+    for (int l = 0; l < kLanes; ++l) body(i + l, l);
   }
-  for (int l = 0; i + l < n; ++l) add(i + l, l);
+  for (int l = 0; i + l < n; ++l) body(i + l, l);
 }
 
 // Low-precision parameters are read into fp32 and written back rounded to nearest even, with bit

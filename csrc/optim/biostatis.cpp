@@ -73,7 +73,7 @@ CURVKERN_INLINE void grad_sums_segment(const P* grad, int64_t n, double* out) {
     sums.lane[kSumGG][l] += static_cast<double>(g * g);
     sums.lane[kSumTanh][l] += static_cast<double>(std::fabs(vec::tanh(g)));
   };
-  for_each_in_lanes(n, add);
+  stream_in_blocks(n, [&](int64_t ahead) CURVKERN_INLINE_LAMBDA { prefetch_read(grad + ahead); }, add);
   sums.fold(out);
 }
 
@@ -92,7 +92,12 @@ CURVKERN_INLINE void moment_sums_segment(const Plan<P, S>& plan, int64_t t, int6
     sums.lane[kSumAbsM][l] += static_cast<double>(std::fabs(m));
     sums.lane[kSumSqrtV][l] += static_cast<double>(std::sqrt(v));
   };
-  for_each_in_lanes(n, add);
+  auto prefetch = [&](int64_t ahead) CURVKERN_INLINE_LAMBDA {
+    prefetch_read(grad + ahead);
+    prefetch_read(exp_avg + ahead);
+    prefetch_read(exp_avg_sq + ahead);
+  };
+  stream_in_blocks(n, prefetch, add);
   sums.fold(out);
 }
 
@@ -122,7 +127,7 @@ CURVKERN_INLINE void update_segment(const Plan<P, S>& plan, int64_t t, int64_t s
   const S tau = plan.tau[t], ascent = plan.ascent[t], sqrt_bc2 = plan.sqrt_bc2[t], coef = plan.coef[t];
   const S polarity_scale = static_cast<S>(kPolarityScale), flow_weight = static_cast<S>(kFlowWeight);
   const S adaptive_weight = static_cast<S>(kAdaptiveWeight);
-  auto element = [&](int64_t i) CURVKERN_INLINE_LAMBDA {
+  auto element = [&](int64_t i, int = 0) CURVKERN_INLINE_LAMBDA {
     const S g = load(grad, i);
     const S m = std::fma(g, one_minus_beta1, exp_avg[i] * beta1);
     const S v = std::fma(one_minus_beta2 * g, g, exp_avg_sq[i] * beta2);
@@ -146,8 +151,14 @@ CURVKERN_INLINE void update_segment(const Plan<P, S>& plan, int64_t t, int64_t s
     store(param, i, load(param, i) * decay + update);
   };
   if constexpr (kMemories >= 0) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) element(i);
+    auto prefetch = [&](int64_t ahead) CURVKERN_INLINE_LAMBDA {
+      prefetch_read(grad + ahead);
+      prefetch_write(exp_avg + ahead);
+      prefetch_write(exp_avg_sq + ahead);
+      for (int j = 0; j < kMemories; ++j) prefetch_write(emas[j] + ahead);
+      prefetch_write(param + ahead);
+    };
+    stream_in_blocks(n, prefetch, element);
   } else {
     for (int64_t i = 0; i < n; ++i) element(i);
   }

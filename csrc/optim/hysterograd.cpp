@@ -34,7 +34,11 @@ CURVKERN_INLINE S preconditioned_step(const P* grad, S* metric, int64_t i, S bet
 template <typename P, typename S>
 CURVKERN_INLINE double pass_a_segment(const P* grad, S* metric, int64_t n, S beta, S scaled, S epsilon) {
   LaneSums<1> sums;
-  for_each_in_lanes(n, [&](int64_t i, int l) CURVKERN_INLINE_LAMBDA {
+  auto prefetch = [&](int64_t ahead) CURVKERN_INLINE_LAMBDA {
+    prefetch_read(grad + ahead);
+    prefetch_write(metric + ahead);
+  };
+  stream_in_blocks(n, prefetch, [&](int64_t i, int l) CURVKERN_INLINE_LAMBDA {
     const S u = preconditioned_step(grad, metric, i, beta, scaled, epsilon);
     sums.lane[0][l] += static_cast<double>(u * u);
   });
@@ -45,12 +49,16 @@ CURVKERN_INLINE double pass_a_segment(const P* grad, S* metric, int64_t n, S bet
 
 template <typename P, typename S>
 CURVKERN_INLINE void pass_b_segment(P* param, const P* grad, const S* metric, int64_t n, S epsilon, S neg_step) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
+  auto prefetch = [&](int64_t ahead) CURVKERN_INLINE_LAMBDA {
+    prefetch_read(grad + ahead);
+    prefetch_read(metric + ahead);
+    prefetch_write(param + ahead);
+  };
+  stream_in_blocks(n, prefetch, [&](int64_t i, int) CURVKERN_INLINE_LAMBDA {
     const S g = load(grad, i);
     const S delta = g / (std::sqrt(metric[i]) + epsilon) * neg_step;
     store(param, i, load(param, i) + delta);
-  }
+  });
 }
 
 // The ISA clones, one pair per (parameter, state) dtype. The OpenMP region sits in the cloned
