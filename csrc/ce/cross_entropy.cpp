@@ -89,6 +89,18 @@ struct RowStats {
   A sum_u;    // sum of u (label smoothing)
 };
 
+// The hardware prefetcher of the benchmark VM falls behind loops with work per element (see
+// csrc/multi_tensor.h): request the next block of the row's streams while this one is computed.
+template <bool kWithU, typename scalar_t>
+CURVKERN_INLINE void prefetch_next_block(const scalar_t* z, const scalar_t* u, int64_t next, int64_t v) {
+  constexpr int64_t kLineElements = 64 / sizeof(scalar_t);
+  const int64_t end = std::min(next + kBlock, v);
+  for (int64_t k = next; k < end; k += kLineElements) {
+    __builtin_prefetch(z + k, 0);
+    if constexpr (kWithU) __builtin_prefetch(u + k, 0);
+  }
+}
+
 // Sweep 1 over one row: online max and sums, block by block. With u (the HVP), each e^{z - shift} is also
 // kept in ``exps`` and each block's shift in ``shifts`` (-inf where the block was shifted by 0, everything
 // before it being -inf), so sweep 2 rescales them instead of computing exp again.
@@ -101,6 +113,7 @@ CURVKERN_INLINE RowStats<acc_t<scalar_t>> row_stats(const scalar_t* z, const sca
   for (int64_t start = 0; start < v; start += kBlock) {
     const int64_t length = std::min(kBlock, v - start);
     const scalar_t* zb = z + start;
+    prefetch_next_block<kWithU>(z, u, start + kBlock, v);
     A block_max = minus_inf;
 #pragma omp simd reduction(max : block_max)
     for (int64_t j = 0; j < length; ++j) {
