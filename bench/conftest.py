@@ -38,6 +38,7 @@ def pytest_configure(config):
 def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
         cases = build_cases(_device(metafunc.config), metafunc.config.getoption("--quick"))
+        cases = [case for case in cases if case.suite == metafunc.module.SUITE]
         metafunc.parametrize("case", cases, ids=[case.name for case in cases])
 
 

@@ -1,10 +1,11 @@
 // The curvkern operator library: schemas and their CPU kernels.
 // Fake (meta) implementations are registered in Python next to each op's wrapper
-// (curvkern/bandwidth.py, curvkern/optim/<family>/cpp.py), so torch.compile can trace every op.
+// (curvkern/bandwidth.py, curvkern/optim/<family>/cpp.py, curvkern/ce/cpp.py), so torch.compile can trace every op.
 #include <Python.h>
 #include <torch/library.h>
 
 #include "bandwidth.h"
+#include "ce/cross_entropy.h"
 #include "optim/biostatis.h"
 #include "optim/hysterograd.h"
 
@@ -32,6 +33,11 @@ TORCH_LIBRARY(curvkern, m) {
       "Tensor(d!)[] memory_emas, Tensor(e!)[] steps, Tensor sums, Tensor group_sums, float lr, float beta1, "
       "float beta2, float eps, float weight_decay, float homeo_rate, float coherence_target, float energy_target, float lambda_energy, "
       "float[] memory_decays, float[] memory_weights, float flip_threshold, float ascent_strength) -> Tensor");
+  m.def("cross_entropy_forward(Tensor logits, Tensor target, int ignore_index, float label_smoothing) -> (Tensor, Tensor)");
+  m.def("cross_entropy_backward(Tensor logits, Tensor target, Tensor lse, Tensor grad_scale, int ignore_index, "
+        "float label_smoothing) -> Tensor");
+  m.def("cross_entropy_hvp_(Tensor logits, Tensor target, Tensor u, Tensor scale, int ignore_index, "
+        "float label_smoothing, int shift_period, bool stream_out, Tensor(a!) out) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(curvkern, CPU, m) {
@@ -41,4 +47,7 @@ TORCH_LIBRARY_IMPL(curvkern, CPU, m) {
   m.impl("hysterograd_pass_b_", &curvkern::hysterograd_pass_b_);
   m.impl("biostatis_sums", &curvkern::biostatis_sums);
   m.impl("biostatis_update_", &curvkern::biostatis_update_);
+  m.impl("cross_entropy_forward", &curvkern::cross_entropy_forward);
+  m.impl("cross_entropy_backward", &curvkern::cross_entropy_backward);
+  m.impl("cross_entropy_hvp_", &curvkern::cross_entropy_hvp_);
 }

@@ -5,6 +5,7 @@ pure-PyTorch eager reference; see :mod:`curvkern._dispatch`.
 """
 from curvkern import optim
 from curvkern._dispatch import available_backends
+from curvkern.ce import ce_hvp, cross_entropy
 
-__all__ = ["optim", "available_backends"]
+__all__ = ["optim", "available_backends", "cross_entropy", "ce_hvp"]
 __version__ = "0.1.0"

@@ -157,3 +157,30 @@ def test_compulsory_bytes_follow_the_traffic_table(kernel_name, dtype, bytes_per
     kernel = next(k for k in KERNELS if k.name == kernel_name)
     case = Case(kernel, "eager", Shape(num_tensors=3, numel=10), dtype, CPU)
     assert case.compulsory_bytes == 3 * 10 * bytes_per_element
+
+
+def test_cross_entropy_cases_count_copies_of_the_logits_and_take_pytorch_as_peer():
+    from curvkern.bench.ce_cases import CrossEntropyCase, CrossEntropyKernel, RowsShape
+    from curvkern.bench.cases import peer_of
+
+    def case(kernel, dtype):
+        return CrossEntropyCase(CrossEntropyKernel(kernel), "cpp", RowsShape(8, 100), dtype, CPU)
+
+    assert case("ce-hvp", torch.float32).compulsory_bytes == 3 * 8 * 100 * 4  # read z, u; write Hu
+    assert case("ce-double-backward", torch.bfloat16).compulsory_bytes == 6 * 8 * 100 * 2
+    assert case("ce-hvp", torch.float32).input_bytes == 2 * 8 * 100 * 4
+    assert peer_of("ce-hvp") == ("ce-hvp", "torch-eager")
+    assert peer_of("ce-eigenthings-hvp") == ("ce-eigenthings-hvp", "eigenthings-autograd")
+    assert peer_of("hysterograd") == ("adamw", "torch-fused")
+    quick = [c for c in build_cases(CPU, quick=True) if c.suite == "cross_entropy"]
+    assert {(c.kernel.name, c.backend) for c in quick} >= {("ce-hvp", "torch-eager"), ("ce-hvp", "cpp"),
+                                                             ("ce-double-backward", "cpp")}
+
+
+def test_extra_peak_bytes_sees_what_a_call_allocates():
+    from curvkern.bench.memory import extra_peak_bytes
+
+    size = 64 * 2**20
+    peak = extra_peak_bytes(lambda: torch.ones(size // 4), CPU)  # touched pages count, freed or not
+    assert peak is not None and 0.9 * size <= peak <= 1.5 * size
+    assert extra_peak_bytes(lambda: None, CPU) < 0.1 * size

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from curvkern.bandwidth import PROBE_DESCRIPTION, measure_bandwidth
 from curvkern.bench.cases import build_cases, probe_numel
+from curvkern.bench.memory import extra_peak_bytes
 from curvkern.bench.report import build_report, collect_machine_info, make_record, publish
 from curvkern.bench.timing import BUDGET_S, QUICK_BUDGET_S, time_callable
 
@@ -21,7 +22,8 @@ def measure_ceiling(device: torch.device, quick: bool) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m curvkern.bench",
-        description="Time every curvkern optimizer backend against its eager reference and fused AdamW.",
+        description="Time every curvkern backend against its eager reference and its peer (fused AdamW for the "
+                    "optimizers, PyTorch's own double backward for the cross-entropy kernels).",
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the plumbing, measures nothing")
     parser.add_argument("--out", type=Path, default=Path.cwd(), metavar="DIR",
@@ -46,7 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     for case in progress:
         progress.set_postfix_str(case.name)
         step = case.setup()
-        records.append(make_record(case.describe(), time_callable(step, device, budget_s)))
+        timing = time_callable(step, device, budget_s)
+        peak = None if case.input_bytes is None else extra_peak_bytes(step, device)
+        records.append(make_record(case.describe(), timing, peak, case.input_bytes))
         del step  # frees this case's tensors before the next case allocates its own
 
     machine = collect_machine_info(device)

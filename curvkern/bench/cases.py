@@ -14,6 +14,8 @@ import torch
 
 from curvkern import available_backends
 from curvkern.bandwidth import PROBE_NUMEL
+from curvkern.bench.ce_cases import PEER_BACKENDS as CE_PEER_BACKENDS
+from curvkern.bench.ce_cases import CrossEntropyCase, build_cross_entropy_cases
 from curvkern.optim import BiostatisV6, HysteroGrad
 from curvkern.optim._common import state_dtype
 
@@ -103,6 +105,8 @@ class Case:
     shape: Shape
     dtype: torch.dtype
     device: torch.device
+    suite = "optim"  # which bench/ module times it
+    input_bytes = None  # peak memory is measured for the cross-entropy cases only
 
     @property
     def name(self) -> str:
@@ -147,15 +151,25 @@ class Case:
         return optimizer.step
 
 
-def build_cases(device: torch.device, quick: bool = False) -> list[Case]:
-    """Every kernel on every backend that can run on ``device``, for each workload."""
+def build_cases(device: torch.device, quick: bool = False) -> list[Case | CrossEntropyCase]:
+    """Every kernel on every backend that can run on ``device``, for each workload: the optimizers, then
+    the cross-entropy cases of :mod:`curvkern.bench.ce_cases`."""
     workloads = QUICK_WORKLOADS if quick else DEFAULT_WORKLOADS
-    return [
+    optimizer_cases = [
         Case(kernel, backend, shape, dtype, device)
         for shape, dtype in workloads
         for kernel in KERNELS
         for backend in kernel.backends(device)
     ]
+    return optimizer_cases + build_cross_entropy_cases(device, quick)
+
+
+def peer_of(kernel: str) -> tuple[str, str]:
+    """The (kernel, backend) a record's ``speedup_vs_peer`` is taken against: fused AdamW for the
+    optimizers, PyTorch's (or hessian-eigenthings') own path for the cross-entropy kernels."""
+    if kernel in CE_PEER_BACKENDS:
+        return kernel, CE_PEER_BACKENDS[kernel]
+    return PEER_KERNEL, PEER_BACKEND
 
 
 def probe_numel(device: torch.device, quick: bool) -> int:

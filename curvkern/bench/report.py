@@ -7,12 +7,15 @@ pytest-benchmark's ``--benchmark-json`` output, so one renderer serves the main 
      "machine": {cpu_model, cpu_cores, torch_threads, device, gpu_name, platform, python_version,
                  torch_version, triton_version, curvkern_version, bandwidth_ceiling_gbps, bandwidth_probe},
      "records": [{kernel, backend, shape, dtype, device, bytes, median_s, min_s, repeats,
-                  gbps, fraction_of_ceiling, speedup_vs_eager, speedup_vs_peer}, ...]}
+                  gbps, fraction_of_ceiling, speedup_vs_eager, speedup_vs_peer, peak_bytes, input_bytes}, ...]}
 
 ``gbps`` is compulsory bytes (:data:`curvkern.bench.cases.TRAFFIC`) over the median time. The speedups
 are the baseline's median time over the record's, on the same shape, dtype and device: the baseline is
-the same kernel's eager reference, or the peer ``torch.optim.AdamW(fused=True)``; null where that
-baseline was not run (``--filter``) or does not exist (AdamW has no curvkern eager reference).
+the same kernel's eager reference, or its peer (:func:`curvkern.bench.cases.peer_of`: the optimizers'
+``torch.optim.AdamW(fused=True)``, the cross-entropy kernels' PyTorch or hessian-eigenthings path); null
+where that baseline was not run (``--filter``) or does not exist (AdamW has no curvkern eager reference).
+``peak_bytes`` is a call's peak allocation beyond its inputs and ``input_bytes`` the inputs' size
+(cross-entropy cases; null for the optimizers).
 
 Render a pytest-benchmark run: ``python -m curvkern.bench.report --from-pytest-benchmark FILE [--out DIR]``.
 """
@@ -30,7 +33,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 import curvkern
-from curvkern.bench.cases import PEER_BACKEND, PEER_KERNEL, REFERENCE_BACKEND
+from curvkern.bench.cases import REFERENCE_BACKEND, peer_of
 from curvkern.bench.timing import Timing
 
 SCHEMA = "curvkern-bench-report/1"
@@ -42,7 +45,7 @@ MACHINE_FIELDS = (
 )
 RECORD_FIELDS = (
     "kernel", "backend", "shape", "dtype", "device", "bytes", "median_s", "min_s", "repeats",
-    "gbps", "fraction_of_ceiling", "speedup_vs_eager", "speedup_vs_peer",
+    "gbps", "fraction_of_ceiling", "speedup_vs_eager", "speedup_vs_peer", "peak_bytes", "input_bytes",
 )
 
 
@@ -81,9 +84,12 @@ def collect_machine_info(device: torch.device) -> dict:
     }
 
 
-def make_record(case_fields: dict, timing: Timing) -> dict:
-    """A record before :func:`build_report` derives its bandwidth and speedups."""
-    return {**case_fields, "median_s": timing.median_s, "min_s": timing.min_s, "repeats": timing.repeats}
+def make_record(case_fields: dict, timing: Timing, peak_bytes: int | None = None, input_bytes: int | None = None) -> dict:
+    """A record before :func:`build_report` derives its bandwidth and speedups. ``peak_bytes`` is the
+    call's peak allocation beyond its inputs (:mod:`curvkern.bench.memory`); with the inputs counted it
+    is ``peak_bytes + input_bytes``."""
+    return {**case_fields, "median_s": timing.median_s, "min_s": timing.min_s, "repeats": timing.repeats,
+            "peak_bytes": peak_bytes, "input_bytes": input_bytes}
 
 
 def _workload(record: dict) -> tuple:
@@ -102,13 +108,16 @@ def build_report(machine: dict, records: list[dict], source: str) -> dict:
     for record in records:
         gbps = record["bytes"] / record["median_s"] / 1e9
         eager = by_identity.get((record["kernel"], REFERENCE_BACKEND, *_workload(record)))
-        peer = by_identity.get((PEER_KERNEL, PEER_BACKEND, *_workload(record)))
+        peer = by_identity.get((*peer_of(record["kernel"]), *_workload(record)))
+        record = dict(record)
+        peak = {key: record.pop(key) for key in ("peak_bytes", "input_bytes")}  # kept last, as in RECORD_FIELDS
         completed.append({
             **record,
             "gbps": gbps,
             "fraction_of_ceiling": None if ceiling is None else gbps / ceiling,
             "speedup_vs_eager": _speedup(eager, record),
             "speedup_vs_peer": _speedup(peer, record),
+            **peak,
         })
     return {"schema": SCHEMA, "source": source, "machine": machine, "records": completed}
 
@@ -132,6 +141,8 @@ def report_from_pytest_benchmark(data: dict) -> dict:
         make_record(
             {key: b["extra_info"][key] for key in ("kernel", "backend", "shape", "dtype", "device", "bytes")},
             Timing(median_s=b["stats"]["median"], min_s=b["stats"]["min"], repeats=b["stats"]["rounds"]),
+            b["extra_info"].get("peak_bytes"),
+            b["extra_info"].get("input_bytes"),
         )
         for b in benchmarks
         if "kernel" in b["extra_info"]
@@ -152,15 +163,16 @@ def format_table(report: dict) -> str:
         f"torch {machine['torch_version']}, triton {machine['triton_version'] or '-'}; bandwidth ceiling "
         f"{_number(ceiling, '.1f')} GB/s ({machine['bandwidth_probe'] or 'not measured'})",
         "",
-        f"{'kernel':<12} {'backend':<12} {'shape':<12} {'dtype':<9} {'median ms':>10} {'GB/s':>7} "
-        f"{'of ceil':>8} {'vs eager':>9} {'vs AdamW':>9}",
+        f"{'kernel':<18} {'backend':<20} {'shape':<12} {'dtype':<9} {'median ms':>10} {'GB/s':>7} "
+        f"{'of ceil':>8} {'vs eager':>9} {'vs peer':>9} {'peak MiB':>9}",
     ]
     for r in report["records"]:
         fraction = None if r["fraction_of_ceiling"] is None else 100 * r["fraction_of_ceiling"]
         lines.append(
-            f"{r['kernel']:<12} {r['backend']:<12} {r['shape']:<12} {r['dtype']:<9} {1e3 * r['median_s']:>10.2f} "
+            f"{r['kernel']:<18} {r['backend']:<20} {r['shape']:<12} {r['dtype']:<9} {1e3 * r['median_s']:>10.2f} "
             f"{r['gbps']:>7.1f} {_number(fraction, '.0f', '%'):>8} "
-            f"{_number(r['speedup_vs_eager'], '.2f', 'x'):>9} {_number(r['speedup_vs_peer'], '.2f', 'x'):>9}"
+            f"{_number(r['speedup_vs_eager'], '.2f', 'x'):>9} {_number(r['speedup_vs_peer'], '.2f', 'x'):>9} "
+            f"{_number(None if r['peak_bytes'] is None else r['peak_bytes'] / 2**20, '.0f'):>9}"
         )
     return "\n".join(lines)
 

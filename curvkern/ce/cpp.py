@@ -1,0 +1,41 @@
+"""The C++/OpenMP cross-entropy kernels of ``curvkern._C`` (``csrc/ce/cross_entropy.cpp``): thin wrappers
+with the eager reference's signatures (:mod:`curvkern.ce.eager`), and the ops' fake implementations so
+``torch.compile`` can trace them."""
+from __future__ import annotations
+
+import torch
+
+from curvkern._dispatch import cpp_unavailable_reason, register
+from curvkern.ce.eager import accumulation_dtype
+
+if cpp_unavailable_reason() is None:
+
+    @torch.library.register_fake("curvkern::cross_entropy_forward")
+    def _forward_fake(logits, target, ignore_index, label_smoothing):
+        row = logits.new_empty(logits.shape[0], dtype=accumulation_dtype(logits.dtype))
+        return row, torch.empty_like(row)
+
+    @torch.library.register_fake("curvkern::cross_entropy_backward")
+    def _backward_fake(logits, target, lse, grad_scale, ignore_index, label_smoothing):
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("curvkern::cross_entropy_hvp_")
+    def _hvp_fake(logits, target, u, scale, ignore_index, label_smoothing, shift_period, stream_out, out):
+        torch._check(u.shape == logits.shape and out.shape == logits.shape, lambda: "u and out must match the logits")
+        return logits.new_empty(logits.shape[0], dtype=accumulation_dtype(logits.dtype))
+
+
+@register("cross_entropy", "cpp")
+class CppCrossEntropy:
+    @staticmethod
+    def forward(logits, target, ignore_index, label_smoothing):
+        return torch.ops.curvkern.cross_entropy_forward(logits, target, ignore_index, label_smoothing)
+
+    @staticmethod
+    def backward(logits, target, lse, grad_scale, ignore_index, label_smoothing):
+        return torch.ops.curvkern.cross_entropy_backward(logits, target, lse, grad_scale, ignore_index, label_smoothing)
+
+    @staticmethod
+    def hvp(logits, target, u, scale, ignore_index, label_smoothing, shift_period, out, out_is_callers=False):
+        return torch.ops.curvkern.cross_entropy_hvp_(logits, target, u, scale, ignore_index, label_smoothing,
+                                                     shift_period, out_is_callers, out)

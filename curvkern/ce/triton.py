@@ -1,0 +1,215 @@
+"""The Triton cross-entropy kernels (CUDA; CPU tensors under ``TRITON_INTERPRET=1``), with the eager
+reference's signatures (:mod:`curvkern.ce.eager`).
+
+A program takes ``ROWS`` rows (several where V is small, one where it is large) and walks V in tiles of
+``BLOCK_V`` with an online softmax. The HVP makes two sweeps per row: the first keeps the running max,
+Σ e^{z−max} and ⟨e^{z−max}, u⟩, the second recomputes p and writes; 5 copies of (N, V) traffic when a row
+does not stay in L2, 3 when it does. Labels (and the causal shift) are read in the kernel, ignored rows
+are written as zeros without a single load of the logits or u, offsets are 64-bit, rows may be strided,
+and the reduction scale is read from a device tensor: no host sync anywhere.
+"""
+from __future__ import annotations
+
+import importlib.util
+import struct
+
+import torch
+
+from curvkern._dispatch import register
+from curvkern.ce.eager import accumulation_dtype
+
+if importlib.util.find_spec("triton") is not None:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _exact_scalar(hi, lo, ACC: tl.constexpr):
+        """A host float passed as two fp32 numbers (Triton passes floats as fp32), rebuilt in ACC."""
+        return tl.cast(hi, ACC) + tl.cast(lo, ACC)
+
+    @triton.jit
+    def _label(target_ptr, rows, row_mask, ignore_index, SHIFT_PERIOD: tl.constexpr):
+        """Row r's label: target[r], or target[r + 1] with the last step of each sequence ignored."""
+        if SHIFT_PERIOD == 0:
+            label = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index)
+        else:
+            last_step = (rows + 1) % SHIFT_PERIOD == 0
+            label = tl.load(target_ptr + rows + 1, mask=row_mask & ~last_step, other=ignore_index)
+        return label
+
+    @triton.jit
+    def _row_stats(z_ptrs, u_ptrs, live, V, ACC: tl.constexpr, WITH_U: tl.constexpr, SUMS: tl.constexpr,
+                   ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+        """Sweep 1: online max, Σ e^{z−max}, ⟨e^{z−max}, u⟩, Σz, Σu over [ROWS, V] rows, tile by tile.
+
+        ``z_ptrs``/``u_ptrs`` point at column 0 of each row; ``live`` masks the rows to read at all."""
+        cols = tl.arange(0, BLOCK_V)
+        running_max = tl.full([ROWS], float("-inf"), ACC)
+        sum_exp = tl.zeros([ROWS], ACC)
+        sum_exp_u = tl.zeros([ROWS], ACC)
+        sum_z = tl.zeros([ROWS], ACC)
+        sum_u = tl.zeros([ROWS], ACC)
+        for start in range(0, V, BLOCK_V):
+            mask = live[:, None] & (start + cols < V)[None, :]
+            z = tl.load(z_ptrs[:, None] + (start + cols)[None, :], mask=mask, other=float("-inf")).to(ACC)
+            new_max = tl.maximum(running_max, tl.max(z, axis=1))
+            # While a row has seen only -inf, shift by 0: e^{-inf} = 0 and a NaN still propagates.
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            rescale = tl.exp(running_max - shift)
+            e = tl.exp(z - shift[:, None])
+            sum_exp = sum_exp * rescale + tl.sum(e, axis=1)
+            if WITH_U:
+                u = tl.load(u_ptrs[:, None] + (start + cols)[None, :], mask=mask, other=0.0).to(ACC)
+                sum_exp_u = sum_exp_u * rescale + tl.sum(e * u, axis=1)
+                if SUMS:
+                    sum_u += tl.sum(u, axis=1)
+            if SUMS:
+                sum_z += tl.sum(tl.where(mask, z, 0.0), axis=1)
+            running_max = new_max
+        return running_max, sum_exp, sum_exp_u, sum_z, sum_u
+
+    @triton.jit
+    def _forward_kernel(logits_ptr, row_stride, target_ptr, loss_ptr, lse_ptr, N, V, ignore_index,
+                        smoothing_hi, smoothing_lo, ACC: tl.constexpr, SMOOTHING: tl.constexpr,
+                        ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+        label_smoothing = _exact_scalar(smoothing_hi, smoothing_lo, ACC)
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        row_mask = rows < N
+        label = _label(target_ptr, rows, row_mask, ignore_index, 0)
+        live = row_mask & (label != ignore_index)
+        in_range = (label >= 0) & (label < V)
+        z_ptrs = logits_ptr + rows * row_stride
+        running_max, sum_exp, _, sum_z, _ = _row_stats(z_ptrs, z_ptrs, live, V, ACC, False, SMOOTHING, ROWS, BLOCK_V)
+        lse = running_max + tl.log(sum_exp)
+        z_label = tl.load(z_ptrs + label, mask=live & in_range, other=0.0).to(ACC)
+        loss = lse - (1.0 - label_smoothing) * z_label
+        if SMOOTHING:
+            loss -= label_smoothing / V * sum_z
+        loss = tl.where(in_range, loss, float("nan"))  # a bad label is never a silent number
+        tl.store(loss_ptr + rows, tl.where(live, loss, 0.0), mask=row_mask)
+        tl.store(lse_ptr + rows, tl.where(live, lse, 0.0), mask=row_mask)
+
+    @triton.jit
+    def _backward_kernel(logits_ptr, row_stride, target_ptr, lse_ptr, scale_ptr, scale_stride, grad_ptr, N, V,
+                         ignore_index, smoothing_hi, smoothing_lo, ACC: tl.constexpr, ROWS: tl.constexpr,
+                         BLOCK_V: tl.constexpr):
+        label_smoothing = _exact_scalar(smoothing_hi, smoothing_lo, ACC)
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        row_mask = rows < N
+        label = _label(target_ptr, rows, row_mask, ignore_index, 0)
+        live = row_mask & (label != ignore_index)
+        in_range = (label >= 0) & (label < V)
+        lse = tl.load(lse_ptr + rows, mask=live, other=0.0)
+        scale = tl.load(scale_ptr + rows * scale_stride, mask=live, other=0.0)
+        scale = tl.where(live, tl.where(in_range, scale, float("nan")), 0.0)
+        cols = tl.arange(0, BLOCK_V)
+        for start in range(0, V, BLOCK_V):
+            col = start + cols
+            mask = row_mask[:, None] & (col < V)[None, :]
+            z = tl.load(logits_ptr + rows[:, None] * row_stride + col[None, :], mask=mask & live[:, None],
+                        other=0.0).to(ACC)
+            target_part = tl.where(col[None, :] == label[:, None], 1.0 - label_smoothing, 0.0)
+            grad = scale[:, None] * (tl.exp(z - lse[:, None]) - label_smoothing / V - target_part)
+            grad = tl.where(live[:, None], grad, 0.0)
+            tl.store(grad_ptr + rows[:, None] * V + col[None, :], grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _hvp_kernel(logits_ptr, row_stride, target_ptr, u_ptr, u_row_stride, scale_ptr, scale_stride, out_ptr,
+                    out_row_stride, dot_ptr, N, V, ignore_index, smoothing_hi, smoothing_lo,
+                    SHIFT_PERIOD: tl.constexpr, ACC: tl.constexpr, SMOOTHING: tl.constexpr, ROWS: tl.constexpr,
+                    BLOCK_V: tl.constexpr):
+        label_smoothing = _exact_scalar(smoothing_hi, smoothing_lo, ACC)
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        row_mask = rows < N
+        label = _label(target_ptr, rows, row_mask, ignore_index, SHIFT_PERIOD)
+        live = row_mask & (label != ignore_index)
+        in_range = (label >= 0) & (label < V)
+        z_ptrs = logits_ptr + rows * row_stride
+        u_ptrs = u_ptr + rows * u_row_stride
+        running_max, sum_exp, sum_exp_u, _, sum_u = _row_stats(z_ptrs, u_ptrs, live, V, ACC, True, SMOOTHING,
+                                                                ROWS, BLOCK_V)
+        p_dot_u = sum_exp_u / sum_exp
+        scale = tl.load(scale_ptr + rows * scale_stride, mask=live, other=0.0).to(ACC)
+        weight = tl.where(live, tl.where(in_range, scale / sum_exp, float("nan")), 0.0)
+        cols = tl.arange(0, BLOCK_V)
+        # Sweep 2: recompute p tile by tile and write; ignored rows load nothing and store zeros.
+        for start in range(0, V, BLOCK_V):
+            col = start + cols
+            mask = row_mask[:, None] & (col < V)[None, :]
+            read = mask & live[:, None]
+            z = tl.load(z_ptrs[:, None] + col[None, :], mask=read, other=0.0).to(ACC)
+            u = tl.load(u_ptrs[:, None] + col[None, :], mask=read, other=0.0).to(ACC)
+            hvp = weight[:, None] * tl.exp(z - running_max[:, None]) * (u - p_dot_u[:, None])
+            hvp = tl.where(live[:, None], hvp, 0.0)
+            tl.store(out_ptr + rows[:, None] * out_row_stride + col[None, :], hvp.to(out_ptr.dtype.element_ty),
+                     mask=mask)
+        u_label = tl.load(u_ptrs + label, mask=live & in_range, other=0.0).to(ACC)
+        dot = p_dot_u - (1.0 - label_smoothing) * u_label
+        if SMOOTHING:
+            dot -= label_smoothing / V * sum_u
+        dot = tl.where(in_range, dot, float("nan"))
+        tl.store(dot_ptr + rows, tl.where(live, dot, 0.0), mask=row_mask)
+
+
+# Tile width: a power of two, at most MAX_BLOCK_V columns; rows per program fill a TILE-element tile.
+MAX_BLOCK_V = 4096
+TILE = 4096
+
+
+def _launch_shape(n: int, v: int) -> tuple[tuple[int], int, int]:
+    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(max(v, 1)))
+    rows = min(max(1, TILE // block_v), triton.next_power_of_2(max(n, 1)))
+    return (triton.cdiv(n, rows),), rows, block_v
+
+
+def _split(value: float) -> tuple[float, float]:
+    """``value`` as fp32 high and low parts whose sum is ``value`` to about 2^-48."""
+    (high,) = struct.unpack("f", struct.pack("f", value))
+    return high, value - high
+
+
+def _accumulator(dtype: torch.dtype):
+    return tl.float64 if accumulation_dtype(dtype) == torch.float64 else tl.float32
+
+
+def _row_stride(tensor: torch.Tensor) -> int:
+    return tensor.stride(0) if tensor.shape[0] > 1 else tensor.shape[1]
+
+
+@register("cross_entropy", "triton")
+class TritonCrossEntropy:
+    @staticmethod
+    def forward(logits, target, ignore_index, label_smoothing):
+        n, v = logits.shape
+        loss = torch.empty(n, dtype=accumulation_dtype(logits.dtype), device=logits.device)
+        lse = torch.empty_like(loss)
+        if n:
+            grid, rows, block_v = _launch_shape(n, v)
+            _forward_kernel[grid](logits, _row_stride(logits), target, loss, lse, n, v, ignore_index,
+                                  *_split(label_smoothing), ACC=_accumulator(logits.dtype), SMOOTHING=label_smoothing != 0,
+                                  ROWS=rows, BLOCK_V=block_v)
+        return loss, lse
+
+    @staticmethod
+    def backward(logits, target, lse, grad_scale, ignore_index, label_smoothing):
+        n, v = logits.shape
+        grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
+        if n:
+            grid, rows, block_v = _launch_shape(n, v)
+            _backward_kernel[grid](logits, _row_stride(logits), target, lse, grad_scale,
+                                   0 if grad_scale.dim() == 0 else grad_scale.stride(0), grad, n, v, ignore_index,
+                                   *_split(label_smoothing), ACC=_accumulator(logits.dtype), ROWS=rows, BLOCK_V=block_v)
+        return grad
+
+    @staticmethod
+    def hvp(logits, target, u, scale, ignore_index, label_smoothing, shift_period, out, out_is_callers=False):
+        n, v = logits.shape
+        dot = torch.empty(n, dtype=accumulation_dtype(logits.dtype), device=logits.device)
+        if n:
+            grid, rows, block_v = _launch_shape(n, v)
+            _hvp_kernel[grid](logits, _row_stride(logits), target, u, u.stride(0), scale,
+                              0 if scale.dim() == 0 else scale.stride(0), out, _row_stride(out), dot, n, v,
+                              ignore_index, *_split(label_smoothing), SHIFT_PERIOD=shift_period,
+                              ACC=_accumulator(logits.dtype), SMOOTHING=label_smoothing != 0, ROWS=rows,
+                              BLOCK_V=block_v)
+        return dot

@@ -1,0 +1,1 @@
+"""Drop-ins for other libraries' hooks, built on curvkern's kernels."""

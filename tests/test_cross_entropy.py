@@ -1,0 +1,541 @@
+"""curvkern.cross_entropy, its double backward and ce_hvp against PyTorch's cross-entropy, on every backend.
+
+Ground truth is PyTorch's own ``F.cross_entropy`` (and its autograd double backward) in fp64; low-precision
+results are compared with an fp64 ground truth by ‖a − b‖ / ‖b‖, against PyTorch's own low-precision error.
+"""
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import curvkern
+from curvkern.integrations import eigenthings as ck_eigenthings
+
+FAMILY = "cross_entropy"
+# Triton's interpreter computes with numpy, which warns on the NaN and inf rows these tests feed it on purpose.
+pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|divide by zero|overflow) encountered:RuntimeWarning")
+REDUCTIONS = ["mean", "sum", "none"]
+FP64 = dict(rtol=1e-10, atol=1e-13)
+
+
+def make_problem(n, v, *, dtype=torch.float64, ignore=(), seed=0, spread=3.0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (spread * torch.randn(n, v, generator=gen, dtype=torch.float64)).to(dtype)
+    target = torch.randint(0, v, (n,), generator=gen)
+    target[list(ignore)] = -100
+    u = torch.randn(n, v, generator=gen, dtype=torch.float64).to(dtype)
+    return logits, target, u
+
+
+def loss_grad_hvp(loss_fn, logits, target, u, grad_loss=None, **kwargs):
+    """Loss, gradient, the double backward's two results (to the logits and to the incoming gradient)."""
+    z = logits.detach().clone().requires_grad_(True)
+    loss = loss_fn(z, target, **kwargs)
+    if grad_loss is None:
+        grad_loss = torch.ones_like(loss)
+    grad_loss = grad_loss.detach().clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss, z, grad_loss, create_graph=True)
+    hvp, grad_grad_loss = torch.autograd.grad(grad, (z, grad_loss), u)
+    return loss.detach(), grad.detach(), hvp, grad_grad_loss
+
+
+def ours(backend):
+    return lambda z, y, **kw: curvkern.cross_entropy(z, y, fused=backend, **kw)
+
+
+def assert_all_close(actual, expected, **tol):
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, equal_nan=True, **tol)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradcheck_and_gradgradcheck(backend, device, reduction):
+    logits, target, _ = make_problem(5, 7, ignore=[2])
+    z = logits.to(device).requires_grad_(True)
+
+    def fn(z):
+        return curvkern.cross_entropy(z, target.to(device), reduction=reduction, label_smoothing=0.2, fused=backend)
+
+    assert torch.autograd.gradcheck(fn, (z,))
+    # Also checks the derivative with respect to the incoming gradient (spec §2.1).
+    assert torch.autograd.gradgradcheck(fn, (z,))
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("ignored", [(), (1, 4)], ids=["all-valid", "some-ignored"])
+def test_matches_torch_double_backward_fp64(backend, device, reduction, label_smoothing, ignored):
+    logits, target, u = (t.to(device) for t in make_problem(6, 11, ignore=ignored))
+    grad_loss = torch.rand(6 if reduction == "none" else (), dtype=torch.float64, device=device) + 0.5
+    kwargs = dict(reduction=reduction, label_smoothing=label_smoothing)
+    expected = loss_grad_hvp(F.cross_entropy, logits, target, u, grad_loss, **kwargs)
+    actual = loss_grad_hvp(ours(backend), logits, target, u, grad_loss, **kwargs)
+    assert_all_close(actual, expected, **FP64)
+    # ce_hvp: the loss Hessian alone (labels and smoothing do not enter it).
+    hvp = curvkern.ce_hvp(logits, target, u, reduction=reduction, fused=backend)
+    torch.testing.assert_close(hvp, loss_grad_hvp(F.cross_entropy, logits, target, u, reduction=reduction)[2], **FP64)
+    for row in ignored:
+        assert torch.equal(actual[2][row], torch.zeros(11, dtype=torch.float64, device=device))
+
+
+def test_leading_dimensions_and_one_dimensional_logits(backend, device):
+    logits, target, u = (t.to(device) for t in make_problem(6, 5, ignore=[3]))
+    for shape in [(2, 3), (3, 2, 1)]:
+        for reduction in REDUCTIONS:
+            z, y, w = logits.view(*shape, 5), target.view(shape), u.view(*shape, 5)
+            actual = loss_grad_hvp(ours(backend), z, y, w, reduction=reduction)
+            # PyTorch wants classes in dim 1; ours are last.
+            expected = loss_grad_hvp(F.cross_entropy, logits, target, u, reduction=reduction)
+            assert actual[0].shape == (shape if reduction == "none" else ())
+            assert_all_close([a.reshape(e.shape) for a, e in zip(actual, expected)], expected, **FP64)
+    # (V,) logits with a 0-dim target, as F.cross_entropy takes them.
+    actual = loss_grad_hvp(ours(backend), logits[0], target[0], u[0])
+    assert_all_close(actual, loss_grad_hvp(F.cross_entropy, logits[0], target[0], u[0]), **FP64)
+
+
+def test_single_class_and_empty_batch(backend, device):
+    logits, target, u = (t.to(device) for t in make_problem(4, 1))
+    for reduction in REDUCTIONS:
+        actual = loss_grad_hvp(ours(backend), logits, target, u, reduction=reduction)
+        assert_all_close(actual, loss_grad_hvp(F.cross_entropy, logits, target, u, reduction=reduction), **FP64)
+        assert torch.count_nonzero(actual[2]) == 0  # V = 1: p = 1, the Hessian vanishes
+    empty = torch.empty(0, 9, dtype=torch.float64, device=device)
+    no_target = torch.empty(0, dtype=torch.int64, device=device)
+    for reduction in REDUCTIONS:
+        actual = loss_grad_hvp(ours(backend), empty, no_target, empty, reduction=reduction)
+        expected = loss_grad_hvp(F.cross_entropy, empty, no_target, empty, reduction=reduction)
+        assert_all_close(actual, expected, **FP64)  # mean over nothing: NaN, like PyTorch
+        assert curvkern.ce_hvp(empty, no_target, empty, reduction=reduction, fused=backend).shape == (0, 9)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_every_row_ignored(backend, device, reduction):
+    """mean: loss NaN, gradient and HVP 0, gradient to the incoming gradient NaN, all as PyTorch."""
+    logits, target, u = (t.to(device) for t in make_problem(4, 6, ignore=range(4)))
+    expected = loss_grad_hvp(F.cross_entropy, logits, target, u, reduction=reduction)
+    logits[1] = float("nan")  # PyTorch's gradient would be NaN here; ignored rows are exactly 0 in ours
+    actual = loss_grad_hvp(ours(backend), logits, target, u, reduction=reduction)
+    assert_all_close(actual, expected, **FP64)
+    assert torch.count_nonzero(actual[1]) == 0 and torch.count_nonzero(actual[2]) == 0
+    assert actual[0].isnan().all() == (reduction == "mean")
+    assert torch.count_nonzero(curvkern.ce_hvp(logits, target, u, reduction=reduction, fused=backend)) == 0
+
+
+def test_strided_and_non_contiguous_inputs(backend, device):
+    logits, target, u = (t.to(device) for t in make_problem(6, 9, ignore=[0]))
+    expected = loss_grad_hvp(F.cross_entropy, logits, target, u, label_smoothing=0.1)
+    wide = torch.full((6, 16), float("nan"), dtype=torch.float64, device=device)
+    wide[:, 3:12] = logits  # row stride 16, V = 9: the NaN around each row must never be read
+    wide_u = torch.full_like(wide, float("nan"))
+    wide_u[:, 2:11] = u
+    transposed = logits.t().contiguous().t()  # a transposed view: column stride 6
+    for z, w in [(wide[:, 3:12], wide_u[:, 2:11]), (transposed, u.t().contiguous().t())]:
+        assert not z.is_contiguous()
+        actual = loss_grad_hvp(ours(backend), z, target, w, label_smoothing=0.1)
+        assert_all_close(actual, expected, **FP64)
+        torch.testing.assert_close(curvkern.ce_hvp(z, target, w, fused=backend), expected[2], **FP64)
+    # Rows taken with a step, and u broadcast along the rows (row stride 0).
+    every_other = torch.cat([logits, logits]).view(2, 6, 9).transpose(0, 1)[:, 0]
+    shared_u = u[2:3].expand(6, 9)
+    torch.testing.assert_close(
+        curvkern.ce_hvp(every_other, target, shared_u, fused=backend),
+        loss_grad_hvp(F.cross_entropy, logits, target, shared_u.contiguous())[2], **FP64)
+    # ``out`` written in place, strided or transposed.
+    for out in [torch.empty(6, 16, dtype=torch.float64, device=device)[:, :9], torch.empty(9, 6, dtype=torch.float64, device=device).t()]:
+        result = curvkern.ce_hvp(logits, target, u, out=out, fused=backend)
+        assert result is out
+        torch.testing.assert_close(out, expected[2], **FP64)
+
+
+def test_infinite_and_nan_rows(backend, device):
+    """Rows of −inf or NaN give NaN as PyTorch does; ignored rows stay exactly 0 whatever they hold;
+    single −inf entries (masked classes) have probability 0."""
+    logits, target, u = (t.to(device) for t in make_problem(6, 7))
+    logits[0] = float("-inf")
+    logits[1, 2] = float("nan")
+    logits[2] = float("-inf")
+    logits[3] = float("nan")
+    logits[4, [0, 5]] = float("-inf")
+    target[[2, 3]] = -100
+    target[4] = 1
+    finite_ignored = logits.clone()
+    finite_ignored[2:4] = 0.0  # PyTorch's gradient is NaN on ignored NaN rows; ours is 0
+    for reduction in ["sum", "none"]:
+        actual = loss_grad_hvp(ours(backend), logits, target, u, reduction=reduction)
+        expected = loss_grad_hvp(F.cross_entropy, finite_ignored, target, u, reduction=reduction)
+        for a, e in zip(actual, expected):
+            torch.testing.assert_close(a, e, equal_nan=True, **FP64)
+        for result in actual[1:3]:
+            assert result[:2].isnan().all() and torch.count_nonzero(result[2:4]) == 0
+            assert result[4].isfinite().all() and result[4, 0] == 0 and result[4, 5] == 0
+    hvp = curvkern.ce_hvp(logits, target, u, reduction="sum", fused=backend)
+    assert hvp[:2].isnan().all() and torch.count_nonzero(hvp[2:4]) == 0 and hvp[4:].isfinite().all()
+
+
+def test_peaked_and_flat_rows_closed_forms(backend, device):
+    n, v = 4, 33
+    _, target, u = (t.to(device) for t in make_problem(n, v))
+    flat = torch.full((n, v), 0.7, dtype=torch.float64, device=device)
+    # Flat rows: (H u)_r = c (u_r − mean(u_r)) / V, loss log V (spec §5).
+    torch.testing.assert_close(curvkern.ce_hvp(flat, target, u, fused=backend), (u - u.mean(1, keepdim=True)) / v / n, **FP64)
+    torch.testing.assert_close(curvkern.cross_entropy(flat, target, fused=backend), torch.tensor(math.log(v), dtype=torch.float64, device=device), **FP64)
+    # Peaked rows, the target 50 above the rest: p_y = 1 / (1 + (V−1)e^{−50}), the others e^{−50} p_y.
+    peaked = torch.zeros(n, v, dtype=torch.float64, device=device)
+    peaked[torch.arange(n), target] = 50.0
+    p = torch.full((n, v), math.exp(-50.0), dtype=torch.float64, device=device)
+    p[torch.arange(n), target] = 1.0
+    p /= p.sum(1, keepdim=True)
+    expected = p * (u - (p * u).sum(1, keepdim=True))
+    torch.testing.assert_close(curvkern.ce_hvp(peaked, target, u, reduction="sum", fused=backend), expected, rtol=1e-9, atol=1e-30)
+    loss = curvkern.cross_entropy(peaked, target, reduction="none", fused=backend)
+    torch.testing.assert_close(loss, torch.full((n,), math.log1p((v - 1) * math.exp(-50.0)), dtype=torch.float64, device=device), rtol=0, atol=1e-14)
+
+
+def relative_error(actual, expected):
+    return ((actual.double() - expected).norm() / expected.norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_low_precision_against_fp64_ground_truth(backend, device, dtype, reduction):
+    """Each result's ‖a − b‖/‖b‖ against fp64 is at most PyTorch's own in that dtype, plus a margin."""
+    logits64, target, u64 = (t.to(device) for t in make_problem(16, 300, ignore=[3, 9], seed=1))
+    logits, u = logits64.to(dtype), u64.to(dtype)
+    # Ground truth: fp64 evaluated on the same (rounded) inputs.
+    truth = loss_grad_hvp(F.cross_entropy, logits.double(), target, u.double(), reduction=reduction, label_smoothing=0.1)
+    torch_low = loss_grad_hvp(F.cross_entropy, logits, target, u, reduction=reduction, label_smoothing=0.1)
+    actual = loss_grad_hvp(ours(backend), logits, target, u, reduction=reduction, label_smoothing=0.1)
+    standalone = curvkern.ce_hvp(logits, target, u, reduction=reduction, fused=backend)
+    margin = {torch.float32: 1e-6, torch.bfloat16: 4e-3, torch.float16: 5e-4}[dtype]
+    for name, ours_result, torch_result, truth_result in zip(
+        ["loss", "grad", "hvp", "grad_grad_loss"], actual, torch_low, truth
+    ):
+        assert ours_result.dtype == torch_result.dtype, name
+        assert relative_error(ours_result, truth_result) <= relative_error(torch_result, truth_result) + margin, name
+    assert standalone.dtype == dtype
+    assert relative_error(standalone, truth[2]) <= relative_error(torch_low[2], truth[2]) + margin
+
+
+def test_argument_errors(backend, device):
+    logits, target, u = (t.to(device) for t in make_problem(3, 4))
+
+    def call(z=logits, y=target, **kwargs):
+        return curvkern.cross_entropy(z, y, fused=backend, **kwargs)
+
+    with pytest.raises(ValueError, match="reduction"):
+        call(reduction="avg")
+    with pytest.raises(RuntimeError, match="label_smoothing"):
+        call(label_smoothing=1.5)
+    with pytest.raises(RuntimeError, match="Long"):
+        call(y=target.int())
+    with pytest.raises(ValueError, match="target size"):
+        call(y=target[:2])
+    with pytest.raises(TypeError, match="logits"):
+        call(z=logits.to(torch.int32))
+    if device == "cpu":
+        for bad in [4, -1]:
+            with pytest.raises(IndexError, match=f"Target {bad} is out of bounds"):
+                call(y=torch.tensor([0, bad, 1]))
+            with pytest.raises(IndexError, match="out of bounds"):
+                curvkern.ce_hvp(logits, torch.tensor([0, bad, 1]), u, fused=backend)
+    with pytest.raises(ValueError, match="u must match"):
+        curvkern.ce_hvp(logits, target, u[:2], fused=backend)
+    with pytest.raises(ValueError, match="out must match"):
+        curvkern.ce_hvp(logits, target, u, out=torch.empty(3, 4, dtype=torch.float32, device=device), fused=backend)
+    with pytest.raises(ValueError, match="fused"):
+        curvkern.cross_entropy(logits, target, fused="cuda")
+
+
+def test_explicit_backend_never_falls_back(monkeypatch):
+    logits, target, u = make_problem(3, 4)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # Triton cannot run on CPU tensors now
+    with pytest.raises((RuntimeError, NotImplementedError), match="fused='triton'"):
+        curvkern.cross_entropy(logits, target, fused="triton")
+    with pytest.raises((RuntimeError, NotImplementedError), match="fused='triton'"):
+        curvkern.ce_hvp(logits, target, u, fused="triton")
+    with pytest.raises((RuntimeError, NotImplementedError), match="fused='cpp'"):
+        curvkern.cross_entropy(logits.to("meta"), target.to("meta"), fused="cpp")
+
+
+def test_saves_only_logits_lse_and_scalars(backend, device):
+    """No (N, V) tensor other than the logits themselves is kept alive between forward and backward."""
+    logits, target, _ = (t.to(device) for t in make_problem(8, 50))
+    z = logits.clone().requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        curvkern.cross_entropy(z, target, fused=backend)
+    big = [t for t in saved if t.numel() >= z.numel()]
+    assert len(big) == 1 and big[0].data_ptr() == z.data_ptr()
+    assert sum(t.numel() for t in saved) <= z.numel() + 2 * 8 + 1
+
+
+# --- hessian-eigenthings ---------------------------------------------------------------------------
+
+
+class TinyCausalLM(torch.nn.Module):
+    """Embedding, a causal running mean, a nonlinearity and a head: a (B, T) → (B, T, V) language model."""
+
+    def __init__(self, vocab=13, width=6):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.mix = torch.nn.Linear(width, width)
+        self.head = torch.nn.Linear(width, vocab)
+
+    def forward(self, input_ids, **_):
+        x = self.embed(input_ids)
+        steps = torch.arange(1, x.shape[1] + 1, dtype=x.dtype, device=x.device)[:, None]
+        x = torch.tanh(self.mix(x.cumsum(1) / steps))
+        return SimpleNamespace(logits=self.head(x))  # what hf_lm_forward reads, as from a HF model
+
+
+def lm_batches(device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(2):
+        ids = torch.randint(0, 13, (3, 5), generator=gen)
+        labels = ids.clone()
+        labels[0, 2] = -100
+        labels[2, 4] = -100
+        batches.append({"input_ids": ids.to(device), "labels": labels.to(device)})
+    return batches
+
+
+def test_eigenthings_operators_match_torch_cross_entropy(backend, device):
+    he = pytest.importorskip("hessian_eigenthings")
+    torch.manual_seed(0)
+    model = TinyCausalLM().double().to(device)
+    batches = lm_batches(device)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64, device=device)
+    forward = he.hf_lm_forward()
+    ggn = [he.GGNOperator(model, batches, forward, loss).matvec(v)
+           for loss in [he.hf_lm_loss_of_output(), ck_eigenthings.hf_lm_loss_of_output(fused=backend)]]
+    torch.testing.assert_close(ggn[1], ggn[0], **FP64)
+    assert ggn[0].norm() > 0
+
+    def hessian_loss(loss_of_output):
+        return lambda model, batch: loss_of_output(forward(model, batch), batch)
+
+    # A full Hessian-vector product: double backward through the model and the loss.
+    hessian = [he.HessianOperator(model, batches, hessian_loss(loss)).matvec(v)
+               for loss in [he.hf_lm_loss_of_output(), ck_eigenthings.hf_lm_loss_of_output(fused=backend)]]
+    torch.testing.assert_close(hessian[1], hessian[0], **FP64)
+    assert not torch.allclose(hessian[0], ggn[0])  # the two operators differ: the comparison has teeth
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_eigenthings_hvp_protocol(backend, device, layout):
+    """``.hvp(output, batch, u)`` (hessian-eigenthings 1.0.0a6) equals the autograd HVP on the loss-only graph."""
+    torch.manual_seed(1)
+    batch = lm_batches(device)[0]
+    output = torch.randn(3, 5, 13, dtype=torch.float64, device=device)
+    u = torch.randn_like(output)
+    if layout == "strided":
+        output = torch.cat([output, output], dim=-1)[..., :13]
+        u = torch.cat([u, u], dim=-1)[..., 13:]
+    loss_fn = ck_eigenthings.hf_lm_loss_of_output(fused=backend)
+    reference = loss_grad_hvp(lambda z, y: F.cross_entropy(z[:, :-1].reshape(-1, 13), y[:, 1:].reshape(-1)),
+                              output, batch["labels"], u)
+    torch.testing.assert_close(loss_fn(output, batch), reference[0], **FP64)
+    hvp = loss_fn.hvp(output, batch, u)
+    assert hvp.shape == output.shape and hvp.dtype == output.dtype
+    torch.testing.assert_close(hvp, reference[2], **FP64)
+    assert torch.count_nonzero(hvp[:, -1]) == 0 and torch.count_nonzero(hvp[0, 1]) == 0  # last step; label[0, 2] ignored
+
+    plain = ck_eigenthings.cross_entropy_loss_of_output(fused=backend)
+    z, y = output.reshape(15, 13), batch["labels"].reshape(15)
+    torch.testing.assert_close(plain(z, (None, y)), F.cross_entropy(z, y), **FP64)
+    torch.testing.assert_close(plain.hvp(z, (None, y), u.reshape(15, 13)),
+                               loss_grad_hvp(F.cross_entropy, z, y, u.reshape(15, 13))[2], **FP64)
+
+
+# --- 64-bit offsets --------------------------------------------------------------------------------
+
+
+def available_memory_bytes() -> int:
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@pytest.mark.slow
+def test_rows_past_two_to_the_31_elements(backend, device):
+    """N·V ≥ 2³¹ bf16 logits (4.3 GiB, plus the 4.3 GiB result): rows past the 32-bit boundary are right."""
+    if backend == "eager":
+        pytest.skip("the eager reference materialises fp32 softmaxes of 8.6 GiB each: too large for the test machine")
+    if backend == "triton" and device == "cpu":
+        pytest.skip("2³¹ elements are out of reach of the Triton interpreter; runs natively on a GPU")
+    if device == "cpu" and available_memory_bytes() < 10 * 2**30:
+        pytest.skip("needs 10 GiB of free memory: 4.3 GiB of bf16 logits and 4.3 GiB of result")
+    v = 50257
+    n = 2**31 // v + 8
+    gen = torch.Generator().manual_seed(0)
+    patterns = (3 * torch.randn(5, v, generator=gen)).to(torch.bfloat16).to(device)
+    rows = torch.arange(n, device=device)
+    logits = patterns[rows % 5]
+    target = (rows * 7919) % v
+    target[n - 3] = -100
+    u = patterns[1:2].expand(n, v)  # row stride 0: one copy of u for every row
+    checked = torch.tensor([0, 1, n // 2, 2**31 // v - 1, 2**31 // v, 2**31 // v + 1, n - 3, n - 2, n - 1])
+    expected_loss = F.cross_entropy(logits[checked].float(), target[checked], reduction="none")
+    loss = curvkern.cross_entropy(logits, target, reduction="none", fused=backend)
+    torch.testing.assert_close(loss[checked].float(), expected_loss, rtol=1e-2, atol=1e-2)
+    hvp = curvkern.ce_hvp(logits, target, u, reduction="sum", fused=backend)
+    del logits
+    expected = loss_grad_hvp(F.cross_entropy, patterns[checked.to(device) % 5].double(), target[checked],
+                             patterns[1:2].expand(len(checked), v).double(), reduction="sum")[2]
+    assert relative_error(hvp[checked], expected) < 1e-2
+    assert torch.count_nonzero(hvp[n - 3]) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_outputs_are_the_fp32_results_rounded(backend, device, dtype):
+    """Accumulation is fp32 and the only low-precision step is the final round to nearest even: the
+    results equal the same computation on fp32 logits rounded by PyTorch, overflow and subnormals included."""
+    logits, target, u = (t.to(device) for t in make_problem(8, 301, dtype=dtype, ignore=[2], seed=3))
+    logits[5] = float("nan")
+    exact = dict(rtol=0, atol=0)
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        # Triton's interpreter truncates fp32 -> bf16 (compiled Triton rounds to nearest even): one ulp.
+        exact = dict(rtol=2**-7, atol=1e-30)
+    for scale in [1e-6, 1.0, 3e5]:
+        grad_loss = torch.tensor(scale, dtype=dtype, device=device)
+        low = loss_grad_hvp(ours(backend), logits, target, u, grad_loss, reduction="sum")
+        high = loss_grad_hvp(ours(backend), logits.float(), target, u.float(), grad_loss.float(), reduction="sum")
+        for name, a, b in zip(["grad", "hvp"], low[1:3], high[1:3]):
+            torch.testing.assert_close(a, b.to(dtype), equal_nan=True, msg=name, **exact)
+    rounded = curvkern.ce_hvp(logits, target, u, reduction="sum", fused=backend)
+    torch.testing.assert_close(rounded, curvkern.ce_hvp(logits.float(), target, u.float(), reduction="sum", fused=backend).to(dtype),
+                               equal_nan=True, **exact)
+
+
+# --- the C++ ops ------------------------------------------------------------------------------------
+
+
+def cpp_ops():
+    if "cpp" not in curvkern.available_backends(FAMILY):
+        pytest.skip("the C++ extension is not built")
+    return torch.ops.curvkern
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cpp_ops_pass_opcheck(dtype):
+    ops = cpp_ops()
+    logits, target, u = make_problem(6, 9, dtype=dtype, ignore=[1])
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    _, lse = ops.cross_entropy_forward(logits, target, -100, 0.1)
+    torch.library.opcheck(ops.cross_entropy_forward.default, (logits, target, -100, 0.1))
+    for scale in [torch.tensor(0.5, dtype=acc), torch.rand(6, dtype=acc)]:
+        torch.library.opcheck(ops.cross_entropy_backward.default, (logits, target, lse, scale, -100, 0.1))
+        torch.library.opcheck(ops.cross_entropy_hvp_.default, (logits, target, u, scale, -100, 0.1, 0, False, torch.empty_like(logits)))
+    torch.library.opcheck(ops.cross_entropy_hvp_.default, (logits, target, u, scale, -100, 0.0, 3, True, torch.empty_like(logits)))
+
+
+def test_cpp_ops_reject_bad_inputs():
+    ops = cpp_ops()
+    logits, target, u = make_problem(4, 5, dtype=torch.float32)
+    scale = torch.tensor(1.0)
+    out = torch.empty_like(logits)
+    with pytest.raises(RuntimeError, match="dense last dimension"):
+        ops.cross_entropy_hvp_(logits.t().contiguous().t(), target, u, scale, -100, 0.0, 0, False, out)
+    with pytest.raises(RuntimeError, match="must have the logits' dtype"):
+        ops.cross_entropy_hvp_(logits, target, u.double(), scale, -100, 0.0, 0, False, out)
+    with pytest.raises(RuntimeError, match="scale must be a Float"):
+        ops.cross_entropy_hvp_(logits, target, u, scale.double(), -100, 0.0, 0, False, out)
+    with pytest.raises(RuntimeError, match="shift_period"):
+        ops.cross_entropy_hvp_(logits, target, u, scale, -100, 0.0, 3, False, out)
+    with pytest.raises(RuntimeError, match="contiguous int64"):
+        ops.cross_entropy_forward(logits, target.int(), -100, 0.0)
+    # An out-of-range label reaching the kernel directly gives NaN, never a read out of bounds.
+    loss, _ = ops.cross_entropy_forward(logits, torch.tensor([0, 7, -3, 1]), -100, 0.0)
+    assert loss[1:3].isnan().all() and loss[[0, 3]].isfinite().all()
+
+
+def test_cpp_kernels_are_cloned_and_vectorized_per_isa():
+    """Each parallel region exists as an AVX-512 (x86-64-v4), an AVX2+FMA and a baseline clone, and the
+    AVX-512 clone of the HVP runs on zmm registers for every dtype, with exp inlined (no libm call)."""
+    cpp_ops()
+    import curvkern._C as extension
+
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump not installed")
+    symbols = subprocess.run([objdump, "-t", extension.__file__], check=True, capture_output=True, text=True).stdout
+    for kernel in ["forward", "backward", "hvp"]:
+        for dtype in ["float", "double", "bfloat16", "half"]:
+            for isa in ("arch_x86_64_v4", "arch_x86_64_v3", "default"):
+                assert re.search(rf"ce_{kernel}_{dtype}\S*_omp_fn\.\d+\.{isa}\b", symbols), (kernel, dtype, isa)
+    for dtype in ["float", "double", "bfloat16", "half"]:
+        (name,) = re.findall(rf"\S*ce_hvp_{dtype}\S*_omp_fn\.\d+\.arch_x86_64_v4\b", symbols)
+        code = subprocess.run([objdump, "-d", "--no-show-raw-insn", f"--disassemble={name}", extension.__file__],
+                              check=True, capture_output=True, text=True).stdout
+        assert code.count("zmm") > 50, dtype
+        assert not re.search(r"call\s.*<(exp|expf|__expf|fma|fmaf)", code), dtype
+
+
+# --- the Triton kernels, compiled -------------------------------------------------------------------
+
+
+def compile_for_sm90(dtype: str) -> None:
+    """Compile the three Triton kernels for ``dtype`` logits ahead of time for sm_90, to PTX and through
+    ptxas (run in a process without TRITON_INTERPRET, where ``triton.jit`` gives compilable functions)."""
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from curvkern.ce import triton as ce_triton
+
+    accumulator = "*fp64" if dtype == "fp64" else "*fp32"
+    acc = ce_triton.tl.float64 if dtype == "fp64" else ce_triton.tl.float32
+    logits, common = f"*{dtype}", {"N": "i64", "V": "i32", "ignore_index": "i32", "smoothing_hi": "fp32", "smoothing_lo": "fp32"}
+    kernels = [
+        (ce_triton._forward_kernel,
+         {"logits_ptr": logits, "row_stride": "i64", "target_ptr": "*i64", "loss_ptr": accumulator, "lse_ptr": accumulator},
+         {"ACC": acc, "SMOOTHING": True, "ROWS": 4, "BLOCK_V": 1024}),
+        (ce_triton._backward_kernel,
+         {"logits_ptr": logits, "row_stride": "i64", "target_ptr": "*i64", "lse_ptr": accumulator, "scale_ptr": accumulator,
+          "scale_stride": "i64", "grad_ptr": logits},
+         {"ACC": acc, "ROWS": 1, "BLOCK_V": 4096}),
+        (ce_triton._hvp_kernel,
+         {"logits_ptr": logits, "row_stride": "i64", "target_ptr": "*i64", "u_ptr": logits, "u_row_stride": "i64",
+          "scale_ptr": accumulator, "scale_stride": "i64", "out_ptr": logits, "out_row_stride": "i64", "dot_ptr": accumulator},
+         {"SHIFT_PERIOD": 128, "ACC": acc, "SMOOTHING": True, "ROWS": 1, "BLOCK_V": 4096}),
+    ]
+    for kernel, pointers, constants in kernels:
+        signature = {**pointers, **common, **{name: "constexpr" for name in constants}}
+        source = ASTSource(kernel, signature={name: signature[name] for name in kernel.arg_names}, constexprs=constants)
+        compiled = triton_compile(source, target=GPUTarget("cuda", 90, 32))
+        assert ".entry" in compiled.asm["ptx"]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16", "fp64"])
+def test_triton_kernels_compile_for_a_gpu_target(dtype):
+    """The interpreter accepts code the Triton compiler rejects: without a GPU, compile for one."""
+    pytest.importorskip("triton")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    script = f"import test_cross_entropy as t; t.compile_for_sm90({dtype!r})"
+    completed = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent, env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+
+def test_cpp_streaming_stores_write_the_same_bits():
+    """fp32 results of 64 MiB and more written into a caller's ``out`` leave through streaming stores
+    (csrc/ce/cross_entropy.cpp): the same values, bit for bit, as ordinary stores, misaligned rows included."""
+    if "cpp" not in curvkern.available_backends(FAMILY):
+        pytest.skip("the C++ extension is not built")
+    logits, target, u = make_problem(340, 50257, dtype=torch.float32, ignore=[7], seed=5)  # 68 MiB per copy
+    streamed = curvkern.ce_hvp(logits, target, u, reduction="sum", out=torch.empty_like(logits), fused="cpp")
+    stored = torch.cat([curvkern.ce_hvp(logits[i:i + 20], target[i:i + 20], u[i:i + 20], reduction="sum", fused="cpp")
+                        for i in range(0, 340, 20)])
+    assert torch.equal(streamed, stored)
+    assert torch.count_nonzero(streamed[7]) == 0 and streamed.abs().sum() > 0
