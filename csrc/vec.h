@@ -72,11 +72,14 @@ CURVKERN_INLINE double exp(double x) {
       1.3888888888888889e-3, 1.9841269841269841e-4, 2.4801587301587302e-5, 2.7557319223985893e-6,
       2.7557319223985888e-7, 2.5052108385441720e-8, 2.0876756987868100e-9, 1.6059043836821613e-10};
   const double clamped = x < kMin ? kMin : (x > kMax ? kMax : x);
-  const double k = (clamped * kLog2e + kRound) - kRound;
+  const double shifted = clamped * kLog2e + kRound;
+  const double k = shifted - kRound;
   const double r = std::fma(-k, kLn2Lo, std::fma(-k, kLn2Hi, clamped));
   const double poly = detail::horner(r, kPoly, 14);
-  const int64_t ki = static_cast<int64_t>(k);
-  const int64_t k1 = ki >> 1;
+  // k as an integer read from the rounded sum's low bits, and halved with a logical shift of k + 2048:
+  // AVX2 has neither a double→int64 conversion nor an arithmetic 64-bit shift, and would stay scalar.
+  const int64_t ki = detail::bit_cast<int64_t>(shifted) - detail::bit_cast<int64_t>(kRound);
+  const int64_t k1 = static_cast<int64_t>(static_cast<uint64_t>(ki + 2048) >> 1) - 1024;
   const double scale1 = detail::bit_cast<double>(static_cast<int64_t>((k1 + 1023) << 52));
   const double scale2 = detail::bit_cast<double>(static_cast<int64_t>((ki - k1 + 1023) << 52));
   double result = poly * scale1 * scale2;
