@@ -1,0 +1,264 @@
+"""What both Triton optimizers share: the chunk table, the launcher, and the device helpers.
+
+The chunk table cuts a group's tensors into fixed-size work units ``(tensor slot, start, global chunk)``
+that cross tensor boundaries, so one launch per pass covers the whole group whatever its number of
+tensors (one launch per dtype combination: the element types are compile-time constants). Tensors are
+reached through an int64 table of their addresses, cast to typed pointers inside the kernels; this works
+both compiled and in the interpreter, whose loads dereference the same raw host addresses.
+
+Layout: a parameter that is dense (contiguous, or a permutation of contiguous such as a transposed
+matrix) is processed in its own memory order; its state (created with ``preserve_format``) shares its
+strides, and a gradient with other strides is copied into the parameter's layout for the step. Only a
+parameter with gaps (a slice, an expanded view) is copied to contiguous memory and back, with any state
+that does not match. Offsets are int64 from the table on, so a tensor of more than 2³¹ elements works.
+"""
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch._prims_common import is_non_overlapping_and_dense_or_false
+
+# Elements per work unit, and per vector a program handles at once. 2^14 keeps 100M parameters at a
+# few thousand programs (enough to fill the device) while 20,000 small tensors are one unit each.
+CHUNK_SIZE = 1 << 14
+BLOCK_SIZE = 1024
+
+TRITON_DTYPES = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
+
+# Kernel launches issued by this module (tests count them to check launches per step stay constant).
+launch_count = 0
+
+
+def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
+    """Launch ``kernel`` with floating-point contraction off: the kernels write every fused multiply-add
+    they want as ``tl.fma`` (where torch's own kernel fuses), and every other multiply and add rounds
+    separately, in the order the eager reference rounds them."""
+    global launch_count
+    launch_count += 1
+    kernel[grid](*args, enable_fp_fusion=False, **kwargs)
+
+
+@dataclass
+class Bucket:
+    """The tensors of a group that share their element types, and their chunks."""
+
+    dtypes: tuple[torch.dtype, ...]   # one per role
+    addresses: torch.Tensor           # int64 [roles, tensors]
+    tensor_index: torch.Tensor        # int64 [tensors]: position in the group
+    numels: torch.Tensor              # int64 [tensors]
+    chunks: torch.Tensor              # int64 [3, chunks]: slot in the bucket, first element, global chunk id
+    num_tensors: int
+    num_chunks: int
+    alignment: int                    # 16 when every address is 16-byte aligned (vector loads), else 1
+
+    @property
+    def triton_dtypes(self) -> tuple:
+        return tuple(TRITON_DTYPES[d] for d in self.dtypes)
+
+
+@dataclass
+class ChunkTable:
+    buckets: list[Bucket]
+    chunk_begin: torch.Tensor  # int64 [tensors + 1]: the group's global chunk ids of each tensor
+    numels: torch.Tensor       # int64 [tensors], in group order
+    num_tensors: int
+    num_chunks: int
+
+
+_TABLES: OrderedDict[tuple, ChunkTable] = OrderedDict()
+_MAX_CACHED_TABLES = 16
+
+
+def chunk_layout(numels: Sequence[int], chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """``(owner, start, chunk_begin)`` for tensors of ``numels`` elements, with no per-element loop.
+
+    ``owner[c]`` is the tensor of chunk ``c``, ``start[c]`` its first element (int64: a tensor may hold
+    more than 2³¹ elements), ``chunk_begin[i]`` the first chunk of tensor ``i`` (length ``n + 1``).
+    Host tensors, built from Python ints (reading a tensor back would be a host sync on the GPU path).
+    """
+    counts = [-(-n // chunk_size) for n in numels]  # 0 for an empty tensor
+    chunk_begin = [0, *itertools.accumulate(counts)]
+    owner = torch.repeat_interleave(torch.arange(len(numels)), torch.tensor(counts, dtype=torch.int64))
+    start = (torch.arange(chunk_begin[-1]) - torch.tensor(chunk_begin[:-1], dtype=torch.int64)[owner]) * chunk_size
+    return owner, start, chunk_begin
+
+
+def build_table(roles: Sequence[Sequence[torch.Tensor]], device: torch.device, chunk_size: int = CHUNK_SIZE) -> ChunkTable:
+    """The chunk table of ``roles`` (lists of equally long tensor lists: params, grads, state...).
+
+    Cached by the tensors' addresses, sizes and dtypes: a steady-state step reuses the device table.
+    """
+    tensors = list(zip(*roles))
+    key = (chunk_size, device, tuple((t.data_ptr(), t.numel(), t.dtype) for row in tensors for t in row))
+    table = _TABLES.get(key)
+    if table is not None:
+        _TABLES.move_to_end(key)
+        return table
+
+    numel_list = [row[0].numel() for row in tensors]
+    numels = torch.tensor(numel_list, dtype=torch.int64)
+    owner, start, chunk_begin = chunk_layout(numel_list, chunk_size)
+    address_list = [[t.data_ptr() for t in row] for row in tensors]
+    addresses = torch.tensor(address_list, dtype=torch.int64).reshape(len(tensors), -1)
+    dtype_rows = [tuple(t.dtype for t in row) for row in tensors]
+
+    host_parts, buckets_meta = [], []
+    for dtypes in dict.fromkeys(dtype_rows):  # first-seen order
+        members = torch.tensor([i for i, d in enumerate(dtype_rows) if d == dtypes], dtype=torch.int64)
+        slot_of = torch.full((len(tensors),), -1, dtype=torch.int64)
+        slot_of[members] = torch.arange(len(members))
+        in_bucket = slot_of[owner] >= 0
+        chunk_ids = torch.nonzero(in_bucket).flatten()
+        chunks = torch.stack([slot_of[owner[chunk_ids]], start[chunk_ids], chunk_ids])
+        member_addresses = addresses[members].t().contiguous()
+        host_parts += [member_addresses.flatten(), members, numels[members], chunks.flatten()]
+        aligned = chunk_size % 16 == 0 and all(
+            address % 16 == 0 for row, d in zip(address_list, dtype_rows) if d == dtypes for address in row
+        )
+        buckets_meta.append((dtypes, len(members), chunks.shape[1], 16 if aligned else 1))
+    host_parts += [torch.tensor(chunk_begin, dtype=torch.int64), numels]
+
+    # One host-to-device copy for the whole table; the pieces are views of it.
+    flat = torch.cat(host_parts).to(device)
+    pieces = iter(torch.split(flat, [len(part) for part in host_parts]))
+    buckets = []
+    for dtypes, num_tensors, num_chunks, alignment in buckets_meta:
+        member_addresses, members, member_numels, chunks = (next(pieces) for _ in range(4))
+        buckets.append(Bucket(
+            dtypes=dtypes,
+            addresses=member_addresses.view(len(roles), num_tensors),
+            tensor_index=members,
+            numels=member_numels,
+            chunks=chunks.view(3, num_chunks),
+            num_tensors=num_tensors,
+            num_chunks=num_chunks,
+            alignment=alignment,
+        ))
+    table = ChunkTable(buckets, next(pieces), next(pieces), len(tensors), chunk_begin[-1])
+    _TABLES[key] = table
+    if len(_TABLES) > _MAX_CACHED_TABLES:
+        _TABLES.popitem(last=False)
+    return table
+
+
+class DenseLayout:
+    """Gives the kernels tensors they can stream in memory order, and writes results back afterwards.
+
+    ``reference(param)`` is the layout every other tensor of that parameter must share; ``readable``
+    and ``writable`` return a tensor in that layout (the original where it already is).
+    """
+
+    def __init__(self):
+        self._write_back: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def reference(self, param: torch.Tensor) -> torch.Tensor:
+        if param.is_contiguous() or is_non_overlapping_and_dense_or_false(param):
+            return param
+        return self.writable(param, torch.empty_like(param, memory_format=torch.contiguous_format))
+
+    def readable(self, tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if tensor is like or tensor.stride() == like.stride() or tensor.numel() <= 1:
+            return tensor
+        return torch.empty_like(like, dtype=tensor.dtype).copy_(tensor)
+
+    def writable(self, tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        work = self.readable(tensor, like)
+        if work is not tensor:
+            self._write_back.append((tensor, work))
+        return work
+
+    def finish(self) -> None:
+        for original, work in self._write_back:
+            original.copy_(work)
+        self._write_back.clear()
+
+
+_DEVICE_VECTORS: dict[tuple, torch.Tensor] = {}
+
+
+def device_vector(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    """``values`` as a float64 tensor on ``device``, copied once per distinct value tuple."""
+    key = (tuple(values), device)
+    vector = _DEVICE_VECTORS.get(key)
+    if vector is None:
+        vector = _DEVICE_VECTORS[key] = torch.tensor(values or [0.0], dtype=torch.float64).to(device)
+    return vector
+
+
+# ---------------------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def sqrt_rn(x):
+    # tl.sqrt of fp32 is an approximation on the GPU; torch's is correctly rounded.
+    if x.dtype == tl.float32:
+        return tl.sqrt_rn(x)
+    else:
+        return tl.sqrt(x)
+
+
+@triton.jit
+def div_rn(x, y):
+    # Likewise fp32 division.
+    if x.dtype == tl.float32:
+        return tl.div_rn(x, y)
+    else:
+        return x / y
+
+
+@triton.jit
+def store_rounded(pointer, value, mask, dtype: tl.constexpr):
+    """Store fp32 ``value`` as ``dtype``. bf16 is rounded to nearest even by hand, because the
+    interpreter truncates; NaN becomes torch's canonical bf16 NaN 0x7FC0."""
+    if dtype == tl.bfloat16:
+        bits = value.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(value != value, 0x7FC0, rounded)
+        tl.store(pointer, rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(pointer, value.to(dtype), mask=mask)
+
+
+@triton.jit
+def per_tensor_sums_kernel(
+    partials, sums, chunk_begin, tensor_index,
+    NUM_SUMS: tl.constexpr, SUMS_WIDTH: tl.constexpr, STATE_DTYPE: tl.constexpr,
+):
+    """One program per tensor of a bucket: add its chunks' partial sums in chunk order, in the state
+    dtype (as the eager reference sums a tensor), and store them widened to float64."""
+    slot = tl.program_id(0)
+    tensor = tl.load(tensor_index + slot)
+    first = tl.load(chunk_begin + tensor)
+    last = tl.load(chunk_begin + tensor + 1)
+    columns = tl.arange(0, SUMS_WIDTH)
+    used = columns < NUM_SUMS
+    total = tl.zeros([SUMS_WIDTH], STATE_DTYPE)
+    for chunk in range(first, last):
+        total += tl.load(partials + chunk * NUM_SUMS + columns, mask=used, other=0.0).to(STATE_DTYPE)
+    tl.store(sums + tensor * NUM_SUMS + columns, total.to(tl.float64), mask=used)
+
+
+def per_tensor_sums(table: ChunkTable, partials: torch.Tensor, num_sums: int, state_role: int) -> torch.Tensor:
+    """``[tensors, num_sums]`` float64: each tensor's sums from pass A's per-chunk partials."""
+    sums = torch.empty((table.num_tensors, num_sums), dtype=torch.float64, device=partials.device)
+    for bucket in table.buckets:
+        if bucket.num_tensors:
+            launch(
+                per_tensor_sums_kernel, (bucket.num_tensors,),
+                partials, sums, table.chunk_begin, bucket.tensor_index,
+                NUM_SUMS=num_sums, SUMS_WIDTH=triton.next_power_of_2(num_sums),
+                STATE_DTYPE=TRITON_DTYPES[bucket.dtypes[state_role]],
+            )
+    return sums
+
