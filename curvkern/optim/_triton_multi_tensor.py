@@ -94,7 +94,7 @@ def chunk_layout(numels: Sequence[int], chunk_size: int) -> tuple[torch.Tensor, 
     return owner, start, chunk_begin
 
 
-def build_table(roles: Sequence[Sequence[torch.Tensor]], device: torch.device, chunk_size: int = CHUNK_SIZE) -> ChunkTable:
+def build_table(roles: Sequence[Sequence[torch.Tensor]], device: torch.device, chunk_size: int) -> ChunkTable:
     """The chunk table of ``roles`` (lists of equally long tensor lists: params, grads, state...).
 
     Cached by the tensors' addresses, sizes and dtypes: a steady-state step reuses the device table.
@@ -220,7 +220,7 @@ def div_rn(x, y):
 @triton.jit
 def store_rounded(pointer, value, mask, dtype: tl.constexpr):
     """Store fp32 ``value`` as ``dtype``. bf16 is rounded to nearest even by hand, because the
-    interpreter truncates; NaN becomes torch's canonical bf16 NaN 0x7FC0."""
+    interpreter truncates; a NaN is stored as the quiet NaN 0x7FC0 (rounding its bits could give inf)."""
     if dtype == tl.bfloat16:
         bits = value.to(tl.uint32, bitcast=True)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16

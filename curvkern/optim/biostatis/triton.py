@@ -175,7 +175,7 @@ def biostatis_step(
         row += [layout.writable(state, reference) for state in (exp_avg, exp_avg_sq, *emas)]
         for role, tensor in zip(roles, row, strict=True):
             role.append(tensor)
-    table = build_table(roles, device)
+    table = build_table(roles, device, CHUNK_SIZE)
     beta1, beta2 = (float(b) for b in betas)
     moments = (beta1, 1 - beta1, beta2, 1 - beta2)
 

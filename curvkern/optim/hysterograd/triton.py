@@ -157,7 +157,7 @@ def hysterograd_step(
         work_params.append(reference)
         work_grads.append(layout.readable(grad, reference))
         work_metrics.append(layout.writable(metric, reference))
-    table = build_table([work_params, work_grads, work_metrics], device)
+    table = build_table([work_params, work_grads, work_metrics], device, CHUNK_SIZE)
 
     partials = torch.zeros(table.num_chunks, dtype=torch.float64, device=device)
     for bucket in table.buckets:
