@@ -260,3 +260,45 @@ def test_a_tensor_of_more_than_2_31_elements():
     assert metric[-1].item() == metric[0].item() == pytest.approx(0.01 * 0.25, rel=1e-6)
     assert p[-1].item() == p[0].item() != 0.0
     assert g_norm == pytest.approx((numel * (0.5 / (0.05 + 1e-7)) ** 2) ** 0.5, rel=1e-4)
+
+
+# ---------------------------------------------------------------- capturable (any backend; CUDA graphs above)
+
+
+@pytest.mark.parametrize("fused", ["eager", "triton"])
+def test_capturable_hysterograd_returns_the_statistics_on_the_device(fused, monkeypatch):
+    params = make_params([(5,), (2, 3)], torch.float32)
+    shadow = [p.detach().clone().requires_grad_(True) for p in params]
+    opt = HysteroGrad([{"params": params[:1]}, {"params": params[1:]}, {"params": []}], lr=0.05, fused=fused, capturable=True)
+    reference = HysteroGrad([{"params": shadow[:1]}, {"params": shadow[1:]}, {"params": []}], lr=0.05, fused=fused)
+    for step in range(3):
+        set_grads(params, step)
+        set_grads(shadow, step)
+        with monkeypatch.context() as patch:
+            for name in ("item", "tolist", "__bool__", "__float__", "cpu", "numpy"):
+                patch.setattr(torch.Tensor, name, lambda *_: pytest.fail("host read in a capturable step"))
+            liquid, g_norm, h_width = opt.step()
+        status, expected_norm, expected_h = reference.step()
+        assert liquid.device == params[0].device and liquid.dtype == torch.bool
+        assert bool(liquid) == (status == "Liquid")
+        assert g_norm.item() == expected_norm and h_width.item() == expected_h
+
+
+@pytest.mark.parametrize("capturable_first", [True, False])
+def test_capturable_biostatis_state_loads_across_modes(capturable_first):
+    params = make_params([(5,), (2, 3)], torch.float32)
+    opt = trajectory("biostatis", params, "triton", capturable=capturable_first)
+    assert all(opt.state[p]["step"].device == (p.device if capturable_first else torch.device("cpu")) for p in params)
+    copies = [p.detach().clone().requires_grad_(True) for p in params]
+    other = OPTIMIZERS["biostatis"](copies, "triton", capturable=not capturable_first)
+    other.load_state_dict(opt.state_dict())
+    for p in copies:
+        assert other.state[p]["step"].device == (torch.device("cpu") if capturable_first else p.device)
+        assert other.state[p]["step"].item() == 3.0
+    for step in (3, 4):
+        set_grads(params, step)
+        set_grads(copies, step)
+        opt.step()
+        other.step()
+    for p, q in zip(params, copies):
+        assert torch.equal(p, q)
