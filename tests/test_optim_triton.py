@@ -7,6 +7,11 @@ the GPU-only tests skip.
 """
 import importlib
 import inspect
+import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -169,6 +174,35 @@ def test_hyperparameters_are_runtime_float64_arguments():
                 found.add(name)
                 assert parameter.annotation in (tl.float64, "tl.float64"), (kernel.fn.__name__, name)
     assert found == HYPERPARAMETER_NAMES
+
+
+@pytest.fixture(scope="module")
+def ptx_counts():
+    """PTX instruction counts of the kernels compiled for sm_90 (no GPU needed), from tests/triton_ptx.py."""
+    script = pathlib.Path(__file__).with_name("triton_ptx.py")
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(sys.path))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def test_kernels_compile_for_sm90_with_exact_rounding_and_vector_loads(ptx_counts):
+    for kernel, counts in ptx_counts.items():
+        approximations = [op for op in counts if op.startswith(("div.full", "div.approx", "sqrt.approx"))]
+        assert not approximations, (kernel, approximations)
+    for kernel in ("hysterograd_pass_a", "hysterograd_pass_b", "biostatis_sums", "biostatis_update"):
+        assert ptx_counts[kernel].get("ld.global.v4.b32", 0) > 0, kernel
+    assert ptx_counts["biostatis_update_fp64"].get("ld.global.v2.b64", 0) > 0
+
+
+def test_no_multiply_add_is_contracted(ptx_counts):
+    # HysteroGrad's p + u·(−η·k) is a multiply then an add, as eager's two ops.
+    assert ptx_counts["hysterograd_pass_b"].get("fma.rn.f32", 0) == 0
+    assert ptx_counts["hysterograd_pass_b"]["mul.rn.f32"] > 0
+    # BiostatisV6's pass B has 6 explicit FMAs per element (m, v, 2 EMAs, 2 flow terms); contraction
+    # would fuse more of its multiplies and adds.
+    explicit, fused = ptx_counts["biostatis_update"]["fma.rn.f32"], ptx_counts["biostatis_update_fused"]["fma.rn.f32"]
+    assert explicit < fused and explicit % 6 == 0
 
 
 # ---------------------------------------------------------------- GPU only

@@ -36,6 +36,15 @@ def _abs_tanh(x):
     return ((1.0 - t) / (1.0 + t)).to(x.dtype)
 
 
+@triton.jit
+def _moments(grad_ptr, m_ptr, v_ptr, offsets, mask, b1, c1, b2, c2, STATE_DTYPE: tl.constexpr):
+    """g, m' = fma(g, 1−β1, m·β1), v' = fma((1−β2)·g, g, v·β2), as torch's add_(alpha=) and addcmul_."""
+    g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(STATE_DTYPE)
+    m = tl.fma(g, c1, tl.load(m_ptr + offsets, mask=mask, other=0.0) * b1)
+    v = tl.fma(c2 * g, g, tl.load(v_ptr + offsets, mask=mask, other=0.0) * b2)
+    return g, m, v
+
+
 @triton.jit(do_not_specialize=["num_tensors", "num_chunks"])
 def _sums_kernel(
     addresses, chunks, numels, partials, num_tensors, num_chunks,
@@ -62,18 +71,17 @@ def _sums_kernel(
     mm = tl.zeros([BLOCK], STATE_DTYPE)
     am = tl.zeros([BLOCK], STATE_DTYPE)
     sv = tl.zeros([BLOCK], STATE_DTYPE)
-    for block in range(start, end, BLOCK):
-        offsets = block + tl.arange(0, BLOCK)
-        mask = offsets < end  # lanes past the end load zeros, which add nothing to any sum
-        g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(STATE_DTYPE)
-        m = tl.fma(g, c1, tl.load(m_ptr + offsets, mask=mask, other=0.0) * b1)
-        v = tl.fma(c2 * g, g, tl.load(v_ptr + offsets, mask=mask, other=0.0) * b2)
-        gg += g * g
-        th += _abs_tanh(g)
-        mg += m * g
-        mm += m * m
-        am += tl.abs(m)
-        sv += sqrt_rn(v)
+    # Full blocks without a mask (vector loads where ALIGN allows), then the tail, if any, masked.
+    # Lanes past the end load zeros, which add nothing to any sum.
+    full_end = end - (end - start) % BLOCK
+    for block in range(start, full_end, BLOCK):
+        offsets = tl.max_contiguous(tl.multiple_of(block + tl.arange(0, BLOCK), ALIGN), BLOCK)
+        g, m, v = _moments(grad_ptr, m_ptr, v_ptr, offsets, tl.full([BLOCK], True, tl.int1), b1, c1, b2, c2, STATE_DTYPE)
+        gg, th, mg, mm, am, sv = gg + g * g, th + _abs_tanh(g), mg + m * g, mm + m * m, am + tl.abs(m), sv + sqrt_rn(v)
+    for block in range(full_end, end, BLOCK):
+        offsets = tl.max_contiguous(tl.multiple_of(block + tl.arange(0, BLOCK), ALIGN), BLOCK)
+        g, m, v = _moments(grad_ptr, m_ptr, v_ptr, offsets, offsets < end, b1, c1, b2, c2, STATE_DTYPE)
+        gg, th, mg, mm, am, sv = gg + g * g, th + _abs_tanh(g), mg + m * g, mm + m * m, am + tl.abs(m), sv + sqrt_rn(v)
     row = partials + tl.load(chunks + 2 * num_chunks + chunk) * 6
     tl.store(row, tl.sum(gg).to(tl.float64))
     tl.store(row + 1, tl.sum(th).to(tl.float64))
@@ -81,6 +89,36 @@ def _sums_kernel(
     tl.store(row + 3, tl.sum(mm).to(tl.float64))
     tl.store(row + 4, tl.sum(am).to(tl.float64))
     tl.store(row + 5, tl.sum(sv).to(tl.float64))
+
+
+@triton.jit
+def _update_block(
+    addresses, param_ptr, grad_ptr, m_ptr, v_ptr, memory, num_tensors, slot, offsets, mask,
+    b1, c1, b2, c2, eps_s, decay_s, apply_decay, tau, ascent, sqrt_bc2, coef,
+    PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, NUM_MEMORIES: tl.constexpr, ALIGN: tl.constexpr,
+):
+    g, m, v = _moments(grad_ptr, m_ptr, v_ptr, offsets, mask, b1, c1, b2, c2, STATE_DTYPE)
+    tl.store(m_ptr + offsets, m, mask=mask)
+    tl.store(v_ptr + offsets, v, mask=mask)
+    flow = tl.zeros(offsets.shape, STATE_DTYPE)
+    for j in tl.static_range(NUM_MEMORIES):
+        ema_ptr = tl.load(addresses + (4 + j) * num_tensors + slot).to(tl.pointer_type(STATE_DTYPE))
+        ema_ptr = tl.multiple_of(ema_ptr, ALIGN)
+        d = tl.load(memory + j).to(STATE_DTYPE)
+        one_minus_d = tl.load(memory + NUM_MEMORIES + j).to(STATE_DTYPE)
+        weight = tl.load(memory + 2 * NUM_MEMORIES + j).to(STATE_DTYPE)
+        ema = tl.fma(g, one_minus_d, tl.load(ema_ptr + offsets, mask=mask, other=0.0) * d)
+        tl.store(ema_ptr + offsets, ema, mask=mask)
+        flow = tl.fma(ema, weight, flow)  # flow.add_(ema, alpha=w), from zeros, in order
+    sign = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0)).to(STATE_DTYPE)  # torch.sign; NaN gives 0
+    adaptive = g * (1.0 + sign * 0.5 * tau)
+    adaptive = adaptive + ascent * g
+    denom = div_rn(sqrt_rn(v), sqrt_bc2) + eps_s
+    update = div_rn(m, denom) + flow * 0.05
+    update = (update + adaptive * 0.01) * coef
+    p = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(STATE_DTYPE)
+    p = tl.where(apply_decay != 0, p * decay_s, p)
+    store_rounded(param_ptr + offsets, p + update, mask, PARAM_DTYPE)
 
 
 @triton.jit(do_not_specialize=["num_tensors", "num_chunks", "apply_decay"])
@@ -113,33 +151,17 @@ def _update_kernel(
     ascent = tl.load(ascent_ptr + tensor).to(STATE_DTYPE)
     sqrt_bc2 = tl.load(sqrt_bc2_ptr + tensor).to(STATE_DTYPE)
     coef = tl.load(coef_ptr + tensor).to(STATE_DTYPE)
-    for block in range(start, end, BLOCK):
-        offsets = block + tl.arange(0, BLOCK)
-        mask = offsets < end
-        g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(STATE_DTYPE)
-        m = tl.fma(g, c1, tl.load(m_ptr + offsets, mask=mask, other=0.0) * b1)
-        tl.store(m_ptr + offsets, m, mask=mask)
-        v = tl.fma(c2 * g, g, tl.load(v_ptr + offsets, mask=mask, other=0.0) * b2)
-        tl.store(v_ptr + offsets, v, mask=mask)
-        flow = tl.zeros([BLOCK], STATE_DTYPE)
-        for j in tl.static_range(NUM_MEMORIES):
-            ema_ptr = tl.load(addresses + (4 + j) * num_tensors + slot).to(tl.pointer_type(STATE_DTYPE))
-            ema_ptr = tl.multiple_of(ema_ptr, ALIGN)
-            d = tl.load(memory + j).to(STATE_DTYPE)
-            one_minus_d = tl.load(memory + NUM_MEMORIES + j).to(STATE_DTYPE)
-            weight = tl.load(memory + 2 * NUM_MEMORIES + j).to(STATE_DTYPE)
-            ema = tl.fma(g, one_minus_d, tl.load(ema_ptr + offsets, mask=mask, other=0.0) * d)
-            tl.store(ema_ptr + offsets, ema, mask=mask)
-            flow = tl.fma(ema, weight, flow)
-        sign = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0)).to(STATE_DTYPE)  # torch.sign; NaN gives 0
-        adaptive = g * (1.0 + sign * 0.5 * tau)
-        adaptive = adaptive + ascent * g
-        denom = div_rn(sqrt_rn(v), sqrt_bc2) + eps_s
-        update = div_rn(m, denom) + flow * 0.05
-        update = (update + adaptive * 0.01) * coef
-        p = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(STATE_DTYPE)
-        p = tl.where(apply_decay != 0, p * decay_s, p)
-        store_rounded(param_ptr + offsets, p + update, mask, PARAM_DTYPE)
+    full_end = end - (end - start) % BLOCK
+    for block in range(start, full_end, BLOCK):
+        offsets = tl.max_contiguous(tl.multiple_of(block + tl.arange(0, BLOCK), ALIGN), BLOCK)
+        _update_block(addresses, param_ptr, grad_ptr, m_ptr, v_ptr, memory, num_tensors, slot, offsets,
+                      tl.full([BLOCK], True, tl.int1), b1, c1, b2, c2, eps_s, decay_s, apply_decay,
+                      tau, ascent, sqrt_bc2, coef, PARAM_DTYPE, STATE_DTYPE, NUM_MEMORIES, ALIGN)
+    for block in range(full_end, end, BLOCK):
+        offsets = tl.max_contiguous(tl.multiple_of(block + tl.arange(0, BLOCK), ALIGN), BLOCK)
+        _update_block(addresses, param_ptr, grad_ptr, m_ptr, v_ptr, memory, num_tensors, slot, offsets,
+                      offsets < end, b1, c1, b2, c2, eps_s, decay_s, apply_decay,
+                      tau, ascent, sqrt_bc2, coef, PARAM_DTYPE, STATE_DTYPE, NUM_MEMORIES, ALIGN)
 
 
 @register("biostatis", "triton")

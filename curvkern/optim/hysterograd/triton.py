@@ -26,6 +26,15 @@ from curvkern.optim._triton_multi_tensor import (
 PARAM, GRAD, METRIC = range(3)  # roles in the chunk table
 
 
+@triton.jit
+def _pass_a_block(grad_ptr, metric_ptr, offsets, mask, beta_s, coef_s, eps_s, STATE_DTYPE: tl.constexpr):
+    g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(STATE_DTYPE)
+    metric = tl.fma(coef_s * g, g, tl.load(metric_ptr + offsets, mask=mask, other=0.0) * beta_s)
+    tl.store(metric_ptr + offsets, metric, mask=mask)
+    u = div_rn(g, sqrt_rn(metric) + eps_s)
+    return tl.where(mask, u * u, 0.0)
+
+
 @triton.jit(do_not_specialize=["num_tensors", "num_chunks"])
 def _pass_a_kernel(
     addresses, chunks, numels, partials, num_tensors, num_chunks,
@@ -45,15 +54,14 @@ def _pass_a_kernel(
     coef_s = (zero64 + metric_coef).to(STATE_DTYPE)
     eps_s = (zero64 + epsilon).to(STATE_DTYPE)
     total = tl.zeros([BLOCK], STATE_DTYPE)
-    for block in range(start, end, BLOCK):
-        offsets = block + tl.arange(0, BLOCK)
-        mask = offsets < end
-        g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(STATE_DTYPE)
-        metric = tl.load(metric_ptr + offsets, mask=mask, other=0.0)
-        metric = tl.fma(coef_s * g, g, metric * beta_s)
-        tl.store(metric_ptr + offsets, metric, mask=mask)
-        u = div_rn(g, sqrt_rn(metric) + eps_s)
-        total += tl.where(mask, u * u, 0.0)
+    # Full blocks without a mask (vector loads where ALIGN allows), then the tail, if any, masked.
+    full_end = end - (end - start) % BLOCK
+    for block in range(start, full_end, BLOCK):
+        offsets = tl.max_contiguous(tl.multiple_of(block + tl.arange(0, BLOCK), ALIGN), BLOCK)
+        total += _pass_a_block(grad_ptr, metric_ptr, offsets, tl.full([BLOCK], True, tl.int1), beta_s, coef_s, eps_s, STATE_DTYPE)
+    for block in range(full_end, end, BLOCK):
+        offsets = tl.max_contiguous(tl.multiple_of(block + tl.arange(0, BLOCK), ALIGN), BLOCK)
+        total += _pass_a_block(grad_ptr, metric_ptr, offsets, offsets < end, beta_s, coef_s, eps_s, STATE_DTYPE)
     tl.store(partials + tl.load(chunks + 2 * num_chunks + chunk), tl.sum(total).to(tl.float64))
 
 
@@ -99,6 +107,15 @@ def _scalar_kernel(
     tl.store(neg_step_ptr, neg_step)
 
 
+@triton.jit
+def _pass_b_block(param_ptr, grad_ptr, metric_ptr, offsets, mask, eps_s, neg_step,
+                  PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr):
+    g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(STATE_DTYPE)
+    u = div_rn(g, sqrt_rn(tl.load(metric_ptr + offsets, mask=mask, other=0.0)) + eps_s)
+    p = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(STATE_DTYPE)
+    store_rounded(param_ptr + offsets, p + u * neg_step, mask, PARAM_DTYPE)
+
+
 @triton.jit(do_not_specialize=["num_tensors", "num_chunks"])
 def _pass_b_kernel(
     addresses, chunks, numels, stats_ptr, neg_step_ptr, num_tensors, num_chunks,
@@ -119,14 +136,14 @@ def _pass_b_kernel(
     metric_ptr = tl.multiple_of(tl.load(addresses + 2 * num_tensors + slot).to(tl.pointer_type(STATE_DTYPE)), ALIGN)
     eps_s = (zero64 + epsilon).to(STATE_DTYPE)
     neg_step = tl.load(neg_step_ptr).to(STATE_DTYPE)
-    for block in range(start, end, BLOCK):
-        offsets = block + tl.arange(0, BLOCK)
-        mask = offsets < end
-        g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(STATE_DTYPE)
-        metric = tl.load(metric_ptr + offsets, mask=mask, other=0.0)
-        u = div_rn(g, sqrt_rn(metric) + eps_s)
-        p = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(STATE_DTYPE)
-        store_rounded(param_ptr + offsets, p + u * neg_step, mask, PARAM_DTYPE)
+    full_end = end - (end - start) % BLOCK
+    for block in range(start, full_end, BLOCK):
+        offsets = tl.max_contiguous(tl.multiple_of(block + tl.arange(0, BLOCK), ALIGN), BLOCK)
+        _pass_b_block(param_ptr, grad_ptr, metric_ptr, offsets, tl.full([BLOCK], True, tl.int1), eps_s, neg_step,
+                      PARAM_DTYPE, STATE_DTYPE)
+    for block in range(full_end, end, BLOCK):
+        offsets = tl.max_contiguous(tl.multiple_of(block + tl.arange(0, BLOCK), ALIGN), BLOCK)
+        _pass_b_block(param_ptr, grad_ptr, metric_ptr, offsets, offsets < end, eps_s, neg_step, PARAM_DTYPE, STATE_DTYPE)
 
 
 @register("hysterograd", "triton")
