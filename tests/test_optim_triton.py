@@ -69,7 +69,7 @@ def test_launches_per_step_do_not_grow_with_the_number_of_tensors(family):
         before = multi_tensor.launch_count
         opt.step()
         launches.append(multi_tensor.launch_count - before)
-    # Pass A, per-tensor sums, pass B (+ HysteroGrad's scalar kernel); BiostatisV6's scalar stage is torch ops.
+    # Pass A, per-tensor sums, pass B (+ HysteroGrad's accumulator kernel); the scalar stages are torch ops.
     assert launches == [4, 4, 4] if family == "hysterograd" else launches == [3, 3, 3]
 
 
@@ -153,8 +153,7 @@ def test_chunk_offsets_are_64_bit():
 
 
 HYPERPARAMETER_NAMES = {
-    "lr", "neg_lr", "beta", "beta1", "beta2", "one_minus_beta", "one_minus_beta1", "one_minus_beta2", "epsilon",
-    "eps", "metric_coef", "stiffening_factor", "cooling_rate", "grad_clip", "hysteresis_scale", "decay",
+    "beta", "metric_coef", "epsilon", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "decay",
 }
 
 

@@ -49,9 +49,8 @@ def main():
             hysterograd._pass_b_kernel, dict(fp32, PARAM_DTYPE=tl.float32, GRAD_DTYPE=tl.float32)),
         "hysterograd_pass_b_bf16": instruction_counts(
             hysterograd._pass_b_kernel, dict(fp32, PARAM_DTYPE=tl.bfloat16, GRAD_DTYPE=tl.bfloat16)),
-        "hysterograd_scalars": instruction_counts(
-            hysterograd._scalar_kernel, dict(CLIP=True, ADAPTIVE=True, SCALAR_DTYPE=tl.float32),
-            pointers={"tau_ptr": "*fp32"}),
+        "hysterograd_accumulate": instruction_counts(
+            hysterograd._accumulate_kernel, dict(SCALAR_DTYPE=tl.float32), pointers={"accumulator": "*fp32"}),
         "biostatis_sums": instruction_counts(biostatis._sums_kernel, dict(fp32, GRAD_DTYPE=tl.float32)),
         "biostatis_update": instruction_counts(biostatis._update_kernel, update),
         "biostatis_update_fused": instruction_counts(biostatis._update_kernel, update, fp_fusion=True),

@@ -1,15 +1,19 @@
-"""HysteroGrad's Triton backend: pass A, per-tensor sums, scalar stage and pass B, one launch each per
-group and dtype combination, whatever the number of tensors (see :mod:`curvkern.optim._triton_multi_tensor`).
+"""HysteroGrad's Triton backend: pass A, per-tensor sums, the group accumulator, the scalar stage and
+pass B; one launch each per group and dtype combination, whatever the number of tensors (see
+:mod:`curvkern.optim._triton_multi_tensor`).
 
 Every rounding mirrors :mod:`curvkern.optim.hysterograd.eager` op for op, including where torch's own
-kernels fuse: ``addcmul_`` is one FMA ``fma(c·g, g, G·β)``; ``/`` and ``sqrt`` are correctly rounded;
-``C / x`` is torch's ``reciprocal(x)·C``. Nothing else is contracted (the launcher turns contraction off).
+kernels fuse: ``addcmul_`` is one FMA ``fma(c·g, g, G·β)``; ``/`` and ``sqrt`` are correctly rounded.
+Nothing else is contracted (the launcher turns contraction off).
 
-The scalar stage is a one-program kernel rather than the eager torch ops, because the group accumulator
-is a sequence of roundings (each tensor's Σu², taken in the state dtype, added into the fp32 accumulator
-in group order) that no fixed-size torch op reproduces without one op per tensor. It writes τ, T, E, the
-returned ``[N̂, h, gate]`` and ``−η·k`` on the device; pass B loads the gate and leaves every element of a
-frozen group unread and unwritten (its masks are off), so a NaN step never reaches a parameter.
+The group accumulator is a sequence of roundings (each tensor's Σu², taken in the state dtype, added
+into the fp32 accumulator in group order) that no fixed-size torch op reproduces, so a one-program
+kernel adds them. The scalar stage on that accumulator is the eager
+:func:`~curvkern.optim.hysterograd.eager.hysterograd_scalars` itself: a fixed handful of 0-dim torch ops
+on the device, never read back, and bit for bit the reference's on every device (torch's CPU ``sqrt``
+is not always correctly rounded, and τ, T, E and the clip factor must match it exactly). Pass B loads
+the gate and gives a frozen group an empty element range: nothing is read or written, so a NaN step
+never reaches a parameter.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from curvkern.optim._triton_multi_tensor import (
     BLOCK_SIZE, CHUNK_SIZE, TRITON_DTYPES, DenseLayout, build_table, div_rn, launch, per_tensor_sums, sqrt_rn,
     store_rounded,
 )
+from curvkern.optim.hysterograd.eager import hysterograd_scalars
 
 PARAM, GRAD, METRIC = range(3)  # roles in the chunk table
 
@@ -66,45 +71,14 @@ def _pass_a_kernel(
 
 
 @triton.jit(do_not_specialize=["num_tensors"])
-def _scalar_kernel(
-    sums, num_tensors, tau_ptr, temp_ptr, energy_ptr, stats_ptr, neg_step_ptr,
-    lr: tl.float64, neg_lr: tl.float64, stiffening_factor: tl.float64, beta: tl.float64,
-    one_minus_beta: tl.float64, cooling_rate: tl.float64, grad_clip: tl.float64, hysteresis_scale: tl.float64,
-    CLIP: tl.constexpr, ADAPTIVE: tl.constexpr, SCALAR_DTYPE: tl.constexpr,
-):
-    """τ, T, E and the gate from the per-tensor Σu², as ``hysterograd_scalars`` computes them."""
-    # Double rounding through float64 is innocuous for one addition, so this equals the eager
-    # accumulator's own-dtype additions.
-    zero64 = tl.zeros([], tl.float64)  # zero64 + x: an fp64 argument as a tensor, compiled or interpreted
-    accumulator = tl.zeros([], SCALAR_DTYPE)
+def _accumulate_kernel(sums, num_tensors, accumulator, SCALAR_DTYPE: tl.constexpr):
+    """One program: the per-tensor Σu² added into the accumulator in group order, each addition rounded
+    to its dtype, as the eager ``accumulator += Σu²`` (in float64 and rounded once: the same, as eager
+    computes an fp32 += fp64 in float64)."""
+    total = tl.zeros([], SCALAR_DTYPE)
     for i in range(num_tensors):
-        accumulator = (accumulator.to(tl.float64) + tl.load(sums + i)).to(SCALAR_DTYPE)
-    norm = sqrt_rn(accumulator)
-    one = tl.full([], 1.0, SCALAR_DTYPE)
-    if CLIP:
-        ratio = div_rn(one, norm + 1e-6) * (zero64 + grad_clip).to(SCALAR_DTYPE)
-        clipped = ratio < 1.0
-        g_norm = norm * tl.where(clipped, ratio, one)
-        neg_step = tl.where(clipped, ((zero64 + neg_lr).to(SCALAR_DTYPE) * ratio).to(tl.float64), zero64 + neg_lr)
-    else:
-        g_norm = norm
-        neg_step = zero64 + neg_lr
-    tau = tl.load(tau_ptr) + g_norm * (zero64 + lr).to(SCALAR_DTYPE)
-    temp = tl.load(temp_ptr) * (zero64 + cooling_rate).to(SCALAR_DTYPE)
-    energy = tl.load(energy_ptr) * (zero64 + beta).to(SCALAR_DTYPE)
-    energy = energy + g_norm * (zero64 + one_minus_beta).to(SCALAR_DTYPE)
-    clamped = tl.minimum(tl.maximum(temp, 0.0, propagate_nan=tl.PropagateNan.ALL), 1.0, propagate_nan=tl.PropagateNan.ALL)
-    barrier = sqrt_rn(tau) * (zero64 + stiffening_factor).to(SCALAR_DTYPE) * (1.0 - clamped)
-    barrier = barrier * (zero64 + hysteresis_scale).to(SCALAR_DTYPE)
-    if ADAPTIVE:
-        barrier = barrier * (energy + 1e-8)
-    tl.store(tau_ptr, tau)
-    tl.store(temp_ptr, temp)
-    tl.store(energy_ptr, energy)
-    tl.store(stats_ptr, g_norm)
-    tl.store(stats_ptr + 1, barrier)
-    tl.store(stats_ptr + 2, (g_norm > barrier).to(SCALAR_DTYPE))
-    tl.store(neg_step_ptr, neg_step)
+        total = (total.to(tl.float64) + tl.load(sums + i)).to(SCALAR_DTYPE)
+    tl.store(accumulator, total)
 
 
 @triton.jit
@@ -188,21 +162,22 @@ def hysterograd_step(
             )
     sums = per_tensor_sums(table, partials, 1, METRIC)
 
-    stats = torch.empty(3, dtype=tau.dtype, device=device)
-    neg_step = torch.empty((), dtype=torch.float64, device=device)
-    launch(
-        _scalar_kernel, (1,),
-        sums, table.num_tensors, tau, temp, energy, stats, neg_step,
-        float(lr), -float(lr), float(stiffening_factor), float(beta), 1 - beta, float(cooling_rate),
-        float(grad_clip or 0.0), float(hysteresis_scale),
-        CLIP=bool(grad_clip), ADAPTIVE=adaptive_threshold, SCALAR_DTYPE=TRITON_DTYPES[tau.dtype],
+    accumulator = torch.empty((), dtype=tau.dtype, device=device)
+    launch(_accumulate_kernel, (1,), sums, table.num_tensors, accumulator, SCALAR_DTYPE=TRITON_DTYPES[tau.dtype])
+    g_norm, barrier, liquid, neg_step_size = hysterograd_scalars(
+        accumulator, tau, temp, energy,
+        lr=lr, stiffening_factor=stiffening_factor, beta=beta, cooling_rate=cooling_rate,
+        adaptive_threshold=adaptive_threshold, grad_clip=grad_clip, hysteresis_scale=hysteresis_scale,
     )
+    stats = torch.stack([g_norm, barrier, liquid.to(g_norm.dtype)])
+    if not isinstance(neg_step_size, torch.Tensor):
+        neg_step_size = torch.full((), neg_step_size, dtype=torch.float64, device=device)  # a fill, not a copy
 
     for bucket in table.buckets:
         if bucket.num_chunks:
             launch(
                 _pass_b_kernel, (bucket.num_chunks,),
-                bucket.addresses, bucket.chunks, bucket.numels, stats, neg_step,
+                bucket.addresses, bucket.chunks, bucket.numels, stats, neg_step_size,
                 bucket.num_tensors, bucket.num_chunks, float(epsilon),
                 PARAM_DTYPE=TRITON_DTYPES[bucket.dtypes[PARAM]], GRAD_DTYPE=TRITON_DTYPES[bucket.dtypes[GRAD]],
                 STATE_DTYPE=TRITON_DTYPES[bucket.dtypes[METRIC]], ALIGN=bucket.alignment,
