@@ -168,7 +168,10 @@ class DenseLayout:
         return self.writable(param, torch.empty_like(param, memory_format=torch.contiguous_format))
 
     def readable(self, tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        if tensor is like or tensor.stride() == like.stride() or tensor.numel() <= 1:
+        # Cheapest tests first: this runs for every tensor of every step.
+        if tensor is like or (tensor.is_contiguous() and like.is_contiguous()) or tensor.numel() <= 1:
+            return tensor
+        if tensor.stride() == like.stride():
             return tensor
         return torch.empty_like(like, dtype=tensor.dtype).copy_(tensor)
 
