@@ -335,3 +335,16 @@ def test_capturable_biostatis_state_loads_across_modes(capturable_first):
         other.step()
     for p, q in zip(params, copies):
         assert torch.equal(p, q)
+
+
+def test_a_group_of_mixed_dtypes_runs_one_bucket_per_dtype(family):
+    dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float32]
+    mine = [make_params([(6,)], dtype, seed=i)[0] for i, dtype in enumerate(dtypes)]
+    reference = [p.detach().cpu().clone().requires_grad_(True) for p in mine]
+    before = multi_tensor.launch_count
+    trajectory(family, mine, "triton", steps=2)
+    per_step = (multi_tensor.launch_count - before) / 2
+    assert per_step == (3 * 3 + 1 if family == "hysterograd" else 3 * 3)  # three buckets
+    trajectory(family, reference, "eager", steps=2)
+    for p, q in zip(mine, reference):
+        torch.testing.assert_close(p.detach().cpu(), q.detach())  # sums in another order: rounding apart

@@ -129,9 +129,12 @@ def build_table(roles: Sequence[Sequence[torch.Tensor]], device: torch.device, c
         buckets_meta.append((dtypes, len(members), chunks.shape[1], 16 if aligned else 1))
     host_parts += [torch.tensor(chunk_begin, dtype=torch.int64), numels]
 
-    # One host-to-device copy for the whole table; the pieces are views of it.
-    flat = torch.cat(host_parts).to(device)
-    pieces = iter(torch.split(flat, [len(part) for part in host_parts]))
+    # One host-to-device copy for the whole table; the pieces are views of it, each padded to 16 bytes so
+    # that Triton's pointer-alignment specialization sees the same alignment whatever the table.
+    lengths = [len(part) for part in host_parts]
+    padded = [torch.nn.functional.pad(part, (0, len(part) % 2)) for part in host_parts]
+    flat = torch.cat(padded).to(device)
+    pieces = iter(view[:length] for view, length in zip(torch.split(flat, [len(p) for p in padded]), lengths))
     buckets = []
     for dtypes, num_tensors, num_chunks, alignment in buckets_meta:
         member_addresses, members, member_numels, chunks = (next(pieces) for _ in range(4))

@@ -63,7 +63,8 @@ def _pass_a_kernel(
     full_end = end - (end - start) % BLOCK
     for block in range(start, full_end, BLOCK):
         offsets = tl.max_contiguous(tl.multiple_of(block + tl.arange(0, BLOCK), ALIGN), BLOCK)
-        total += _pass_a_block(grad_ptr, metric_ptr, offsets, tl.full([BLOCK], True, tl.int1), beta_s, coef_s, eps_s, STATE_DTYPE)
+        all_lanes = tl.full([BLOCK], True, tl.int1)
+        total += _pass_a_block(grad_ptr, metric_ptr, offsets, all_lanes, beta_s, coef_s, eps_s, STATE_DTYPE)
     for block in range(full_end, end, BLOCK):
         offsets = tl.max_contiguous(tl.multiple_of(block + tl.arange(0, BLOCK), ALIGN), BLOCK)
         total += _pass_a_block(grad_ptr, metric_ptr, offsets, offsets < end, beta_s, coef_s, eps_s, STATE_DTYPE)
