@@ -62,10 +62,6 @@ class Bucket:
     num_chunks: int
     alignment: int                    # 16 when every address is 16-byte aligned (vector loads), else 1
 
-    @property
-    def triton_dtypes(self) -> tuple:
-        return tuple(TRITON_DTYPES[d] for d in self.dtypes)
-
 
 @dataclass
 class ChunkTable:

@@ -201,7 +201,7 @@ def biostatis_step(
     beta1, beta2 = (float(b) for b in betas)
     moments = (beta1, 1 - beta1, beta2, 1 - beta2)
 
-    partials = torch.zeros((table.num_chunks, N_SUMS), dtype=torch.float64, device=device)
+    partials = torch.empty((table.num_chunks, N_SUMS), dtype=torch.float64, device=device)  # every chunk writes its row
     for bucket in table.buckets:
         if bucket.num_chunks:
             launch(

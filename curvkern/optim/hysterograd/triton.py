@@ -151,7 +151,7 @@ def hysterograd_step(
         work_metrics.append(layout.writable(metric, reference))
     table = build_table([work_params, work_grads, work_metrics], device, CHUNK_SIZE)
 
-    partials = torch.zeros(table.num_chunks, dtype=torch.float64, device=device)
+    partials = torch.empty(table.num_chunks, dtype=torch.float64, device=device)  # every chunk writes its own
     for bucket in table.buckets:
         if bucket.num_chunks:
             launch(
