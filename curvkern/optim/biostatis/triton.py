@@ -25,8 +25,8 @@ from curvkern.optim._triton_multi_tensor import (
 )
 from curvkern.optim.biostatis.eager import N_SUMS, BiostatisScalars, biostatis_scalars
 
-# Rows of the chunk table's address table (the kernels spell them as literals): then one per EMA.
-PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, FIRST_MEMORY = range(5)
+# Rows of the chunk table's address table (the kernels spell them as literals), then one per EMA.
+PARAM, GRAD, EXP_AVG, EXP_AVG_SQ = range(4)
 
 
 @triton.jit
@@ -189,15 +189,8 @@ def biostatis_step(
     """One group's step, as the eager ``biostatis_step``; increments each step count."""
     device = params[0].device
     torch._foreach_add_(state_steps, 1)
-    layout = DenseLayout()
-    roles: list[list[torch.Tensor]] = [[] for _ in range(FIRST_MEMORY + len(memory_decays))]
-    for param, grad, exp_avg, exp_avg_sq, emas in zip(params, grads, exp_avgs, exp_avg_sqs, memory_emas, strict=True):
-        reference = layout.reference(param)
-        row = [reference, layout.readable(grad, reference)]
-        row += [layout.writable(state, reference) for state in (exp_avg, exp_avg_sq, *emas)]
-        for role, tensor in zip(roles, row, strict=True):
-            role.append(tensor)
-    table = build_table(roles, device, CHUNK_SIZE)
+    layout = DenseLayout(params, grads, [exp_avgs, exp_avg_sqs, *zip(*memory_emas)])
+    table = build_table(layout.roles, device, CHUNK_SIZE)
     beta1, beta2 = (float(b) for b in betas)
     moments = (beta1, 1 - beta1, beta2, 1 - beta2)
 

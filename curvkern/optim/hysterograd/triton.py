@@ -142,14 +142,8 @@ def hysterograd_step(
 ) -> torch.Tensor:
     """One group's step, as the eager ``hysterograd_step``. Returns ``[N̂, h, gate]`` on the device."""
     device = tau.device
-    layout = DenseLayout()
-    work_params, work_grads, work_metrics = [], [], []
-    for param, grad, metric in zip(params, grads, metrics, strict=True):
-        reference = layout.reference(param)
-        work_params.append(reference)
-        work_grads.append(layout.readable(grad, reference))
-        work_metrics.append(layout.writable(metric, reference))
-    table = build_table([work_params, work_grads, work_metrics], device, CHUNK_SIZE)
+    layout = DenseLayout(params, grads, [metrics])
+    table = build_table(layout.roles, device, CHUNK_SIZE)
 
     partials = torch.empty(table.num_chunks, dtype=torch.float64, device=device)  # every chunk writes its own
     for bucket in table.buckets:
