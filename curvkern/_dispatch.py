@@ -24,14 +24,6 @@ import torch
 FUSED_CHOICES = ("auto", "eager", "cpp", "triton")
 BACKENDS = ("eager", "cpp", "triton")
 
-# The issue that will bring each backend a family does not have yet: what NotImplementedError names.
-_PLANNED = {
-    ("hysterograd", "cpp"): "C++/OpenMP fused multi-tensor steps for HysteroGrad and BiostatisV6 (CPU)",
-    ("biostatis", "cpp"): "C++/OpenMP fused multi-tensor steps for HysteroGrad and BiostatisV6 (CPU)",
-    ("hysterograd", "triton"): "Triton fused multi-tensor steps for HysteroGrad and BiostatisV6 (CUDA)",
-    ("biostatis", "triton"): "Triton fused multi-tensor steps for HysteroGrad and BiostatisV6 (CUDA)",
-}
-
 _REGISTRY: dict[tuple[str, str], Callable] = {}
 _warned: set[tuple[str, str]] = set()
 
@@ -96,9 +88,7 @@ def _unavailable_reason(family: str, backend: str, device: torch.device) -> str 
 
 
 def _not_implemented(family: str, backend: str) -> NotImplementedError:
-    planned = _PLANNED.get((family, backend))
-    where = f" It arrives with the issue '{planned}'." if planned else ""
-    return NotImplementedError(f"{family}: fused={backend!r} has no kernel yet.{where}")
+    return NotImplementedError(f"{family}: fused={backend!r} has no kernel")
 
 
 def select(family: str, fused: str, device: torch.device) -> tuple[str, Callable]:
@@ -120,11 +110,13 @@ def select(family: str, fused: str, device: torch.device) -> tuple[str, Callable
                 stacklevel=3,
             )
         return "eager", _REGISTRY[(family, "eager")]
-    if (family, fused) not in _REGISTRY:
-        raise _not_implemented(family, fused)
+    # Why a backend cannot run here (Triton not installed, a tensor on the wrong device) comes first:
+    # a backend whose module could not be imported has no registered kernel either.
     reason = _unavailable_reason(family, fused, device)
     if reason is not None:
         raise RuntimeError(f"{family}: fused={fused!r} cannot run: {reason}")
+    if (family, fused) not in _REGISTRY:
+        raise _not_implemented(family, fused)
     return fused, _REGISTRY[(family, fused)]
 
 

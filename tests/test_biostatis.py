@@ -201,6 +201,8 @@ def importance_of(state):
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_d6_importance_constant_gradient_never_fires(backend, device, dtype):
+    if backend == "triton" and device == "cpu":
+        pytest.skip("2000 steps through the Triton interpreter take ~30 s; it runs on CUDA")
     params = tensors([[0.0] * 3, [0.0] * 3], device, dtype)
     with_ascent = BiostatisV6(params[:1], fused=backend)
     without = BiostatisV6(params[1:], ascent_strength=0.0, fused=backend)

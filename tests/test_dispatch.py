@@ -52,7 +52,7 @@ def test_auto_falls_back_to_eager_once_with_a_reason(toy_family, monkeypatch):
 
 
 def test_auto_on_cuda_without_a_triton_kernel_warns_and_runs_eager(toy_family):
-    with pytest.warns(RuntimeWarning, match="toy: fused='triton' has no kernel yet"):
+    with pytest.warns(RuntimeWarning, match="toy: fused='triton' has no kernel"):
         assert _dispatch.select(toy_family, "auto", torch.device("cuda"))[0] == "eager"
 
 
@@ -65,11 +65,16 @@ def test_explicit_backend_that_cannot_run_raises(toy_family, monkeypatch):
     assert _dispatch.available_backends(toy_family, "cpu") == ["eager"]
 
 
-def test_missing_kernel_names_its_issue():
-    with pytest.raises(NotImplementedError, match="C\\+\\+/OpenMP fused multi-tensor steps"):
-        if "cpp" in _dispatch.available_backends("hysterograd", "cpu"):
-            pytest.skip("the kernel exists now")
-        _dispatch.select("hysterograd", "cpp", torch.device("cpu"))
+def test_explicit_backend_without_a_kernel_raises_not_implemented(toy_family, monkeypatch):
+    monkeypatch.setattr(_dispatch, "triton_unavailable_reason", lambda device: None)
+    with pytest.raises(NotImplementedError, match="toy: fused='triton' has no kernel"):
+        _dispatch.select(toy_family, "triton", torch.device("cuda"))
+
+
+def test_every_family_has_every_backend():
+    for family in ("hysterograd", "biostatis", "cross_entropy"):
+        for backend in _dispatch.BACKENDS:
+            assert (family, backend) in _dispatch._REGISTRY, (family, backend)
 
 
 def test_triton_needs_cuda_or_the_interpreter(monkeypatch):

@@ -254,6 +254,8 @@ def test_p3_adaptive_off_relation(backend, device, dtype):
 
 
 def test_p5_steady_state_constant_gradient(backend, device, dtype):
+    if backend == "triton" and device == "cpu":
+        pytest.skip("2000 steps through the Triton interpreter take ~40 s; it runs on CUDA")
     p, opt = make(backend, device, dtype=dtype)
     results = run(opt, p, GRAD, 2000)
     assert all(status == "Liquid" for status, _, _ in results)

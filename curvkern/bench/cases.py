@@ -61,6 +61,14 @@ class Shape:
 # (b) 1000 tensors of 1000 elements: per-tensor overheads (launches, Python loops) dominate;
 # (c) (a) in bf16, where curvkern keeps fp32 state and fused AdamW keeps bf16 state.
 DEFAULT_WORKLOADS = ((Shape(40, 2**20), torch.float32), (Shape(1000, 1000), torch.float32), (Shape(40, 2**20), torch.bfloat16))
+# On a GPU (--device cuda) instead, the Triton issue's sizes: 100M fp32 parameters in 200 tensors (DRAM
+# bandwidth) and in 20,000 tensors (per-tensor overheads: the Triton kernels' launches do not grow with
+# the count), and the first in bf16.
+GPU_WORKLOADS = (
+    (Shape(200, 500_000), torch.float32),
+    (Shape(20_000, 5_000), torch.float32),
+    (Shape(200, 500_000), torch.bfloat16),
+)
 QUICK_WORKLOADS = ((Shape(4, 4096), torch.float32), (Shape(50, 100), torch.float32), (Shape(4, 4096), torch.bfloat16))
 
 
@@ -154,7 +162,7 @@ class Case:
 def build_cases(device: torch.device, quick: bool = False) -> list[Case | CrossEntropyCase]:
     """Every kernel on every backend that can run on ``device``, for each workload: the optimizers, then
     the cross-entropy cases of :mod:`curvkern.bench.ce_cases`."""
-    workloads = QUICK_WORKLOADS if quick else DEFAULT_WORKLOADS
+    workloads = QUICK_WORKLOADS if quick else GPU_WORKLOADS if device.type == "cuda" else DEFAULT_WORKLOADS
     optimizer_cases = [
         Case(kernel, backend, shape, dtype, device)
         for shape, dtype in workloads

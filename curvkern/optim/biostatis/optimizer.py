@@ -35,6 +35,10 @@ class BiostatisV6(FusedOptimizer):
     CPU tensor, as torch.optim keeps it; the original's int steps load too), ``exp_avg``,
     ``exp_avg_sq`` and ``memory_emas`` (a list, one tensor per memory decay).
 
+    ``capturable=True`` (torch.optim's name, as in ``Adam``) keeps ``step`` on the parameter's device
+    instead, so a whole ``step()`` can be captured in a CUDA graph. Like ``fused``, it is an attribute,
+    not saved in ``state_dict()``: a checkpoint loads in either mode, ``step`` moved where it belongs.
+
     Deliberate deviations from the original:
 
     - hyperparameters are validated, and ``memory_decays`` and ``memory_weights`` must have the
@@ -71,7 +75,9 @@ class BiostatisV6(FusedOptimizer):
         ascent_strength: float = 0.05,
         *,
         fused: str = "auto",
+        capturable: bool = False,
     ):
+        self.capturable = capturable
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -138,7 +144,7 @@ class BiostatisV6(FusedOptimizer):
                     zeros = lambda: torch.zeros_like(  # noqa: E731
                         param, dtype=state_dtype(param), memory_format=torch.preserve_format
                     )
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32, device=self._step_device(param))
                     state["exp_avg"] = zeros()
                     state["exp_avg_sq"] = zeros()
                     state["memory_emas"] = [zeros() for _ in range(n_memories)]
@@ -159,13 +165,15 @@ class BiostatisV6(FusedOptimizer):
             )
         return loss
 
-    @staticmethod
-    def _restore_entry(param: torch.Tensor, key: str, value):
+    def _step_device(self, param: torch.Tensor) -> torch.device:
+        return param.device if self.capturable else torch.device("cpu")
+
+    def _restore_entry(self, param: torch.Tensor, key: str, value):
         if key == "step":
             # The original keeps a Python int.
             if isinstance(value, torch.Tensor):
-                return value.detach().to(device="cpu", dtype=torch.float32, copy=True).reshape(())
-            return torch.tensor(float(value), dtype=torch.float32)
+                return value.detach().to(device=self._step_device(param), dtype=torch.float32, copy=True).reshape(())
+            return torch.tensor(float(value), dtype=torch.float32, device=self._step_device(param))
         if key in ("exp_avg", "exp_avg_sq"):
             return value.to(device=param.device, dtype=state_dtype(param), copy=True)
         if key == "memory_emas":

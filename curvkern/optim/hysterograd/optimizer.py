@@ -23,6 +23,11 @@ class HysteroGrad(FusedOptimizer):
     read per step; nothing else in the step leaves the device. The closure's loss, which the
     original drops, is kept in ``last_loss``.
 
+    ``capturable=True`` (torch.optim's name for it) skips that read, so a whole ``step()`` can be
+    captured in a CUDA graph: it returns ``(liquid, g_norm, h_width)`` as 0-dim tensors on the
+    parameters' device (``liquid`` a bool tensor), the same values the tuple holds. Like ``fused``,
+    it is an attribute of the optimizer, not saved in ``state_dict()``.
+
     ``fused`` picks the backend: ``"eager"``, ``"cpp"``, ``"triton"`` or ``"auto"`` (see
     :mod:`curvkern._dispatch`). It is not saved in ``state_dict()``, so a checkpoint loads under
     every mode. State keys are the original's: ``G`` per parameter, and ``group_tau``,
@@ -52,8 +57,10 @@ class HysteroGrad(FusedOptimizer):
         hysteresis_scale: float = 1.0,
         *,
         fused: str = "auto",
+        capturable: bool = False,
     ):
         self.last_loss = None
+        self.capturable = capturable
         defaults = dict(
             lr=lr,
             stiffening_factor=stiffening_factor,
@@ -94,7 +101,7 @@ class HysteroGrad(FusedOptimizer):
                 scalars["group_temp"].clamp_(min=0.2)
 
     @torch.no_grad()
-    def step(self, closure=None) -> tuple[str, float, float]:
+    def step(self, closure=None) -> tuple[str, float, float] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         self.last_loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -144,8 +151,10 @@ class HysteroGrad(FusedOptimizer):
             )
 
         # Skipped groups contribute 0 but still count: the original's means are diluted (spec §9.10).
-        # The one device-to-host read of the step; sums in Python floats, as the original.
         n_groups = len(self.param_groups)
+        if self.capturable:
+            return _stats_on_device(group_stats, n_groups, self.param_groups)
+        # The one device-to-host read of the step; sums in Python floats, as the original.
         liquid, g_norm_sum, h_sum = False, 0.0, 0.0
         if group_stats:
             home = group_stats[0].device
@@ -162,6 +171,17 @@ class HysteroGrad(FusedOptimizer):
             dtype = value.dtype if value.is_floating_point() else torch.get_default_dtype()
             return value.to(device=param.device, dtype=dtype, copy=True)
         return value
+
+
+def _stats_on_device(group_stats: list[torch.Tensor], n_groups: int, param_groups: list[dict]):
+    """``(liquid, g_norm, h_width)`` as 0-dim device tensors: the returned tuple without a host read."""
+    if not group_stats:
+        device = next((p.device for group in param_groups for p in group["params"]), None)
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        return zero.bool(), zero, zero.clone()
+    home = group_stats[0].device
+    g_norm, barrier, gate = torch.stack([s.to(home, torch.float64) for s in group_stats]).unbind(1)
+    return (gate > 0).any(), g_norm.sum() / n_groups, barrier.sum() / n_groups
 
 
 HIOptimizer = HysteroGrad

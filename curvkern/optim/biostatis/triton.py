@@ -1,0 +1,230 @@
+"""BiostatisV6's Triton backend: pass A (six sums per chunk), per-tensor sums, the scalar stage, pass B;
+one launch per pass per group and dtype combination (see :mod:`curvkern.optim._triton_multi_tensor`).
+
+The scalar stage is the eager :func:`~curvkern.optim.biostatis.eager.biostatis_scalars` itself: it runs
+on the device in float64 (a fixed number of small torch ops, whatever the number of tensors), never
+reads back to the host, and reusing it keeps every gain and coefficient exactly the reference's.
+
+The elementwise math mirrors the eager pass B op for op, including where torch's kernels fuse: ``add_``
+with ``alpha`` is ``fma(g, α, x)`` and ``addcmul_`` is ``fma(c·g, g, x)``; ``/`` and ``sqrt`` are
+correctly rounded. ``|tanh g|`` is computed in float64 from ``exp`` (Triton has no portable ``tanh``):
+it only enters the Σ|tanh g| sums, within rounding of torch's.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from curvkern._dispatch import register
+from curvkern.optim._triton_multi_tensor import (
+    BLOCK_SIZE, CHUNK_SIZE, TRITON_DTYPES, DenseLayout, build_table, device_vector, div_rn, launch,
+    per_tensor_sums, sqrt_rn, store_rounded,
+)
+from curvkern.optim.biostatis.eager import N_SUMS, BiostatisScalars, biostatis_scalars
+
+# Rows of the chunk table's address table (the kernels spell them as literals), then one per EMA.
+PARAM, GRAD, EXP_AVG, EXP_AVG_SQ = range(4)
+
+
+@triton.jit
+def _abs_tanh(x):
+    a = tl.abs(x.to(tl.float64))
+    t = tl.exp(-2.0 * a)
+    return ((1.0 - t) / (1.0 + t)).to(x.dtype)
+
+
+@triton.jit
+def _moments(grad_ptr, m_ptr, v_ptr, offsets, mask, b1, c1, b2, c2, STATE_DTYPE: tl.constexpr):
+    """g, m' = fma(g, 1−β1, m·β1), v' = fma((1−β2)·g, g, v·β2), as torch's add_(alpha=) and addcmul_."""
+    g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(STATE_DTYPE)
+    m = tl.fma(g, c1, tl.load(m_ptr + offsets, mask=mask, other=0.0) * b1)
+    v = tl.fma(c2 * g, g, tl.load(v_ptr + offsets, mask=mask, other=0.0) * b2)
+    return g, m, v
+
+
+@triton.jit(do_not_specialize=["num_tensors", "num_chunks"])
+def _sums_kernel(
+    addresses, chunks, numels, partials, num_tensors, num_chunks,
+    beta1: tl.float64, one_minus_beta1: tl.float64, beta2: tl.float64, one_minus_beta2: tl.float64,
+    GRAD_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, ALIGN: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Pass A, read-only: the chunk's ``[Σg², Σ|tanh g|, Σm'g, Σm'², Σ|m'|, Σ√v']`` in the state dtype."""
+    zero64 = tl.zeros([], tl.float64)  # zero64 + x: an fp64 argument as a tensor, compiled or interpreted
+    chunk = tl.program_id(0)
+    slot = tl.load(chunks + chunk)
+    start = tl.load(chunks + num_chunks + chunk)
+    end = tl.minimum(start + CHUNK, tl.load(numels + slot))
+    grad_ptr = tl.multiple_of(tl.load(addresses + 1 * num_tensors + slot).to(tl.pointer_type(GRAD_DTYPE)), ALIGN)
+    m_ptr = tl.multiple_of(tl.load(addresses + 2 * num_tensors + slot).to(tl.pointer_type(STATE_DTYPE)), ALIGN)
+    v_ptr = tl.multiple_of(tl.load(addresses + 3 * num_tensors + slot).to(tl.pointer_type(STATE_DTYPE)), ALIGN)
+    b1 = (zero64 + beta1).to(STATE_DTYPE)
+    c1 = (zero64 + one_minus_beta1).to(STATE_DTYPE)
+    b2 = (zero64 + beta2).to(STATE_DTYPE)
+    c2 = (zero64 + one_minus_beta2).to(STATE_DTYPE)
+    gg = tl.zeros([BLOCK], STATE_DTYPE)
+    th = tl.zeros([BLOCK], STATE_DTYPE)
+    mg = tl.zeros([BLOCK], STATE_DTYPE)
+    mm = tl.zeros([BLOCK], STATE_DTYPE)
+    am = tl.zeros([BLOCK], STATE_DTYPE)
+    sv = tl.zeros([BLOCK], STATE_DTYPE)
+    # Full blocks without a mask (vector loads where ALIGN allows), then the tail, if any, masked.
+    # Lanes past the end load zeros, which add nothing to any sum.
+    full_end = end - (end - start) % BLOCK
+    for block in range(start, full_end, BLOCK):
+        offsets = tl.max_contiguous(tl.multiple_of(block + tl.arange(0, BLOCK), ALIGN), BLOCK)
+        g, m, v = _moments(grad_ptr, m_ptr, v_ptr, offsets, tl.full([BLOCK], True, tl.int1), b1, c1, b2, c2, STATE_DTYPE)
+        gg, th, mg, mm, am, sv = gg + g * g, th + _abs_tanh(g), mg + m * g, mm + m * m, am + tl.abs(m), sv + sqrt_rn(v)
+    for block in range(full_end, end, BLOCK):
+        offsets = tl.max_contiguous(tl.multiple_of(block + tl.arange(0, BLOCK), ALIGN), BLOCK)
+        g, m, v = _moments(grad_ptr, m_ptr, v_ptr, offsets, offsets < end, b1, c1, b2, c2, STATE_DTYPE)
+        gg, th, mg, mm, am, sv = gg + g * g, th + _abs_tanh(g), mg + m * g, mm + m * m, am + tl.abs(m), sv + sqrt_rn(v)
+    row = partials + tl.load(chunks + 2 * num_chunks + chunk) * 6
+    tl.store(row, tl.sum(gg).to(tl.float64))
+    tl.store(row + 1, tl.sum(th).to(tl.float64))
+    tl.store(row + 2, tl.sum(mg).to(tl.float64))
+    tl.store(row + 3, tl.sum(mm).to(tl.float64))
+    tl.store(row + 4, tl.sum(am).to(tl.float64))
+    tl.store(row + 5, tl.sum(sv).to(tl.float64))
+
+
+@triton.jit
+def _update_block(
+    addresses, param_ptr, grad_ptr, m_ptr, v_ptr, memory, num_tensors, slot, offsets, mask,
+    b1, c1, b2, c2, eps_s, decay_s, apply_decay, tau, ascent, sqrt_bc2, coef,
+    PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, NUM_MEMORIES: tl.constexpr, ALIGN: tl.constexpr,
+):
+    g, m, v = _moments(grad_ptr, m_ptr, v_ptr, offsets, mask, b1, c1, b2, c2, STATE_DTYPE)
+    tl.store(m_ptr + offsets, m, mask=mask)
+    tl.store(v_ptr + offsets, v, mask=mask)
+    flow = tl.zeros(offsets.shape, STATE_DTYPE)
+    for j in tl.static_range(NUM_MEMORIES):
+        ema_ptr = tl.load(addresses + (4 + j) * num_tensors + slot).to(tl.pointer_type(STATE_DTYPE))
+        ema_ptr = tl.multiple_of(ema_ptr, ALIGN)
+        d = tl.load(memory + j).to(STATE_DTYPE)
+        one_minus_d = tl.load(memory + NUM_MEMORIES + j).to(STATE_DTYPE)
+        weight = tl.load(memory + 2 * NUM_MEMORIES + j).to(STATE_DTYPE)
+        ema = tl.fma(g, one_minus_d, tl.load(ema_ptr + offsets, mask=mask, other=0.0) * d)
+        tl.store(ema_ptr + offsets, ema, mask=mask)
+        flow = tl.fma(ema, weight, flow)  # flow.add_(ema, alpha=w), from zeros, in order
+    sign = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0)).to(STATE_DTYPE)  # torch.sign; NaN gives 0
+    adaptive = g * (1.0 + sign * 0.5 * tau)
+    adaptive = adaptive + ascent * g
+    denom = div_rn(sqrt_rn(v), sqrt_bc2) + eps_s
+    update = div_rn(m, denom) + flow * 0.05
+    update = (update + adaptive * 0.01) * coef
+    p = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(STATE_DTYPE)
+    p = tl.where(apply_decay != 0, p * decay_s, p)
+    store_rounded(param_ptr + offsets, p + update, mask, PARAM_DTYPE)
+
+
+@triton.jit(do_not_specialize=["num_tensors", "num_chunks", "apply_decay"])
+def _update_kernel(
+    addresses, chunks, numels, tensor_index, memory, tau_ptr, ascent_ptr, sqrt_bc2_ptr, coef_ptr,
+    num_tensors, num_chunks,
+    beta1: tl.float64, one_minus_beta1: tl.float64, beta2: tl.float64, one_minus_beta2: tl.float64,
+    eps: tl.float64, decay: tl.float64, apply_decay,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, NUM_MEMORIES: tl.constexpr,
+    ALIGN: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Pass B: m, v and the EMAs written back; p ← p·(1 − lr·wd) (when wd ≠ 0), then p ← p + U·coef."""
+    zero64 = tl.zeros([], tl.float64)
+    chunk = tl.program_id(0)
+    slot = tl.load(chunks + chunk)
+    start = tl.load(chunks + num_chunks + chunk)
+    end = tl.minimum(start + CHUNK, tl.load(numels + slot))
+    param_ptr = tl.multiple_of(tl.load(addresses + 0 * num_tensors + slot).to(tl.pointer_type(PARAM_DTYPE)), ALIGN)
+    grad_ptr = tl.multiple_of(tl.load(addresses + 1 * num_tensors + slot).to(tl.pointer_type(GRAD_DTYPE)), ALIGN)
+    m_ptr = tl.multiple_of(tl.load(addresses + 2 * num_tensors + slot).to(tl.pointer_type(STATE_DTYPE)), ALIGN)
+    v_ptr = tl.multiple_of(tl.load(addresses + 3 * num_tensors + slot).to(tl.pointer_type(STATE_DTYPE)), ALIGN)
+    b1 = (zero64 + beta1).to(STATE_DTYPE)
+    c1 = (zero64 + one_minus_beta1).to(STATE_DTYPE)
+    b2 = (zero64 + beta2).to(STATE_DTYPE)
+    c2 = (zero64 + one_minus_beta2).to(STATE_DTYPE)
+    eps_s = (zero64 + eps).to(STATE_DTYPE)
+    decay_s = (zero64 + decay).to(STATE_DTYPE)
+    tensor = tl.load(tensor_index + slot)
+    tau = tl.load(tau_ptr + tensor).to(STATE_DTYPE)
+    ascent = tl.load(ascent_ptr + tensor).to(STATE_DTYPE)
+    sqrt_bc2 = tl.load(sqrt_bc2_ptr + tensor).to(STATE_DTYPE)
+    coef = tl.load(coef_ptr + tensor).to(STATE_DTYPE)
+    full_end = end - (end - start) % BLOCK
+    for block in range(start, full_end, BLOCK):
+        offsets = tl.max_contiguous(tl.multiple_of(block + tl.arange(0, BLOCK), ALIGN), BLOCK)
+        _update_block(addresses, param_ptr, grad_ptr, m_ptr, v_ptr, memory, num_tensors, slot, offsets,
+                      tl.full([BLOCK], True, tl.int1), b1, c1, b2, c2, eps_s, decay_s, apply_decay,
+                      tau, ascent, sqrt_bc2, coef, PARAM_DTYPE, STATE_DTYPE, NUM_MEMORIES, ALIGN)
+    for block in range(full_end, end, BLOCK):
+        offsets = tl.max_contiguous(tl.multiple_of(block + tl.arange(0, BLOCK), ALIGN), BLOCK)
+        _update_block(addresses, param_ptr, grad_ptr, m_ptr, v_ptr, memory, num_tensors, slot, offsets,
+                      offsets < end, b1, c1, b2, c2, eps_s, decay_s, apply_decay,
+                      tau, ascent, sqrt_bc2, coef, PARAM_DTYPE, STATE_DTYPE, NUM_MEMORIES, ALIGN)
+
+
+@register("biostatis", "triton")
+def biostatis_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    memory_emas: list[list[torch.Tensor]],
+    state_steps: list[torch.Tensor],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    homeo_rate: float,
+    coherence_target: float,
+    energy_target: float,
+    lambda_energy: float,
+    memory_decays: Sequence[float],
+    memory_weights: Sequence[float],
+    flip_threshold: float,
+    ascent_strength: float,
+) -> BiostatisScalars:
+    """One group's step, as the eager ``biostatis_step``; increments each step count."""
+    device = params[0].device
+    torch._foreach_add_(state_steps, 1)
+    layout = DenseLayout(params, grads, [exp_avgs, exp_avg_sqs, *zip(*memory_emas)])
+    table = build_table(layout.roles, device, CHUNK_SIZE)
+    beta1, beta2 = (float(b) for b in betas)
+    moments = (beta1, 1 - beta1, beta2, 1 - beta2)
+
+    partials = torch.empty((table.num_chunks, N_SUMS), dtype=torch.float64, device=device)  # every chunk writes its row
+    for bucket in table.buckets:
+        if bucket.num_chunks:
+            launch(
+                _sums_kernel, (bucket.num_chunks,),
+                bucket.addresses, bucket.chunks, bucket.numels, partials, bucket.num_tensors, bucket.num_chunks,
+                *moments,
+                GRAD_DTYPE=TRITON_DTYPES[bucket.dtypes[GRAD]], STATE_DTYPE=TRITON_DTYPES[bucket.dtypes[EXP_AVG]],
+                ALIGN=bucket.alignment, CHUNK=CHUNK_SIZE, BLOCK=BLOCK_SIZE,
+            )
+    sums = per_tensor_sums(table, partials, N_SUMS, EXP_AVG)
+
+    scalars = biostatis_scalars(
+        sums, table.numels, torch.stack(list(state_steps)),
+        lr=lr, betas=betas, homeo_rate=homeo_rate, coherence_target=coherence_target,
+        energy_target=energy_target, lambda_energy=lambda_energy,
+        flip_threshold=flip_threshold, ascent_strength=ascent_strength,
+    )
+
+    memory = device_vector([*memory_decays, *(1 - d for d in memory_decays), *memory_weights], device)
+    for bucket in table.buckets:
+        if bucket.num_chunks:
+            launch(
+                _update_kernel, (bucket.num_chunks,),
+                bucket.addresses, bucket.chunks, bucket.numels, bucket.tensor_index, memory,
+                scalars.tau, scalars.ascent, scalars.sqrt_bc2, scalars.coef,
+                bucket.num_tensors, bucket.num_chunks,
+                *moments, float(eps), 1 - lr * weight_decay, int(weight_decay != 0),
+                PARAM_DTYPE=TRITON_DTYPES[bucket.dtypes[PARAM]], GRAD_DTYPE=TRITON_DTYPES[bucket.dtypes[GRAD]],
+                STATE_DTYPE=TRITON_DTYPES[bucket.dtypes[EXP_AVG]], NUM_MEMORIES=len(memory_decays),
+                ALIGN=bucket.alignment, CHUNK=CHUNK_SIZE, BLOCK=BLOCK_SIZE,
+            )
+    layout.finish()
+    return scalars

@@ -1,0 +1,182 @@
+"""HysteroGrad's Triton backend: pass A, per-tensor sums, the group accumulator, the scalar stage and
+pass B; one launch each per group and dtype combination, whatever the number of tensors (see
+:mod:`curvkern.optim._triton_multi_tensor`).
+
+Every rounding mirrors :mod:`curvkern.optim.hysterograd.eager` op for op, including where torch's own
+kernels fuse: ``addcmul_`` is one FMA ``fma(c·g, g, G·β)``; ``/`` and ``sqrt`` are correctly rounded.
+Nothing else is contracted (the launcher turns contraction off).
+
+The group accumulator is a sequence of roundings (each tensor's Σu², taken in the state dtype, added
+into the fp32 accumulator in group order) that no fixed-size torch op reproduces, so a one-program
+kernel adds them. The scalar stage on that accumulator is the eager
+:func:`~curvkern.optim.hysterograd.eager.hysterograd_scalars` itself: a fixed handful of 0-dim torch ops
+on the device, never read back, and bit for bit the reference's on every device (torch's CPU ``sqrt``
+is not always correctly rounded, and τ, T, E and the clip factor must match it exactly). Pass B loads
+the gate and gives a frozen group an empty element range: nothing is read or written, so a NaN step
+never reaches a parameter.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from curvkern._dispatch import register
+from curvkern.optim._triton_multi_tensor import (
+    BLOCK_SIZE, CHUNK_SIZE, TRITON_DTYPES, DenseLayout, build_table, div_rn, launch, per_tensor_sums, sqrt_rn,
+    store_rounded,
+)
+from curvkern.optim.hysterograd.eager import hysterograd_scalars
+
+PARAM, GRAD, METRIC = range(3)  # roles in the chunk table
+
+
+@triton.jit
+def _pass_a_block(grad_ptr, metric_ptr, offsets, mask, beta_s, coef_s, eps_s, STATE_DTYPE: tl.constexpr):
+    g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(STATE_DTYPE)
+    metric = tl.fma(coef_s * g, g, tl.load(metric_ptr + offsets, mask=mask, other=0.0) * beta_s)
+    tl.store(metric_ptr + offsets, metric, mask=mask)
+    u = div_rn(g, sqrt_rn(metric) + eps_s)
+    return tl.where(mask, u * u, 0.0)
+
+
+@triton.jit(do_not_specialize=["num_tensors", "num_chunks"])
+def _pass_a_kernel(
+    addresses, chunks, numels, partials, num_tensors, num_chunks,
+    beta: tl.float64, metric_coef: tl.float64, epsilon: tl.float64,
+    GRAD_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, ALIGN: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """G ← fma((1−β)·s·g, g, G·β) in place; the chunk's Σu² (state dtype) into ``partials``."""
+    zero64 = tl.zeros([], tl.float64)  # zero64 + x: an fp64 argument as a tensor, compiled or interpreted
+    chunk = tl.program_id(0)
+    slot = tl.load(chunks + chunk)
+    start = tl.load(chunks + num_chunks + chunk)
+    end = tl.minimum(start + CHUNK, tl.load(numels + slot))
+    grad_ptr = tl.multiple_of(tl.load(addresses + 1 * num_tensors + slot).to(tl.pointer_type(GRAD_DTYPE)), ALIGN)
+    metric_ptr = tl.multiple_of(tl.load(addresses + 2 * num_tensors + slot).to(tl.pointer_type(STATE_DTYPE)), ALIGN)
+    beta_s = (zero64 + beta).to(STATE_DTYPE)
+    coef_s = (zero64 + metric_coef).to(STATE_DTYPE)
+    eps_s = (zero64 + epsilon).to(STATE_DTYPE)
+    total = tl.zeros([BLOCK], STATE_DTYPE)
+    # Full blocks without a mask (vector loads where ALIGN allows), then the tail, if any, masked.
+    full_end = end - (end - start) % BLOCK
+    for block in range(start, full_end, BLOCK):
+        offsets = tl.max_contiguous(tl.multiple_of(block + tl.arange(0, BLOCK), ALIGN), BLOCK)
+        all_lanes = tl.full([BLOCK], True, tl.int1)
+        total += _pass_a_block(grad_ptr, metric_ptr, offsets, all_lanes, beta_s, coef_s, eps_s, STATE_DTYPE)
+    for block in range(full_end, end, BLOCK):
+        offsets = tl.max_contiguous(tl.multiple_of(block + tl.arange(0, BLOCK), ALIGN), BLOCK)
+        total += _pass_a_block(grad_ptr, metric_ptr, offsets, offsets < end, beta_s, coef_s, eps_s, STATE_DTYPE)
+    tl.store(partials + tl.load(chunks + 2 * num_chunks + chunk), tl.sum(total).to(tl.float64))
+
+
+@triton.jit(do_not_specialize=["num_tensors"])
+def _accumulate_kernel(sums, num_tensors, accumulator, SCALAR_DTYPE: tl.constexpr):
+    """One program: the per-tensor Σu² added into the accumulator in group order, each addition rounded
+    to its dtype, as the eager ``accumulator += Σu²`` (in float64 and rounded once: the same, as eager
+    computes an fp32 += fp64 in float64)."""
+    total = tl.zeros([], SCALAR_DTYPE)
+    for i in range(num_tensors):
+        total = (total.to(tl.float64) + tl.load(sums + i)).to(SCALAR_DTYPE)
+    tl.store(accumulator, total)
+
+
+@triton.jit
+def _pass_b_block(param_ptr, grad_ptr, metric_ptr, offsets, mask, eps_s, neg_step,
+                  PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr):
+    g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(STATE_DTYPE)
+    u = div_rn(g, sqrt_rn(tl.load(metric_ptr + offsets, mask=mask, other=0.0)) + eps_s)
+    p = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(STATE_DTYPE)
+    store_rounded(param_ptr + offsets, p + u * neg_step, mask, PARAM_DTYPE)
+
+
+@triton.jit(do_not_specialize=["num_tensors", "num_chunks"])
+def _pass_b_kernel(
+    addresses, chunks, numels, stats_ptr, neg_step_ptr, num_tensors, num_chunks,
+    epsilon: tl.float64,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, ALIGN: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """p ← p + u·(−η·k) where the gate is open; nothing is read or written where it is closed."""
+    zero64 = tl.zeros([], tl.float64)
+    chunk = tl.program_id(0)
+    liquid = tl.load(stats_ptr + 2) != 0
+    slot = tl.load(chunks + chunk)
+    start = tl.load(chunks + num_chunks + chunk)
+    # A frozen group's range is empty: no element is read or written.
+    end = tl.where(liquid, tl.minimum(start + CHUNK, tl.load(numels + slot)), start)
+    param_ptr = tl.multiple_of(tl.load(addresses + 0 * num_tensors + slot).to(tl.pointer_type(PARAM_DTYPE)), ALIGN)
+    grad_ptr = tl.multiple_of(tl.load(addresses + 1 * num_tensors + slot).to(tl.pointer_type(GRAD_DTYPE)), ALIGN)
+    metric_ptr = tl.multiple_of(tl.load(addresses + 2 * num_tensors + slot).to(tl.pointer_type(STATE_DTYPE)), ALIGN)
+    eps_s = (zero64 + epsilon).to(STATE_DTYPE)
+    neg_step = tl.load(neg_step_ptr).to(STATE_DTYPE)
+    full_end = end - (end - start) % BLOCK
+    for block in range(start, full_end, BLOCK):
+        offsets = tl.max_contiguous(tl.multiple_of(block + tl.arange(0, BLOCK), ALIGN), BLOCK)
+        _pass_b_block(param_ptr, grad_ptr, metric_ptr, offsets, tl.full([BLOCK], True, tl.int1), eps_s, neg_step,
+                      PARAM_DTYPE, STATE_DTYPE)
+    for block in range(full_end, end, BLOCK):
+        offsets = tl.max_contiguous(tl.multiple_of(block + tl.arange(0, BLOCK), ALIGN), BLOCK)
+        _pass_b_block(param_ptr, grad_ptr, metric_ptr, offsets, offsets < end, eps_s, neg_step, PARAM_DTYPE, STATE_DTYPE)
+
+
+@register("hysterograd", "triton")
+def hysterograd_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    metrics: list[torch.Tensor],
+    tau: torch.Tensor,
+    temp: torch.Tensor,
+    energy: torch.Tensor,
+    *,
+    lr: float,
+    stiffening_factor: float,
+    beta: float,
+    epsilon: float,
+    cooling_rate: float,
+    metric_scale: float,
+    adaptive_threshold: bool,
+    grad_clip: float | None,
+    hysteresis_scale: float,
+) -> torch.Tensor:
+    """One group's step, as the eager ``hysterograd_step``. Returns ``[N̂, h, gate]`` on the device."""
+    device = tau.device
+    layout = DenseLayout(params, grads, [metrics])
+    table = build_table(layout.roles, device, CHUNK_SIZE)
+
+    partials = torch.empty(table.num_chunks, dtype=torch.float64, device=device)  # every chunk writes its own
+    for bucket in table.buckets:
+        if bucket.num_chunks:
+            launch(
+                _pass_a_kernel, (bucket.num_chunks,),
+                bucket.addresses, bucket.chunks, bucket.numels, partials, bucket.num_tensors, bucket.num_chunks,
+                float(beta), (1 - beta) * metric_scale, float(epsilon),
+                GRAD_DTYPE=TRITON_DTYPES[bucket.dtypes[GRAD]], STATE_DTYPE=TRITON_DTYPES[bucket.dtypes[METRIC]],
+                ALIGN=bucket.alignment, CHUNK=CHUNK_SIZE, BLOCK=BLOCK_SIZE,
+            )
+    sums = per_tensor_sums(table, partials, 1, METRIC)
+
+    accumulator = torch.empty((), dtype=tau.dtype, device=device)
+    launch(_accumulate_kernel, (1,), sums, table.num_tensors, accumulator, SCALAR_DTYPE=TRITON_DTYPES[tau.dtype])
+    g_norm, barrier, liquid, neg_step_size = hysterograd_scalars(
+        accumulator, tau, temp, energy,
+        lr=lr, stiffening_factor=stiffening_factor, beta=beta, cooling_rate=cooling_rate,
+        adaptive_threshold=adaptive_threshold, grad_clip=grad_clip, hysteresis_scale=hysteresis_scale,
+    )
+    stats = torch.stack([g_norm, barrier, liquid.to(g_norm.dtype)])
+    if not isinstance(neg_step_size, torch.Tensor):
+        neg_step_size = torch.full((), neg_step_size, dtype=torch.float64, device=device)  # a fill, not a copy
+
+    for bucket in table.buckets:
+        if bucket.num_chunks:
+            launch(
+                _pass_b_kernel, (bucket.num_chunks,),
+                bucket.addresses, bucket.chunks, bucket.numels, stats, neg_step_size,
+                bucket.num_tensors, bucket.num_chunks, float(epsilon),
+                PARAM_DTYPE=TRITON_DTYPES[bucket.dtypes[PARAM]], GRAD_DTYPE=TRITON_DTYPES[bucket.dtypes[GRAD]],
+                STATE_DTYPE=TRITON_DTYPES[bucket.dtypes[METRIC]], ALIGN=bucket.alignment,
+                CHUNK=CHUNK_SIZE, BLOCK=BLOCK_SIZE,
+            )
+    layout.finish()
+    return stats
