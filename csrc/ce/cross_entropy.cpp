@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "cpu_dispatch.h"
+#include "huge_pages.h"
 #include "vec.h"
 
 namespace curvkern {
@@ -265,9 +266,13 @@ CURVKERN_INLINE void backward_row(const Problem<scalar_t>& p, int64_t r, const a
   const A scale = grad_scale[r * grad_scale_stride];
   const A row_lse = lse[r];
   const A uniform = p.label_smoothing / A(p.classes);
+  for (int64_t start = 0; start < p.classes; start += kBlock) {
+    const int64_t end = std::min(start + kBlock, p.classes);
+    prefetch_next_block<false>(z, z, start + kBlock, p.classes);
 #pragma omp simd
-  for (int64_t j = 0; j < p.classes; ++j) {
-    out[j] = store<scalar_t>(scale * (vec::exp(load(z[j]) - row_lse) - uniform));
+    for (int64_t j = start; j < end; ++j) {
+      out[j] = store<scalar_t>(scale * (vec::exp(load(z[j]) - row_lse) - uniform));
+    }
   }
   out[y] = store<scalar_t>(scale * (vec::exp(load(z[y]) - row_lse) - uniform - (A(1) - p.label_smoothing)));
 }
@@ -443,6 +448,7 @@ at::Tensor cross_entropy_backward(const at::Tensor& logits, const at::Tensor& ta
                                   const at::Tensor& grad_scale, int64_t ignore_index, double label_smoothing) {
   const char* op = "curvkern::cross_entropy_backward";
   at::Tensor grad = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  prefer_huge_pages(grad);
   dispatch_dtype(logits.scalar_type(), op, [&](auto* typed) {
     using scalar_t = std::remove_pointer_t<decltype(typed)>;
     using A = acc_t<scalar_t>;
@@ -474,6 +480,7 @@ at::Tensor cross_entropy_hvp_(const at::Tensor& logits, const at::Tensor& target
     auto problem = make_problem<scalar_t>(op, logits, target, ignore_index, label_smoothing, shift_period);
     check_rows(op, "u", u, logits);
     check_rows(op, "out", out, logits);
+    prefer_huge_pages(out);
     const int64_t scale_stride = check_scale(op, "scale", scale, logits);
     const scalar_t* u_data = u.const_data_ptr<scalar_t>();
     const A* scale_data = scale.const_data_ptr<A>();
