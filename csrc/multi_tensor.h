@@ -264,6 +264,15 @@ inline void check_state(const at::Tensor& state, at::ScalarType param_dtype, con
               " parameter must be ", state_dtype_of(param_dtype), ", got ", state.scalar_type());
 }
 
+// The optimizers' lr arrives as a tensor (a float becomes one in the wrapper) so a scheduler may keep
+// it in one; its value is read here, on the host, and used as the double a Python float would be.
+inline double learning_rate(const at::Tensor& lr, const char* op) {
+  TORCH_CHECK(lr.device().is_cpu() && lr.numel() == 1 && lr.is_floating_point(), op,
+              ": lr must be a 1-element floating-point CPU tensor, got ", lr.sizes(), " ", lr.scalar_type(), " on ",
+              lr.device());
+  return lr.item<double>();
+}
+
 inline std::vector<int64_t> numels_of(at::TensorList tensors) {
   std::vector<int64_t> numels;
   numels.reserve(tensors.size());

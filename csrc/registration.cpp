@@ -21,7 +21,7 @@ TORCH_LIBRARY(curvkern, m) {
       "hysterograd_pass_a_(Tensor[] grads, Tensor(a!)[] metrics, Tensor(b!) accumulator, float beta, "
       "float epsilon, float metric_scale) -> ()");
   m.def(
-      "hysterograd_scalars_(Tensor accumulator, Tensor(a!) tau, Tensor(b!) temp, Tensor(c!) energy, float lr, "
+      "hysterograd_scalars_(Tensor accumulator, Tensor(a!) tau, Tensor(b!) temp, Tensor(c!) energy, Tensor lr, "
       "float stiffening_factor, float beta, float cooling_rate, bool adaptive_threshold, float? grad_clip, "
       "float hysteresis_scale) -> (Tensor, Tensor)");
   m.def(
@@ -30,7 +30,7 @@ TORCH_LIBRARY(curvkern, m) {
   m.def("biostatis_sums(Tensor[] grads, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, float beta1, float beta2) -> Tensor");
   m.def(
       "biostatis_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] memory_emas, Tensor(e!)[] steps, Tensor sums, Tensor group_sums, float lr, float beta1, "
+      "Tensor(d!)[] memory_emas, Tensor(e!)[] steps, Tensor sums, Tensor group_sums, Tensor lr, float beta1, "
       "float beta2, float eps, float weight_decay, float homeo_rate, float coherence_target, float energy_target, float lambda_energy, "
       "float[] memory_decays, float[] memory_weights, float flip_threshold, float ascent_strength) -> Tensor");
   m.def("cross_entropy_forward(Tensor logits, Tensor target, int ignore_index, float label_smoothing) -> (Tensor, Tensor)");

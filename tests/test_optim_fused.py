@@ -158,11 +158,12 @@ def test_opcheck_every_optimizer_op():
     grads = [torch.randn(n, generator=gen) for n in (5, 33)]
     metrics = [torch.rand(n, generator=gen) for n in (5, 33)]
     scalars = lambda: [torch.tensor(v) for v in (0.5, 0.9, 0.1)]  # noqa: E731
+    lr = lambda: torch.tensor(1e-3, dtype=torch.float64)  # noqa: E731
     ops = torch.ops.curvkern
     torch.library.opcheck(ops.hysterograd_pass_a_.default, (grads, [m.clone() for m in metrics], torch.zeros(()), 0.9, 1e-7, 1.0))
     torch.library.opcheck(ops.hysterograd_scalars_.default,
-                          (torch.tensor(4.0), *scalars(), 1e-3, 0.01, 0.9, 0.99, True, 1.0, 1.0))
-    stats, neg = ops.hysterograd_scalars_(torch.tensor(4.0), *scalars(), 1e-3, 0.0, 0.9, 0.99, True, None, 1.0)
+                          (torch.tensor(4.0), *scalars(), lr(), 0.01, 0.9, 0.99, True, 1.0, 1.0))
+    stats, neg = ops.hysterograd_scalars_(torch.tensor(4.0), *scalars(), lr(), 0.0, 0.9, 0.99, True, None, 1.0)
     torch.library.opcheck(ops.hysterograd_pass_b_.default, ([p.clone() for p in params], grads, metrics, stats, neg, 1e-7))
     state = lambda: [torch.rand(n, generator=gen) for n in (5, 33)]  # noqa: E731
     moments = (state(), state())
@@ -171,7 +172,7 @@ def test_opcheck_every_optimizer_op():
     emas = [torch.rand(n, generator=gen) for n in (5, 33) for _memory in range(2)]  # tensor-major
     torch.library.opcheck(ops.biostatis_update_.default, (
         [p.clone() for p in params], grads, state(), state(), emas,
-        [torch.tensor(0.0), torch.tensor(3.0)], sums, sums.sum(0), 1e-3, 0.9, 0.999, 1e-8, 0.01, 0.03, 0.8, 1e-3,
+        [torch.tensor(0.0), torch.tensor(3.0)], sums, sums.sum(0), lr(), 0.9, 0.999, 1e-8, 0.01, 0.03, 0.8, 1e-3,
         0.1, [0.9, 0.99], [0.6, 0.4], 0.2, 0.05))
 
 
@@ -191,7 +192,10 @@ def test_ops_reject_bad_inputs_with_clear_errors():
     sums = ops.biostatis_sums(g, [torch.zeros(4)], [torch.zeros(4)], 0.9, 0.999)
     with pytest.raises(RuntimeError, match="memory EMAs"):
         ops.biostatis_update_(g, g, [torch.zeros(4)], [torch.zeros(4)], [], [torch.tensor(0.0)], sums, sums.sum(0),
-                              1e-3, 0.9, 0.999, 1e-8, 0.0, 0.03, 0.8, 1e-3, 0.1, [0.9], [1.0], 0.2, 0.05)
+                              torch.tensor(1e-3), 0.9, 0.999, 1e-8, 0.0, 0.03, 0.8, 1e-3, 0.1, [0.9], [1.0], 0.2,
+                              0.05)
+    with pytest.raises(RuntimeError, match="lr must be a 1-element floating-point CPU tensor"):
+        ops.hysterograd_scalars_(*[torch.zeros(())] * 4, torch.tensor([1e-3, 1e-3]), 0.01, 0.9, 0.99, True, None, 1.0)
 
 
 @needs_cpp

@@ -153,7 +153,7 @@ def test_chunk_offsets_are_64_bit():
 
 
 HYPERPARAMETER_NAMES = {
-    "beta", "metric_coef", "epsilon", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "decay",
+    "beta", "metric_coef", "epsilon", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps",
 }
 
 
@@ -242,12 +242,16 @@ def test_profiler_launches_per_step_stay_constant(family):
 
 
 @needs_cuda
-def test_cuda_graph_capture_and_replay_match_eager(family):
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
+def test_cuda_graph_capture_and_replay_match_eager(family, tensor_lr):
     shapes = [(300,), (7, 9)]
     params = make_params(shapes, torch.float32)
     reference = [p.detach().clone().requires_grad_(True) for p in params]
     opt = OPTIMIZERS[family](params, "triton", capturable=True)
     eager = OPTIMIZERS[family](reference, "eager")
+    if tensor_lr:  # a scheduler's in-place update reaches the captured graph
+        opt.param_groups[0]["lr"] = torch.tensor(eager.param_groups[0]["lr"], dtype=torch.float64, device="cuda")
+        schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5) for o in (opt, eager)]
     grads = [torch.zeros_like(p) for p in params]
     for p, g in zip(params, grads):
         p.grad = g
@@ -272,6 +276,9 @@ def test_cuda_graph_capture_and_replay_match_eager(family):
         load_grads(step)
         graph.replay()
         eager.step()
+        if tensor_lr:
+            for scheduler in schedulers:
+                scheduler.step()
     torch.cuda.synchronize()
     for p, q in zip(params, reference):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)

@@ -18,7 +18,7 @@ from curvkern.optim.hysterograd import triton as hysterograd
 POINTERS = {  # every other argument is an int, or float64 where annotated so
     "addresses": "*i64", "chunks": "*i64", "numels": "*i64", "tensor_index": "*i64", "chunk_begin": "*i64",
     "partials": "*fp64", "sums": "*fp64", "memory": "*fp64", "neg_step_ptr": "*fp64", "stats_ptr": "*fp32",
-    "tau_ptr": "*fp64", "ascent_ptr": "*fp64", "sqrt_bc2_ptr": "*fp64", "coef_ptr": "*fp64",
+    "decay_ptr": "*fp64", "tau_ptr": "*fp64", "ascent_ptr": "*fp64", "sqrt_bc2_ptr": "*fp64", "coef_ptr": "*fp64",
     "temp_ptr": "*fp32", "energy_ptr": "*fp32",
 }
 

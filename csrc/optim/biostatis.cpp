@@ -287,14 +287,15 @@ at::Tensor biostatis_sums(at::TensorList grads, at::TensorList exp_avgs, at::Ten
 
 at::Tensor biostatis_update_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                              at::TensorList exp_avg_sqs, at::TensorList memory_emas, at::TensorList steps,
-                             const at::Tensor& sums, const at::Tensor& group_sums, double lr, double beta1,
-                             double beta2, double eps, double weight_decay, double homeo_rate,
+                             const at::Tensor& sums, const at::Tensor& group_sums, const at::Tensor& lr_tensor,
+                             double beta1, double beta2, double eps, double weight_decay, double homeo_rate,
                              double coherence_target, double energy_target, double lambda_energy,
                              at::ArrayRef<double> memory_decays, at::ArrayRef<double> memory_weights,
                              double flip_threshold, double ascent_strength) {
   constexpr const char* op = "curvkern::biostatis_update_";
   const int64_t n = static_cast<int64_t>(params.size());
   const int64_t memories = static_cast<int64_t>(memory_decays.size());
+  const double lr = learning_rate(lr_tensor, op);
   check_lists(params, grads, exp_avgs, exp_avg_sqs, op);
   TORCH_CHECK(memory_weights.size() == memory_decays.size(), op, ": got ", memory_decays.size(),
               " memory_decays but ", memory_weights.size(), " memory_weights");

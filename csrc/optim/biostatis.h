@@ -18,8 +18,8 @@ at::Tensor biostatis_sums(at::TensorList grads, at::TensorList exp_avgs, at::Ten
 // [n, 9] tensor, columns (h_G, e_G, h, e, τ, I, ascent, √bc2, coef).
 at::Tensor biostatis_update_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                              at::TensorList exp_avg_sqs, at::TensorList memory_emas, at::TensorList steps,
-                             const at::Tensor& sums, const at::Tensor& group_sums, double lr, double beta1,
-                             double beta2, double eps, double weight_decay, double homeo_rate,
+                             const at::Tensor& sums, const at::Tensor& group_sums, const at::Tensor& lr_tensor,
+                             double beta1, double beta2, double eps, double weight_decay, double homeo_rate,
                              double coherence_target, double energy_target, double lambda_energy,
                              at::ArrayRef<double> memory_decays, at::ArrayRef<double> memory_weights,
                              double flip_threshold, double ascent_strength);

@@ -228,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor> scalars(const at::Tensor& accumulator, at::Te
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> hysterograd_scalars_(const at::Tensor& accumulator, at::Tensor& tau,
-                                                        at::Tensor& temp, at::Tensor& energy, double lr,
+                                                        at::Tensor& temp, at::Tensor& energy, const at::Tensor& lr,
                                                         double stiffening_factor, double beta,
                                                         double cooling_rate, bool adaptive_threshold,
                                                         std::optional<double> grad_clip, double hysteresis_scale) {
@@ -239,11 +239,12 @@ std::tuple<at::Tensor, at::Tensor> hysterograd_scalars_(const at::Tensor& accumu
   check_group_scalar(tau, op, "group_tau", dtype);
   check_group_scalar(temp, op, "group_temp", dtype);
   check_group_scalar(energy, op, "avg_energy", dtype);
+  const double learning_rate_value = learning_rate(lr, op);
   if (dtype == at::kFloat) {
-    return scalars<float>(accumulator, tau, temp, energy, lr, stiffening_factor, beta, cooling_rate,
+    return scalars<float>(accumulator, tau, temp, energy, learning_rate_value, stiffening_factor, beta, cooling_rate,
                           adaptive_threshold, grad_clip, hysteresis_scale);
   }
-  return scalars<double>(accumulator, tau, temp, energy, lr, stiffening_factor, beta, cooling_rate,
+  return scalars<double>(accumulator, tau, temp, energy, learning_rate_value, stiffening_factor, beta, cooling_rate,
                          adaptive_threshold, grad_clip, hysteresis_scale);
 }
 

@@ -14,7 +14,7 @@ void hysterograd_pass_a_(at::TensorList grads, at::TensorList metrics, at::Tenso
 
 // The scalar stage: advances τ, T, E in place; returns ([N̂, h, gate] in the scalars' dtype, −η·k in float64).
 std::tuple<at::Tensor, at::Tensor> hysterograd_scalars_(const at::Tensor& accumulator, at::Tensor& tau,
-                                                        at::Tensor& temp, at::Tensor& energy, double lr,
+                                                        at::Tensor& temp, at::Tensor& energy, const at::Tensor& lr,
                                                         double stiffening_factor, double beta,
                                                         double cooling_rate, bool adaptive_threshold,
                                                         std::optional<double> grad_clip, double hysteresis_scale);

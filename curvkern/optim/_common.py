@@ -98,6 +98,45 @@ def require_range(name: str, value: object, low: float | None = None, high: floa
     return x
 
 
+def require_lr(value: object) -> None:
+    """lr is a number, or a 1-element real tensor holding one (read once here, never in a step)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(
+                f"Invalid lr: a tensor lr must hold one floating-point element, got shape {tuple(value.shape)} "
+                f"and dtype {value.dtype}"
+            )
+        require_range("lr", value.detach().double().item(), 0)
+    else:
+        require_range("lr", value, 0)
+
+
+def lr_on(lr: float | torch.Tensor, device: torch.device) -> float | torch.Tensor:
+    """The group's lr as the backends take it: a float, or a 0-dim tensor on the parameters' device.
+
+    The tensor is a view of the group's own when it already lives there, so a scheduler that updates
+    it in place (torch's do, with ``fill_``) changes the lr that a captured CUDA graph replays.
+    """
+    if not isinstance(lr, torch.Tensor):
+        return float(lr)
+    # Host to device needs no sync; device to host must wait for the value.
+    return lr.detach().reshape(()).to(device, non_blocking=device.type != "cpu")
+
+
+def lr_as(lr: float | torch.Tensor, dtype: torch.dtype) -> float | torch.Tensor:
+    """lr where the reference meets a tensor of ``dtype``: a tensor lr acts as the float it holds.
+
+    A Python float meeting a tensor is converted to the tensor's dtype first; a 0-dim lr tensor is
+    converted the same way here, so both give the same bits.
+    """
+    return lr.to(dtype) if isinstance(lr, torch.Tensor) else lr
+
+
+def lr_tensor(lr: float | torch.Tensor) -> torch.Tensor:
+    """lr as the C++ ops take it: a 0-dim tensor (a float is wrapped exactly, in float64)."""
+    return lr if isinstance(lr, torch.Tensor) else torch.tensor(lr, dtype=torch.float64)
+
+
 def restore_state(optimizer: torch.optim.Optimizer, state_dict: dict, convert) -> None:
     """Undo ``Optimizer.load_state_dict``'s cast of every floating state tensor to its parameter's dtype.
 

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from curvkern._dispatch import register
-from curvkern.optim._common import by_dtype
+from curvkern.optim._common import by_dtype, lr_tensor
 from curvkern.optim.biostatis.eager import BiostatisScalars
 
 _ops = torch.ops.curvkern
@@ -47,7 +47,7 @@ def biostatis_step(
     memory_emas: list[list[torch.Tensor]],
     state_steps: list[torch.Tensor],
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
@@ -66,11 +66,12 @@ def biostatis_step(
     beta1, beta2 = float(betas[0]), float(betas[1])
     sums = [_ops.biostatis_sums(bucket[1], bucket[2], bucket[3], beta1, beta2) for bucket in buckets]
     group_sums = (sums[0] if len(sums) == 1 else torch.cat(sums)).sum(0)
+    lr = lr_tensor(lr)
     columns = []
     for (b_params, b_grads, b_exp_avgs, b_exp_avg_sqs, b_emas, b_steps, _), b_sums in zip(buckets, sums):
         columns.append(_ops.biostatis_update_(
             b_params, b_grads, b_exp_avgs, b_exp_avg_sqs, [ema for emas in b_emas for ema in emas], b_steps,
-            b_sums, group_sums, float(lr), beta1, beta2, float(eps), float(weight_decay),
+            b_sums, group_sums, lr, beta1, beta2, float(eps), float(weight_decay),
             float(homeo_rate), float(coherence_target), float(energy_target), float(lambda_energy),
             [float(d) for d in memory_decays], [float(w) for w in memory_weights], float(flip_threshold),
             float(ascent_strength),

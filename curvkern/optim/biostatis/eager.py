@@ -26,6 +26,9 @@ rounded from float64 to it where it meets a tensor, as torch does with the origi
     U = (m / (√v / √bc2 + ε) + 0.05·M) + 0.01·ã
     p ← p·(1 − lr·wd)  (only when wd ≠ 0);  p ← p + U·coef
 
+lr may be a 0-dim tensor (on the device, for CUDA graphs): it then acts as the float it holds, in
+float64 as the Python float would be, so both give the same bits.
+
 Empty tensors (numel 0): they take part like any other active tensor (state, step count) but add
 nothing to the sums or to the group's element count, and pass B skips them; their per-tensor means
 divide by max(N, 1), so every scalar stays finite (the original gets NaN there and no effect).
@@ -37,7 +40,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from curvkern._dispatch import register
-from curvkern.optim._common import updated_in_math_dtype
+from curvkern.optim._common import lr_as, updated_in_math_dtype
 
 # Hard-coded constants of the original (spec §1).
 GLOBAL_FACTOR = 0.5          # global gains use ρ/2 and λ/2
@@ -123,7 +126,7 @@ def biostatis_scalars(
     numels: Sequence[int] | torch.Tensor,
     steps: torch.Tensor,
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     betas: tuple[float, float],
     homeo_rate: float,
     coherence_target: float,
@@ -176,7 +179,7 @@ def biostatis_scalars(
 
     bc1 = 1 - torch.pow(beta1, t)
     bc2 = 1 - torch.pow(beta2, t)
-    step_size = lr / bc1
+    step_size = bc1.reciprocal() * lr_as(lr, f64)  # what Python's `lr / bc1` computes
     coef = -step_size * h * e
     return BiostatisScalars(h_global, e_global, h, e, tau, importance, ascent, bc2.sqrt(), coef)
 
@@ -189,7 +192,7 @@ def biostatis_update(
     memory_emas: Sequence[Sequence[torch.Tensor]],
     scalars: BiostatisScalars,
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
@@ -198,7 +201,7 @@ def biostatis_update(
 ) -> None:
     """Pass B: write m', v', the EMAs and p (weight decay first, then add the update)."""
     beta1, beta2 = betas
-    decay = 1 - lr * weight_decay
+    decay = 1 - lr_as(lr, torch.float64) * weight_decay
     for i, (param, grad, exp_avg, exp_avg_sq, emas) in enumerate(
         zip(params, grads, exp_avgs, exp_avg_sqs, memory_emas, strict=True)
     ):
@@ -237,7 +240,7 @@ def biostatis_step(
     memory_emas: list[list[torch.Tensor]],
     state_steps: list[torch.Tensor],
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,

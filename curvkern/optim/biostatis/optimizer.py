@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from curvkern._dispatch import select
-from curvkern.optim._common import FusedOptimizer, check_params, grad_of, require_range, state_dtype
+from curvkern.optim._common import FusedOptimizer, check_params, grad_of, lr_on, require_lr, require_range, state_dtype
 
 _NAME = "BiostatisV6"
 HYPERPARAMETERS = (
@@ -38,6 +38,8 @@ class BiostatisV6(FusedOptimizer):
     ``capturable=True`` (torch.optim's name, as in ``Adam``) keeps ``step`` on the parameter's device
     instead, so a whole ``step()`` can be captured in a CUDA graph. Like ``fused``, it is an attribute,
     not saved in ``state_dict()``: a checkpoint loads in either mode, ``step`` moved where it belongs.
+    ``lr`` may be a 1-element tensor, as in torch.optim: it acts as the float it holds, and a scheduler
+    that updates it in place changes the lr a captured graph replays.
 
     Deliberate deviations from the original:
 
@@ -61,7 +63,7 @@ class BiostatisV6(FusedOptimizer):
     def __init__(
         self,
         params,
-        lr: float = 1e-3,
+        lr: float | torch.Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
@@ -95,7 +97,7 @@ class BiostatisV6(FusedOptimizer):
         super().__init__(params, defaults, fused)
 
     def _validate_group(self, group: dict) -> None:
-        require_range("lr", group["lr"], 0)
+        require_lr(group["lr"])
         for i, beta in enumerate(_sequence("betas", group["betas"], 2)):
             require_range(f"betas[{i}]", beta, 0, 1, high_open=True)
         require_range("eps", group["eps"], 0)
@@ -161,7 +163,7 @@ class BiostatisV6(FusedOptimizer):
             _, step_fn = select(self.family, self.fused, device)
             step_fn(
                 params, grads, exp_avgs, exp_avg_sqs, memory_emas, state_steps,
-                **_hyperparameters(group),
+                **_hyperparameters(group, device),
             )
         return loss
 
@@ -181,12 +183,13 @@ class BiostatisV6(FusedOptimizer):
         return copy.deepcopy(value)
 
 
-def _hyperparameters(group: dict) -> dict:
-    """The group's 12 hyperparameters as the backends take them (plain floats and tuples)."""
-    return {
+def _hyperparameters(group: dict, device: torch.device) -> dict:
+    """The group's 12 hyperparameters as the backends take them: floats and tuples, lr maybe a tensor."""
+    values = {
         key: tuple(float(x) for x in group[key]) if key in SEQUENCE_HYPERPARAMETERS else float(group[key])
-        for key in HYPERPARAMETERS
+        for key in HYPERPARAMETERS if key != "lr"
     }
+    return {"lr": lr_on(group["lr"], device), **values}
 
 
 def _sequence(name: str, value: object, length: int | None = None) -> Sequence:

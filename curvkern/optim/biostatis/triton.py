@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from curvkern._dispatch import register
+from curvkern.optim._common import lr_as
 from curvkern.optim._triton_multi_tensor import (
     BLOCK_SIZE, CHUNK_SIZE, TRITON_DTYPES, DenseLayout, build_table, device_vector, div_rn, launch,
     per_tensor_sums, sqrt_rn, store_rounded,
@@ -126,7 +127,7 @@ def _update_kernel(
     addresses, chunks, numels, tensor_index, memory, tau_ptr, ascent_ptr, sqrt_bc2_ptr, coef_ptr,
     num_tensors, num_chunks,
     beta1: tl.float64, one_minus_beta1: tl.float64, beta2: tl.float64, one_minus_beta2: tl.float64,
-    eps: tl.float64, decay: tl.float64, apply_decay,
+    eps: tl.float64, decay_ptr, apply_decay,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, NUM_MEMORIES: tl.constexpr,
     ALIGN: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -145,7 +146,7 @@ def _update_kernel(
     b2 = (zero64 + beta2).to(STATE_DTYPE)
     c2 = (zero64 + one_minus_beta2).to(STATE_DTYPE)
     eps_s = (zero64 + eps).to(STATE_DTYPE)
-    decay_s = (zero64 + decay).to(STATE_DTYPE)
+    decay_s = tl.load(decay_ptr).to(STATE_DTYPE)
     tensor = tl.load(tensor_index + slot)
     tau = tl.load(tau_ptr + tensor).to(STATE_DTYPE)
     ascent = tl.load(ascent_ptr + tensor).to(STATE_DTYPE)
@@ -173,7 +174,7 @@ def biostatis_step(
     memory_emas: list[list[torch.Tensor]],
     state_steps: list[torch.Tensor],
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
@@ -213,6 +214,10 @@ def biostatis_step(
         flip_threshold=flip_threshold, ascent_strength=ascent_strength,
     )
 
+    # 1 − lr·wd on the device: a tensor lr may change between replays of a captured step.
+    decay = 1 - lr_as(lr, torch.float64) * weight_decay
+    if not isinstance(decay, torch.Tensor):
+        decay = torch.full((), decay, dtype=torch.float64, device=device)  # a fill, not a copy
     memory = device_vector([*memory_decays, *(1 - d for d in memory_decays), *memory_weights], device)
     for bucket in table.buckets:
         if bucket.num_chunks:
@@ -221,7 +226,7 @@ def biostatis_step(
                 bucket.addresses, bucket.chunks, bucket.numels, bucket.tensor_index, memory,
                 scalars.tau, scalars.ascent, scalars.sqrt_bc2, scalars.coef,
                 bucket.num_tensors, bucket.num_chunks,
-                *moments, float(eps), 1 - lr * weight_decay, int(weight_decay != 0),
+                *moments, float(eps), decay, int(weight_decay != 0),
                 PARAM_DTYPE=TRITON_DTYPES[bucket.dtypes[PARAM]], GRAD_DTYPE=TRITON_DTYPES[bucket.dtypes[GRAD]],
                 STATE_DTYPE=TRITON_DTYPES[bucket.dtypes[EXP_AVG]], NUM_MEMORIES=len(memory_decays),
                 ALIGN=bucket.alignment, CHUNK=CHUNK_SIZE, BLOCK=BLOCK_SIZE,

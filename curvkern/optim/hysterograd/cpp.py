@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from curvkern._dispatch import register
-from curvkern.optim._common import by_dtype
+from curvkern.optim._common import by_dtype, lr_tensor
 
 _ops = torch.ops.curvkern
 
@@ -40,7 +40,7 @@ def hysterograd_step(
     temp: torch.Tensor,
     energy: torch.Tensor,
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     stiffening_factor: float,
     beta: float,
     epsilon: float,
@@ -57,7 +57,7 @@ def hysterograd_step(
         _ops.hysterograd_pass_a_(bucket_grads, bucket_metrics, accumulator, float(beta), float(epsilon),
                                  float(metric_scale))
     stats, neg_step_size = _ops.hysterograd_scalars_(
-        accumulator, tau, temp, energy, float(lr), float(stiffening_factor), float(beta), float(cooling_rate),
+        accumulator, tau, temp, energy, lr_tensor(lr), float(stiffening_factor), float(beta), float(cooling_rate),
         bool(adaptive_threshold), None if grad_clip is None else float(grad_clip), float(hysteresis_scale),
     )
     for bucket_params, bucket_grads, bucket_metrics in buckets:

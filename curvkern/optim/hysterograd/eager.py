@@ -12,6 +12,8 @@ Rounding contract the fused kernels mirror:
 - scalar stage in the group scalars' dtype;
 - pass B: ``p ← p + u·(−η·k)`` where the gate is open (``−η·k`` is a Python float without
   clipping, a 0-dim fp64 tensor with it, holding the fp32 product −η·k where the clip bites).
+lr may be a 0-dim tensor (on the device, for CUDA graphs): it then acts as the float it holds,
+converted wherever the float would be, so both give the same bits.
 bf16/fp16 parameters keep G in fp32 and do all of this in fp32, then round p to nearest even.
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from curvkern._dispatch import register
-from curvkern.optim._common import updated_in_math_dtype
+from curvkern.optim._common import lr_as, updated_in_math_dtype
 
 
 def hysterograd_pass_a(
@@ -48,7 +50,7 @@ def hysterograd_scalars(
     temp: torch.Tensor,
     energy: torch.Tensor,
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     stiffening_factor: float,
     beta: float,
     cooling_rate: float,
@@ -64,12 +66,12 @@ def hysterograd_scalars(
         # min(1, C/(N+1e-6)) as the original writes it: a NaN ratio gives 1, not NaN.
         clip_scale = torch.where(clipped, ratio, torch.ones_like(ratio))
         # −η·k as the original forms it: an fp32 product where the clip bites, the double −η elsewhere.
-        neg_step_size = torch.where(clipped, (-lr * ratio).double(), -lr)
+        neg_step_size = torch.where(clipped, (-lr_as(lr, ratio.dtype) * ratio).double(), -lr_as(lr, torch.float64))
     else:
         clip_scale = 1.0
-        neg_step_size = -lr
+        neg_step_size = -lr_as(lr, torch.float64)
     g_norm = norm * clip_scale
-    tau.add_(lr * g_norm)
+    tau.add_(lr_as(lr, g_norm.dtype) * g_norm)
     temp.mul_(cooling_rate)
     energy.copy_(beta * energy + (1 - beta) * g_norm)
     cold_factor = 1 - torch.clamp(temp, 0, 1)
@@ -101,7 +103,7 @@ def hysterograd_step(
     temp: torch.Tensor,
     energy: torch.Tensor,
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     stiffening_factor: float,
     beta: float,
     epsilon: float,

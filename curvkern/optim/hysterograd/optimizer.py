@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from curvkern._dispatch import select
-from curvkern.optim._common import FusedOptimizer, check_params, grad_of, require_range, state_dtype
+from curvkern.optim._common import FusedOptimizer, check_params, grad_of, lr_on, require_lr, require_range, state_dtype
 
 _NAME = "HysteroGrad"
 _GROUP_SCALARS = ("group_tau", "group_temp", "avg_energy")
@@ -26,7 +26,9 @@ class HysteroGrad(FusedOptimizer):
     ``capturable=True`` (torch.optim's name for it) skips that read, so a whole ``step()`` can be
     captured in a CUDA graph: it returns ``(liquid, g_norm, h_width)`` as 0-dim tensors on the
     parameters' device (``liquid`` a bool tensor), the same values the tuple holds. Like ``fused``,
-    it is an attribute of the optimizer, not saved in ``state_dict()``.
+    it is an attribute of the optimizer, not saved in ``state_dict()``. ``lr`` may be a 1-element
+    tensor, as in torch.optim: it acts as the float it holds, and a scheduler that updates it in place
+    changes the lr a captured graph replays.
 
     ``fused`` picks the backend: ``"eager"``, ``"cpp"``, ``"triton"`` or ``"auto"`` (see
     :mod:`curvkern._dispatch`). It is not saved in ``state_dict()``, so a checkpoint loads under
@@ -45,7 +47,7 @@ class HysteroGrad(FusedOptimizer):
     def __init__(
         self,
         params,
-        lr: float = 1e-3,
+        lr: float | torch.Tensor = 1e-3,
         stiffening_factor: float = 0.01,
         beta: float = 0.99,
         epsilon: float = 1e-7,
@@ -76,7 +78,7 @@ class HysteroGrad(FusedOptimizer):
         super().__init__(params, defaults, fused)
 
     def _validate_group(self, group: dict) -> None:
-        require_range("lr", group["lr"], 0)
+        require_lr(group["lr"])
         require_range("stiffening_factor", group["stiffening_factor"], 0)
         require_range("beta", group["beta"], 0, 1, high_open=True)
         # ε = 0 turns a zero gradient on a zero metric into 0/0 = NaN, freezing the group forever.
@@ -138,7 +140,7 @@ class HysteroGrad(FusedOptimizer):
                 step_fn(
                     params, grads, metrics,
                     first_state["group_tau"], first_state["group_temp"], first_state["avg_energy"],
-                    lr=group["lr"],
+                    lr=lr_on(group["lr"], device),
                     stiffening_factor=group["stiffening_factor"],
                     beta=group["beta"],
                     epsilon=group["epsilon"],

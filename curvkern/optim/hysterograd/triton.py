@@ -130,7 +130,7 @@ def hysterograd_step(
     temp: torch.Tensor,
     energy: torch.Tensor,
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     stiffening_factor: float,
     beta: float,
     epsilon: float,
