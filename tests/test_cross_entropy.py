@@ -356,6 +356,29 @@ def test_eigenthings_hvp_protocol(backend, device, layout):
                                loss_grad_hvp(F.cross_entropy, z, y, u.reshape(15, 13))[2], **FP64)
 
 
+def test_eigenthings_hvp_takes_any_sequence_length_without_recompiling(backend, device):
+    """The causal shift's period is a runtime argument of the kernels: T = 4 and T = 7 in turn, one compile."""
+    loss_fn = ck_eigenthings.hf_lm_loss_of_output(fused=backend)
+
+    def check(length):
+        gen = torch.Generator().manual_seed(length)
+        output = torch.randn(3, length, 11, generator=gen, dtype=torch.float64).to(device)
+        u = torch.randn(3, length, 11, generator=gen, dtype=torch.float64).to(device)
+        labels = torch.randint(0, 11, (3, length), generator=gen).to(device)
+        reference = loss_grad_hvp(lambda z, y: F.cross_entropy(z[:, :-1].reshape(-1, 11), y[:, 1:].reshape(-1)),
+                                  output, labels, u)
+        torch.testing.assert_close(loss_fn.hvp(output, {"labels": labels}, u), reference[2], **FP64)
+
+    check(4)
+    if device == "cuda" and backend == "triton":
+        from curvkern.ce.triton import _hvp_kernel
+        compiled = sum(len(cache[0]) for cache in _hvp_kernel.device_caches.values())
+        check(7)
+        assert sum(len(cache[0]) for cache in _hvp_kernel.device_caches.values()) == compiled
+    else:
+        check(7)
+
+
 # --- 64-bit offsets --------------------------------------------------------------------------------
 
 
@@ -507,8 +530,9 @@ def compile_for_sm90(dtype: str) -> None:
          {"ACC": acc, "ROWS": 1, "BLOCK_V": 4096}),
         (ce_triton._hvp_kernel,
          {"logits_ptr": logits, "row_stride": "i64", "target_ptr": "*i64", "u_ptr": logits, "u_row_stride": "i64",
-          "scale_ptr": accumulator, "scale_stride": "i64", "out_ptr": logits, "out_row_stride": "i64", "dot_ptr": accumulator},
-         {"SHIFT_PERIOD": 128, "ACC": acc, "SMOOTHING": True, "ROWS": 1, "BLOCK_V": 4096}),
+          "scale_ptr": accumulator, "scale_stride": "i64", "out_ptr": logits, "out_row_stride": "i64", "dot_ptr": accumulator,
+          "shift_period": "i64"},
+         {"SHIFTED": True, "ACC": acc, "SMOOTHING": True, "ROWS": 1, "BLOCK_V": 4096}),
     ]
     for kernel, pointers, constants in kernels:
         signature = {**pointers, **common, **{name: "constexpr" for name in constants}}

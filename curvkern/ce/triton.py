@@ -28,12 +28,13 @@ if importlib.util.find_spec("triton") is not None:
         return tl.cast(hi, ACC) + tl.cast(lo, ACC)
 
     @triton.jit
-    def _label(target_ptr, rows, row_mask, ignore_index, SHIFT_PERIOD: tl.constexpr):
-        """Row r's label: target[r], or target[r + 1] with the last step of each sequence ignored."""
-        if SHIFT_PERIOD == 0:
+    def _label(target_ptr, rows, row_mask, ignore_index, shift_period, SHIFTED: tl.constexpr):
+        """Row r's label: target[r], or (SHIFTED) target[r + 1] with the last step of each sequence of
+        ``shift_period`` rows ignored. The period is a runtime value: a new sequence length never recompiles."""
+        if not SHIFTED:
             label = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index)
         else:
-            last_step = (rows + 1) % SHIFT_PERIOD == 0
+            last_step = (rows + 1) % shift_period == 0
             label = tl.load(target_ptr + rows + 1, mask=row_mask & ~last_step, other=ignore_index)
         return label
 
@@ -75,7 +76,7 @@ if importlib.util.find_spec("triton") is not None:
         label_smoothing = _exact_scalar(smoothing_hi, smoothing_lo, ACC)
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         row_mask = rows < N
-        label = _label(target_ptr, rows, row_mask, ignore_index, 0)
+        label = _label(target_ptr, rows, row_mask, ignore_index, 0, False)
         live = row_mask & (label != ignore_index)
         in_range = (label >= 0) & (label < V)
         z_ptrs = logits_ptr + rows * row_stride
@@ -96,7 +97,7 @@ if importlib.util.find_spec("triton") is not None:
         label_smoothing = _exact_scalar(smoothing_hi, smoothing_lo, ACC)
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         row_mask = rows < N
-        label = _label(target_ptr, rows, row_mask, ignore_index, 0)
+        label = _label(target_ptr, rows, row_mask, ignore_index, 0, False)
         live = row_mask & (label != ignore_index)
         in_range = (label >= 0) & (label < V)
         lse = tl.load(lse_ptr + rows, mask=live, other=0.0)
@@ -113,15 +114,15 @@ if importlib.util.find_spec("triton") is not None:
             grad = tl.where(live[:, None], grad, 0.0)
             tl.store(grad_ptr + rows[:, None] * V + col[None, :], grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["shift_period"])
     def _hvp_kernel(logits_ptr, row_stride, target_ptr, u_ptr, u_row_stride, scale_ptr, scale_stride, out_ptr,
-                    out_row_stride, dot_ptr, N, V, ignore_index, smoothing_hi, smoothing_lo,
-                    SHIFT_PERIOD: tl.constexpr, ACC: tl.constexpr, SMOOTHING: tl.constexpr, ROWS: tl.constexpr,
+                    out_row_stride, dot_ptr, N, V, ignore_index, smoothing_hi, smoothing_lo, shift_period,
+                    SHIFTED: tl.constexpr, ACC: tl.constexpr, SMOOTHING: tl.constexpr, ROWS: tl.constexpr,
                     BLOCK_V: tl.constexpr):
         label_smoothing = _exact_scalar(smoothing_hi, smoothing_lo, ACC)
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         row_mask = rows < N
-        label = _label(target_ptr, rows, row_mask, ignore_index, SHIFT_PERIOD)
+        label = _label(target_ptr, rows, row_mask, ignore_index, shift_period, SHIFTED)
         live = row_mask & (label != ignore_index)
         in_range = (label >= 0) & (label < V)
         z_ptrs = logits_ptr + rows * row_stride
@@ -209,7 +210,7 @@ class TritonCrossEntropy:
             grid, rows, block_v = _launch_shape(n, v)
             _hvp_kernel[grid](logits, _row_stride(logits), target, u, u.stride(0), scale,
                               0 if scale.dim() == 0 else scale.stride(0), out, _row_stride(out), dot, n, v,
-                              ignore_index, *_split(label_smoothing), SHIFT_PERIOD=shift_period,
+                              ignore_index, *_split(label_smoothing), shift_period, SHIFTED=shift_period != 0,
                               ACC=_accumulator(logits.dtype), SMOOTHING=label_smoothing != 0, ROWS=rows,
                               BLOCK_V=block_v)
         return dot
