@@ -215,7 +215,35 @@ def device_vector(values: Sequence[float], device: torch.device) -> torch.Tensor
     return vector
 
 
+def device_scalar(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A float64 scalar the kernels load: a 0-dim tensor as it is, a float filled in on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value
+    return torch.full((), value, dtype=torch.float64, device=device)  # a fill, not a copy
+
+
 # ---------------------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def chunk_range(chunks, numels, num_chunks, chunk, CHUNK: tl.constexpr):
+    """Chunk ``chunk`` of the table: the slot of its tensor and its element range [start, end)."""
+    slot = tl.load(chunks + chunk)
+    start = tl.load(chunks + num_chunks + chunk)
+    return slot, start, tl.minimum(start + CHUNK, tl.load(numels + slot))
+
+
+@triton.jit
+def tensor_pointer(addresses, role, num_tensors, slot, DTYPE: tl.constexpr, ALIGN: tl.constexpr):
+    """The tensor of ``role`` in ``slot`` of the address table, as a ``DTYPE`` pointer aligned to ``ALIGN``."""
+    return tl.multiple_of(tl.load(addresses + role * num_tensors + slot).to(tl.pointer_type(DTYPE)), ALIGN)
+
+
+@triton.jit
+def in_dtype(value, DTYPE: tl.constexpr):
+    """A float64 argument rounded to ``DTYPE``, as torch rounds a Python scalar. Added to a float64 zero
+    first, so that it is a tensor both compiled and interpreted."""
+    return (tl.zeros([], tl.float64) + value).to(DTYPE)
 
 
 @triton.jit

@@ -21,13 +21,14 @@ import triton.language as tl
 from curvkern._dispatch import register
 from curvkern.optim._common import lr_as
 from curvkern.optim._triton_multi_tensor import (
-    BLOCK_SIZE, CHUNK_SIZE, TRITON_DTYPES, DenseLayout, build_table, device_vector, div_rn, launch,
-    per_tensor_sums, sqrt_rn, store_rounded,
+    BLOCK_SIZE, CHUNK_SIZE, TRITON_DTYPES, DenseLayout, build_table, chunk_range, device_scalar, device_vector,
+    div_rn, in_dtype, launch, per_tensor_sums, sqrt_rn, store_rounded, tensor_pointer,
 )
 from curvkern.optim.biostatis.eager import N_SUMS, BiostatisScalars, biostatis_scalars
 
-# Rows of the chunk table's address table (the kernels spell them as literals), then one per EMA.
-PARAM, GRAD, EXP_AVG, EXP_AVG_SQ = range(4)
+# Roles in the chunk table (rows of its address table), the memory EMAs from FIRST_EMA on; constexpr,
+# because the kernels index the address table with them too.
+PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, FIRST_EMA = (tl.constexpr(role) for role in range(5))
 
 
 @triton.jit
@@ -54,18 +55,13 @@ def _sums_kernel(
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Pass A, read-only: the chunk's ``[Σg², Σ|tanh g|, Σm'g, Σm'², Σ|m'|, Σ√v']`` in the state dtype."""
-    zero64 = tl.zeros([], tl.float64)  # zero64 + x: an fp64 argument as a tensor, compiled or interpreted
     chunk = tl.program_id(0)
-    slot = tl.load(chunks + chunk)
-    start = tl.load(chunks + num_chunks + chunk)
-    end = tl.minimum(start + CHUNK, tl.load(numels + slot))
-    grad_ptr = tl.multiple_of(tl.load(addresses + 1 * num_tensors + slot).to(tl.pointer_type(GRAD_DTYPE)), ALIGN)
-    m_ptr = tl.multiple_of(tl.load(addresses + 2 * num_tensors + slot).to(tl.pointer_type(STATE_DTYPE)), ALIGN)
-    v_ptr = tl.multiple_of(tl.load(addresses + 3 * num_tensors + slot).to(tl.pointer_type(STATE_DTYPE)), ALIGN)
-    b1 = (zero64 + beta1).to(STATE_DTYPE)
-    c1 = (zero64 + one_minus_beta1).to(STATE_DTYPE)
-    b2 = (zero64 + beta2).to(STATE_DTYPE)
-    c2 = (zero64 + one_minus_beta2).to(STATE_DTYPE)
+    slot, start, end = chunk_range(chunks, numels, num_chunks, chunk, CHUNK)
+    grad_ptr = tensor_pointer(addresses, GRAD, num_tensors, slot, GRAD_DTYPE, ALIGN)
+    m_ptr = tensor_pointer(addresses, EXP_AVG, num_tensors, slot, STATE_DTYPE, ALIGN)
+    v_ptr = tensor_pointer(addresses, EXP_AVG_SQ, num_tensors, slot, STATE_DTYPE, ALIGN)
+    b1, c1 = in_dtype(beta1, STATE_DTYPE), in_dtype(one_minus_beta1, STATE_DTYPE)
+    b2, c2 = in_dtype(beta2, STATE_DTYPE), in_dtype(one_minus_beta2, STATE_DTYPE)
     gg = tl.zeros([BLOCK], STATE_DTYPE)
     th = tl.zeros([BLOCK], STATE_DTYPE)
     mg = tl.zeros([BLOCK], STATE_DTYPE)
@@ -103,8 +99,7 @@ def _update_block(
     tl.store(v_ptr + offsets, v, mask=mask)
     flow = tl.zeros(offsets.shape, STATE_DTYPE)
     for j in tl.static_range(NUM_MEMORIES):
-        ema_ptr = tl.load(addresses + (4 + j) * num_tensors + slot).to(tl.pointer_type(STATE_DTYPE))
-        ema_ptr = tl.multiple_of(ema_ptr, ALIGN)
+        ema_ptr = tensor_pointer(addresses, FIRST_EMA + j, num_tensors, slot, STATE_DTYPE, ALIGN)
         d = tl.load(memory + j).to(STATE_DTYPE)
         one_minus_d = tl.load(memory + NUM_MEMORIES + j).to(STATE_DTYPE)
         weight = tl.load(memory + 2 * NUM_MEMORIES + j).to(STATE_DTYPE)
@@ -132,20 +127,14 @@ def _update_kernel(
     ALIGN: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Pass B: m, v and the EMAs written back; p ← p·(1 − lr·wd) (when wd ≠ 0), then p ← p + U·coef."""
-    zero64 = tl.zeros([], tl.float64)
-    chunk = tl.program_id(0)
-    slot = tl.load(chunks + chunk)
-    start = tl.load(chunks + num_chunks + chunk)
-    end = tl.minimum(start + CHUNK, tl.load(numels + slot))
-    param_ptr = tl.multiple_of(tl.load(addresses + 0 * num_tensors + slot).to(tl.pointer_type(PARAM_DTYPE)), ALIGN)
-    grad_ptr = tl.multiple_of(tl.load(addresses + 1 * num_tensors + slot).to(tl.pointer_type(GRAD_DTYPE)), ALIGN)
-    m_ptr = tl.multiple_of(tl.load(addresses + 2 * num_tensors + slot).to(tl.pointer_type(STATE_DTYPE)), ALIGN)
-    v_ptr = tl.multiple_of(tl.load(addresses + 3 * num_tensors + slot).to(tl.pointer_type(STATE_DTYPE)), ALIGN)
-    b1 = (zero64 + beta1).to(STATE_DTYPE)
-    c1 = (zero64 + one_minus_beta1).to(STATE_DTYPE)
-    b2 = (zero64 + beta2).to(STATE_DTYPE)
-    c2 = (zero64 + one_minus_beta2).to(STATE_DTYPE)
-    eps_s = (zero64 + eps).to(STATE_DTYPE)
+    slot, start, end = chunk_range(chunks, numels, num_chunks, tl.program_id(0), CHUNK)
+    param_ptr = tensor_pointer(addresses, PARAM, num_tensors, slot, PARAM_DTYPE, ALIGN)
+    grad_ptr = tensor_pointer(addresses, GRAD, num_tensors, slot, GRAD_DTYPE, ALIGN)
+    m_ptr = tensor_pointer(addresses, EXP_AVG, num_tensors, slot, STATE_DTYPE, ALIGN)
+    v_ptr = tensor_pointer(addresses, EXP_AVG_SQ, num_tensors, slot, STATE_DTYPE, ALIGN)
+    b1, c1 = in_dtype(beta1, STATE_DTYPE), in_dtype(one_minus_beta1, STATE_DTYPE)
+    b2, c2 = in_dtype(beta2, STATE_DTYPE), in_dtype(one_minus_beta2, STATE_DTYPE)
+    eps_s = in_dtype(eps, STATE_DTYPE)
     decay_s = tl.load(decay_ptr).to(STATE_DTYPE)
     tensor = tl.load(tensor_index + slot)
     tau = tl.load(tau_ptr + tensor).to(STATE_DTYPE)
@@ -215,9 +204,7 @@ def biostatis_step(
     )
 
     # 1 − lr·wd on the device: a tensor lr may change between replays of a captured step.
-    decay = 1 - lr_as(lr, torch.float64) * weight_decay
-    if not isinstance(decay, torch.Tensor):
-        decay = torch.full((), decay, dtype=torch.float64, device=device)  # a fill, not a copy
+    decay = device_scalar(1 - lr_as(lr, torch.float64) * weight_decay, device)
     memory = device_vector([*memory_decays, *(1 - d for d in memory_decays), *memory_weights], device)
     for bucket in table.buckets:
         if bucket.num_chunks:

@@ -23,12 +23,13 @@ import triton.language as tl
 
 from curvkern._dispatch import register
 from curvkern.optim._triton_multi_tensor import (
-    BLOCK_SIZE, CHUNK_SIZE, TRITON_DTYPES, DenseLayout, build_table, div_rn, launch, per_tensor_sums, sqrt_rn,
-    store_rounded,
+    BLOCK_SIZE, CHUNK_SIZE, TRITON_DTYPES, DenseLayout, build_table, chunk_range, device_scalar, div_rn, in_dtype,
+    launch, per_tensor_sums, sqrt_rn, store_rounded, tensor_pointer,
 )
 from curvkern.optim.hysterograd.eager import hysterograd_scalars
 
-PARAM, GRAD, METRIC = range(3)  # roles in the chunk table
+# Roles in the chunk table; constexpr, because the kernels index the address table with them too.
+PARAM, GRAD, METRIC = (tl.constexpr(role) for role in range(3))
 
 
 @triton.jit
@@ -48,16 +49,13 @@ def _pass_a_kernel(
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """G ← fma((1−β)·s·g, g, G·β) in place; the chunk's Σu² (state dtype) into ``partials``."""
-    zero64 = tl.zeros([], tl.float64)  # zero64 + x: an fp64 argument as a tensor, compiled or interpreted
     chunk = tl.program_id(0)
-    slot = tl.load(chunks + chunk)
-    start = tl.load(chunks + num_chunks + chunk)
-    end = tl.minimum(start + CHUNK, tl.load(numels + slot))
-    grad_ptr = tl.multiple_of(tl.load(addresses + 1 * num_tensors + slot).to(tl.pointer_type(GRAD_DTYPE)), ALIGN)
-    metric_ptr = tl.multiple_of(tl.load(addresses + 2 * num_tensors + slot).to(tl.pointer_type(STATE_DTYPE)), ALIGN)
-    beta_s = (zero64 + beta).to(STATE_DTYPE)
-    coef_s = (zero64 + metric_coef).to(STATE_DTYPE)
-    eps_s = (zero64 + epsilon).to(STATE_DTYPE)
+    slot, start, end = chunk_range(chunks, numels, num_chunks, chunk, CHUNK)
+    grad_ptr = tensor_pointer(addresses, GRAD, num_tensors, slot, GRAD_DTYPE, ALIGN)
+    metric_ptr = tensor_pointer(addresses, METRIC, num_tensors, slot, STATE_DTYPE, ALIGN)
+    beta_s = in_dtype(beta, STATE_DTYPE)
+    coef_s = in_dtype(metric_coef, STATE_DTYPE)
+    eps_s = in_dtype(epsilon, STATE_DTYPE)
     total = tl.zeros([BLOCK], STATE_DTYPE)
     # Full blocks without a mask (vector loads where ALIGN allows), then the tail, if any, masked.
     full_end = end - (end - start) % BLOCK
@@ -99,17 +97,13 @@ def _pass_b_kernel(
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """p ← p + u·(−η·k) where the gate is open; nothing is read or written where it is closed."""
-    zero64 = tl.zeros([], tl.float64)
-    chunk = tl.program_id(0)
     liquid = tl.load(stats_ptr + 2) != 0
-    slot = tl.load(chunks + chunk)
-    start = tl.load(chunks + num_chunks + chunk)
-    # A frozen group's range is empty: no element is read or written.
-    end = tl.where(liquid, tl.minimum(start + CHUNK, tl.load(numels + slot)), start)
-    param_ptr = tl.multiple_of(tl.load(addresses + 0 * num_tensors + slot).to(tl.pointer_type(PARAM_DTYPE)), ALIGN)
-    grad_ptr = tl.multiple_of(tl.load(addresses + 1 * num_tensors + slot).to(tl.pointer_type(GRAD_DTYPE)), ALIGN)
-    metric_ptr = tl.multiple_of(tl.load(addresses + 2 * num_tensors + slot).to(tl.pointer_type(STATE_DTYPE)), ALIGN)
-    eps_s = (zero64 + epsilon).to(STATE_DTYPE)
+    slot, start, end = chunk_range(chunks, numels, num_chunks, tl.program_id(0), CHUNK)
+    end = tl.where(liquid, end, start)  # a frozen group's range is empty: no element is read or written
+    param_ptr = tensor_pointer(addresses, PARAM, num_tensors, slot, PARAM_DTYPE, ALIGN)
+    grad_ptr = tensor_pointer(addresses, GRAD, num_tensors, slot, GRAD_DTYPE, ALIGN)
+    metric_ptr = tensor_pointer(addresses, METRIC, num_tensors, slot, STATE_DTYPE, ALIGN)
+    eps_s = in_dtype(epsilon, STATE_DTYPE)
     neg_step = tl.load(neg_step_ptr).to(STATE_DTYPE)
     full_end = end - (end - start) % BLOCK
     for block in range(start, full_end, BLOCK):
@@ -165,8 +159,7 @@ def hysterograd_step(
         adaptive_threshold=adaptive_threshold, grad_clip=grad_clip, hysteresis_scale=hysteresis_scale,
     )
     stats = torch.stack([g_norm, barrier, liquid.to(g_norm.dtype)])
-    if not isinstance(neg_step_size, torch.Tensor):
-        neg_step_size = torch.full((), neg_step_size, dtype=torch.float64, device=device)  # a fill, not a copy
+    neg_step_size = device_scalar(neg_step_size, device)
 
     for bucket in table.buckets:
         if bucket.num_chunks:
