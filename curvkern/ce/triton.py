@@ -28,15 +28,21 @@ if importlib.util.find_spec("triton") is not None:
         return tl.cast(hi, ACC) + tl.cast(lo, ACC)
 
     @triton.jit
-    def _label(target_ptr, rows, row_mask, ignore_index, shift_period, SHIFTED: tl.constexpr):
-        """Row r's label: target[r], or (SHIFTED) target[r + 1] with the last step of each sequence of
-        ``shift_period`` rows ignored. The period is a runtime value: a new sequence length never recompiles."""
+    def _program_rows(target_ptr, N, V, ignore_index, shift_period, ROWS: tl.constexpr, SHIFTED: tl.constexpr):
+        """This program's ROWS rows: their indices, which exist, their labels, which are live (not ignored)
+        and whose label is in [0, V). Row r's label is target[r], or (SHIFTED) target[r + 1] with the last
+        step of each sequence of ``shift_period`` rows ignored; the period is a runtime value, so a new
+        sequence length never recompiles."""
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        row_mask = rows < N
         if not SHIFTED:
             label = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index)
         else:
             last_step = (rows + 1) % shift_period == 0
             label = tl.load(target_ptr + rows + 1, mask=row_mask & ~last_step, other=ignore_index)
-        return label
+        live = row_mask & (label != ignore_index)
+        in_range = (label >= 0) & (label < V)
+        return rows, row_mask, label, live, in_range
 
     @triton.jit
     def _row_stats(z_ptrs, u_ptrs, live, V, ACC: tl.constexpr, WITH_U: tl.constexpr, SUMS: tl.constexpr,
@@ -74,11 +80,7 @@ if importlib.util.find_spec("triton") is not None:
                         smoothing_hi, smoothing_lo, ACC: tl.constexpr, SMOOTHING: tl.constexpr,
                         ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
         label_smoothing = _exact_scalar(smoothing_hi, smoothing_lo, ACC)
-        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        row_mask = rows < N
-        label = _label(target_ptr, rows, row_mask, ignore_index, 0, False)
-        live = row_mask & (label != ignore_index)
-        in_range = (label >= 0) & (label < V)
+        rows, row_mask, label, live, in_range = _program_rows(target_ptr, N, V, ignore_index, 0, ROWS, False)
         z_ptrs = logits_ptr + rows * row_stride
         running_max, sum_exp, _, sum_z, _ = _row_stats(z_ptrs, z_ptrs, live, V, ACC, False, SMOOTHING, ROWS, BLOCK_V)
         lse = running_max + tl.log(sum_exp)
@@ -95,11 +97,7 @@ if importlib.util.find_spec("triton") is not None:
                          ignore_index, smoothing_hi, smoothing_lo, ACC: tl.constexpr, ROWS: tl.constexpr,
                          BLOCK_V: tl.constexpr):
         label_smoothing = _exact_scalar(smoothing_hi, smoothing_lo, ACC)
-        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        row_mask = rows < N
-        label = _label(target_ptr, rows, row_mask, ignore_index, 0, False)
-        live = row_mask & (label != ignore_index)
-        in_range = (label >= 0) & (label < V)
+        rows, row_mask, label, live, in_range = _program_rows(target_ptr, N, V, ignore_index, 0, ROWS, False)
         lse = tl.load(lse_ptr + rows, mask=live, other=0.0)
         scale = tl.load(scale_ptr + rows * scale_stride, mask=live, other=0.0)
         scale = tl.where(live, tl.where(in_range, scale, float("nan")), 0.0)
@@ -120,11 +118,8 @@ if importlib.util.find_spec("triton") is not None:
                     SHIFTED: tl.constexpr, ACC: tl.constexpr, SMOOTHING: tl.constexpr, ROWS: tl.constexpr,
                     BLOCK_V: tl.constexpr):
         label_smoothing = _exact_scalar(smoothing_hi, smoothing_lo, ACC)
-        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        row_mask = rows < N
-        label = _label(target_ptr, rows, row_mask, ignore_index, shift_period, SHIFTED)
-        live = row_mask & (label != ignore_index)
-        in_range = (label >= 0) & (label < V)
+        rows, row_mask, label, live, in_range = _program_rows(target_ptr, N, V, ignore_index, shift_period, ROWS,
+                                                              SHIFTED)
         z_ptrs = logits_ptr + rows * row_stride
         u_ptrs = u_ptr + rows * u_row_stride
         running_max, sum_exp, sum_exp_u, _, sum_u = _row_stats(z_ptrs, u_ptrs, live, V, ACC, True, SMOOTHING,
