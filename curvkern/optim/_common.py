@@ -1,9 +1,13 @@
 """What both optimizers share: input checks, validation, low-precision policy, the FusedOptimizer base."""
 from __future__ import annotations
 
+import copy
 import math
+import operator
+import sys
+from collections import defaultdict
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
 import torch
 
@@ -35,10 +39,63 @@ def updated_in_math_dtype(param: torch.Tensor) -> Iterator[torch.Tensor]:
     param.copy_(work)
 
 
-def check_params(name: str, params: Iterable[torch.Tensor]) -> torch.device | None:
-    """Reject what no backend supports; return the one device the tensors share (None if empty)."""
+# The only tensor types whose memory the kernels address directly (a DTensor's data_ptr() is 0).
+PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+_PLAIN = frozenset(PLAIN_TENSOR_TYPES)
+_STRIDED = frozenset({torch.strided})
+_SUPPORTED = frozenset(SUPPORTED_DTYPES)
+_LOW_PRECISION = frozenset(LOW_PRECISION)
+_layout, _nested, _dtype, _device, _grad = map(operator.attrgetter, ("layout", "is_nested", "dtype", "device", "grad"))
+_SCALAR_SHAPE = torch.Size()
+
+# The checks below run on every step over every tensor a kernel will touch. Each first takes one pass of
+# C-level maps over a whole list (about a tenth of a microsecond per tensor and attribute); only when that
+# finds a mismatch does a per-tensor loop look for the culprit, to name it.
+
+
+def _is_dtensor(tensor: object) -> bool:
+    # No DTensor exists unless its module has been imported: nothing to import (or pay for) here.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+def parameter_name(group_index: int | None, param_index: int) -> str:
+    group = "" if group_index is None else f" in param group {group_index}"
+    return f"parameter {param_index}{group}"
+
+
+def check_params(name: str, params: list[torch.Tensor], group_index: int | None = None) -> torch.device | None:
+    """Reject what no backend supports; return the one device the tensors share (None if empty).
+
+    Raises TypeError for a tensor subclass (a DTensor: FSDP2, tensor parallel), a sparse or other
+    non-strided layout, a complex or non-floating dtype; RuntimeError for a group on several devices.
+    """
+    if not params:
+        return None
+    try:
+        devices = set(map(_device, params))
+        if (_PLAIN.issuperset(map(type, params)) and _STRIDED.issuperset(map(_layout, params))
+                and not any(map(_nested, params)) and _SUPPORTED.issuperset(map(_dtype, params)) and len(devices) == 1):
+            return devices.pop()
+    except Exception:  # noqa: BLE001 (something that is not a tensor: the loop names it)
+        pass
     device = None
-    for p in params:
+    for index, p in enumerate(params):
+        if type(p) not in _PLAIN:
+            where = parameter_name(group_index, index)
+            if _is_dtensor(p):
+                raise TypeError(
+                    f"{name}: {where} is a DTensor; DTensor parameters (FSDP2's fully_shard, tensor parallel) "
+                    f"are not supported yet. Supported: plain tensors, on one device per param group, which "
+                    f"covers DDP (every rank steps its whole replica) and per-rank param groups"
+                )
+            raise TypeError(
+                f"{name}: {where} is a {type(p).__module__}.{type(p).__qualname__}; the kernels address the "
+                f"memory of plain tensors (torch.Tensor, nn.Parameter) only, not of tensor subclasses"
+            )
+        if p.layout != torch.strided or p.is_nested:
+            raise TypeError(f"{name}: {parameter_name(group_index, index)} has layout {p.layout}; "
+                            f"only dense (strided) parameters are supported")
         if p.is_complex():
             raise TypeError(f"{name} does not support complex parameters (got one of dtype {p.dtype})")
         if p.dtype not in SUPPORTED_DTYPES:
@@ -55,13 +112,75 @@ def check_params(name: str, params: Iterable[torch.Tensor]) -> torch.device | No
     return device
 
 
-def grad_of(name: str, param: torch.Tensor) -> torch.Tensor | None:
-    grad = param.grad
-    if grad is None:
-        return None
-    if grad.is_sparse:
-        raise RuntimeError(f"{name} does not support sparse gradients")
-    return grad
+class GroupLayout:
+    """What the kernels expect of a (checked) param group's tensors, per parameter, in group order."""
+
+    def __init__(self, params: list[torch.Tensor], device: torch.device | None):
+        self.params = params
+        self.device = device
+        self.dtypes = list(map(_dtype, params))
+        low_precision = not _LOW_PRECISION.isdisjoint(self.dtypes)
+        self.state_dtypes = list(map(state_dtype, params)) if low_precision else self.dtypes
+
+
+def pick(values: list, indices: list[int]) -> list:
+    """``values`` at ``indices`` (increasing, without repeats: all of them when as many)."""
+    return values if len(indices) == len(values) else [values[i] for i in indices]
+
+
+def check_like(name: str, what: str, group_index: int, indices: list[int], tensors: list,
+               like: list[torch.Tensor] | None, dtypes: list[torch.dtype], device: torch.device) -> None:
+    """Raise RuntimeError unless each of ``tensors`` is what a kernel reads and writes in its place: a plain,
+    dense (strided) tensor of the shape of the tensor at the same position in ``like`` (0-dim where ``like``
+    is None) and the dtype at that position in ``dtypes``, on ``device``. ``tensors[k]`` belongs to parameter
+    ``indices[k]`` of param group ``group_index``; the message names it and ``what`` it is (``"state 'G'"``).
+    """
+    try:
+        # Tensor.is_same_size rather than shapes: a torch.Size is a tuple, and tuples by the ten thousand
+        # wake the garbage collector.
+        if (_PLAIN.issuperset(map(type, tensors)) and _STRIDED.issuperset(map(_layout, tensors))
+                and not any(map(_nested, tensors))
+                and (all(map(torch.Tensor.is_same_size, tensors, like)) if like is not None
+                     else not any(map(torch.Tensor.dim, tensors)))
+                and list(map(_dtype, tensors)) == dtypes and set(map(_device, tensors)) <= {device}):
+            return
+    except Exception:  # noqa: BLE001 (something that is not a tensor: the loop names it)
+        pass
+    for k, (param_index, tensor, dtype) in enumerate(zip(indices, tensors, dtypes, strict=True)):
+        shape = _SCALAR_SHAPE if like is None else like[k].shape
+        if not isinstance(tensor, torch.Tensor):
+            problem = f"is a {type(tensor).__name__}, not a tensor"
+        elif type(tensor) not in _PLAIN:
+            problem = f"is a {type(tensor).__qualname__}; the kernels take plain tensors only"
+        elif tensor.layout != torch.strided or tensor.is_nested:
+            problem = f"has layout {tensor.layout}; only dense (strided) tensors are supported"
+        elif tensor.shape != shape:
+            problem = f"has shape {tuple(tensor.shape)}, expected {tuple(shape)}"
+        elif tensor.dtype != dtype:
+            problem = f"has dtype {tensor.dtype}, expected {dtype}"
+        elif tensor.device != device:
+            problem = f"is on {tensor.device}, expected {device}"
+        else:
+            continue
+        raise RuntimeError(f"{name}: {what} of {parameter_name(group_index, param_index)} {problem}")
+
+
+def check_state_keys(name: str, group_index: int, indices: list[int], entries: list[Mapping],
+                     required: frozenset[str], allowed: frozenset[str]) -> None:
+    """Raise RuntimeError if a state entry lacks a key of ``required`` or holds one outside ``allowed``.
+    ``entries[k]`` is the state of parameter ``indices[k]`` of param group ``group_index``."""
+    if all(entry.keys() >= required and entry.keys() <= allowed for entry in entries):
+        return
+    for param_index, entry in zip(indices, entries, strict=True):
+        missing = sorted(required - set(entry))
+        unexpected = sorted(map(str, set(entry) - allowed))
+        if missing or unexpected:
+            problems = [f"lacks {missing}"] if missing else []
+            problems += [f"has keys {unexpected} that {name} does not keep"] if unexpected else []
+            raise RuntimeError(
+                f"{name}: the state of {parameter_name(group_index, param_index)} {' and '.join(problems)}: "
+                f"is it another optimizer's checkpoint?"
+            )
 
 
 def by_dtype(params: list[torch.Tensor], *companions: list) -> list[tuple[list, ...]]:
@@ -137,26 +256,15 @@ def lr_tensor(lr: float | torch.Tensor) -> torch.Tensor:
     return lr if isinstance(lr, torch.Tensor) else torch.tensor(lr, dtype=torch.float64)
 
 
-def restore_state(optimizer: torch.optim.Optimizer, state_dict: dict, convert) -> None:
-    """Undo ``Optimizer.load_state_dict``'s cast of every floating state tensor to its parameter's dtype.
-
-    That cast would round fp32 state of a bf16 parameter, or a group scalar kept in the default
-    dtype, to the parameter's dtype. After the base class has checked and mapped the state,
-    ``convert(param, key, saved_value)`` rebuilds each entry from the saved value.
-    """
-    saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    for pid, param in zip(saved_ids, params):
-        saved = state_dict["state"].get(pid)
-        if saved is not None:
-            optimizer.state[param] = {key: convert(param, key, value) for key, value in saved.items()}
-
-
 class FusedOptimizer(torch.optim.Optimizer):
-    """What both optimizers share around their step: ``fused=``, group validation, state restore.
+    """What both optimizers share around their step: ``fused=``, validation, checkpoint loading.
 
     ``fused`` is an attribute, not a hyperparameter: ``state_dict()`` does not carry it, so a
     checkpoint saved under one mode loads under every other.
+
+    Every step checks, before any kernel runs on any group, that each gradient and state tensor is what
+    the kernels will read and write (:meth:`_check_step_inputs`): a wrong shape would otherwise make a
+    fused kernel read or write past the end of a tensor.
     """
 
     family: str  # the kernel family in curvkern._dispatch
@@ -169,6 +277,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _restore_entry(self, param: torch.Tensor, key: str, value):
+        """A loaded state entry of ``param`` rebuilt in the dtype and on the device the step keeps it."""
+        raise NotImplementedError
+
+    def _check_group_state(self, group_index: int, group: dict, state: Mapping[torch.Tensor, dict],
+                           layout: GroupLayout) -> None:
+        """Raise RuntimeError unless the state of ``group``'s parameters in ``state`` is complete and
+        every tensor in it has the shape, dtype, device and layout the kernels take."""
         raise NotImplementedError
 
     def add_param_group(self, param_group: dict) -> None:
@@ -176,13 +291,91 @@ class FusedOptimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         try:
             self._validate_group(group)
-            device = check_params(type(self).__name__, group["params"])
+            device = check_params(type(self).__name__, group["params"], len(self.param_groups) - 1)
             if device is not None:
                 select(self.family, self.fused, device)  # an explicit backend that cannot run fails here
         except Exception:
             self.param_groups.pop()  # leave the optimizer as it was
             raise
 
+    def _check_step_inputs(self) -> None:
+        """Check every group's parameters, gradients and state before the step touches any of them.
+
+        Metadata only (type, layout, shape, dtype, device), in C-level passes over each list: no device
+        sync, and about a microsecond per parameter.
+        """
+        name = type(self).__name__
+        for group_index, group in enumerate(self.param_groups):
+            params = group["params"]
+            layout = GroupLayout(params, check_params(name, params, group_index))
+            grads = list(map(_grad, params))
+            active = [i for i, grad in enumerate(grads) if grad is not None]
+            if len(active) != len(grads):
+                grads = [grads[i] for i in active]
+            check_like(name, "the gradient", group_index, active, grads, pick(params, active),
+                       pick(layout.dtypes, active), layout.device)
+            self._check_group_state(group_index, group, self.state, layout)
+
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        restore_state(self, state_dict, self._restore_entry)
+        """Load a checkpoint of this optimizer (any ``fused`` mode) or of the original.
+
+        Beyond torch's checks (as many groups, as many parameters per group), each loaded state tensor
+        is checked against its parameter (shape, and that no key is missing or foreign), and each param
+        group's hyperparameters are validated as the constructor validates them; one the checkpoint
+        lacks takes the optimizer's default. Raises ValueError, TypeError or RuntimeError naming the
+        group, parameter and key; the optimizer is then left as it was (the state is built aside and
+        committed last).
+        """
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            hook_result = pre_hook(self, state_dict)
+            if hook_result is not None:
+                state_dict = hook_result
+        if not isinstance(state_dict.get("state"), Mapping) or not isinstance(state_dict.get("param_groups"), list) or (
+            not all(isinstance(group, Mapping) and "params" in group for group in state_dict["param_groups"])
+        ):
+            raise ValueError("an optimizer state dict holds 'state' (a dict) and 'param_groups' (a list of dicts "
+                             f"with 'params'), got keys {sorted(map(str, state_dict))}")
+
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state dict has a different number of parameter groups: {len(saved_groups)}, "
+                f"the optimizer has {len(self.param_groups)}"
+            )
+        param_groups = []
+        for group_index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"loaded state dict contains a parameter group that doesn't match the size of optimizer's "
+                    f"group: param group {group_index} has {len(saved['params'])} parameters in the state dict "
+                    f"and {len(group['params'])} in the optimizer"
+                )
+            loaded = copy.deepcopy({key: value for key, value in saved.items() if key != "params"})
+            for key, default in self.defaults.items():
+                loaded.setdefault(key, default)  # an older or foreign checkpoint: as add_param_group fills
+            loaded["params"] = group["params"]
+            if "param_names" in group and "param_names" not in loaded:
+                loaded["param_names"] = group["param_names"]
+            self._validate_group(loaded)
+            param_groups.append(loaded)
+
+        saved_ids = [pid for group in saved_groups for pid in group["params"]]
+        id_map = dict(zip(saved_ids, (p for group in self.param_groups for p in group["params"])))
+        state: defaultdict[torch.Tensor, dict] = defaultdict(dict)
+        for pid, saved in state_dict["state"].items():
+            param = id_map.get(pid)
+            if param is None:
+                state[pid] = saved  # state of no parameter: kept as is, as torch keeps it
+                continue
+            if not isinstance(saved, Mapping):
+                raise TypeError(f"loaded state of parameter id {pid} is a {type(saved).__name__}, expected a dict")
+            state[param] = {key: self._restore_entry(param, key, value) for key, value in saved.items()}
+        for group_index, group in enumerate(param_groups):
+            params = group["params"]
+            self._check_group_state(group_index, group, state, GroupLayout(params, params[0].device if params else None))
+
+        self.state, self.param_groups = state, param_groups
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)

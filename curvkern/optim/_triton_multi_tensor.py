@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 from torch._prims_common import is_non_overlapping_and_dense_or_false
 
+from curvkern.optim._common import PLAIN_TENSOR_TYPES
+
 # Elements per work unit, and per vector a program handles at once. 2^14 keeps 100M parameters at a
 # few thousand programs (enough to fill the device) while 20,000 small tensors are one unit each.
 CHUNK_SIZE = 1 << 14
@@ -102,13 +104,15 @@ def build_table(roles: Sequence[Sequence[torch.Tensor]], device: torch.device, c
     flat = list(itertools.chain.from_iterable(roles))  # role-major, as the address table
     pointers = list(map(torch.Tensor.data_ptr, flat))
     dtypes = list(map(_dtype_of, flat))
-    numel_list = list(map(torch.Tensor.numel, roles[0]))
-    key = (chunk_size, device, tuple(pointers), tuple(numel_list), tuple(dtypes))
+    all_numels = tuple(map(torch.Tensor.numel, flat))
+    key = (chunk_size, device, tuple(pointers), all_numels, tuple(dtypes))
     table = _TABLES.get(key)
     if table is not None:
         _TABLES.move_to_end(key)
         return table
+    _check_addressable(roles, pointers, all_numels, device)  # a table is cached only once checked
 
+    numel_list = list(all_numels[:num_tensors])
     numels = torch.tensor(numel_list, dtype=torch.int64)
     owner, start, chunk_begin = chunk_layout(numel_list, chunk_size)
     addresses = torch.tensor(pointers, dtype=torch.int64).view(len(roles), num_tensors)
@@ -154,6 +158,35 @@ def build_table(roles: Sequence[Sequence[torch.Tensor]], device: torch.device, c
     if len(_TABLES) > _MAX_CACHED_TABLES:
         _TABLES.popitem(last=False)
     return table
+
+
+def _check_addressable(roles: Sequence[Sequence[torch.Tensor]], pointers: Sequence[int], numels: Sequence[int],
+                       device: torch.device) -> None:
+    """Raise unless every address of the table is safe for the kernels to use.
+
+    A kernel reads and writes each tensor of a row for as many elements as the row's parameter (role 0)
+    has, at the address in the table: every tensor must be a plain strided tensor on ``device``, of that
+    many elements, at a non-null address (a DTensor's is null). The caller checks shapes, dtypes and
+    state by name; this is the last line, for any caller.
+    """
+    num_tensors = len(roles[0])
+    for role_index, role in enumerate(roles):
+        if len(role) != num_tensors:
+            raise RuntimeError(f"Triton chunk table: role {role_index} has {len(role)} tensors, role 0 has {num_tensors}")
+        for slot, tensor in enumerate(role):
+            flat_index = role_index * num_tensors + slot
+            where = f"Triton chunk table: tensor {slot} of role {role_index}"
+            if type(tensor) not in PLAIN_TENSOR_TYPES:
+                raise TypeError(f"{where} is a {type(tensor).__qualname__}; only plain tensors have an address the "
+                                f"kernels can use (DTensor and other tensor subclasses are not supported)")
+            if tensor.layout != torch.strided:
+                raise RuntimeError(f"{where} has layout {tensor.layout}; expected a dense (strided) tensor")
+            if tensor.device != device:
+                raise RuntimeError(f"{where} is on {tensor.device}, expected {device}")
+            if numels[flat_index] != numels[slot]:
+                raise RuntimeError(f"{where} has {numels[flat_index]} elements, its parameter {numels[slot]}")
+            if numels[flat_index] and not pointers[flat_index]:
+                raise RuntimeError(f"{where} has {numels[flat_index]} elements at a null address")
 
 
 class DenseLayout:

@@ -7,7 +7,10 @@ from collections.abc import Sequence
 import torch
 
 from curvkern._dispatch import select
-from curvkern.optim._common import FusedOptimizer, check_params, grad_of, lr_on, require_lr, require_range, state_dtype
+from curvkern.optim._common import (
+    FusedOptimizer, GroupLayout, check_like, check_state_keys, lr_on, parameter_name, pick, require_lr,
+    require_range, state_dtype,
+)
 
 _NAME = "BiostatisV6"
 HYPERPARAMETERS = (
@@ -15,6 +18,7 @@ HYPERPARAMETERS = (
     "lambda_energy", "memory_decays", "memory_weights", "flip_threshold", "ascent_strength",
 )
 SEQUENCE_HYPERPARAMETERS = ("betas", "memory_decays", "memory_weights")
+STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "memory_emas"})
 
 
 class BiostatisV6(FusedOptimizer):
@@ -127,16 +131,17 @@ class BiostatisV6(FusedOptimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        self._check_step_inputs()  # every group, before the first one moves
         for group in self.param_groups:
             params, grads = [], []
             for param in group["params"]:
-                grad = grad_of(_NAME, param)
+                grad = param.grad
                 if grad is not None:
                     params.append(param)
                     grads.append(grad)
             if not params:
                 continue  # as the original: no decay, no state, no step counts
-            device = check_params(_NAME, group["params"])
+            device = params[0].device
 
             n_memories = len(group["memory_decays"])
             exp_avgs, exp_avg_sqs, memory_emas, state_steps = [], [], [], []
@@ -150,11 +155,6 @@ class BiostatisV6(FusedOptimizer):
                     state["exp_avg"] = zeros()
                     state["exp_avg_sq"] = zeros()
                     state["memory_emas"] = [zeros() for _ in range(n_memories)]
-                if len(state["memory_emas"]) != n_memories:
-                    raise ValueError(
-                        f"{_NAME}: a parameter has {len(state['memory_emas'])} memory EMAs but its group's "
-                        f"memory_decays has {n_memories} entries"
-                    )
                 exp_avgs.append(state["exp_avg"])
                 exp_avg_sqs.append(state["exp_avg_sq"])
                 memory_emas.append(state["memory_emas"])
@@ -173,14 +173,49 @@ class BiostatisV6(FusedOptimizer):
     def _restore_entry(self, param: torch.Tensor, key: str, value):
         if key == "step":
             # The original keeps a Python int.
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
                 return value.detach().to(device=self._step_device(param), dtype=torch.float32, copy=True).reshape(())
-            return torch.tensor(float(value), dtype=torch.float32, device=self._step_device(param))
-        if key in ("exp_avg", "exp_avg_sq"):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return torch.tensor(float(value), dtype=torch.float32, device=self._step_device(param))
+        elif key in ("exp_avg", "exp_avg_sq") and isinstance(value, torch.Tensor):
             return value.to(device=param.device, dtype=state_dtype(param), copy=True)
-        if key == "memory_emas":
-            return [ema.to(device=param.device, dtype=state_dtype(param), copy=True) for ema in value]
-        return copy.deepcopy(value)
+        elif key == "memory_emas" and isinstance(value, (list, tuple)):
+            return [ema.to(device=param.device, dtype=state_dtype(param), copy=True)
+                    if isinstance(ema, torch.Tensor) else ema for ema in value]
+        return copy.deepcopy(value)  # _check_group_state names what it should be
+
+    def _check_group_state(self, group_index: int, group: dict, state, layout: GroupLayout) -> None:
+        """Wherever a parameter has state: all four keys; ``step`` a 0-dim float32 tensor on
+        :meth:`_step_device`; ``exp_avg``, ``exp_avg_sq`` and one memory EMA per memory decay (a list)
+        like the parameter, in the state dtype."""
+        params = group["params"]
+        entries = list(map(state.get, params))
+        indices = [i for i, entry in enumerate(entries) if entry]
+        if not indices:
+            return
+        if len(indices) != len(entries):
+            entries = [entries[i] for i in indices]
+        check_state_keys(_NAME, group_index, indices, entries, STATE_KEYS, STATE_KEYS)
+        n = len(indices)
+        step_device = self._step_device(params[0])  # the group shares one device
+        check_like(_NAME, "state 'step'", group_index, indices, [entry["step"] for entry in entries],
+                   None, [torch.float32] * n, step_device)
+        like, dtypes = pick(params, indices), pick(layout.state_dtypes, indices)
+        for key in ("exp_avg", "exp_avg_sq"):
+            check_like(_NAME, f"state '{key}'", group_index, indices, [entry[key] for entry in entries],
+                       like, dtypes, layout.device)
+        n_memories = len(group["memory_decays"])
+        all_emas = [entry["memory_emas"] for entry in entries]
+        for index, emas in zip(indices, all_emas):
+            if type(emas) is not list or len(emas) != n_memories:
+                raise RuntimeError(
+                    f"{_NAME}: state 'memory_emas' of {parameter_name(group_index, index)} must be a list of one "
+                    f"tensor per memory decay ({n_memories}), got a {type(emas).__name__}"
+                    + (f" of {len(emas)}" if isinstance(emas, (list, tuple)) else "")
+                )
+        for j in range(n_memories):
+            check_like(_NAME, f"state 'memory_emas'[{j}]", group_index, indices, [emas[j] for emas in all_emas],
+                       like, dtypes, layout.device)
 
 
 def _hyperparameters(group: dict, device: torch.device) -> dict:

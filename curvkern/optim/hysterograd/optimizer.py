@@ -4,10 +4,17 @@ from __future__ import annotations
 import torch
 
 from curvkern._dispatch import select
-from curvkern.optim._common import FusedOptimizer, check_params, grad_of, lr_on, require_lr, require_range, state_dtype
+from curvkern.optim._common import (
+    FusedOptimizer, GroupLayout, check_like, check_state_keys, lr_on, pick, require_lr, require_range,
+    state_dtype,
+)
 
 _NAME = "HysteroGrad"
-_GROUP_SCALARS = ("group_tau", "group_temp", "avg_energy")
+_GROUP_SCALAR_ORDER = ("group_tau", "group_temp", "avg_energy")
+_GROUP_SCALARS = frozenset(_GROUP_SCALAR_ORDER)
+_G = frozenset({"G"})
+_FIRST_KEYS = _G | _GROUP_SCALARS
+_SCALAR_DTYPES = (torch.float32, torch.float64)  # what the C++ scalar stage takes
 
 
 class HysteroGrad(FusedOptimizer):
@@ -109,11 +116,12 @@ class HysteroGrad(FusedOptimizer):
             with torch.enable_grad():
                 self.last_loss = closure()
 
+        self._check_step_inputs()  # every group, before the first one moves
         group_stats = []
         for group in self.param_groups:
             if not group["params"]:
                 continue
-            device = check_params(_NAME, group["params"])
+            device = group["params"][0].device
             first_state = self.state[group["params"][0]]
             if "group_tau" not in first_state:
                 scalar_dtype = torch.get_default_dtype()
@@ -123,7 +131,7 @@ class HysteroGrad(FusedOptimizer):
 
             params, grads, metrics = [], [], []
             for param in group["params"]:
-                grad = grad_of(_NAME, param)
+                grad = param.grad
                 if grad is None:
                     continue
                 state = self.state[param]
@@ -166,13 +174,44 @@ class HysteroGrad(FusedOptimizer):
 
     @staticmethod
     def _restore_entry(param: torch.Tensor, key: str, value):
+        if not isinstance(value, torch.Tensor):
+            return value  # _check_group_state names what it should be
         if key == "G":
             return value.to(device=param.device, dtype=state_dtype(param), copy=True)
         if key in _GROUP_SCALARS:
             # Checkpoints of the original hold an int64 temperature when initial_temp was an int.
-            dtype = value.dtype if value.is_floating_point() else torch.get_default_dtype()
+            dtype = value.dtype if value.dtype in _SCALAR_DTYPES else torch.get_default_dtype()
             return value.to(device=param.device, dtype=dtype, copy=True)
         return value
+
+    def _check_group_state(self, group_index: int, group: dict, state, layout: GroupLayout) -> None:
+        """``G`` like its parameter (in the state dtype) wherever a parameter has state; the three group
+        scalars, 0-dim float32 or float64 tensors of one dtype on the group's device, in the first
+        parameter's state once any parameter of the group has state (they are created together)."""
+        params = group["params"]
+        entries = list(map(state.get, params))
+        indices = [i for i, entry in enumerate(entries) if entry]
+        if not indices:
+            return
+        first = entries[0]
+        if not first:
+            raise RuntimeError(
+                f"{_NAME}: param group {group_index} has state but its first parameter lacks the group's "
+                f"{sorted(_GROUP_SCALARS)}: is it another optimizer's checkpoint?"
+            )
+        # A first parameter without a gradient so far holds the group scalars alone.
+        first_required = _FIRST_KEYS if "G" in first or _GROUP_SCALARS.isdisjoint(first) else _GROUP_SCALARS
+        check_state_keys(_NAME, group_index, [0], [first], first_required, _FIRST_KEYS)
+        with_metric = indices if "G" in first else indices[1:]
+        rest = [entries[i] for i in indices[1:]]
+        check_state_keys(_NAME, group_index, indices[1:], rest, _G, _G)
+        check_like(_NAME, "state 'G'", group_index, with_metric, [entries[i]["G"] for i in with_metric],
+                   pick(params, with_metric), pick(layout.state_dtypes, with_metric), layout.device)
+        tau = first["group_tau"]
+        scalar_dtype = tau.dtype if isinstance(tau, torch.Tensor) and tau.dtype in _SCALAR_DTYPES else torch.float32
+        for key in _GROUP_SCALAR_ORDER:
+            check_like(_NAME, f"state '{key}'", group_index, [0], [first[key]], None, [scalar_dtype],
+                       layout.device)
 
 
 def _stats_on_device(group_stats: list[torch.Tensor], n_groups: int, param_groups: list[dict]):
