@@ -361,17 +361,28 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._validate_group(loaded)
             param_groups.append(loaded)
 
-        saved_ids = [pid for group in saved_groups for pid in group["params"]]
-        id_map = dict(zip(saved_ids, (p for group in self.param_groups for p in group["params"])))
+        name = type(self).__name__
+        id_map = {  # the checkpoint's parameter ids: the parameter, and its place to name in errors
+            pid: (param, group_index, param_index)
+            for group_index, (group, saved) in enumerate(zip(self.param_groups, saved_groups))
+            for param_index, (pid, param) in enumerate(zip(saved["params"], group["params"]))
+        }
         state: defaultdict[torch.Tensor, dict] = defaultdict(dict)
         for pid, saved in state_dict["state"].items():
-            param = id_map.get(pid)
-            if param is None:
+            if pid not in id_map:
                 state[pid] = saved  # state of no parameter: kept as is, as torch keeps it
                 continue
+            param, group_index, param_index = id_map[pid]
+            where = parameter_name(group_index, param_index)
             if not isinstance(saved, Mapping):
-                raise TypeError(f"loaded state of parameter id {pid} is a {type(saved).__name__}, expected a dict")
-            state[param] = {key: self._restore_entry(param, key, value) for key, value in saved.items()}
+                raise TypeError(f"{name}: the loaded state of {where} is a {type(saved).__name__}, expected a dict")
+            entry = {}
+            for key, value in saved.items():
+                try:
+                    entry[key] = self._restore_entry(param, key, value)
+                except Exception as exc:  # noqa: BLE001 (say which entry could not be converted)
+                    raise RuntimeError(f"{name}: cannot load state {key!r} of {where}: {exc}") from exc
+            state[param] = entry
         for group_index, group in enumerate(param_groups):
             params = group["params"]
             self._check_group_state(group_index, group, state, GroupLayout(params, params[0].device if params else None))

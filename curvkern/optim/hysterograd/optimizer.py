@@ -178,10 +178,10 @@ class HysteroGrad(FusedOptimizer):
             return value  # _check_group_state names what it should be
         if key == "G":
             return value.to(device=param.device, dtype=state_dtype(param), copy=True)
-        if key in _GROUP_SCALARS:
+        if key in _GROUP_SCALARS and value.numel() == 1:
             # Checkpoints of the original hold an int64 temperature when initial_temp was an int.
             dtype = value.dtype if value.dtype in _SCALAR_DTYPES else torch.get_default_dtype()
-            return value.to(device=param.device, dtype=dtype, copy=True)
+            return value.detach().to(device=param.device, dtype=dtype, copy=True).reshape(())
         return value
 
     def _check_group_state(self, group_index: int, group: dict, state, layout: GroupLayout) -> None:
