@@ -207,8 +207,9 @@ class HysteroGrad(FusedOptimizer):
         check_state_keys(_NAME, group_index, indices[1:], rest, _G, _G)
         check_like(_NAME, "state 'G'", group_index, with_metric, [entries[i]["G"] for i in with_metric],
                    pick(params, with_metric), pick(layout.state_dtypes, with_metric), layout.device)
-        tau = first["group_tau"]
-        scalar_dtype = tau.dtype if isinstance(tau, torch.Tensor) and tau.dtype in _SCALAR_DTYPES else torch.float32
+        # One dtype for the three, float32 or float64 (the default dtype when they were created).
+        dtypes = {getattr(first[key], "dtype", None) for key in _GROUP_SCALAR_ORDER}
+        scalar_dtype = dtypes.pop() if len(dtypes) == 1 and dtypes <= set(_SCALAR_DTYPES) else torch.float32
         for key in _GROUP_SCALAR_ORDER:
             check_like(_NAME, f"state '{key}'", group_index, [0], [first[key]], None, [scalar_dtype],
                        layout.device)
