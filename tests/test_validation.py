@@ -239,7 +239,8 @@ def test_foreign_and_truncated_checkpoints_name_what_is_missing(family, backend)
     set_grads(adamw_params)
     adamw.step()
     required = "'G'" if family == "hysterograd" else "'memory_emas'"
-    with pytest.raises(RuntimeError, match=rf"parameter 0 in param group 0 lacks \[.*{required}.*\].*another optimizer"):
+    pattern = rf"parameter 0 in param group 0 lacks \[.*{required}.*\].*another optimizer"
+    with pytest.raises(RuntimeError, match=pattern):
         opt.load_state_dict(adamw.state_dict())
     assert_unchanged(params, opt, before)
 
@@ -310,7 +311,8 @@ def test_loaded_hyperparameters_are_validated_as_the_constructor_validates_them(
     before = snapshot(params, opt)
     lr_before = opt.param_groups[1]["lr"]
     saved = opt.state_dict()
-    for name, bad in [(key, -1.0), ("lr", math.nan), ("lr", "0.1")] + ([("epsilon", 0.0)] if family == "hysterograd" else []):
+    cases = [(key, -1.0), ("lr", math.nan), ("lr", "0.1")] + ([("epsilon", 0.0)] if family == "hysterograd" else [])
+    for name, bad in cases:
         broken = copy.deepcopy(saved)
         broken["param_groups"][1][name] = bad
         with pytest.raises(ValueError, match=f"Invalid {name}") as loaded:

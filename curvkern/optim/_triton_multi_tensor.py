@@ -172,7 +172,9 @@ def _check_addressable(roles: Sequence[Sequence[torch.Tensor]], pointers: Sequen
     num_tensors = len(roles[0])
     for role_index, role in enumerate(roles):
         if len(role) != num_tensors:
-            raise RuntimeError(f"Triton chunk table: role {role_index} has {len(role)} tensors, role 0 has {num_tensors}")
+            raise RuntimeError(
+                f"Triton chunk table: role {role_index} has {len(role)} tensors, role 0 has {num_tensors}"
+            )
         for slot, tensor in enumerate(role):
             flat_index = role_index * num_tensors + slot
             where = f"Triton chunk table: tensor {slot} of role {role_index}"

@@ -60,6 +60,14 @@ class BiostatisV6(FusedOptimizer):
       complex parameters and a group spread over several devices raise;
     - empty parameters get state and step counts like any other but add nothing to the group
       sums or element count, and are not updated.
+
+    Checks: DTensor parameters (FSDP2, tensor parallel) and other tensor subclasses raise TypeError
+    at construction; ``step()`` raises RuntimeError, naming the group, parameter and state key, before
+    any group moves, if a gradient or state tensor does not match its parameter (shape, dtype, device,
+    dense layout), a step count is not a 0-dim float32 tensor where the mode keeps it, or a state
+    entry lacks a key; ``load_state_dict`` checks the same, validates the hyperparameters as the
+    constructor does (one the checkpoint lacks takes the default) and leaves the optimizer as it was
+    when it raises.
     """
 
     family = "biostatis"

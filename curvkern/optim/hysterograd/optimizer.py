@@ -47,6 +47,13 @@ class HysteroGrad(FusedOptimizer):
     bf16/fp16 parameters keep ``G`` in fp32 and do their math in fp32, the result rounded to
     nearest even on store (the original keeps a bf16 ``G``); sparse gradients, complex parameters
     and a group spread over several devices raise.
+
+    Checks: DTensor parameters (FSDP2, tensor parallel) and other tensor subclasses raise TypeError
+    at construction; ``step()`` raises RuntimeError, naming the group, parameter and state key, before
+    any group moves, if a gradient or state tensor does not match its parameter (shape, dtype, device,
+    dense layout) or a state entry lacks a key; ``load_state_dict`` checks the same, validates the
+    hyperparameters as the constructor does (one the checkpoint lacks takes the default) and leaves
+    the optimizer as it was when it raises.
     """
 
     family = "hysterograd"
