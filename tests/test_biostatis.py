@@ -1,4 +1,4 @@
-"""BiostatisV6 against the goldens of shared/specs/biostatis.md §7 and an oracle of the original, on every backend."""
+"""BiostatisV6 against the goldens of docs/biostatis.md and an oracle of the original, on every backend."""
 import copy
 import math
 
@@ -21,7 +21,7 @@ F64 = torch.float64
 
 
 class OriginalBiostatisV6(torch.optim.Optimizer):
-    """The oracle: a per-tensor transcription of the original step (spec §3), host syncs included.
+    """The oracle: a per-tensor transcription of the original step (docs/biostatis.md), host syncs included.
 
     Differs only where the original cannot run: ``reshape`` instead of ``view`` for non-contiguous
     gradients. No validation; the step is a Python int, as in the original's checkpoints.
@@ -113,7 +113,7 @@ def fresh_scalars(grads, steps=None, **hyper):
     return biostatis_scalars(sums, [g.numel() for g in grads], steps, **config)
 
 
-# ---------------------------------------------------------------- goldens D1-D12 (spec §7.1)
+# ---------------------------------------------------------------- goldens D1-D12 (docs/biostatis.md)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_d1_first_step_closed_form(backend, device, dtype):
@@ -348,7 +348,7 @@ def test_d12_zero_gradient_after_history_matches_the_original(backend, device):
         close(params[0], oracle[0], rtol=1e-13, atol=1e-15)
 
 
-# ---------------------------------------------------------------- regression vectors (spec §7.2)
+# ---------------------------------------------------------------- regression vectors (docs/biostatis.md, R1)
 
 R1_GRADS = [
     ([0.1, -0.2, 0.3], [[0.5, -0.5], [1.5, 0.0]]),

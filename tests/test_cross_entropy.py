@@ -65,7 +65,7 @@ def test_gradcheck_and_gradgradcheck(backend, device, reduction):
         return curvkern.cross_entropy(z, target.to(device), reduction=reduction, label_smoothing=0.2, fused=backend)
 
     assert torch.autograd.gradcheck(fn, (z,))
-    # Also checks the derivative with respect to the incoming gradient (spec §2.1).
+    # Also checks the derivative with respect to the incoming gradient (docs/cross_entropy.md, "Double backward").
     assert torch.autograd.gradgradcheck(fn, (z,))
 
 
@@ -184,7 +184,7 @@ def test_peaked_and_flat_rows_closed_forms(backend, device):
     n, v = 4, 33
     _, target, u = (t.to(device) for t in make_problem(n, v))
     flat = torch.full((n, v), 0.7, dtype=torch.float64, device=device)
-    # Flat rows: (H u)_r = c (u_r − mean(u_r)) / V, loss log V (spec §5).
+    # Flat rows: (H u)_r = c (u_r − mean(u_r)) / V, loss log V (docs/cross_entropy.md, "The math").
     torch.testing.assert_close(curvkern.ce_hvp(flat, target, u, fused=backend), (u - u.mean(1, keepdim=True)) / v / n, **FP64)
     torch.testing.assert_close(curvkern.cross_entropy(flat, target, fused=backend), torch.tensor(math.log(v), dtype=torch.float64, device=device), **FP64)
     # Peaked rows, the target 50 above the rest: p_y = 1 / (1 + (V−1)e^{−50}), the others e^{−50} p_y.

@@ -1,4 +1,4 @@
-"""HysteroGrad against the goldens and properties of shared/specs/hysterograd.md §11, on every backend."""
+"""HysteroGrad against the goldens and properties of docs/hysterograd.md, on every backend."""
 import copy
 import math
 
@@ -63,7 +63,7 @@ def test_g1_defaults_first_five_steps(backend, device, dtype):
         close(opt.state[p]["G"], metric)
     assert set(opt.state[p]) == {"group_tau", "group_temp", "avg_energy", "G"}
     assert opt.state[p]["G"].dtype == dtype
-    # The group scalars stay in the default dtype even for float64 parameters (spec §6).
+    # The group scalars stay in the default dtype even for float64 parameters (docs/hysterograd.md).
     assert opt.state[p]["group_tau"].dtype == torch.float32
     group = opt.state_dict()["param_groups"][0]
     assert set(group) - {"params"} == {
@@ -509,7 +509,7 @@ def test_backend_that_cannot_run_raises_instead_of_falling_back(fused):
 
 
 class OriginalHIOptimizer(torch.optim.Optimizer):
-    """The original HEAD step (spec §4), transcribed with its host syncs: the oracle."""
+    """The original HEAD step (docs/hysterograd.md, "The algorithm"), transcribed with its host syncs: the oracle."""
 
     def __init__(self, params, **hyper):
         super().__init__(params, hyper)

@@ -1,5 +1,5 @@
 // Fused cross-entropy kernels on CPU: forward (loss, lse), backward (gradient) and the loss-Hessian-vector
-// product, following shared/specs/ce-hvp.md.
+// product, following docs/cross_entropy.md.
 //
 // One OpenMP parallel region splits the rows across threads. The HVP reads a row in two sweeps: the first
 // keeps an online max, sum of e^{z-max} and <e^{z-max}, u> block by block (a block is re-read from L1 right

@@ -1,4 +1,4 @@
-// BiostatisV6 on the CPU, in the two passes of shared/specs/biostatis.md §8:
+// BiostatisV6 on the CPU, in the passes of docs/biostatis.md ("The fused kernels"):
 //
 // 1. biostatis_sums, one region over all tensors reading (g, m, v): per tensor Σg², Σ|tanh g|, Σm'g,
 //    Σm'², Σ|m'| and Σ√v' of the gradient and the updated moments. tanh's arithmetic hides under
@@ -30,7 +30,7 @@ namespace {
 
 #define CURVKERN_INLINE inline __attribute__((always_inline))
 
-// The original's constants (spec §1).
+// The original's constants (docs/biostatis.md, "Hyperparameters and constants").
 constexpr double kGlobalFactor = 0.5;
 constexpr double kGlobalBlend[2] = {0.9, 0.1};
 constexpr double kGlobalClamp[2] = {0.925, 1.075};

@@ -1,4 +1,4 @@
-// HysteroGrad on the CPU: pass A, the scalar stage and pass B of shared/specs/hysterograd.md §5, each
+// HysteroGrad on the CPU: pass A, the scalar stage and pass B of docs/hysterograd.md ("The fused kernels"), each
 // pass one OpenMP region over the chunk table of the whole group.
 //
 // Rounding mirrors the eager reference (curvkern/optim/hysterograd/eager.py) operation by operation,
@@ -265,7 +265,7 @@ void hysterograd_pass_b_(at::TensorList params, at::TensorList grads, at::Tensor
                 " differs from its parameter's ", dtype);
   }
   for (const at::Tensor& m : metrics) check_state(m, dtype, op, "G");
-  // The gate selects: a frozen group is not touched at all, so a NaN step never reaches p (spec G10).
+  // The gate selects: a frozen group is not touched at all, so a NaN step never reaches p (docs/hysterograd.md, G10).
   const bool liquid = stats.scalar_type() == at::kDouble ? stats.const_data_ptr<double>()[2] > 0
                                                          : stats.const_data_ptr<float>()[2] > 0;
   if (!liquid) return;

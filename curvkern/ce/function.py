@@ -4,7 +4,7 @@ autograd functions whose forward and backward are each one kernel of the selecte
 ``_CrossEntropy`` saves the logits and the per-row log-sum-exp only. Its backward is
 ``_CrossEntropyBackward``, itself an autograd function whose backward is the fused Hessian-vector
 product: double backward never materialises a softmax of shape (N, V), and also returns the
-gradient with respect to the loss's incoming gradient (spec §2.1).
+gradient with respect to the loss's incoming gradient (docs/cross_entropy.md, "Double backward").
 """
 from __future__ import annotations
 
