@@ -227,6 +227,9 @@ def test_unsupported_arguments_raise(backend, device, no_kernel_selected):
         curvkern.cross_entropy(logits, target, torch.ones(4, dtype=torch.float64, device=device), fused=backend)
     with pytest.raises(ValueError, match="0-dim"):
         curvkern.cross_entropy(logits[0, 0, 0], target[0, 0], fused=backend)
+    if device == "cpu":  # a label valid for the last dimension (d = 5) but not for the C = 4 classes
+        with pytest.raises(IndexError, match="Target 4 is out of bounds"):
+            curvkern.cross_entropy(logits, torch.full_like(target, 4), fused=backend)
     # u and out must have the logits' (N, C, d) shape, not the classes-last one.
     with pytest.raises(ValueError, match="u must match"):
         curvkern.ce_hvp(logits, target, u.movedim(1, -1).contiguous(), fused=backend)

@@ -217,8 +217,9 @@ def cross_entropy(
     the number of non-ignored targets (NaN when n = 0, as PyTorch). The gradient is c (p − q) with c the
     reduction's weight (1/n, 1 or the incoming per-element gradient, 0 where ignored), q the smoothed
     target; the backward is one kernel and the backward of the backward the fused Hessian-vector product
-    of :func:`ce_hvp`. Logits in dim 1 with d1…dk present are copied once to (N·d1⋯dk, C) rows; results
-    come back in the logits' shape. Conventions and formulas: docs/cross_entropy.md.
+    of :func:`ce_hvp`. With d1…dk present the kernels read (N·d1⋯dk, C) rows: a view where the classes
+    are already the dense dimension, one copy otherwise; results come back in the logits' shape.
+    Conventions and formulas: docs/cross_entropy.md.
 
     ``fused`` picks the backend (``"auto"``, ``"eager"``, ``"cpp"``, ``"triton"``; see
     :mod:`curvkern._dispatch`).
