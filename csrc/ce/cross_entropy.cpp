@@ -163,10 +163,10 @@ CURVKERN_INLINE RowStats<acc_t<scalar_t>> row_stats(const scalar_t* z, const sca
 }
 
 // fp32 HVP results larger than the caches, written into a caller's buffer, go out with streaming stores
-// (AVX-512, when it is the active ISA): an ordinary store first reads the line it writes (read-for-ownership), a third more traffic
-// on the output of a memory-bound kernel. Not into a fresh allocation: there the kernel's zeroing of each
-// newly touched page has just put it in cache, and ordinary stores measured faster. Same values, same
-// rounding: only the store instruction differs.
+// (AVX-512, when avx512 is the active ISA): an ordinary store first reads the line it writes
+// (read-for-ownership), a third more traffic on the output of a memory-bound kernel. Not into a fresh
+// allocation: there the kernel's zeroing of each newly touched page has just put it in cache, and
+// ordinary stores measured faster. Same values, same rounding: only the store instruction differs.
 constexpr int64_t kStreamingBytes = 64 << 20;
 
 #if defined(__x86_64__)
