@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from curvkern import _dispatch, available_backends
 from curvkern.optim import BiostatisV6
 from curvkern.optim.biostatis.eager import biostatis_scalars, biostatis_sums
+from conftest import max_examples
 from tolerance import BIOSTATIS_OPS, assert_fused_close, assert_relative_error, assert_rounded_close, numel, truth_bound
 
 FAMILY = "biostatis"
@@ -116,6 +117,7 @@ def fresh_scalars(grads, steps=None, **hyper):
 
 # ---------------------------------------------------------------- goldens D1-D12 (spec §7.1)
 
+@pytest.mark.fused_vs_eager
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_d1_first_step_closed_form(backend, device, dtype):
     (p,) = tensors([[0.5, -1.0, 2.0, 0.0]], device, dtype)
@@ -281,7 +283,7 @@ def test_d8_group_partitioning_changes_the_update(backend, device, dtype):
     close(run(False), [-0.00101715, -0.00131121], atol=1e-8)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=max_examples(60), deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
     log_scales=st.lists(st.floats(-8, 25), min_size=1, max_size=4),
@@ -371,6 +373,7 @@ R1_EXPECTED = [
 ]
 
 
+@pytest.mark.fused_vs_eager
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_r1_regression_vectors(backend, device, dtype):
     a, b = tensors([[0.5, -0.3, 0.2], [[1.0, -1.0], [0.0, 2.0]]], device, dtype)
@@ -414,7 +417,7 @@ def scenarios(draw):
     return shapes, hyper, schedule, draw(st.integers(0, 2**31 - 1)), draw(st.booleans())
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=max_examples(80), deadline=None)
 @given(scenario=scenarios())
 def test_matches_the_original_in_fp64(backend, device, scenario):
     shapes, hyper, schedule, seed, transposed = scenario
@@ -451,6 +454,7 @@ def test_matches_the_original_in_fp64(backend, device, scenario):
                 torch.testing.assert_close(x.cpu(), y, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.fused_vs_eager
 def test_matches_the_original_in_fp32_to_ulps(backend, device):
     gen = torch.Generator().manual_seed(5)
     shapes = [(17,), (4, 6), (1,)]
@@ -535,6 +539,7 @@ def test_state_dict_round_trip_continues_bit_identically(backend, device, dtype)
         assert torch.equal(a, b)  # one backend, saved and loaded state: bit for bit
 
 
+@pytest.mark.fused_vs_eager
 @pytest.mark.parametrize("target", available_backends(FAMILY, "cpu"))
 def test_state_dict_loads_across_fused_modes(backend, device, target):
     (p,) = tensors([[1.0, -2.0, 0.5]], device)
@@ -573,6 +578,7 @@ def test_checkpoint_of_the_original_with_int_steps_loads(backend, device):
         torch.testing.assert_close(p.detach().cpu(), q.detach(), rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.fused_vs_eager
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_tracks_the_fp32_trajectory_rounded_each_step(backend, device, dtype):
     gen = torch.Generator().manual_seed(2)

@@ -70,6 +70,7 @@ def test_gradcheck_and_gradgradcheck(backend, device, reduction):
     assert torch.autograd.gradgradcheck(fn, (z,))
 
 
+@pytest.mark.fused_vs_eager
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("ignored", [(), (1, 4)], ids=["all-valid", "some-ignored"])
@@ -205,6 +206,7 @@ def test_peaked_and_flat_rows_closed_forms(backend, device):
 CE_OPS = 10 + 3 * TRANSCENDENTAL_OPS
 
 
+@pytest.mark.fused_vs_eager
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_low_precision_against_fp64_ground_truth(backend, device, dtype, reduction):

@@ -7,6 +7,7 @@ import torch
 
 from curvkern import available_backends
 from curvkern.optim import HIOptimizer, HysteroGrad
+from conftest import max_examples
 from tolerance import (HYSTEROGRAD_OPS, assert_fused_close, assert_hysterograd_results_close, assert_rounded_close,
                        numel)
 
@@ -115,6 +116,7 @@ def test_g2b_spike_unfreezes(backend, device, dtype):
     close(scalars(opt, p)[0], 76.38230)
 
 
+@pytest.mark.fused_vs_eager
 def test_g4_clipping(backend, device, dtype):
     p, opt = make(backend, device, dtype=dtype, grad_clip=1.0)
     status, g_norm, h = run(opt, p, GRAD, 1)[0]
@@ -315,6 +317,7 @@ def test_lr_scheduler_changes_lr_and_tau_growth(backend, device):
     close(scalars(opt, p)[0], 0.1 * 14.142115 + 0.05 * 10.025084, rtol=1e-5)
 
 
+@pytest.mark.fused_vs_eager
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_parameters_use_fp32_state_and_round_to_nearest(backend, device, dtype):
     shapes = [(33,), (4, 9)]
@@ -411,6 +414,7 @@ def test_state_dict_round_trip_continues_the_trajectory(backend, device, dtype):
         assert torch.equal(a, b)
 
 
+@pytest.mark.fused_vs_eager
 @pytest.mark.parametrize("target", available_backends(FAMILY, "cpu"))
 def test_state_dict_loads_across_fused_modes(backend, device, target):
     p, opt = make(backend, device)
@@ -428,6 +432,7 @@ def test_state_dict_loads_across_fused_modes(backend, device, target):
     assert_fused_close(q.detach(), p.detach(), dtype=torch.float32, ops=HYSTEROGRAD_OPS, reduction_length=2, steps=5)
 
 
+@pytest.mark.fused_vs_eager
 def test_four_default_steps_agree_across_backends_by_the_policy():
     """An AMD EPYC (AVX2) returned N̂ = 7.1243391036987305 from eager and 7.124338626861572 from cpp after
     four default steps (one fp32 ulp): every backend's N̂ and h agree with eager's to the policy, not bits."""
@@ -616,11 +621,12 @@ AMD_FP32_CASE = dict(
 )
 
 
+@pytest.mark.fused_vs_eager
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_matches_the_original_algorithm(backend, device, dtype):
     """Kind (c) of tests/tolerance.py: fp64 to 1e-12; fp32 to the policy's bound; the gate's decision
     where it is decided by more than that bound (the trajectories may rightly part where it is not)."""
-    @settings(max_examples=25, deadline=None)
+    @settings(max_examples=max_examples(25), deadline=None)
     @example(**AMD_FP32_CASE)
     @given(hyper=hyperparameters, shapes=st.lists(st.sampled_from([(1,), (5,), (3, 4), (0,), (130,)]), min_size=1, max_size=4),
            groups=st.integers(1, 2), steps=st.integers(1, 8), seed=st.integers(0, 2**16))

@@ -15,6 +15,7 @@ from hypothesis import given, settings, strategies as st
 
 from curvkern import available_backends
 from curvkern.optim import BiostatisV6, HysteroGrad
+from conftest import SMALL_SHAPES, max_examples
 from tolerance import BIOSTATIS_OPS, HYSTEROGRAD_OPS, assert_fused_close, assert_hysterograd_results_close
 
 OPTIMIZERS = {"hysterograd": HysteroGrad, "biostatis": BiostatisV6}
@@ -65,13 +66,16 @@ def assert_same_trajectory(family, got, expected, dtype, *, steps, reduction_len
         assert_fused_close(a, b, dtype=dtype, ops=OPS[family], reduction_length=reduction_length, steps=steps)
 
 
+@pytest.mark.fused_vs_eager
 @pytest.mark.parametrize("family,backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_fused_matches_eager_over_random_models(family, backend, dtype):
-    small = backend == "triton"  # the Triton interpreter is slow; its kernels see the same code paths
+    # The Triton interpreter is slow, and its kernels see the same code paths on small tensors; the
+    # per-ISA runs need only the vector-width boundaries.
+    small = backend == "triton" or SMALL_SHAPES
     sizes = [s for s in SIZES if s < 1000] if small else SIZES
 
-    @settings(max_examples=4 if small or dtype != torch.float64 else 8, deadline=None)
+    @settings(max_examples=max_examples(4 if small or dtype != torch.float64 else 8), deadline=None)
     @given(shapes=st.lists(st.sampled_from(sizes), min_size=1, max_size=4), groups=st.integers(1, 2),
            config=st.sampled_from(CONFIGS[family]), seed=st.integers(0, 2**16))
     def check(shapes, groups, config, seed):
@@ -88,6 +92,7 @@ def test_fused_matches_eager_over_random_models(family, backend, dtype):
     check()
 
 
+@pytest.mark.fused_vs_eager
 @pytest.mark.parametrize("family,backend", FUSED)
 @pytest.mark.parametrize("layout", ["transposed", "sliced", "channels_last"])
 def test_non_contiguous_parameters_and_gradients(family, backend, layout):
@@ -108,6 +113,7 @@ def test_non_contiguous_parameters_and_gradients(family, backend, layout):
                     assert state.shape == p.shape
 
 
+@pytest.mark.fused_vs_eager
 @pytest.mark.parametrize("family,backend", FUSED)
 def test_group_mixing_dtypes(family, backend):
     """One group holding fp32, bf16 and fp64 tensors: group statistics still span all of them."""
@@ -128,6 +134,7 @@ def test_group_mixing_dtypes(family, backend):
         assert_fused_close(a, b, dtype=dtype, ops=OPS[family], reduction_length=100, steps=5)
 
 
+@pytest.mark.fused_vs_eager
 @needs_cpp
 @pytest.mark.parametrize("family,backend", CPP)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

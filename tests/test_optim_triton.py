@@ -110,6 +110,7 @@ def test_sliced_and_transposed_parameters(family):
     torch.testing.assert_close(base[:, ::2].cpu(), expected[0].detach(), rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.fused_vs_eager
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_parameters_match_eager(family, dtype):
     """Kind (lp) of tests/tolerance.py: the fp32 math agrees to rounding, so the stored values agree but
@@ -350,6 +351,7 @@ def test_capturable_biostatis_state_loads_across_modes(capturable_first):
         assert torch.equal(p, q)  # one backend, its state moved between host and device: bit for bit
 
 
+@pytest.mark.fused_vs_eager
 def test_a_group_of_mixed_dtypes_runs_one_bucket_per_dtype(family):
     dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float32]
     mine = [make_params([(6,)], dtype, seed=i)[0] for i, dtype in enumerate(dtypes)]
