@@ -545,7 +545,8 @@ def compile_for_sm90(dtype: str) -> None:
         assert ".entry" in compiled.asm["ptx"]
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16", "fp64"])
+# One compiler process per dtype: fp32 in every run, the others in the slow ones.
+@pytest.mark.parametrize("dtype", ["fp32", *(pytest.param(d, marks=pytest.mark.slow) for d in ("bf16", "fp16", "fp64"))])
 def test_triton_kernels_compile_for_a_gpu_target(dtype):
     """The interpreter accepts code the Triton compiler rejects: without a GPU, compile for one."""
     pytest.importorskip("triton")
@@ -556,6 +557,7 @@ def test_triton_kernels_compile_for_a_gpu_target(dtype):
     assert completed.returncode == 0, completed.stderr[-3000:]
 
 
+@pytest.mark.slow  # needs results past the 64 MiB streaming threshold
 def test_cpp_streaming_stores_write_the_same_bits():
     """fp32 results of 64 MiB and more written into a caller's ``out`` leave through streaming stores
     (csrc/ce/cross_entropy.cpp): the same values, bit for bit, as ordinary stores, misaligned rows included."""

@@ -156,6 +156,7 @@ def test_results_do_not_depend_on_the_thread_count(family, backend, dtype):
             assert torch.equal(a, b)  # one kernel, the same data, only the thread count differs: bit for bit
 
 
+@pytest.mark.slow
 @needs_cpp
 def test_large_tensors_span_many_work_units():
     """Tensors of 1.5 M elements span ~90 units each; the update walks the units from last to first."""
