@@ -210,6 +210,7 @@ def importance_of(state):
     return (m.abs().mean() / (v.sqrt().mean() + 1e-12)).item()
 
 
+@pytest.mark.slow  # 1000 steps
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_d6_importance_constant_gradient_never_fires(backend, device, dtype):
     if backend == "triton" and device == "cpu":
@@ -230,6 +231,7 @@ def test_d6_importance_constant_gradient_never_fires(backend, device, dtype):
     assert torch.equal(params[0], params[1])
 
 
+@pytest.mark.slow  # 72 steps, 8 s each through the Triton interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_d6_importance_alternating_gradient_fires_at_step_72(backend, device, dtype):
     params = tensors([[0.0] * 3, [0.0] * 3], device, dtype)

@@ -257,6 +257,7 @@ def test_p3_adaptive_off_relation(backend, device, dtype):
         close(h_off, h_on / (energy + 1e-8), rtol=1e-5)
 
 
+@pytest.mark.slow  # 2000 steps
 def test_p5_steady_state_constant_gradient(backend, device, dtype):
     if backend == "triton" and device == "cpu":
         pytest.skip("2000 steps through the Triton interpreter take ~40 s; it runs on CUDA")
