@@ -69,6 +69,7 @@ def test_kernel_is_cloned_per_isa():
         assert re.search(rf"axpy_float_{isa}\S*_omp_fn\.\d+\b", symbols), isa
 
 
+@pytest.mark.slow  # compiles the whole extension a second time
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
 def test_cmake_builds_the_same_extension(tmp_path):
     prefix = subprocess.check_output([sys.executable, "-c", "import torch.utils; print(torch.utils.cmake_prefix_path)"], text=True).strip()
