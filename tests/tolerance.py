@@ -192,7 +192,7 @@ def assert_hysterograd_results_close(got: Sequence, expected: Sequence, *, dtype
     status, g_norm, barrier = got
     expected_status, expected_norm, expected_barrier = expected
     bound = fused_bound(math_dtype(dtype), ops=HYSTEROGRAD_OPS, reduction_length=reduction_length, steps=steps)
-    # The group scalars are kept in fp32 whatever the parameters' dtype (spec §6), and N̂, h are
+    # The group scalars are kept in fp32 whatever the parameters' dtype (docs/hysterograd.md, "fp32 scalars"), and N̂, h are
     # means over groups: for fp64 parameters their accuracy is fp32's.
     scalar_bound = max(bound, fused_bound(torch.float32, ops=HYSTEROGRAD_OPS, reduction_length=reduction_length,
                                           steps=steps))
