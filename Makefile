@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h')
 
-.PHONY: venv test bench clean
+.PHONY: venv test test-fast test-isa bench clean cross-compiler
 
 venv: $(VENV)/.built
 
@@ -22,8 +22,30 @@ $(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml $(CSRC)
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 
-test: venv
+# The whole suite (slow cases and every hypothesis example included), then the fused-vs-eager tests once per
+# CPU code path (test-isa).
+test: venv cross-compiler
 	$(PY) -m pytest tests
+	$(PY) tests/isa_matrix.py
+
+# Every family and backend on small shapes: no `slow` cases, a quarter of the hypothesis examples.
+test-fast: venv
+	HYPOTHESIS_PROFILE=fast $(PY) -m pytest -q -m "not slow" tests
+
+# The fused-vs-eager tests under each CURVKERN_CPU_CAPABILITY x ATEN_CPU_CAPABILITY this CPU can run.
+test-isa: venv
+	$(PY) tests/isa_matrix.py
+
+# The aarch64 cross compiler tests/test_portability.py checks the kernels' aarch64 code with; installed
+# with apt-get when run as root, else the command is printed (the tests skip without it, fail under CI=true).
+cross-compiler:
+	@command -v aarch64-linux-gnu-g++ >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++-aarch64-linux-gnu) >/dev/null \
+	      || echo "could not install g++-aarch64-linux-gnu; the aarch64 checks will skip"; \
+	  else \
+	    echo "the aarch64 checks need a cross compiler: sudo apt-get install g++-aarch64-linux-gnu"; \
+	  fi; }
 
 bench: venv
 	$(PY) -m curvkern.bench

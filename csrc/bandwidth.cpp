@@ -14,18 +14,24 @@ namespace curvkern {
 
 namespace {
 
-#define CURVKERN_AXPY_KERNEL(scalar_t, name)                                                    \
-  CURVKERN_CLONES void name(                                                                     \
+#define CURVKERN_AXPY_VERSION(isa, target, scalar_t, name)                                      \
+  target void name##_##isa(                                                                      \
       scalar_t* __restrict a, const scalar_t* __restrict b, scalar_t scalar, int64_t n) {        \
     _Pragma("omp parallel for simd schedule(static) num_threads(at::get_num_threads())")        \
     for (int64_t i = 0; i < n; ++i) {                                                            \
       a[i] += scalar * b[i];                                                                     \
     }                                                                                            \
   }
+#define CURVKERN_AXPY_KERNEL(scalar_t, name)                                                    \
+  CURVKERN_FOR_EACH_ISA(CURVKERN_AXPY_VERSION, scalar_t, name)                                   \
+  void name(scalar_t* a, const scalar_t* b, scalar_t scalar, int64_t n) {                        \
+    CURVKERN_CALL_ACTIVE_ISA(name, a, b, scalar, n);                                             \
+  }
 
 CURVKERN_AXPY_KERNEL(float, axpy_float)
 CURVKERN_AXPY_KERNEL(double, axpy_double)
 #undef CURVKERN_AXPY_KERNEL
+#undef CURVKERN_AXPY_VERSION
 
 }  // namespace
 

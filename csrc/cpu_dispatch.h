@@ -1,11 +1,58 @@
-// Runtime ISA dispatch for the CPU kernels: each kernel is compiled three times and the loader picks
-// the best clone the CPU supports, so the library runs on any x86-64 (no -march=native).
-// - arch=x86-64-v4: AVX-512 F, BW, DQ and VL with FMA (a bare "avx512f" clone lacks the BW/VL
-//   conversions that narrow fp32 results to bf16/fp16, and keeps those loops scalar);
-// - arch=x86-64-v3: AVX2 *with* FMA (a bare "avx2" clone has no FMA, and every std::fma in the
-//   kernels would become a libm call that blocks vectorization);
-// - default: baseline x86-64 (SSE2), where std::fma is a correctly rounded libm call, so every clone
-//   computes the same bits.
+// Runtime ISA dispatch for the CPU kernels: on x86-64 each kernel entry is compiled three times and
+// one dispatcher picks the version to run, so the library runs on any x86-64 (no -march=native):
+// - avx512 (arch=x86-64-v4): AVX-512 F, BW, DQ and VL with FMA (a bare "avx512f" version lacks the
+//   BW/VL conversions that narrow fp32 results to bf16/fp16, and keeps those loops scalar);
+// - avx2 (arch=x86-64-v3): AVX2 *with* FMA (a bare "avx2" version has no FMA, and every std::fma in
+//   the kernels would become a libm call that blocks vectorization);
+// - default: baseline x86-64 (SSE2), where std::fma is a correctly rounded libm call, so every
+//   version computes the same bits.
+// The choice is the best the CPU supports, or the one the environment variable CURVKERN_CPU_CAPABILITY
+// names (ATen's names, as ATEN_CPU_CAPABILITY), read once. Other architectures (aarch64, where NEON is
+// baseline) compile one portable "default" version.
+//
+// The OpenMP region must sit in the target-attributed function itself: GCC outlines the region
+// (`<name>._omp_fn.N`) from the function that holds it, and the outlined body inherits that function's
+// target, so each version's loops are vectorized for its own ISA.
 #pragma once
 
-#define CURVKERN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#include <string>
+#include <vector>
+
+namespace curvkern {
+
+enum class CpuIsa { kDefault, kAvx2, kAvx512 };
+
+// The ISA the kernels run, chosen on the first call. Raises (RuntimeError in Python) if
+// CURVKERN_CPU_CAPABILITY names an unknown ISA or one this CPU cannot run.
+CpuIsa active_isa();
+
+// ATen's name of active_isa(): "default", "avx2" or "avx512".
+std::string cpu_capability();
+
+// Every value of CURVKERN_CPU_CAPABILITY this CPU can run, ascending ("default" first).
+std::vector<std::string> cpu_capabilities();
+
+}  // namespace curvkern
+
+// target_clones would hide the versions behind an ifunc nobody can override, so the kernels are
+// stamped by macro instead: STAMP(isa, target_attribute, ...) once per ISA this architecture has.
+#if defined(__x86_64__)
+#define CURVKERN_FOR_EACH_ISA(STAMP, ...)                                  \
+  STAMP(avx512, __attribute__((target("arch=x86-64-v4"))), __VA_ARGS__)    \
+  STAMP(avx2, __attribute__((target("arch=x86-64-v3"))), __VA_ARGS__)      \
+  STAMP(default, , __VA_ARGS__)
+
+// Calls name##_<isa>(args...) for the active ISA (a `return` statement: use it as a function's body).
+#define CURVKERN_CALL_ACTIVE_ISA(name, ...)                                   \
+  switch (::curvkern::active_isa()) {                                         \
+    case ::curvkern::CpuIsa::kAvx512: return name##_avx512(__VA_ARGS__);      \
+    case ::curvkern::CpuIsa::kAvx2: return name##_avx2(__VA_ARGS__);          \
+    case ::curvkern::CpuIsa::kDefault: break;                                 \
+  }                                                                           \
+  return name##_default(__VA_ARGS__)
+#else
+#define CURVKERN_FOR_EACH_ISA(STAMP, ...) STAMP(default, , __VA_ARGS__)
+#define CURVKERN_CALL_ACTIVE_ISA(name, ...) \
+  (void)::curvkern::active_isa();          \
+  return name##_default(__VA_ARGS__)
+#endif

@@ -1,4 +1,4 @@
-// The multi-tensor work table shared by the fused optimizer kernels (shared/design.md, "Multi-tensor
+// The multi-tensor work table shared by the fused optimizer kernels (docs/README.md, "Multi-tensor
 // work units"), and what the kernels need around it: tensor checks, a layout every kernel can stream,
 // deterministic lane sums and the low-precision load/store.
 #pragma once

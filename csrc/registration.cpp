@@ -6,6 +6,7 @@
 
 #include "bandwidth.h"
 #include "ce/cross_entropy.h"
+#include "cpu_dispatch.h"
 #include "optim/biostatis.h"
 #include "optim/hysterograd.h"
 
@@ -16,6 +17,9 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(curvkern, m) {
+  // No tensor arguments, so no dispatch key: registered with their (catch-all) kernels.
+  m.def("cpu_capability() -> str", &curvkern::cpu_capability);
+  m.def("cpu_capabilities() -> str[]", &curvkern::cpu_capabilities);
   m.def("stream_axpy_(Tensor(a!) a, Tensor b, float scalar) -> ()");
   m.def(
       "hysterograd_pass_a_(Tensor[] grads, Tensor(a!)[] metrics, Tensor(b!) accumulator, float beta, "

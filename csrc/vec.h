@@ -1,8 +1,8 @@
 // exp and tanh for float and double, written so that GCC vectorizes them inside `#pragma omp simd`
 // loops: straight-line arithmetic, fused multiply-adds, selects and integer bit tricks only, no
-// branches and no libm calls. Inlined into the AVX-512 / AVX2 / baseline clones of each kernel
-// (target_clones), each clone gets vector code of its own width, and every clone computes the same
-// bits, because every product-sum that is fused is an explicit std::fma.
+// branches and no libm calls. Inlined into the AVX-512 / AVX2 / baseline versions of each kernel
+// (csrc/cpu_dispatch.h), each version gets vector code of its own width, and every version computes the
+// same bits, because every product-sum that is fused is an explicit std::fma.
 //
 // Accuracy (tests/test_optim_fused.py checks tanh against mpmath): tanh within 2.5 ulp in fp32 and 2 ulp
 // in fp64. exp underflows to 0 below the smallest normal (no subnormal results) and overflows to inf

@@ -128,3 +128,28 @@ def available_backends(family: str, device: torch.device | str = "cpu") -> list[
         for backend in BACKENDS
         if (family, backend) in _REGISTRY and _unavailable_reason(family, backend, device) is None
     ]
+
+
+def _cpp_ops():
+    reason = cpp_unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(reason)
+    return torch.ops.curvkern
+
+
+def cpu_capability() -> str:
+    """The instruction set the C++ kernels run: ``"default"`` (baseline), ``"avx2"`` (x86-64-v3) or
+    ``"avx512"`` (x86-64-v4). The best this CPU supports, unless the environment variable
+    ``CURVKERN_CPU_CAPABILITY`` names another (read once, at the first kernel call).
+
+    Raises RuntimeError if ``CURVKERN_CPU_CAPABILITY`` is unknown or names one this CPU cannot run, or
+    if ``curvkern._C`` is not built.
+    """
+    return _cpp_ops().cpu_capability()
+
+
+def cpu_capabilities() -> list[str]:
+    """Every value of ``CURVKERN_CPU_CAPABILITY`` this CPU can run, ascending, e.g.
+    ``["default", "avx2", "avx512"]`` (``["default"]`` off x86-64). Raises RuntimeError if
+    ``curvkern._C`` is not built."""
+    return list(_cpp_ops().cpu_capabilities())

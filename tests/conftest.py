@@ -4,15 +4,36 @@ A test module names its family (``FAMILY = "hysterograd"``) and takes ``backend`
 arguments: it then runs once per backend that implements the family and can run here, so a new
 backend is exercised by every existing test the day it is registered. Without CUDA, Triton runs on
 CPU tensors through its interpreter.
+
+Hypothesis profiles, chosen with ``HYPOTHESIS_PROFILE`` (the Makefile's targets set it): ``full``
+(the default: each property test's own example count), ``fast`` (a quarter of it, for ``make
+test-fast``) and ``isa`` (the fewest, for the per-ISA runs of ``make test-isa``). A test takes its
+count through :func:`max_examples`, so a profile scales every test alike.
 """
 import os
 
 import torch
+from hypothesis import settings
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from curvkern import available_backends  # noqa: E402  (after TRITON_INTERPRET is settled)
+
+FULL_EXAMPLES = 100  # hypothesis's own default: a profile's max_examples relative to it scales the tests
+settings.register_profile("full", max_examples=FULL_EXAMPLES, deadline=None)
+settings.register_profile("fast", max_examples=FULL_EXAMPLES // 4, deadline=None)
+settings.register_profile("isa", max_examples=FULL_EXAMPLES // 10, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "full"))
+
+
+# make test-isa runs the fused-vs-eager tests once per ISA combination: on small shapes only.
+SMALL_SHAPES = os.environ.get("CURVKERN_TEST_SMALL_SHAPES", "0") == "1"
+
+
+def max_examples(full: int) -> int:
+    """A property test's example count under the loaded profile (``full`` under "full"), at least 2."""
+    return max(2, full * settings().max_examples // FULL_EXAMPLES)
 
 
 def backend_cases(family: str) -> list[tuple[str, str]]:

@@ -40,6 +40,7 @@ def quick_report(quick_run) -> dict:
     return json.loads((out_dir / report.JSON_NAME).read_text())
 
 
+@pytest.mark.slow  # a --quick benchmark run (~20 s), and pytest-benchmark's for the converter
 def test_report_has_one_record_per_case_in_the_schema(quick_report):
     assert quick_report["schema"] == report.SCHEMA
     assert quick_report["source"] == "curvkern.bench"
@@ -67,6 +68,7 @@ def test_report_has_one_record_per_case_in_the_schema(quick_report):
             assert record["speedup_vs_eager"] == 1.0
 
 
+@pytest.mark.slow  # a --quick benchmark run (~20 s), and pytest-benchmark's for the converter
 def test_table_prints_every_record_and_the_paths(quick_run, quick_report):
     out_dir, printed = quick_run
     lines = printed.splitlines()
@@ -79,6 +81,7 @@ def test_table_prints_every_record_and_the_paths(quick_run, quick_report):
     assert str(out_dir / report.PNG_NAME) in printed
 
 
+@pytest.mark.slow  # a --quick benchmark run (~20 s), and pytest-benchmark's for the converter
 def test_png_is_a_readable_image(quick_run):
     out_dir, _ = quick_run
     png = out_dir / report.PNG_NAME
@@ -87,6 +90,7 @@ def test_png_is_a_readable_image(quick_run):
     assert height > 100 and width > 100 and channels in (3, 4)
 
 
+@pytest.mark.slow  # a --quick benchmark run (~20 s), and pytest-benchmark's for the converter
 def test_pytest_benchmark_json_converts_to_the_same_records(quick_report, tmp_path):
     benchmark_json = tmp_path / "pytest-benchmark.json"
     completed = subprocess.run(

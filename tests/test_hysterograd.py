@@ -1,4 +1,4 @@
-"""HysteroGrad against the goldens and properties of shared/specs/hysterograd.md §11, on every backend."""
+"""HysteroGrad against the goldens and properties of docs/hysterograd.md, on every backend."""
 import copy
 import math
 
@@ -7,6 +7,9 @@ import torch
 
 from curvkern import available_backends
 from curvkern.optim import HIOptimizer, HysteroGrad
+from conftest import max_examples
+from tolerance import (HYSTEROGRAD_OPS, assert_fused_close, assert_hysterograd_results_close, assert_rounded_close,
+                       numel)
 
 FAMILY = "hysterograd"
 GRAD = [0.5, -1.0]
@@ -63,7 +66,7 @@ def test_g1_defaults_first_five_steps(backend, device, dtype):
         close(opt.state[p]["G"], metric)
     assert set(opt.state[p]) == {"group_tau", "group_temp", "avg_energy", "G"}
     assert opt.state[p]["G"].dtype == dtype
-    # The group scalars stay in the default dtype even for float64 parameters (spec §6).
+    # The group scalars stay in the default dtype even for float64 parameters (docs/hysterograd.md).
     assert opt.state[p]["group_tau"].dtype == torch.float32
     group = opt.state_dict()["param_groups"][0]
     assert set(group) - {"params"} == {
@@ -93,7 +96,7 @@ def test_g2_freeze_flip_and_shock(backend, device, dtype):
             after_liquid = p.detach().clone()
             close(after_liquid, [-26.928936, 25.928955])
         if t > 4:
-            assert torch.equal(p.detach(), after_liquid)
+            assert torch.equal(p.detach(), after_liquid)  # frozen: p is not written at all
     tau, temp, energy = scalars(opt, p)
     assert temp == 0.0
     close(energy, 0.596549)
@@ -113,19 +116,20 @@ def test_g2b_spike_unfreezes(backend, device, dtype):
     close(scalars(opt, p)[0], 76.38230)
 
 
+@pytest.mark.fused_vs_eager
 def test_g4_clipping(backend, device, dtype):
     p, opt = make(backend, device, dtype=dtype, grad_clip=1.0)
     status, g_norm, h = run(opt, p, GRAD, 1)[0]
     assert status == "Liquid"
-    assert g_norm != 1.0
-    close(g_norm, 0.99999994, rtol=1e-7)
+    assert g_norm != 1.0  # N/(N + 1e-6) rounds below 1 in fp32
+    assert_fused_close(g_norm, 0.99999994, dtype=torch.float32, ops=HYSTEROGRAD_OPS, reduction_length=2)
     close(h, 3.16228e-8, rtol=1e-4, atol=0)
     close(scalars(opt, p), [0.001, 0.99, 0.01])
     close(p.detach(), [0.9992929, -1.9992929])
     expected_p = [[0.9985858, -1.9985857], [0.9978787, -1.9978786]]
     for tau, p_t in zip([0.002, 0.003], expected_p):
         _, g_norm, _ = run(opt, p, GRAD, 1)[0]
-        close(g_norm, 0.99999988, rtol=1e-7)
+        assert_fused_close(g_norm, 0.99999988, dtype=torch.float32, ops=HYSTEROGRAD_OPS, reduction_length=2)
         close(scalars(opt, p)[0], tau)
         close(p.detach(), p_t)
 
@@ -202,7 +206,7 @@ def test_infinite_gradient_freezes_without_touching_parameters(backend, device, 
 def test_g11_integer_initial_temp_is_cast(backend, device, dtype):
     p, opt = make(backend, device, dtype=dtype, initial_temp=1)
     q, reference = make(backend, device, dtype=dtype, initial_temp=1.0)
-    assert run(opt, p, GRAD, 3) == run(reference, q, GRAD, 3)
+    assert run(opt, p, GRAD, 3) == run(reference, q, GRAD, 3)  # one backend, the same float: bit for bit
     assert opt.state[p]["group_temp"].dtype == torch.float32
 
 
@@ -238,7 +242,7 @@ def test_p2_frozen_steps_keep_parameters_bitwise_and_advance_state(backend, devi
         before_p, before_metric = p.detach().clone(), opt.state[p]["G"].clone()
         before_scalars = scalars(opt, p)
         assert run(opt, p, GRAD, 1)[0][0] == "Frozen"
-        assert torch.equal(p.detach(), before_p)
+        assert torch.equal(p.detach(), before_p)  # frozen: p is not written at all
         assert not torch.equal(opt.state[p]["G"], before_metric)
         assert all(a != b for a, b in zip(scalars(opt, p), before_scalars) if b != 0.0)
 
@@ -253,6 +257,7 @@ def test_p3_adaptive_off_relation(backend, device, dtype):
         close(h_off, h_on / (energy + 1e-8), rtol=1e-5)
 
 
+@pytest.mark.slow  # 2000 steps
 def test_p5_steady_state_constant_gradient(backend, device, dtype):
     if backend == "triton" and device == "cpu":
         pytest.skip("2000 steps through the Triton interpreter take ~40 s; it runs on CUDA")
@@ -313,6 +318,7 @@ def test_lr_scheduler_changes_lr_and_tau_growth(backend, device):
     close(scalars(opt, p)[0], 0.1 * 14.142115 + 0.05 * 10.025084, rtol=1e-5)
 
 
+@pytest.mark.fused_vs_eager
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_parameters_use_fp32_state_and_round_to_nearest(backend, device, dtype):
     shapes = [(33,), (4, 9)]
@@ -323,17 +329,21 @@ def test_low_precision_parameters_use_fp32_state_and_round_to_nearest(backend, d
         p.requires_grad_(True)
     opt = HysteroGrad(params, lr=0.01, fused=backend)
     reference = HysteroGrad(shadow, lr=0.01, fused="eager")
-    for step_grads in grads:
+    for step, step_grads in enumerate(grads, start=1):
         for p, q, g in zip(params, shadow, step_grads):
             p.grad = g.to(dtype)
             q.grad = g.to(dtype).float()
-        assert opt.step()[0] == reference.step()[0]
+        assert assert_hysterograd_results_close(opt.step(), reference.step(), dtype=dtype,
+                                                reduction_length=numel(shapes), steps=step)
         with torch.no_grad():
             for q in shadow:
                 q.copy_(q.to(dtype).float())  # what the fp32 math rounded to nearest even stores
     for p, q in zip(params, shadow):
         assert opt.state[p]["G"].dtype == torch.float32
-        assert torch.equal(p.detach().float(), q.detach())
+        if backend == "eager":  # the same fp32 math, rounded once: bit for bit
+            assert torch.equal(p.detach().float(), q.detach())
+        assert_rounded_close(p.detach(), q.detach(), storage_dtype=dtype, ops=HYSTEROGRAD_OPS,
+                             reduction_length=numel(shapes), steps=len(grads))
 
 
 def test_fp16_zero_gradient_stays_finite(backend, device):
@@ -363,6 +373,7 @@ def test_shapes_strides_and_missing_grads(backend, device):
             results.append(opt.step())
         assert "G" not in opt.state[params[5]]
         assert torch.equal(params[5].detach(), torch.ones(4, device=device))
+    # One backend on the same values, dense or strided: the same code, bit for bit.
     assert results[:3] == results[3:]
     for a, b in zip(dense, strided):
         assert torch.equal(a.detach(), b.detach())
@@ -399,11 +410,12 @@ def test_state_dict_round_trip_continues_the_trajectory(backend, device, dtype):
     assert opt_b.state[second[0]]["group_tau"].dtype == torch.float32
     assert opt_b.state[second[0]]["G"].dtype == (torch.float32 if dtype == torch.bfloat16 else dtype)
     results += trajectory(opt_b, second, grads[4:])
-    assert results == expected
+    assert results == expected  # one backend, saved and loaded state: bit for bit
     for a, b in zip(straight, second):
         assert torch.equal(a, b)
 
 
+@pytest.mark.fused_vs_eager
 @pytest.mark.parametrize("target", available_backends(FAMILY, "cpu"))
 def test_state_dict_loads_across_fused_modes(backend, device, target):
     p, opt = make(backend, device)
@@ -411,8 +423,31 @@ def test_state_dict_loads_across_fused_modes(backend, device, target):
     q = p.detach().clone().cpu().requires_grad_(True)
     other = HysteroGrad([q], fused=target)
     other.load_state_dict(opt.state_dict())
-    assert run(other, q, GRAD, 2) == run(opt, p, GRAD, 2)
-    assert torch.equal(p.detach().cpu(), q.detach())
+    got, expected = run(other, q, GRAD, 2), run(opt, p, GRAD, 2)
+    if target == backend:  # the same code on the same data: bit for bit
+        assert got == expected
+        assert torch.equal(p.detach().cpu(), q.detach())
+        return
+    for step, (a, b) in enumerate(zip(got, expected), start=4):
+        assert assert_hysterograd_results_close(a, b, dtype=torch.float32, reduction_length=2, steps=step)
+    assert_fused_close(q.detach(), p.detach(), dtype=torch.float32, ops=HYSTEROGRAD_OPS, reduction_length=2, steps=5)
+
+
+@pytest.mark.fused_vs_eager
+def test_four_default_steps_agree_across_backends_by_the_policy():
+    """An AMD EPYC (AVX2) returned N̂ = 7.1243391036987305 from eager and 7.124338626861572 from cpp after
+    four default steps (one fp32 ulp): every backend's N̂ and h agree with eager's to the policy, not bits."""
+    results = {}
+    for backend in available_backends(FAMILY, "cpu"):
+        p, opt = make(backend, "cpu")
+        results[backend] = (run(opt, p, GRAD, 4), p.detach().clone())
+    expected, expected_p = results["eager"]
+    assert_hysterograd_results_close(("Liquid", 7.124338626861572, expected[3][2]), expected[3],
+                                     dtype=torch.float32, reduction_length=2, steps=4)
+    for backend, (got, got_p) in results.items():
+        for step, (a, b) in enumerate(zip(got, expected), start=1):
+            assert assert_hysterograd_results_close(a, b, dtype=torch.float32, reduction_length=2, steps=step), backend
+        assert_fused_close(got_p, expected_p, dtype=torch.float32, ops=HYSTEROGRAD_OPS, reduction_length=2, steps=4)
 
 
 def test_checkpoint_of_the_original_loads(backend, device):
@@ -478,7 +513,7 @@ def test_invalid_hyperparameters_name_the_parameter(name, value):
 def test_grad_clip_zero_means_off():
     p, opt = make("eager", "cpu", grad_clip=0.0)
     q, reference = make("eager", "cpu")
-    assert run(opt, p, GRAD, 2) == run(reference, q, GRAD, 2)
+    assert run(opt, p, GRAD, 2) == run(reference, q, GRAD, 2)  # eager both sides: bit for bit
 
 
 def test_invalid_fused_value():
@@ -509,7 +544,7 @@ def test_backend_that_cannot_run_raises_instead_of_falling_back(fused):
 
 
 class OriginalHIOptimizer(torch.optim.Optimizer):
-    """The original HEAD step (spec §4), transcribed with its host syncs: the oracle."""
+    """The original HEAD step (docs/hysterograd.md, "The algorithm"), transcribed with its host syncs: the oracle."""
 
     def __init__(self, params, **hyper):
         super().__init__(params, hyper)
@@ -562,7 +597,7 @@ class OriginalHIOptimizer(torch.optim.Optimizer):
         return ("Liquid" if liquid_groups > 0 else "Frozen"), sum_n / n, sum_h / n
 
 
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import example, given, settings, strategies as st  # noqa: E402
 
 hyperparameters = st.fixed_dictionaries({
     "lr": st.sampled_from([1e-3, 0.05, 1.0]),
@@ -578,9 +613,22 @@ hyperparameters = st.fixed_dictionaries({
 })
 
 
+# An AMD EPYC (AVX2) found this case: N̂ 2.1e-6 apart (relative) from the original's in fp32, where a
+# tuned 1e-6 had been allowed.
+AMD_FP32_CASE = dict(
+    hyper=dict(lr=1.0, stiffening_factor=0.01, beta=0.99, epsilon=1e-8, cooling_rate=0.99, initial_temp=1.0,
+               metric_scale=1.0, adaptive_threshold=True, grad_clip=None, hysteresis_scale=1.0),
+    shapes=[(3, 4)], groups=1, steps=2, seed=0,
+)
+
+
+@pytest.mark.fused_vs_eager
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_matches_the_original_algorithm(backend, device, dtype):
-    @settings(max_examples=25, deadline=None)
+    """Kind (c) of tests/tolerance.py: fp64 to 1e-12; fp32 to the policy's bound; the gate's decision
+    where it is decided by more than that bound (the trajectories may rightly part where it is not)."""
+    @settings(max_examples=max_examples(25), deadline=None)
+    @example(**AMD_FP32_CASE)
     @given(hyper=hyperparameters, shapes=st.lists(st.sampled_from([(1,), (5,), (3, 4), (0,), (130,)]), min_size=1, max_size=4),
            groups=st.integers(1, 2), steps=st.integers(1, 8), seed=st.integers(0, 2**16))
     def check(hyper, shapes, groups, steps, seed):
@@ -591,7 +639,8 @@ def test_matches_the_original_algorithm(backend, device, dtype):
         split = lambda ps: [{"params": ps[i::groups]} for i in range(groups) if ps[i::groups]]
         opt = HysteroGrad(split(mine), fused=backend, **hyper)
         reference = OriginalHIOptimizer(split(oracle), **hyper)
-        for _ in range(steps):
+        longest_group = max(numel(shapes[i::groups]) for i in range(groups))
+        for step in range(1, steps + 1):
             for p, q in zip(mine, oracle):
                 has_grad = torch.rand((), generator=gen) < 0.8
                 scale = 10.0 ** torch.randint(-3, 3, (), generator=gen).item()
@@ -599,14 +648,15 @@ def test_matches_the_original_algorithm(backend, device, dtype):
                 p.grad = None if g is None else g.to(device)
                 q.grad = g
             got, expected = opt.step(), reference.step()
-            assert got[0] == expected[0]
-            assert got[1:] == pytest.approx(expected[1:], rel=1e-6, nan_ok=True)
+            if not assert_hysterograd_results_close(got, expected, dtype=dtype, reduction_length=longest_group,
+                                                    steps=step):
+                return  # a gate on its knife edge: from here the two may rightly differ
         for p, q in zip(mine, oracle):
-            # fp64: one rounding apart per step; fp32: the original may fuse p + α·u into one FMA.
-            tol = dict(rtol=1e-12, atol=1e-15) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-7)
-            torch.testing.assert_close(p.detach().cpu(), q.detach(), **tol)
+            assert_fused_close(p.detach(), q.detach(), dtype=dtype, ops=HYSTEROGRAD_OPS,
+                               reduction_length=longest_group, steps=steps)
             if "G" in reference.state[q]:
-                torch.testing.assert_close(opt.state[p]["G"].cpu(), reference.state[q]["G"], rtol=0, atol=0)
+                # G ← G·β + c·g² per element: 3 roundings a step, no reduction.
+                assert_fused_close(opt.state[p]["G"], reference.state[q]["G"], dtype=dtype, ops=3, steps=steps)
 
     check()
 

@@ -3,6 +3,9 @@ schedulers update it in place; no host read in a capturable step; checkpoints ke
 
 torch.optim's convention: a 1-element tensor lr, updated in place by the LR schedulers (``fill_``), is
 what lets a step captured in a CUDA graph replay with a new lr.
+
+Every comparison here is bit-exact, legitimately (kind (d) of tests/tolerance.py): both sides run the
+same backend on the same data, and differ only in how lr reaches it.
 """
 import pytest
 import torch

@@ -1,5 +1,5 @@
 // Fused cross-entropy kernels on CPU: forward (loss, lse), backward (gradient) and the loss-Hessian-vector
-// product, following shared/specs/ce-hvp.md.
+// product, following docs/cross_entropy.md.
 //
 // One OpenMP parallel region splits the rows across threads. The HVP reads a row in two sweeps: the first
 // keeps an online max, sum of e^{z-max} and <e^{z-max}, u> block by block (a block is re-read from L1 right
@@ -12,8 +12,11 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <immintrin.h>
 #include <omp.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -160,12 +163,13 @@ CURVKERN_INLINE RowStats<acc_t<scalar_t>> row_stats(const scalar_t* z, const sca
 }
 
 // fp32 HVP results larger than the caches, written into a caller's buffer, go out with streaming stores
-// (AVX-512): an ordinary store first reads the line it writes (read-for-ownership), a third more traffic
-// on the output of a memory-bound kernel. Not into a fresh allocation: there the kernel's zeroing of each
-// newly touched page has just put it in cache, and ordinary stores measured faster. Same values, same
-// rounding: only the store instruction differs.
+// (AVX-512, when avx512 is the active ISA): an ordinary store first reads the line it writes
+// (read-for-ownership), a third more traffic on the output of a memory-bound kernel. Not into a fresh
+// allocation: there the kernel's zeroing of each newly touched page has just put it in cache, and
+// ordinary stores measured faster. Same values, same rounding: only the store instruction differs.
 constexpr int64_t kStreamingBytes = 64 << 20;
 
+#if defined(__x86_64__)
 __attribute__((target("avx512f"))) void stream_hvp_block(float* out, const float* exps, const float* u,
                                                          float factor, float p_dot_u, int64_t length) {
   int64_t j = 0;
@@ -177,11 +181,23 @@ __attribute__((target("avx512f"))) void stream_hvp_block(float* out, const float
   }
   for (; j < length; ++j) out[j] = factor * exps[j] * (u[j] - p_dot_u);
 }
+#endif
 
 template <typename scalar_t>
 bool streams_output(int64_t rows, int64_t classes) {
+#if defined(__x86_64__)
   return std::is_same_v<scalar_t, float> && rows * classes * int64_t(sizeof(float)) >= kStreamingBytes &&
-         __builtin_cpu_supports("avx512f");
+         active_isa() == CpuIsa::kAvx512;
+#else
+  return false;
+#endif
+}
+
+// Streaming stores are weakly ordered: a thread drains its own before the region's closing barrier.
+CURVKERN_INLINE void drain_streaming_stores() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
 }
 
 // Per-thread room for one row's e^{z - shift} and its blocks' shifts.
@@ -221,9 +237,9 @@ struct Problem {
   CURVKERN_INLINE bool in_range(int64_t y) const { return y >= 0 && y < classes; }
 };
 
-// The per-row bodies below are force-inlined into the ISA clones' parallel loops (the parallel loop must
-// sit in the cloned function itself: GCC outlines an OpenMP region from the function that holds it, and
-// only a region outlined from a target_clones function is cloned).
+// The per-row bodies below are force-inlined into the ISA versions' parallel loops (the parallel loop must
+// sit in the ISA's function itself: GCC outlines an OpenMP region from the function that holds it, and
+// the outlined body inherits that function's target; csrc/cpu_dispatch.h).
 template <typename scalar_t>
 CURVKERN_INLINE void forward_row(const Problem<scalar_t>& p, int64_t r, acc_t<scalar_t>* loss, acc_t<scalar_t>* lse) {
   using A = acc_t<scalar_t>;
@@ -313,12 +329,14 @@ CURVKERN_INLINE void hvp_row(const Problem<scalar_t>& p, int64_t r, const scalar
     const A* eb = exps + start;
     const scalar_t* ub = u_row + start;
     scalar_t* ob = out_row + start;
+#if defined(__x86_64__)
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (stream_output) {
         stream_hvp_block(ob, eb, ub, factor, p_dot_u, length);
         continue;
       }
     }
+#endif
 #pragma omp simd
     for (int64_t j = 0; j < length; ++j) {
       ob[j] = store<scalar_t>(factor * eb[j] * (load(ub[j]) - p_dot_u));
@@ -329,21 +347,21 @@ CURVKERN_INLINE void hvp_row(const Problem<scalar_t>& p, int64_t r, const scalar
   dot[r] = row_dot;
 }
 
-// One entry point per dtype and kernel, each cloned per ISA and picked at load time (the inlined row
-// loops are compiled three times: AVX-512, AVX2 and baseline x86-64).
-#define CURVKERN_CE_KERNELS(scalar_t, suffix)                                                                   \
-  CURVKERN_CLONES void ce_forward_##suffix(                      \
+// One entry point per dtype and kernel, each stamped once per ISA and called through a dispatcher (on
+// x86-64 the inlined row loops are compiled three times: AVX-512, AVX2 and baseline; csrc/cpu_dispatch.h).
+#define CURVKERN_CE_VERSIONS(isa, target, scalar_t, suffix)                                                     \
+  target void ce_forward_##suffix##_##isa(                                                                      \
       const Problem<scalar_t>& p, acc_t<scalar_t>* loss, acc_t<scalar_t>* lse) {                               \
     _Pragma("omp parallel for schedule(static) num_threads(at::get_num_threads())")                           \
     for (int64_t r = 0; r < p.rows; ++r) forward_row(p, r, loss, lse);                                         \
   }                                                                                                             \
-  CURVKERN_CLONES void ce_backward_##suffix(                     \
+  target void ce_backward_##suffix##_##isa(                                                                     \
       const Problem<scalar_t>& p, const acc_t<scalar_t>* lse, const acc_t<scalar_t>* grad_scale,               \
       int64_t grad_scale_stride, scalar_t* grad) {                                                              \
     _Pragma("omp parallel for schedule(static) num_threads(at::get_num_threads())")                           \
     for (int64_t r = 0; r < p.rows; ++r) backward_row(p, r, lse, grad_scale, grad_scale_stride, grad);         \
   }                                                                                                             \
-  CURVKERN_CLONES void ce_hvp_##suffix(                          \
+  target void ce_hvp_##suffix##_##isa(                                                                          \
       const Problem<scalar_t>& p, const scalar_t* u, int64_t u_row_stride, const acc_t<scalar_t>* scale,       \
       int64_t scale_stride, scalar_t* out, int64_t out_row_stride, acc_t<scalar_t>* dot, bool stream_out) {    \
     const bool stream_output = stream_out && streams_output<scalar_t>(p.rows, p.classes);                   \
@@ -354,8 +372,23 @@ CURVKERN_INLINE void hvp_row(const Problem<scalar_t>& p, int64_t r, const scalar
         hvp_row(p, r, u, u_row_stride, scale, scale_stride, out, out_row_stride, dot, scratch.data(),           \
                 stream_output);                                                                                 \
       }                                                                                                         \
-      if (stream_output) _mm_sfence(); /* streaming stores are weakly ordered: drain before the barrier */        \
+      if (stream_output) drain_streaming_stores();                                                              \
     }                                                                                                           \
+  }
+#define CURVKERN_CE_KERNELS(scalar_t, suffix)                                                                   \
+  CURVKERN_FOR_EACH_ISA(CURVKERN_CE_VERSIONS, scalar_t, suffix)                                                 \
+  void ce_forward_##suffix(const Problem<scalar_t>& p, acc_t<scalar_t>* loss, acc_t<scalar_t>* lse) {           \
+    CURVKERN_CALL_ACTIVE_ISA(ce_forward_##suffix, p, loss, lse);                                                \
+  }                                                                                                             \
+  void ce_backward_##suffix(const Problem<scalar_t>& p, const acc_t<scalar_t>* lse,                             \
+                            const acc_t<scalar_t>* grad_scale, int64_t grad_scale_stride, scalar_t* grad) {     \
+    CURVKERN_CALL_ACTIVE_ISA(ce_backward_##suffix, p, lse, grad_scale, grad_scale_stride, grad);                \
+  }                                                                                                             \
+  void ce_hvp_##suffix(const Problem<scalar_t>& p, const scalar_t* u, int64_t u_row_stride,                     \
+                       const acc_t<scalar_t>* scale, int64_t scale_stride, scalar_t* out, int64_t out_row_stride, \
+                       acc_t<scalar_t>* dot, bool stream_out) {                                                 \
+    CURVKERN_CALL_ACTIVE_ISA(ce_hvp_##suffix, p, u, u_row_stride, scale, scale_stride, out, out_row_stride, dot,  \
+                             stream_out);                                                                       \
   }
 
 CURVKERN_CE_KERNELS(float, float)
@@ -363,6 +396,7 @@ CURVKERN_CE_KERNELS(double, double)
 CURVKERN_CE_KERNELS(c10::BFloat16, bfloat16)
 CURVKERN_CE_KERNELS(c10::Half, half)
 #undef CURVKERN_CE_KERNELS
+#undef CURVKERN_CE_VERSIONS
 
 // Calls fn with a typed null pointer naming the logits' element type.
 template <typename Fn>

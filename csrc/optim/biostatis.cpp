@@ -1,4 +1,4 @@
-// BiostatisV6 on the CPU, in the two passes of shared/specs/biostatis.md §8:
+// BiostatisV6 on the CPU, in the passes of docs/biostatis.md ("The fused kernels"):
 //
 // 1. biostatis_sums, one region over all tensors reading (g, m, v): per tensor Σg², Σ|tanh g|, Σm'g,
 //    Σm'², Σ|m'| and Σ√v' of the gradient and the updated moments. tanh's arithmetic hides under
@@ -30,7 +30,7 @@ namespace {
 
 #define CURVKERN_INLINE inline __attribute__((always_inline))
 
-// The original's constants (spec §1).
+// The original's constants (docs/biostatis.md, "Hyperparameters and constants").
 constexpr double kGlobalFactor = 0.5;
 constexpr double kGlobalBlend[2] = {0.9, 0.1};
 constexpr double kGlobalClamp[2] = {0.925, 1.075};
@@ -163,10 +163,10 @@ CURVKERN_INLINE void update_dispatch(const Plan<P, S>& plan, const Segment& seg)
   }
 }
 
-// The ISA clones of the two regions, one set per (parameter, state) dtype pair; the OpenMP regions
-// sit in the cloned functions so that GCC outlines and vectorizes their bodies once per clone.
-#define CURVKERN_BIOSTATIS_KERNELS(P, S, suffix)                                                               \
-  CURVKERN_CLONES void sums_##suffix(const ChunkTable& table, const Plan<P, S>& plan, double* partials) {      \
+// The two regions, one set per (parameter, state) dtype pair and ISA (csrc/cpu_dispatch.h); the OpenMP
+// regions sit in the ISA's functions so that GCC outlines and vectorizes their bodies once per ISA.
+#define CURVKERN_BIOSTATIS_REGIONS(isa, target, P, S, suffix)                                                  \
+  target void sums_##suffix##_##isa(const ChunkTable& table, const Plan<P, S>& plan, double* partials) {       \
     _Pragma("omp parallel for schedule(static) num_threads(at::get_num_threads())")                            \
     for (int64_t u = 0; u < table.num_units(); ++u) {                                                          \
       for (int64_t s = table.unit_begin(u); s < table.unit_begin(u + 1); ++s) {                                \
@@ -177,7 +177,7 @@ CURVKERN_INLINE void update_dispatch(const Plan<P, S>& plan, const Segment& seg)
       }                                                                                                        \
     }                                                                                                          \
   }                                                                                                            \
-  CURVKERN_CLONES void update_##suffix(const ChunkTable& table, const Plan<P, S>& plan) {                      \
+  target void update_##suffix##_##isa(const ChunkTable& table, const Plan<P, S>& plan) {                       \
     const int64_t last = table.num_units() - 1;                                                                \
     _Pragma("omp parallel for schedule(static) num_threads(at::get_num_threads())")                            \
     for (int64_t u = 0; u <= last; ++u) {                                                                      \
@@ -185,17 +185,22 @@ CURVKERN_INLINE void update_dispatch(const Plan<P, S>& plan, const Segment& seg)
         update_dispatch(plan, table.segment(s));                                                               \
       }                                                                                                        \
     }                                                                                                          \
-  }                                                                                                            \
+  }
+#define CURVKERN_BIOSTATIS_KERNELS(P, S, suffix)                                                               \
+  CURVKERN_FOR_EACH_ISA(CURVKERN_BIOSTATIS_REGIONS, P, S, suffix)                                              \
   void run_sums(const ChunkTable& table, const Plan<P, S>& plan, double* partials) {                          \
-    sums_##suffix(table, plan, partials);                                                                      \
+    CURVKERN_CALL_ACTIVE_ISA(sums_##suffix, table, plan, partials);                                            \
   }                                                                                                            \
-  void run_update(const ChunkTable& table, const Plan<P, S>& plan) { update_##suffix(table, plan); }
+  void run_update(const ChunkTable& table, const Plan<P, S>& plan) {                                          \
+    CURVKERN_CALL_ACTIVE_ISA(update_##suffix, table, plan);                                                    \
+  }
 
 CURVKERN_BIOSTATIS_KERNELS(float, float, f32)
 CURVKERN_BIOSTATIS_KERNELS(double, double, f64)
 CURVKERN_BIOSTATIS_KERNELS(c10::BFloat16, float, bf16)
 CURVKERN_BIOSTATIS_KERNELS(c10::Half, float, f16)
 #undef CURVKERN_BIOSTATIS_KERNELS
+#undef CURVKERN_BIOSTATIS_REGIONS
 
 // NaN-propagating max, as torch.clamp_min.
 double clamp_min(double x, double low) { return x < low ? low : x; }

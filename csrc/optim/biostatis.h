@@ -1,4 +1,4 @@
-// BiostatisV6's fused multi-tensor step on the CPU, in the two passes of shared/specs/biostatis.md §8,
+// BiostatisV6's fused multi-tensor step on the CPU, in the passes of docs/biostatis.md ("The fused kernels"),
 // separately callable so that a group mixing parameter dtypes, or sharded across ranks, can sum its
 // statistics over the whole group in between.
 #pragma once

@@ -1,4 +1,4 @@
-// HysteroGrad on the CPU: pass A, the scalar stage and pass B of shared/specs/hysterograd.md §5, each
+// HysteroGrad on the CPU: pass A, the scalar stage and pass B of docs/hysterograd.md ("The fused kernels"), each
 // pass one OpenMP region over the chunk table of the whole group.
 //
 // Rounding mirrors the eager reference (curvkern/optim/hysterograd/eager.py) operation by operation,
@@ -61,12 +61,13 @@ CURVKERN_INLINE void pass_b_segment(P* param, const P* grad, const S* metric, in
   });
 }
 
-// The ISA clones, one pair per (parameter, state) dtype. The OpenMP region sits in the cloned
-// function itself, so GCC outlines (and vectorizes) its body once per clone. One region per pass over
-// all units; partials land per segment, so the per-tensor sums do not depend on the thread count.
-#define CURVKERN_HYSTEROGRAD_KERNELS(P, S, suffix)                                                             \
-  CURVKERN_CLONES void pass_a_##suffix(const ChunkTable& table, P* const* grads, S* const* metrics,            \
-                                       double* partials, S beta, S scaled, S epsilon) {                        \
+// The passes, one pair per (parameter, state) dtype and ISA (csrc/cpu_dispatch.h). The OpenMP region
+// sits in the ISA's function itself, so GCC outlines (and vectorizes) its body once per ISA. One region
+// per pass over all units; partials land per segment, so the per-tensor sums do not depend on the
+// thread count.
+#define CURVKERN_HYSTEROGRAD_PASSES(isa, target, P, S, suffix)                                                 \
+  target void pass_a_##suffix##_##isa(const ChunkTable& table, P* const* grads, S* const* metrics,             \
+                                      double* partials, S beta, S scaled, S epsilon) {                         \
     _Pragma("omp parallel for schedule(static) num_threads(at::get_num_threads())")                            \
     for (int64_t u = 0; u < table.num_units(); ++u) {                                                          \
       for (int64_t s = table.unit_begin(u); s < table.unit_begin(u + 1); ++s) {                                \
@@ -76,8 +77,8 @@ CURVKERN_INLINE void pass_b_segment(P* param, const P* grad, const S* metric, in
       }                                                                                                        \
     }                                                                                                          \
   }                                                                                                            \
-  CURVKERN_CLONES void pass_b_##suffix(const ChunkTable& table, P* const* params, P* const* grads,            \
-                                       S* const* metrics, S epsilon, S neg_step) {                             \
+  target void pass_b_##suffix##_##isa(const ChunkTable& table, P* const* params, P* const* grads,             \
+                                      S* const* metrics, S epsilon, S neg_step) {                              \
     _Pragma("omp parallel for schedule(static) num_threads(at::get_num_threads())")                            \
     for (int64_t u = 0; u < table.num_units(); ++u) {                                                          \
       for (int64_t s = table.unit_begin(u); s < table.unit_begin(u + 1); ++s) {                                \
@@ -86,14 +87,16 @@ CURVKERN_INLINE void pass_b_segment(P* param, const P* grad, const S* metric, in
                        metrics[seg.tensor] + seg.start, seg.length, epsilon, neg_step);                        \
       }                                                                                                        \
     }                                                                                                          \
-  }                                                                                                            \
+  }
+#define CURVKERN_HYSTEROGRAD_KERNELS(P, S, suffix)                                                             \
+  CURVKERN_FOR_EACH_ISA(CURVKERN_HYSTEROGRAD_PASSES, P, S, suffix)                                             \
   void dispatch(const ChunkTable& table, P* const* grads, S* const* metrics, double* partials, S beta,         \
                 S scaled, S epsilon) {                                                                         \
-    pass_a_##suffix(table, grads, metrics, partials, beta, scaled, epsilon);                                    \
+    CURVKERN_CALL_ACTIVE_ISA(pass_a_##suffix, table, grads, metrics, partials, beta, scaled, epsilon);          \
   }                                                                                                            \
   void dispatch(const ChunkTable& table, P* const* params, P* const* grads, S* const* metrics, S epsilon,       \
                 S neg_step) {                                                                                  \
-    pass_b_##suffix(table, params, grads, metrics, epsilon, neg_step);                                          \
+    CURVKERN_CALL_ACTIVE_ISA(pass_b_##suffix, table, params, grads, metrics, epsilon, neg_step);                \
   }
 
 CURVKERN_HYSTEROGRAD_KERNELS(float, float, f32)
@@ -101,6 +104,7 @@ CURVKERN_HYSTEROGRAD_KERNELS(double, double, f64)
 CURVKERN_HYSTEROGRAD_KERNELS(c10::BFloat16, float, bf16)
 CURVKERN_HYSTEROGRAD_KERNELS(c10::Half, float, f16)
 #undef CURVKERN_HYSTEROGRAD_KERNELS
+#undef CURVKERN_HYSTEROGRAD_PASSES
 
 
 template <typename T>
@@ -265,7 +269,7 @@ void hysterograd_pass_b_(at::TensorList params, at::TensorList grads, at::Tensor
                 " differs from its parameter's ", dtype);
   }
   for (const at::Tensor& m : metrics) check_state(m, dtype, op, "G");
-  // The gate selects: a frozen group is not touched at all, so a NaN step never reaches p (spec G10).
+  // The gate selects: a frozen group is not touched at all, so a NaN step never reaches p (docs/hysterograd.md, G10).
   const bool liquid = stats.scalar_type() == at::kDouble ? stats.const_data_ptr<double>()[2] > 0
                                                          : stats.const_data_ptr<float>()[2] > 0;
   if (!liquid) return;

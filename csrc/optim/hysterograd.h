@@ -1,4 +1,4 @@
-// HysteroGrad's fused multi-tensor step on the CPU, in the three stages of shared/specs/hysterograd.md §5.
+// HysteroGrad's fused multi-tensor step on the CPU, in the three stages of docs/hysterograd.md ("The fused kernels").
 #pragma once
 #include <ATen/ATen.h>
 

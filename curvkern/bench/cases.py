@@ -28,12 +28,12 @@ PEER_BACKEND = "torch-fused"
 # is a second pass over that array, which no kernel can avoid: the whole group's reduction sits between
 # the passes. Sources:
 # - AdamW (fused): reads p, g, m, v and writes p, m, v; the issue counts "about 7 arrays per element".
-# - HysteroGrad, shared/specs/hysterograd.md §5: pass A reads g, G and writes G; pass B reads g, G again
+# - HysteroGrad, docs/hysterograd.md ("Traffic floor"): pass A reads g, G and writes G; pass B reads g, G again
 #   (to recompute u) and p, and writes p: 7, as the issue counts.
-# - BiostatisV6, shared/specs/biostatis.md §8: the group statistics need every g read once before any
+# - BiostatisV6, docs/biostatis.md ("Traffic floor"): the group statistics need every g read once before any
 #   parameter moves; then each tensor's moment sums (g, m, v) and its update (g, m, v, both EMAs and p
 #   read; m, v, both EMAs and p written) can run back to back while g, m, v are still in cache: 12
-#   arrays (two plain passes over the group would move 14, the spec's "9 reads and 5 writes").
+#   arrays (two plain passes over the group would move 14: 9 reads and 5 writes).
 TRAFFIC: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "adamw": (("p", "g", "m", "v"), ("p", "m", "v")),
     "hysterograd": (("g", "G", "g", "G", "p"), ("G", "p")),

@@ -1,5 +1,5 @@
 """The eager reference of the cross-entropy kernels: plain PyTorch, the semantics every backend is
-tested against (``shared/specs/ce-hvp.md`` §1).
+tested against (``docs/cross_entropy.md``, "The math").
 
 Every backend exposes the same three kernels on 2-D logits (N, V) whose last dimension is dense:
 

@@ -1,14 +1,19 @@
 """``cross_entropy`` and ``ce_hvp``: argument checks, the reduction scale on the device, and the two
 autograd functions whose forward and backward are each one kernel of the selected backend.
 
+The public functions take ``F.cross_entropy``'s shapes (classes in dim 1) and hand the kernels (N, C)
+rows, classes last; the hessian-eigenthings objects enter below that, through
+:func:`_cross_entropy_classes_last` and :func:`_hvp_into`, with (…, V) logits (classes last).
+
 ``_CrossEntropy`` saves the logits and the per-row log-sum-exp only. Its backward is
 ``_CrossEntropyBackward``, itself an autograd function whose backward is the fused Hessian-vector
 product: double backward never materialises a softmax of shape (N, V), and also returns the
-gradient with respect to the loss's incoming gradient (spec §2.1).
+gradient with respect to the loss's incoming gradient (docs/cross_entropy.md, "Double backward").
 """
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -19,15 +24,36 @@ from curvkern.ce.eager import accumulation_dtype
 FAMILY = "cross_entropy"
 REDUCTIONS = ("mean", "sum", "none")
 LOGIT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# F.cross_entropy's class-index dtypes; uint8 labels are widened to int64 for the kernels.
+TARGET_DTYPES = (torch.int64, torch.uint8)
+
+
+def _check_not_dtensor(**tensors: torch.Tensor) -> None:
+    """DTensor arguments raise: the kernels see one process's local rows, so a sharded (e.g. vocabulary-
+    parallel) DTensor would give a wrong loss without a cross-rank reduction, which is not written yet."""
+    # No DTensor can exist unless its module was imported: plain calls pay one dict lookup.
+    dtensor_module = sys.modules.get("torch.distributed.tensor")
+    if dtensor_module is None:
+        return
+    for name, tensor in tensors.items():
+        if isinstance(tensor, dtensor_module.DTensor):
+            raise NotImplementedError(
+                f"curvkern.cross_entropy: {name} is a DTensor ({tensor.placements}); supported are plain "
+                "torch.Tensor arguments, which includes DistributedDataParallel (each rank passes its local "
+                "batch). DTensor and vocabulary-parallel (class-sharded) logits are not supported yet; "
+                "gather them with .full_tensor() first"
+            )
 
 
 def _check_arguments(logits: torch.Tensor, target: torch.Tensor, reduction: str, ignore_index: int) -> None:
+    """Checks on classes-last arguments: (…, V) logits and (…) int64 targets."""
+    _check_not_dtensor(logits=logits, target=target)
     if reduction not in REDUCTIONS:
         raise ValueError(f"{reduction!r} is not a valid value for reduction; expected one of {REDUCTIONS}")
     if logits.dtype not in LOGIT_DTYPES:
         raise TypeError(f"curvkern.cross_entropy: logits must be one of {LOGIT_DTYPES}, got {logits.dtype}")
     if logits.dim() == 0:
-        raise ValueError("curvkern.cross_entropy: logits must have a class dimension (the last one)")
+        raise ValueError("curvkern.cross_entropy: logits must have a class dimension, got a 0-dim tensor")
     if target.dtype != torch.int64:
         raise RuntimeError(f"expected target dtype to be Long (class indices), got {target.dtype}")
     if target.shape != logits.shape[:-1]:
@@ -38,8 +64,49 @@ def _check_arguments(logits: torch.Tensor, target: torch.Tensor, reduction: str,
     if target.device != logits.device:
         raise RuntimeError(f"logits on {logits.device} and target on {target.device}: expected one device")
     if logits.shape[-1] == 0 and target.numel() > 0:
-        raise ValueError("curvkern.cross_entropy: logits have no classes (V = 0)")
+        raise ValueError("curvkern.cross_entropy: logits have no classes (C = 0)")
     _check_target_range(target, logits.shape[-1], ignore_index)
+
+
+def _check_class_dim_arguments(logits: torch.Tensor, target: torch.Tensor) -> None:
+    """F.cross_entropy's shape and dtype rules for (C), (N, C) or (N, C, d1, …, dk) logits, with its
+    messages; what it accepts and curvkern does not (class-probability targets) raises too."""
+    _check_not_dtensor(logits=logits, target=target)
+    if logits.dim() == 0:
+        raise ValueError("curvkern.cross_entropy: logits must be (C), (N, C) or (N, C, d1, ..., dk), got a 0-dim tensor")
+    if target.is_floating_point() and target.shape == logits.shape:
+        raise NotImplementedError(
+            "curvkern.cross_entropy: targets of class probabilities (a floating-point target shaped like the "
+            "logits) are not supported; pass class indices (int64)"
+        )
+    if target.dtype not in TARGET_DTYPES:
+        raise RuntimeError(f"expected target dtype to be Long or Byte (class indices), but got {target.dtype}")
+    expected = logits.shape[:1] + logits.shape[2:] if logits.dim() >= 2 else torch.Size()
+    if target.shape == expected:
+        return
+    mismatch = (f"target size {list(expected)} for logits of shape {list(logits.shape)} (classes in dim 1), "
+                f"got {list(target.shape)}")
+    if logits.dim() == 2 and target.dim() == 1:
+        raise ValueError(f"Expected input batch_size ({logits.shape[0]}) to match target batch_size "
+                         f"({target.shape[0]}): expected {mismatch}")
+    if logits.dim() == 1 and target.dim() == 1:  # PyTorch's ValueError here also takes a size-1 target
+        raise ValueError(f"For 1D input, the target must be 0-dim: expected {mismatch}")
+    raise RuntimeError(f"Expected {mismatch}")
+
+
+def _classes_last(tensor: torch.Tensor) -> torch.Tensor:
+    """(N, C, d1, …, dk) as an (N, d1, …, dk, C) view; (C) and (N, C) as they are."""
+    return tensor.movedim(1, -1) if tensor.dim() > 2 else tensor
+
+
+def _classes_first(tensor: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_classes_last` on a tensor of the same number of dimensions."""
+    return tensor.movedim(-1, 1) if tensor.dim() > 2 else tensor
+
+
+def _class_indices(target: torch.Tensor) -> torch.Tensor:
+    """Class indices as the kernels read them: int64."""
+    return target if target.dtype == torch.int64 else target.long()
 
 
 def _check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
@@ -130,17 +197,51 @@ class _CrossEntropyBackward(torch.autograd.Function):
 def cross_entropy(
     logits: torch.Tensor,
     target: torch.Tensor,
+    weight: torch.Tensor | None = None,
     *,
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     fused: str = "auto",
 ) -> torch.Tensor:
-    """``torch.nn.functional.cross_entropy`` on (…, V) logits (classes last) and (…) int64 targets.
+    """``torch.nn.functional.cross_entropy`` with class-index targets, differentiable twice through kernels.
 
-    Differentiable twice: the backward is one kernel, and the backward of the backward one fused
-    Hessian-vector-product kernel. ``fused`` picks the backend (see :mod:`curvkern._dispatch`).
+    Shapes are F.cross_entropy's: ``logits`` (C), (N, C) or (N, C, d1, …, dk), classes in dim 1; ``target``
+    (), (N) or (N, d1, …, dk) of class indices in [0, C) or ``ignore_index``, int64 (uint8 accepted, as
+    PyTorch does). Logits are fp32, fp64, bf16 or fp16; the kernels accumulate in fp64 for fp64 logits and
+    fp32 otherwise, and the loss has the logits' dtype.
+
+    Per element, with α = ``label_smoothing`` and p = softmax of the element's C logits:
+    ℓ = logsumexp(z) − ⟨(1 − α) e_y + α / C, z⟩, and 0 where the target is ``ignore_index``.
+    ``reduction``: ``"none"`` returns ℓ in the target's shape; ``"sum"`` Σ ℓ; ``"mean"`` Σ ℓ / n with n
+    the number of non-ignored targets (NaN when n = 0, as PyTorch). The gradient is c (p − q) with c the
+    reduction's weight (1/n, 1 or the incoming per-element gradient, 0 where ignored), q the smoothed
+    target; the backward is one kernel and the backward of the backward the fused Hessian-vector product
+    of :func:`ce_hvp`. With d1…dk present the kernels read (N·d1⋯dk, C) rows: a view where the classes
+    are already the dense dimension, one copy otherwise; results come back in the logits' shape.
+    Conventions and formulas: docs/cross_entropy.md.
+
+    ``fused`` picks the backend (``"auto"``, ``"eager"``, ``"cpp"``, ``"triton"``; see
+    :mod:`curvkern._dispatch`).
+
+    Raises, before any kernel runs: ``ValueError`` for a bad ``reduction``, 0-dim logits or, on (N, C)
+    logits, a target of another batch size; ``RuntimeError`` for another target shape, a target that is
+    not int64/uint8, ``label_smoothing`` outside [0, 1] or tensors on two devices; ``TypeError`` for
+    logits of another dtype; ``IndexError`` for a target outside [0, C) on CPU tensors (on a GPU that
+    element's loss is NaN instead: the check would cost a host sync); ``NotImplementedError`` for what
+    F.cross_entropy takes and curvkern does not: ``weight``, class-probability (floating-point) targets
+    and DTensor arguments (plain tensors, DistributedDataParallel included, are supported).
     """
+    if weight is not None:
+        raise NotImplementedError("curvkern.cross_entropy: per-class weight is not supported; pass weight=None")
+    _check_class_dim_arguments(logits, target)
+    return _cross_entropy_classes_last(_classes_last(logits), _class_indices(target), ignore_index=ignore_index,
+                                       reduction=reduction, label_smoothing=label_smoothing, fused=fused)
+
+
+def _cross_entropy_classes_last(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int, reduction: str,
+                                label_smoothing: float, fused: str) -> torch.Tensor:
+    """:func:`cross_entropy` on (…, V) logits (classes last) and (…) int64 targets."""
     _check_arguments(logits, target, reduction, ignore_index)
     if not 0.0 <= label_smoothing <= 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
@@ -160,32 +261,43 @@ def ce_hvp(
     out: torch.Tensor | None = None,
     fused: str = "auto",
 ) -> torch.Tensor:
-    """The Hessian of the cross-entropy loss with respect to the logits, times ``u``: one kernel.
+    """The Hessian of :func:`cross_entropy`'s loss with respect to the logits, times ``u``: one kernel.
 
-    ``(H u)_r = c_r (p_r ⊙ u_r − p_r ⟨p_r, u_r⟩)`` with ``c_r`` the reduction's weight of row r
-    (1/n for ``mean``, 1 for ``sum`` and ``none``, 0 on ignored rows). Label smoothing does not enter
-    the Hessian. The result has the logits' shape and dtype (fp32 accumulation) and is written into
-    ``out`` when given. Not differentiable.
+    ``logits``, ``target``, ``ignore_index`` and ``reduction`` as in :func:`cross_entropy` (classes in
+    dim 1); ``u`` and ``out`` have the logits' shape, dtype and device. For each element (the C logits
+    along dim 1), with p their softmax: ``H u = c (p ⊙ u − p ⟨p, u⟩)``, with c the reduction's weight
+    (1/n over the n non-ignored targets for ``mean``, 1 for ``sum`` and ``none``, 0 where ignored).
+    This is the double backward of ``F.cross_entropy`` with an incoming gradient of ones; label
+    smoothing does not enter the Hessian (docs/cross_entropy.md). fp64 logits accumulate in fp64,
+    fp32/bf16/fp16 in fp32; the result has the logits' dtype and is written into ``out`` when given.
+    Not differentiable.
+
+    Raises as :func:`cross_entropy` does, and ``ValueError`` when ``u`` or ``out`` does not match the logits.
     """
-    _check_arguments(logits, target, reduction, ignore_index)
+    _check_class_dim_arguments(logits, target)
+    _check_not_dtensor(u=u, out=out)
     if u.shape != logits.shape or u.dtype != logits.dtype or u.device != logits.device:
         raise ValueError(
             f"u must match the logits' shape, dtype and device: got {tuple(u.shape)} {u.dtype} on {u.device} "
             f"for logits {tuple(logits.shape)} {logits.dtype} on {logits.device}"
         )
+    if out is not None and (out.shape != logits.shape or out.dtype != logits.dtype or out.device != logits.device):
+        raise ValueError(f"out must match the logits' shape, dtype and device, got {tuple(out.shape)} {out.dtype}")
+    target = _class_indices(target)
+    _check_arguments(_classes_last(logits), target, reduction, ignore_index)
     _, kernels = select(FAMILY, fused, logits.device)
-    return _hvp_into(kernels, logits, target.reshape(-1).contiguous(), u, ignore_index, reduction, out, shift_period=0,
-                     valid_count=None)
+    result = _hvp_into(kernels, _classes_last(logits), target.reshape(-1).contiguous(), _classes_last(u), ignore_index,
+                       reduction, None if out is None else _classes_last(out), shift_period=0, valid_count=None)
+    return out if out is not None else _classes_first(result)
 
 
 def _hvp_into(kernels, logits, flat_target, u, ignore_index, reduction, out, shift_period, valid_count):
-    """Run the HVP kernel on (…, V) tensors, writing into ``out`` (allocated when None) without copies
-    where the rows are already strided views; returns ``out``."""
+    """Run the HVP kernel on (…, V) tensors (classes last; ``out``, when given, checked by the caller to
+    match the logits), writing into ``out`` (allocated when None) without copies where the rows are
+    already strided views; returns ``out``."""
     out_given = out is not None
     if not out_given:
         out = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    elif out.shape != logits.shape or out.dtype != logits.dtype or out.device != logits.device:
-        raise ValueError(f"out must match the logits' shape, dtype and device, got {tuple(out.shape)} {out.dtype}")
     acc = accumulation_dtype(logits.dtype)
     if reduction == "mean" and valid_count is not None:  # the caller counted (the causal shift)
         scale = _mean_scale(valid_count, acc)

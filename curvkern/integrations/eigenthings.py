@@ -1,6 +1,8 @@
 """``loss_of_output_fn`` objects for hessian-eigenthings' ``GGNOperator``.
 
-Calling one returns the loss through :func:`curvkern.cross_entropy`, so the operator's autograd path
+Both take logits with the classes last, (…, T, V) or (N, V), as hessian-eigenthings passes them (not
+``F.cross_entropy``'s classes-in-dim-1 convention of :func:`curvkern.cross_entropy` for more than 2-D).
+Calling one returns the loss through curvkern's cross-entropy kernels, so the operator's autograd path
 (``autograd.grad`` twice on the loss-only graph, hessian-eigenthings 1.0.0a5) runs the fused double
 backward. ``.hvp(output, batch, u)`` is the closed-form protocol of hessian-eigenthings 1.0.0a6: one HVP
 kernel that reads the logits and ``u`` in place (strided rows, no ``.contiguous()`` copies), reads the
@@ -14,7 +16,7 @@ from typing import Any
 import torch
 
 from curvkern._dispatch import check_fused, select
-from curvkern.ce.function import FAMILY, _check_arguments, _hvp_into, cross_entropy
+from curvkern.ce.function import FAMILY, _check_arguments, _check_not_dtensor, _cross_entropy_classes_last, _hvp_into
 
 IGNORE_INDEX = -100
 
@@ -36,7 +38,8 @@ class HFCausalLMLossOfOutput(_LossOfOutput):
         # The labels shifted left with the last step ignored: the logits are used unsliced, as
         # (…, T, V) rows, so no (N, V) copy is made and the last step's gradient is written as zeros.
         shifted = torch.cat([labels[..., 1:], torch.full_like(labels[..., :1], IGNORE_INDEX)], dim=-1)
-        return cross_entropy(logits, shifted, ignore_index=IGNORE_INDEX, fused=self.fused)
+        return _cross_entropy_classes_last(logits, shifted, ignore_index=IGNORE_INDEX, reduction="mean",
+                                           label_smoothing=0.0, fused=self.fused)
 
     def hvp(self, output: torch.Tensor, batch: dict[str, Any], u: torch.Tensor) -> torch.Tensor:
         labels = batch["labels"]
@@ -48,10 +51,11 @@ class HFCausalLMLossOfOutput(_LossOfOutput):
 
 
 class CrossEntropyLossOfOutput(_LossOfOutput):
-    """Plain cross-entropy: logits (N, V) (or (…, V)) and an ``(x, y)`` batch, mean over valid rows."""
+    """Plain cross-entropy: logits (N, V) (or (…, V), classes last) and an ``(x, y)`` batch, mean over valid rows."""
 
     def __call__(self, logits: torch.Tensor, batch: tuple[Any, torch.Tensor]) -> torch.Tensor:
-        return cross_entropy(logits, batch[1], ignore_index=IGNORE_INDEX, fused=self.fused)
+        return _cross_entropy_classes_last(logits, batch[1], ignore_index=IGNORE_INDEX, reduction="mean",
+                                           label_smoothing=0.0, fused=self.fused)
 
     def hvp(self, output: torch.Tensor, batch: tuple[Any, torch.Tensor], u: torch.Tensor) -> torch.Tensor:
         target = batch[1]
@@ -62,6 +66,7 @@ class CrossEntropyLossOfOutput(_LossOfOutput):
 
 
 def _check_tangent(output: torch.Tensor, u: torch.Tensor) -> None:
+    _check_not_dtensor(u=u)
     if u.shape != output.shape or u.device != output.device:
         raise ValueError(f"u of shape {tuple(u.shape)} on {u.device} for output {tuple(output.shape)} on {output.device}")
     if u.dtype != output.dtype:

@@ -1,7 +1,7 @@
 """BiostatisV6's eager reference: the functional step every backend is tested against.
 
-Follows ``shared/specs/biostatis.md`` §3 operation by operation, cut into the three separately
-callable stages of §8 so that a later distributed all-reduce can sit between pass A and the scalar
+Follows ``docs/biostatis.md`` ("The algorithm") operation by operation, cut into the three separately
+callable stages it describes, so that a later distributed all-reduce can sit between pass A and the scalar
 stage:
 
 - :func:`biostatis_sums` (pass A): read-only; per tensor the six sums
@@ -42,7 +42,7 @@ import torch
 from curvkern._dispatch import register
 from curvkern.optim._common import lr_as, updated_in_math_dtype
 
-# Hard-coded constants of the original (spec §1).
+# Hard-coded constants of the original (docs/biostatis.md, "Hyperparameters and constants").
 GLOBAL_FACTOR = 0.5          # global gains use ρ/2 and λ/2
 GLOBAL_BLEND = (0.9, 0.1)    # e_G = 0.9·x + 0.1, then clamp
 GLOBAL_CLAMP = (0.925, 1.075)

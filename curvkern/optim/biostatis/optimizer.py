@@ -24,7 +24,7 @@ STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "memory_emas"})
 class BiostatisV6(FusedOptimizer):
     """Adam with homeostatic gains, multi-scale gradient EMAs, a polarity term and "selective ascent".
 
-    Semantics of ``BiostatisV6`` from github Hindolch/V6-optimizer (``shared/specs/biostatis.md``),
+    Semantics of ``BiostatisV6`` from github Hindolch/V6-optimizer (``docs/biostatis.md``),
     quirks included: the asymmetric polarity ``g·(1 + 0.5·sign(g)·τ)``, the "ascent" that adds
     descent, the importance test on un-bias-corrected ``m, v`` with ``mean(√v)``, the fp32 rounding
     of ``tanh(C − c*)``, count-weighted group means, per-tensor step counts, and decoupled weight

@@ -1,7 +1,7 @@
 """HysteroGrad's eager reference: the functional step every backend is tested against.
 
-Follows ``shared/specs/hysterograd.md`` §4 operation by operation, in three separately callable
-stages (§5): pass A updates the metric and reduces Σu² over the group, the scalar stage advances
+Follows ``docs/hysterograd.md`` ("The algorithm") operation by operation, in three separately callable
+stages ("The fused kernels"): pass A updates the metric and reduces Σu² over the group, the scalar stage advances
 τ, T, E and decides the gate, pass B moves the parameters. Everything stays on the device: the
 gate is a 0-dim bool tensor and pass B selects with it, so a NaN step is never written (G10).
 

@@ -20,7 +20,7 @@ _SCALAR_DTYPES = (torch.float32, torch.float64)  # what the C++ scalar stage tak
 class HysteroGrad(FusedOptimizer):
     """Fisher-EMA preconditioned steps behind a hysteresis gate per parameter group.
 
-    Semantics of ``HIOptimizer`` from github dingste/HysteroGrad (``shared/specs/hysterograd.md``):
+    Semantics of ``HIOptimizer`` from github dingste/HysteroGrad (``docs/hysterograd.md``):
     RMSprop-style ``u = g / (√G + ε)`` with ``G`` an EMA of ``metric_scale·g²``; a group moves,
     ``p ← p − lr·k·u``, only when its (optionally clipped) norm ``N̂ = k·‖u‖`` exceeds the barrier
     ``h = κ·√τ·(1 − clamp(T, 0, 1))·hs·(E + 1e-8)``, while τ, T, E and G advance on every step.
@@ -43,7 +43,7 @@ class HysteroGrad(FusedOptimizer):
     ``group_temp``, ``avg_energy`` in the state of each group's first parameter.
 
     Deliberate deviations from the original, each where it would crash or silently lose updates:
-    hyperparameters are validated; an int ``initial_temp`` is cast to float (spec G11);
+    hyperparameters are validated; an int ``initial_temp`` is cast to float (docs/hysterograd.md, G11);
     bf16/fp16 parameters keep ``G`` in fp32 and do their math in fp32, the result rounded to
     nearest even on store (the original keeps a bf16 ``G``); sparse gradients, complex parameters
     and a group spread over several devices raise.
@@ -167,7 +167,7 @@ class HysteroGrad(FusedOptimizer):
                 )
             )
 
-        # Skipped groups contribute 0 but still count: the original's means are diluted (spec §9.10).
+        # Skipped groups contribute 0 but still count: the original's means are diluted (docs/hysterograd.md).
         n_groups = len(self.param_groups)
         if self.capturable:
             return _stats_on_device(group_stats, n_groups, self.param_groups)

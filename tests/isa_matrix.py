@@ -1,0 +1,62 @@
+"""Runs the ``fused_vs_eager`` tests once per CPU code path this machine can take, on small shapes.
+
+Each combination of ``CURVKERN_CPU_CAPABILITY`` (curvkern's own C++ kernels; the values
+``curvkern._dispatch.cpu_capabilities()`` lists for this CPU) and ``ATEN_CPU_CAPABILITY`` (torch's
+kernels, which the eager reference runs on; default, avx2, avx512 up to what this CPU supports, on
+other architectures default) runs in its own pytest process, since both are read once at start-up.
+CURVKERN_CPU_CAPABILITY changes only the C++ backend's kernels: under its first value every marked
+test runs, under the others only the tests that involve ``cpp`` (``-k cpp``), so each test meets
+every combination that can change its result. Exits non-zero if any combination fails, after
+running them all.
+
+Usage: ``python tests/isa_matrix.py [extra pytest arguments]`` (``make test-isa``).
+"""
+import itertools
+import os
+import subprocess
+import sys
+import time
+
+os.environ.pop("ATEN_CPU_CAPABILITY", None)  # detect what the CPU supports, not what was forced
+os.environ.pop("CURVKERN_CPU_CAPABILITY", None)
+
+import torch  # noqa: E402
+
+from curvkern._dispatch import cpu_capabilities  # noqa: E402
+
+ATEN_CAPABILITIES = ["default", "avx2", "avx512"]  # ascending; what ATEN_CPU_CAPABILITY accepts on x86
+
+
+def aten_capabilities() -> list[str]:
+    best = torch.backends.cpu.get_cpu_capability().lower()
+    if best not in ATEN_CAPABILITIES:  # aarch64, POWER, s390x: only the default path can be forced
+        return ["default"]
+    return ATEN_CAPABILITIES[: ATEN_CAPABILITIES.index(best) + 1]
+
+
+def main(pytest_args: list[str]) -> int:
+    tests = os.path.dirname(os.path.abspath(__file__))
+    failed = []
+    ours_capabilities = cpu_capabilities()
+    for ours, aten in itertools.product(ours_capabilities, aten_capabilities()):
+        env = dict(os.environ, CURVKERN_CPU_CAPABILITY=ours, ATEN_CPU_CAPABILITY=aten, HYPOTHESIS_PROFILE="isa",
+                   CURVKERN_TEST_SMALL_SHAPES="1")
+        only_cpp = [] if ours == ours_capabilities[0] else ["-k", "cpp"]
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "fused_vs_eager", *only_cpp,
+                   tests, *pytest_args]
+        started = time.monotonic()
+        code = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        label = f"CURVKERN_CPU_CAPABILITY={ours} ATEN_CPU_CAPABILITY={aten}"
+        summary = code.stdout.strip().splitlines()[-1] if code.stdout.strip() else ""
+        print(f"{label}: {summary} ({time.monotonic() - started:.0f} s)", flush=True)
+        if code.returncode != 0:
+            print(code.stdout[-6000:], flush=True)
+            failed.append(label)
+    if failed:
+        print("failed under:", *failed, sep="\n  ")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
