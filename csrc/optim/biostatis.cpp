@@ -72,10 +72,12 @@ CURVKERN_INLINE void sums_segment(const P* grad, const S* exp_avg, const S* exp_
     const S g = load(grad, i);
     const S m = std::fma(g, one_minus_beta1, exp_avg[i] * beta1);
     const S v = std::fma(one_minus_beta2 * g, g, exp_avg_sq[i] * beta2);
-    sums.staged[kSumGG][l] += g * g;
-    sums.staged[kSumTanh][l] += std::fabs(vec::tanh(g));
-    sums.staged[kSumMG][l] += m * g;
-    sums.staged[kSumMM][l] += m * m;
+    // Products fused into their sums: a lane's order of additions is not eager's anyway, and an fma
+    // is one rounding closer to the exact sum, and one instruction and one latency shorter.
+    sums.staged[kSumGG][l] = std::fma(g, g, sums.staged[kSumGG][l]);
+    sums.staged[kSumTanh][l] += vec::abs_tanh(g);
+    sums.staged[kSumMG][l] = std::fma(m, g, sums.staged[kSumMG][l]);
+    sums.staged[kSumMM][l] = std::fma(m, m, sums.staged[kSumMM][l]);
     sums.staged[kSumAbsM][l] += std::fabs(m);
     sums.staged[kSumSqrtV][l] += std::sqrt(v);
   };
