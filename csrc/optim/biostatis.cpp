@@ -115,6 +115,10 @@ CURVKERN_INLINE void update_segment(const Plan<P, S>& plan, int64_t t, int64_t s
   const S eps = plan.eps, decay = plan.decay;
   const S tau = plan.tau[t], ascent = plan.ascent[t], sqrt_bc2 = plan.sqrt_bc2[t], coef = plan.coef[t];
   const S polarity_scale = static_cast<S>(kPolarityScale), flow_weight = static_cast<S>(kFlowWeight);
+  // Eager's 1 + (½·sign g)·τ for g > 0 and for g < 0, without sign's compares and int→float conversion:
+  // ½·(±τ) is exact, so these round as eager does. At g = ±0, eager's factor is 1 and g·factor is g;
+  // g·polarity_negative is the same ±0, as τ ∈ [−1, 1] keeps the factor positive (a NaN τ is NaN in both).
+  const S polarity_positive = S(1) + polarity_scale * tau, polarity_negative = S(1) - polarity_scale * tau;
   const S adaptive_weight = static_cast<S>(kAdaptiveWeight);
   auto element = [&](int64_t i, int = 0) CURVKERN_INLINE_LAMBDA {
     const S g = load(grad, i);
@@ -132,8 +136,7 @@ CURVKERN_INLINE void update_segment(const Plan<P, S>& plan, int64_t t, int64_t s
       ema[i] = updated;
       flow = std::fma(updated, weight, flow);
     }
-    const S sign = static_cast<S>((g > S(0)) - (g < S(0)));
-    S adaptive = g * (S(1) + polarity_scale * sign * tau);
+    S adaptive = g * (g > S(0) ? polarity_positive : polarity_negative);
     adaptive = adaptive + ascent * g;
     const S denom = std::sqrt(v) / sqrt_bc2 + eps;
     const S update = (m / denom + flow_weight * flow + adaptive_weight * adaptive) * coef;
