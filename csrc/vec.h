@@ -1,10 +1,10 @@
-// exp and tanh for float and double, written so that GCC vectorizes them inside `#pragma omp simd`
+// exp and |tanh| for float and double, written so that GCC vectorizes them inside `#pragma omp simd`
 // loops: straight-line arithmetic, fused multiply-adds, selects and integer bit tricks only, no
 // branches and no libm calls. Inlined into the AVX-512 / AVX2 / baseline versions of each kernel
 // (csrc/cpu_dispatch.h), each version gets vector code of its own width, and every version computes the
 // same bits, because every product-sum that is fused is an explicit std::fma.
 //
-// Accuracy (tests/test_optim_fused.py checks tanh against mpmath): tanh within 2.5 ulp in fp32 and 2 ulp
+// Accuracy (tests/test_optim_fused.py checks |tanh| against mpmath): within 2.5 ulp in fp32 and 2 ulp
 // in fp64. exp underflows to 0 below the smallest normal (no subnormal results) and overflows to inf
 // above the largest finite value; NaN propagates.
 #pragma once
@@ -88,45 +88,55 @@ CURVKERN_INLINE double exp(double x) {
   return x != x ? x : result;
 }
 
-// tanh(x) = sign(x)·m/(m + 2) with m = e^{2|x|} − 1, one path for every x: m comes from the same
-// range reduction as exp, 2^k·(e^r − 1) + (2^k − 1), with e^r − 1 = r + r²·Q(r), so it keeps full
-// relative accuracy as |x| → 0 where e^{2|x|} − 1 would cancel. 2|x| saturates at 18.5, past which
-// tanh rounds to 1 in fp32. About 40% cheaper than a polynomial and an exp under a select.
-CURVKERN_INLINE float tanh(float x) {
+// |tanh x| (what Σ|tanh g| needs: the sign would only be dropped again) = m/(m + 2) with m = e^{2|x|} − 1,
+// one path for every x: m comes from the same range reduction as exp, 2^k·(e^r − 1) + (2^k − 1), with
+// e^r − 1 = r + r²·Q(r), so it keeps full relative accuracy as |x| → 0 where e^{2|x|} − 1 would cancel.
+// 2|x| saturates at 18.5, past which tanh rounds to 1 in fp32; a NaN passes the saturation and every
+// later step, so it comes out NaN without a select. Q is of degree 4, split as (q0 + q1·r) + r²·(q2 + q3·r
+// + q4·r²), and 2^k is built from the rounding sum's bits (no float→int conversion): few multiply-adds,
+// and a chain from x to the division short enough that out-of-order cores overlap several 16-element
+// blocks of pass A.
+CURVKERN_INLINE float abs_tanh(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693145751953125f;
   constexpr float kLn2Lo = 1.42860682030941723212e-6f;
-  constexpr float kRound = 12582912.0f;
+  constexpr float kRound = 12582912.0f;  // 1.5·2^23: the sum's low mantissa bits hold round(y / ln 2)
   constexpr float kSaturate = 18.5f;
-  // 1/n!, n = 2..7: e^r − 1 = r + r²·Q(r).
-  static constexpr float kQ[6] = {0.5f, 1.66666667e-1f, 4.16666667e-2f, 8.33333333e-3f, 1.38888889e-3f,
-                                  1.98412698e-4f};
+  // e^r − 1 = r + r²·Q(r): a fit of Q weighted to e^r − 1's relative error over |r| ≤ ln2/2 (least squares
+  // on Chebyshev nodes, reweighted towards minimax; mpmath), within 0.15·2^-23 with these fp32 coefficients,
+  // as the Taylor polynomial of degree 5 it replaces.
+  static constexpr float kQ[5] = {4.999999702e-1f, 1.666654348e-1f, 4.166720062e-2f, 8.366547525e-3f,
+                                  1.388251665e-3f};
   const float a = std::fabs(x);
   float y = a + a;
   y = y > kSaturate ? kSaturate : y;
-  const float k = (y * kLog2e + kRound) - kRound;
+  const float shifted = std::fma(y, kLog2e, kRound);
+  const float k = shifted - kRound;
   const float r = std::fma(-k, kLn2Lo, std::fma(-k, kLn2Hi, y));
-  const float expm1_r = std::fma(r * r, detail::horner(r, kQ, 6), r);
-  const float scale = detail::bit_cast<float>(static_cast<int32_t>((static_cast<int32_t>(k) + 127) << 23));
+  const float r2 = r * r;
+  const float q = std::fma(r2, std::fma(std::fma(kQ[4], r, kQ[3]), r, kQ[2]), std::fma(kQ[1], r, kQ[0]));
+  const float expm1_r = std::fma(r2, q, r);
+  // 2^k: the exponent field (k + 127) << 23, where bits(shifted) = bits(kRound) + k and bits(kRound) << 23
+  // wraps to 0.
+  const float scale = detail::bit_cast<float>((detail::bit_cast<uint32_t>(shifted) + 127u) << 23);
   const float expm1_y = std::fma(scale, expm1_r, scale - 1.0f);
-  const float t = expm1_y / (expm1_y + 2.0f);
-  return x != x ? x : std::copysign(t, x);
+  return expm1_y / (expm1_y + 2.0f);
 }
 
-// tanh in fp64: an odd polynomial x + x·z·P(z), z = x², below |x| = 0.55 (where 1 − 2/(e^{2|x|} + 1)
-// would cancel), and 1 − 2/(e^{2|x|} + 1) with the sign of x above. A least-squares fit on Chebyshev
-// nodes, computed with mpmath.
-CURVKERN_INLINE double tanh(double x) {
+// |tanh x| in fp64: an odd polynomial a + a·z·P(z), z = a², below a = |x| = 0.55 (where 1 − 2/(e^{2a} + 1)
+// would cancel), and 1 − 2/(e^{2a} + 1) above, NaN included (exp passes it on). A least-squares fit on
+// Chebyshev nodes, computed with mpmath.
+CURVKERN_INLINE double abs_tanh(double x) {
   constexpr double kSmall = 0.55;
   static constexpr double kPoly[11] = {
       -3.3333333333333333e-1, 1.3333333333332728e-1, -5.3968253967449510e-2, 2.1869488494320200e-2,
       -8.8632344118062880e-3, 3.5921105508989835e-3, -1.4556631208771447e-3, 5.8894204157954450e-4,
       -2.3465154066026225e-4, 8.5139229126171600e-5, -2.0619991569368580e-5};
   const double a = std::fabs(x);
-  const double z = x * x;
-  const double small = std::fma(x * z, detail::horner(z, kPoly, 11), x);
-  const double large = std::copysign(1.0 - 2.0 / (exp(2.0 * a) + 1.0), x);
-  return a < kSmall ? small : (x != x ? x : large);
+  const double z = a * a;
+  const double small = std::fma(a * z, detail::horner(z, kPoly, 11), a);
+  const double large = 1.0 - 2.0 / (exp(2.0 * a) + 1.0);
+  return a < kSmall ? small : large;
 }
 
 #undef CURVKERN_INLINE

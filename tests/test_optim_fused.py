@@ -217,7 +217,7 @@ def test_ops_reject_bad_inputs_with_clear_errors():
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_vectorized_tanh_is_accurate(dtype):
-    """csrc/vec.h's tanh, read back through Σ|tanh g| of one-element tensors (scalar path) and of one
+    """csrc/vec.h's abs_tanh, read back through Σ|tanh g| of one-element tensors (scalar path) and of one
     long tensor (vector path), against mpmath."""
     def abs_tanh_sums(tensors):
         zeros = [torch.zeros_like(t) for t in tensors]

@@ -72,10 +72,12 @@ CURVKERN_INLINE void sums_segment(const P* grad, const S* exp_avg, const S* exp_
     const S g = load(grad, i);
     const S m = std::fma(g, one_minus_beta1, exp_avg[i] * beta1);
     const S v = std::fma(one_minus_beta2 * g, g, exp_avg_sq[i] * beta2);
-    sums.staged[kSumGG][l] += g * g;
-    sums.staged[kSumTanh][l] += std::fabs(vec::tanh(g));
-    sums.staged[kSumMG][l] += m * g;
-    sums.staged[kSumMM][l] += m * m;
+    // Products fused into their sums: a lane's order of additions is not eager's anyway, and an fma
+    // is one rounding closer to the exact sum, and one instruction and one latency shorter.
+    sums.staged[kSumGG][l] = std::fma(g, g, sums.staged[kSumGG][l]);
+    sums.staged[kSumTanh][l] += vec::abs_tanh(g);
+    sums.staged[kSumMG][l] = std::fma(m, g, sums.staged[kSumMG][l]);
+    sums.staged[kSumMM][l] = std::fma(m, m, sums.staged[kSumMM][l]);
     sums.staged[kSumAbsM][l] += std::fabs(m);
     sums.staged[kSumSqrtV][l] += std::sqrt(v);
   };
@@ -113,6 +115,10 @@ CURVKERN_INLINE void update_segment(const Plan<P, S>& plan, int64_t t, int64_t s
   const S eps = plan.eps, decay = plan.decay;
   const S tau = plan.tau[t], ascent = plan.ascent[t], sqrt_bc2 = plan.sqrt_bc2[t], coef = plan.coef[t];
   const S polarity_scale = static_cast<S>(kPolarityScale), flow_weight = static_cast<S>(kFlowWeight);
+  // Eager's 1 + (½·sign g)·τ for g > 0 and for g < 0, without sign's compares and int→float conversion:
+  // ½·(±τ) is exact, so these round as eager does. At g = ±0, eager's factor is 1 and g·factor is g;
+  // g·polarity_negative is the same ±0, as τ ∈ [−1, 1] keeps the factor positive (a NaN τ is NaN in both).
+  const S polarity_positive = S(1) + polarity_scale * tau, polarity_negative = S(1) - polarity_scale * tau;
   const S adaptive_weight = static_cast<S>(kAdaptiveWeight);
   auto element = [&](int64_t i, int = 0) CURVKERN_INLINE_LAMBDA {
     const S g = load(grad, i);
@@ -130,8 +136,7 @@ CURVKERN_INLINE void update_segment(const Plan<P, S>& plan, int64_t t, int64_t s
       ema[i] = updated;
       flow = std::fma(updated, weight, flow);
     }
-    const S sign = static_cast<S>((g > S(0)) - (g < S(0)));
-    S adaptive = g * (S(1) + polarity_scale * sign * tau);
+    S adaptive = g * (g > S(0) ? polarity_positive : polarity_negative);
     adaptive = adaptive + ascent * g;
     const S denom = std::sqrt(v) / sqrt_bc2 + eps;
     const S update = (m / denom + flow_weight * flow + adaptive_weight * adaptive) * coef;
