@@ -33,6 +33,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 import curvkern
+from curvkern._dispatch import cpp_unavailable_reason, cpu_capability
 from curvkern.bench.cases import REFERENCE_BACKEND, peer_of
 from curvkern.bench.timing import Timing
 
@@ -81,7 +82,15 @@ def collect_machine_info(device: torch.device) -> dict:
         "torch_version": torch.__version__,
         "triton_version": _installed_version("triton"),
         "curvkern_version": curvkern.__version__,
+        # Which code paths ran: torch's kernels (ATEN_CPU_CAPABILITY) and curvkern's (CURVKERN_CPU_CAPABILITY).
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "curvkern_cpu_capability": _curvkern_cpu_capability(),
     }
+
+
+def _curvkern_cpu_capability() -> str | None:
+    """The ISA version curvkern's C++ kernels run, or None without the extension."""
+    return None if cpp_unavailable_reason() is not None else cpu_capability()
 
 
 def make_record(case_fields: dict, timing: Timing, peak_bytes: int | None = None, input_bytes: int | None = None) -> dict:
