@@ -28,9 +28,10 @@ test: venv cross-compiler
 	$(PY) -m pytest tests
 	$(PY) tests/isa_matrix.py
 
-# Every family and backend on small shapes: no `slow` cases, a quarter of the hypothesis examples.
+# Every family and backend on small shapes: no `slow` cases, a quarter of the hypothesis examples, two
+# worker processes (make test runs in one: its thread-count and memory tests want the machine).
 test-fast: venv
-	HYPOTHESIS_PROFILE=fast $(PY) -m pytest -q -m "not slow" tests
+	HYPOTHESIS_PROFILE=fast $(PY) -m pytest -q -n 2 -m "not slow" tests
 
 # The fused-vs-eager tests under each CURVKERN_CPU_CAPABILITY x ATEN_CPU_CAPABILITY this CPU can run.
 test-isa: venv

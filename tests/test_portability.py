@@ -89,12 +89,14 @@ def count(pattern: str, code: str) -> int:
     return len(re.findall(pattern, code))
 
 
+@pytest.mark.slow  # a cross build of every source: make test runs it, make test-fast does not
 def test_aarch64_build_has_one_portable_version(aarch64_disassembly):
     names = "\n".join(aarch64_disassembly)
     assert re.search(r"pass_a_f32_default\S*_omp_fn", names)
     assert not re.search(r"_(avx2|avx512)\w*\._omp_fn", names), "x86 ISA versions in an aarch64 build"
 
 
+@pytest.mark.slow
 def test_aarch64_hot_loops_are_neon_vectorized(aarch64_disassembly):
     """NEON (128-bit, baseline on aarch64) in the passes' bodies: square roots, divisions and the fused
     multiply-adds of tanh/exp on v registers, and no libm call left in a loop."""
@@ -179,12 +181,14 @@ def test_capabilities_are_ascending_and_known():
 
 
 @needs_cpp
+@pytest.mark.slow  # a process per ISA version
 def test_every_supported_capability_can_be_forced(forced_results):
     for capability, results in forced_results.items():
         assert results["capability"] == capability
 
 
 @needs_cpp
+@pytest.mark.slow
 def test_forced_capabilities_compute_the_same_bits(forced_results):
     """Every version rounds alike (explicit std::fma only, -ffp-contract=off, 16 fixed lanes per sum), so
     the optimizers' results are bit-identical across ISAs, fp64 and fp32. The cross-entropy's row sums
