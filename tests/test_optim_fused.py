@@ -17,7 +17,8 @@ from hypothesis import given, settings, strategies as st
 from curvkern import available_backends
 from curvkern.optim import BiostatisV6, HysteroGrad
 from conftest import SMALL_SHAPES, max_examples
-from tolerance import BIOSTATIS_OPS, HYSTEROGRAD_OPS, assert_fused_close, assert_hysterograd_results_close
+from tolerance import (BIOSTATIS_OPS, HYSTEROGRAD_OPS, assert_displacement_close, assert_fused_close,
+                       assert_hysterograd_results_close)
 
 OPTIMIZERS = {"hysterograd": HysteroGrad, "biostatis": BiostatisV6}
 OPS = {"hysterograd": HYSTEROGRAD_OPS, "biostatis": BIOSTATIS_OPS}
@@ -43,11 +44,14 @@ def reversed_strides(t):
 
 
 def run(family, backend, shapes, dtype, steps, config, seed, groups=1, layout=lambda t: t, grad_layout=lambda t: t,
-        none_rate=0.15, step_results=None):
+        none_rate=0.15, step_results=None, starts=None):
     """Parameters after ``steps`` steps from a seeded start, with seeded gradients (some None); what each
-    step returned is appended to ``step_results`` when given."""
+    step returned is appended to ``step_results``, and copies of the starting parameters to ``starts``,
+    when given."""
     gen = torch.Generator().manual_seed(seed)
     params = [layout(torch.randn(s, generator=gen, dtype=torch.float64).to(dtype)) for s in shapes]
+    if starts is not None:
+        starts.extend(p.clone() for p in params)
     split = [{"params": params[i::groups]} for i in range(groups) if params[i::groups]]
     opt = OPTIMIZERS[family](split, fused=backend, **config)
     for _ in range(steps):
@@ -61,10 +65,15 @@ def run(family, backend, shapes, dtype, steps, config, seed, groups=1, layout=la
     return params, opt
 
 
-def assert_same_trajectory(family, got, expected, dtype, *, steps, reduction_length):
-    """Kind (a) of tests/tolerance.py: fp64 to 1e-12, fp32 to its bound, bf16/fp16 to the stored ulps."""
-    for a, b in zip(got, expected):
+def assert_same_trajectory(family, got, expected, dtype, *, steps, reduction_length, starts=None):
+    """Kind (a) of tests/tolerance.py: fp64 to 1e-12, fp32 to its bound, bf16/fp16 to the stored ulps;
+    fp32 and fp64 also relative to how far each parameter moved from ``starts``, when given."""
+    for index, (a, b) in enumerate(zip(got, expected)):
         assert_fused_close(a, b, dtype=dtype, ops=OPS[family], reduction_length=reduction_length, steps=steps)
+        if starts is not None and dtype not in (torch.bfloat16, torch.float16):
+            assert_displacement_close(a, b, starts[index], dtype=dtype, ops=OPS[family],
+                                      reduction_length=reduction_length, steps=steps,
+                                      label=f"displacement of parameter {index}")
 
 
 @pytest.mark.fused_vs_eager
@@ -81,14 +90,16 @@ def test_fused_matches_eager_over_random_models(family, backend, dtype):
            config=st.sampled_from(CONFIGS[family]), seed=st.integers(0, 2**16))
     def check(shapes, groups, config, seed):
         steps = 10 if small else 50 if dtype == torch.float64 else 20
-        got_results, expected_results = [], []
-        got, _ = run(family, backend, shapes, dtype, steps, config, seed, groups, step_results=got_results)
+        got_results, expected_results, starts = [], [], []
+        got, _ = run(family, backend, shapes, dtype, steps, config, seed, groups, step_results=got_results,
+                     starts=starts)
         expected, _ = run(family, "eager", shapes, dtype, steps, config, seed, groups, step_results=expected_results)
         if family == "hysterograd":
             for step, (a, b) in enumerate(zip(got_results, expected_results), start=1):
                 if not assert_hysterograd_results_close(a, b, dtype=dtype, reduction_length=sum(shapes), steps=step):
                     return  # a gate on its knife edge: from here the trajectories may rightly part
-        assert_same_trajectory(family, got, expected, dtype, steps=steps, reduction_length=sum(shapes))
+        assert_same_trajectory(family, got, expected, dtype, steps=steps, reduction_length=sum(shapes),
+                               starts=starts)
 
     check()
 
