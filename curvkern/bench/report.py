@@ -5,7 +5,8 @@ pytest-benchmark's ``--benchmark-json`` output, so one renderer serves the main 
 
     {"schema": "curvkern-bench-report/1", "source": "curvkern.bench" | "pytest-benchmark",
      "machine": {cpu_model, cpu_cores, torch_threads, device, gpu_name, platform, python_version,
-                 torch_version, triton_version, curvkern_version, bandwidth_ceiling_gbps, bandwidth_probe},
+                 torch_version, triton_version, curvkern_version, torch_cpu_capability, curvkern_cpu_capability,
+                 bandwidth_ceiling_gbps, bandwidth_probe},
      "records": [{kernel, backend, shape, dtype, device, bytes, median_s, min_s, repeats,
                   gbps, fraction_of_ceiling, speedup_vs_eager, speedup_vs_peer, peak_bytes, input_bytes}, ...]}
 
@@ -42,7 +43,8 @@ JSON_NAME = "bench-report.json"
 PNG_NAME = "bench-report.png"
 MACHINE_FIELDS = (
     "cpu_model", "cpu_cores", "torch_threads", "device", "gpu_name", "platform", "python_version",
-    "torch_version", "triton_version", "curvkern_version", "bandwidth_ceiling_gbps", "bandwidth_probe",
+    "torch_version", "triton_version", "curvkern_version", "torch_cpu_capability", "curvkern_cpu_capability",
+    "bandwidth_ceiling_gbps", "bandwidth_probe",
 )
 RECORD_FIELDS = (
     "kernel", "backend", "shape", "dtype", "device", "bytes", "median_s", "min_s", "repeats",
