@@ -71,6 +71,26 @@ def test_gradcheck_and_gradgradcheck(backend, device, reduction):
     assert torch.autograd.gradgradcheck(fn, (z,))
 
 
+@pytest.mark.parametrize("u_requires_grad", [False, True])
+def test_a_third_derivative_raises_instead_of_dropping_a_term(backend, device, u_requires_grad):
+    """An HVP taken with create_graph=True stays attached to the graph, and differentiating it raises:
+    torch's @once_differentiable looks only at u, so with a plain u the HVP came back detached and a loss
+    built on it silently added nothing to the logits' gradient."""
+    logits, target, u = (t.to(device) for t in make_problem(4, 5))
+    z = logits.requires_grad_(True)
+    u.requires_grad_(u_requires_grad)
+    loss = curvkern.cross_entropy(z, target, fused=backend)
+    (g,) = torch.autograd.grad(loss, z, create_graph=True)
+    (hvp,) = torch.autograd.grad(g, z, grad_outputs=u, create_graph=True)
+    assert hvp.requires_grad
+    with pytest.raises(RuntimeError, match="third derivatives are not implemented"):
+        (loss + (hvp * hvp).sum()).backward()
+    # Without create_graph, the same HVP is a plain tensor.
+    (g,) = torch.autograd.grad(curvkern.cross_entropy(z, target, fused=backend), z, create_graph=True)
+    (plain,) = torch.autograd.grad(g, z, grad_outputs=u.detach())
+    assert not plain.requires_grad and torch.equal(plain, hvp.detach())  # same kernel on the same data
+
+
 @pytest.mark.fused_vs_eager
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("reduction", REDUCTIONS)

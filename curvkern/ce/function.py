@@ -16,7 +16,6 @@ import math
 import sys
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from curvkern._dispatch import select
 from curvkern.ce.eager import accumulation_dtype
@@ -26,6 +25,10 @@ REDUCTIONS = ("mean", "sum", "none")
 LOGIT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # F.cross_entropy's class-index dtypes; uint8 labels are widened to int64 for the kernels.
 TARGET_DTYPES = (torch.int64, torch.uint8)
+THIRD_DERIVATIVE_ERROR = (
+    "curvkern.cross_entropy: third derivatives are not implemented; the Hessian-vector product of the "
+    "double backward cannot be differentiated again"
+)
 
 
 def _check_not_dtensor(**tensors: torch.Tensor) -> None:
@@ -182,8 +185,20 @@ class _CrossEntropyBackward(torch.autograd.Function):
         return kernels.backward(logits, target, lse, grad_scale, ignore_index, label_smoothing)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, u):
+        with torch.no_grad():
+            outputs = _CrossEntropyBackward._hvp(ctx, u)
+        if torch.is_grad_enabled() and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or u.requires_grad):
+            # create_graph=True over logits that require grad: a third derivative would run through these
+            # outputs. torch's @once_differentiable checks only u, so an HVP taken with create_graph=True
+            # would come back detached and a loss built on it would silently add nothing to the gradient.
+            # Instead the outputs carry a node that raises if anything differentiates them.
+            error = torch._C._functions.DelayedError(THIRD_DERIVATIVE_ERROR.encode(), 2)
+            return (*error(*(x.detach().requires_grad_() for x in outputs[:2])), *outputs[2:])
+        return outputs
+
+    @staticmethod
+    def _hvp(ctx, u):
         logits, target, grad_scale, scale = ctx.saved_tensors
         kernels, ignore_index, label_smoothing, reduction, grad_loss_dtype = ctx.config
         hvp = torch.empty_like(logits, memory_format=torch.contiguous_format)
