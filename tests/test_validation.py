@@ -236,12 +236,23 @@ def test_foreign_and_truncated_checkpoints_name_what_is_missing(family, backend)
 
     adamw_params = [p.detach().clone().requires_grad_(True) for p in params]
     adamw = torch.optim.AdamW([{"params": adamw_params[:2]}, {"params": adamw_params[2:]}])
+    # Before AdamW has any state its groups give it away (it would otherwise load AdamW's lr and decay).
+    foreign_groups = r"param group 0 .* has \[.*'foreach'.*'maximize'.*\].*another optimizer"
+    with pytest.raises(ValueError, match=foreign_groups):
+        opt.load_state_dict(adamw.state_dict())
     set_grads(adamw_params)
     adamw.step()
+    with pytest.raises(ValueError, match=foreign_groups):
+        opt.load_state_dict(adamw.state_dict())
+    # Without those keys, its state gives it away.
+    stripped = adamw.state_dict()
+    for group in stripped["param_groups"]:
+        for key in ("foreach", "maximize", "differentiable", "amsgrad", "decoupled_weight_decay"):
+            group.pop(key, None)
     required = "'G'" if family == "hysterograd" else "'memory_emas'"
     pattern = rf"parameter 0 in param group 0 lacks \[.*{required}.*\].*another optimizer"
     with pytest.raises(RuntimeError, match=pattern):
-        opt.load_state_dict(adamw.state_dict())
+        opt.load_state_dict(stripped)
     assert_unchanged(params, opt, before)
 
     saved = stepped(family, "eager")[1].state_dict()
@@ -425,3 +436,17 @@ def test_broken_checkpoints_never_crash_any_backend():
             assert complaint not in stderr, f"{backend}: {complaint}\n{stderr[-3000:]}"
         assert process.returncode == 0, f"{backend}:\n{stdout}\n{stderr[-3000:]}"
         assert stdout.count("refused") == 2, stdout
+
+
+@pytest.mark.parametrize("family", OPTIMIZERS)
+def test_group_keys_of_users_and_lr_schedulers_still_load(family):
+    """Only torch.optim's own flags mark a foreign checkpoint: a group's name, or the keys an LR scheduler
+    adds (initial_lr, max_lr, ...), load as they are."""
+    params, _ = make(family, "eager")
+    opt = OPTIMIZERS[family]([{"params": params[:2], "name": "encoder"}, {"params": params[2:], "name": "head"}])
+    torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10, cycle_momentum=False)
+    saved = opt.state_dict()
+    other = OPTIMIZERS[family]([{"params": params[:2], "name": "?"}, {"params": params[2:], "name": "?"}])
+    other.load_state_dict(saved)
+    assert [g["name"] for g in other.param_groups] == ["encoder", "head"]
+    assert [g["max_lr"] for g in other.param_groups] == [0.1, 0.1]

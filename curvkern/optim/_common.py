@@ -39,6 +39,12 @@ def updated_in_math_dtype(param: torch.Tensor) -> Iterator[torch.Tensor]:
     param.copy_(work)
 
 
+# Flags every torch.optim optimizer (AdamW, SGD, ...) writes into its param groups and neither curvkern
+# optimizer nor its original has: a checkpoint whose groups hold one is another optimizer's, even before
+# it has any state. Other unknown keys load as they are (users and LR schedulers add keys of their own).
+OTHER_OPTIMIZER_FLAGS = frozenset({"foreach", "maximize", "differentiable", "amsgrad", "momentum", "dampening",
+                                   "nesterov", "centered", "decoupled_weight_decay"})
+
 # The only tensor types whose memory the kernels address directly (a DTensor's data_ptr() is 0).
 PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 _PLAIN = frozenset(PLAIN_TENSOR_TYPES)
@@ -350,6 +356,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                     f"loaded state dict contains a parameter group that doesn't match the size of optimizer's "
                     f"group: param group {group_index} has {len(saved['params'])} parameters in the state dict "
                     f"and {len(group['params'])} in the optimizer"
+                )
+            foreign = sorted(OTHER_OPTIMIZER_FLAGS.intersection(saved).difference(self.defaults))
+            if foreign:
+                raise ValueError(
+                    f"{type(self).__name__}: param group {group_index} of the loaded state dict has "
+                    f"{foreign}, hyperparameters of torch.optim's optimizers that {type(self).__name__} does "
+                    f"not have: is it another optimizer's checkpoint?"
                 )
             loaded = copy.deepcopy({key: value for key, value in saved.items() if key != "params"})
             for key, default in self.defaults.items():
