@@ -386,8 +386,8 @@ at::Tensor biostatis_update_(at::TensorList params, at::TensorList grads, at::Te
     const double delta = 1 - std::exp(-kAscentRate * step_counts[t]);
     const double bc1 = 1 - std::pow(beta1, step_counts[t]);
     const double bc2 = 1 - std::pow(beta2, step_counts[t]);
-    // `lr / tensor` in Python is torch's `reciprocal(tensor) * lr`: two roundings, mirrored here.
-    const double step_size = 1.0 / bc1 * lr;
+    // lr / bc1, one correctly rounded division, as the original's host doubles and the eager reference.
+    const double step_size = lr / bc1;
     double* column = out + t * kColumns;
     column[kColHG] = h_global;
     column[kColEG] = e_global;

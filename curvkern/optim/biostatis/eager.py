@@ -179,7 +179,10 @@ def biostatis_scalars(
 
     bc1 = 1 - torch.pow(beta1, t)
     bc2 = 1 - torch.pow(beta2, t)
-    step_size = bc1.reciprocal() * lr_as(lr, f64)  # what Python's `lr / bc1` computes
+    # The original divides host doubles, lr / bc1: one correctly rounded division. A float lr meeting a
+    # tensor would go through torch's __rtruediv__ (reciprocal, then product: two roundings).
+    lr64 = lr_as(lr, f64)
+    step_size = (lr64 if isinstance(lr64, torch.Tensor) else torch.full_like(bc1, lr64)) / bc1
     coef = -step_size * h * e
     return BiostatisScalars(h_global, e_global, h, e, tau, importance, ascent, bc2.sqrt(), coef)
 
