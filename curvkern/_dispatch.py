@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import sys
 import warnings
 from typing import Callable
 
@@ -38,6 +39,13 @@ def register(family: str, backend: str) -> Callable[[Callable], Callable]:
         return fn
 
     return decorator
+
+
+def is_dtensor(tensor: object) -> bool:
+    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor``, whose local shard no kernel may take for
+    the whole tensor. No DTensor exists unless its module was imported: plain calls pay one dict lookup."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 def check_fused(fused: object) -> str:

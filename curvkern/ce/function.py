@@ -13,11 +13,10 @@ gradient with respect to the loss's incoming gradient (docs/cross_entropy.md, "D
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 
-from curvkern._dispatch import select
+from curvkern._dispatch import is_dtensor, select
 from curvkern.ce.eager import accumulation_dtype
 
 FAMILY = "cross_entropy"
@@ -34,12 +33,8 @@ THIRD_DERIVATIVE_ERROR = (
 def _check_not_dtensor(**tensors: torch.Tensor) -> None:
     """DTensor arguments raise: the kernels see one process's local rows, so a sharded (e.g. vocabulary-
     parallel) DTensor would give a wrong loss without a cross-rank reduction, which is not written yet."""
-    # No DTensor can exist unless its module was imported: plain calls pay one dict lookup.
-    dtensor_module = sys.modules.get("torch.distributed.tensor")
-    if dtensor_module is None:
-        return
     for name, tensor in tensors.items():
-        if isinstance(tensor, dtensor_module.DTensor):
+        if is_dtensor(tensor):
             raise NotImplementedError(
                 f"curvkern.cross_entropy: {name} is a DTensor ({tensor.placements}); supported are plain "
                 "torch.Tensor arguments, which includes DistributedDataParallel (each rank passes its local "

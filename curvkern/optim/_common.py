@@ -4,14 +4,13 @@ from __future__ import annotations
 import copy
 import math
 import operator
-import sys
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Mapping
+from typing import Iterator, Mapping
 
 import torch
 
-from curvkern._dispatch import check_fused, select
+from curvkern._dispatch import check_fused, is_dtensor, select
 
 # Parameters in these dtypes keep fp32 optimizer state and do their math in fp32; the result is
 # written back to the parameter rounded to nearest even (a deliberate deviation from the originals,
@@ -59,12 +58,6 @@ _SCALAR_SHAPE = torch.Size()
 # does a per-tensor loop look for the culprit, to name it.
 
 
-def _is_dtensor(tensor: object) -> bool:
-    # No DTensor exists unless its module has been imported: nothing to import (or pay for) here.
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(tensor, module.DTensor)
-
-
 def parameter_name(group_index: int | None, param_index: int) -> str:
     group = "" if group_index is None else f" in param group {group_index}"
     return f"parameter {param_index}{group}"
@@ -89,7 +82,7 @@ def check_params(name: str, params: list[torch.Tensor], group_index: int | None 
     for index, p in enumerate(params):
         if type(p) not in _PLAIN:
             where = parameter_name(group_index, index)
-            if _is_dtensor(p):
+            if is_dtensor(p):
                 raise TypeError(
                     f"{name}: {where} is a DTensor; DTensor parameters (FSDP2's fully_shard, tensor parallel) "
                     f"are not supported yet. Supported: plain tensors, on one device per param group, which "
@@ -343,6 +336,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError("an optimizer state dict holds 'state' (a dict) and 'param_groups' (a list of dicts "
                              f"with 'params'), got keys {sorted(map(str, state_dict))}")
 
+        name = type(self).__name__
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
@@ -360,9 +354,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             foreign = sorted(OTHER_OPTIMIZER_FLAGS.intersection(saved).difference(self.defaults))
             if foreign:
                 raise ValueError(
-                    f"{type(self).__name__}: param group {group_index} of the loaded state dict has "
-                    f"{foreign}, hyperparameters of torch.optim's optimizers that {type(self).__name__} does "
-                    f"not have: is it another optimizer's checkpoint?"
+                    f"{name}: param group {group_index} of the loaded state dict has {foreign}, "
+                    f"hyperparameters of torch.optim's optimizers that {name} does not have: is it another "
+                    f"optimizer's checkpoint?"
                 )
             loaded = copy.deepcopy({key: value for key, value in saved.items() if key != "params"})
             for key, default in self.defaults.items():
@@ -373,7 +367,6 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._validate_group(loaded)
             param_groups.append(loaded)
 
-        name = type(self).__name__
         id_map = {  # the checkpoint's parameter ids: the parameter, and its place to name in errors
             pid: (param, group_index, param_index)
             for group_index, (group, saved) in enumerate(zip(self.param_groups, saved_groups))
