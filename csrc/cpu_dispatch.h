@@ -15,6 +15,7 @@
 // target, so each version's loops are vectorized for its own ISA.
 #pragma once
 
+#include <cstddef>
 #include <string>
 #include <vector>
 
@@ -31,6 +32,12 @@ std::string cpu_capability();
 
 // Every value of CURVKERN_CPU_CAPABILITY this CPU can run, ascending ("default" first).
 std::vector<std::string> cpu_capabilities();
+
+// Bytes in one vector register of each stamped ISA (CURVKERN_FOR_EACH_ISA's first argument), for
+// loops that size their work to the registers: kVectorBytes_##isa. NEON's are 16 bytes, as SSE2's.
+constexpr std::size_t kVectorBytes_avx512 = 64;
+constexpr std::size_t kVectorBytes_avx2 = 32;
+constexpr std::size_t kVectorBytes_default = 16;
 
 }  // namespace curvkern
 

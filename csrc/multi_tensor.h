@@ -82,6 +82,12 @@ constexpr int64_t kChunkElements = 16384;
 constexpr int kLanes = 16;
 constexpr int64_t kStageBlocks = 16;
 
+// The lanes of S one vector register of `vector_bytes` holds, at most kLanes: stream_and_sum's group width.
+template <typename S>
+constexpr int lanes_per_register(std::size_t vector_bytes) {
+  return static_cast<int>(std::min<std::size_t>(kLanes, vector_bytes / sizeof(S)));
+}
+
 template <int kWidth, typename S>
 struct LaneSums {
   S staged[kWidth][kLanes] = {};
@@ -144,16 +150,37 @@ inline __attribute__((always_inline)) void stream_in_blocks(int64_t n, Prefetch&
   for (int l = 0; i + l < n; ++l) body(i + l, l);
 }
 
-// stream_in_blocks over [0, n) for a body that adds into `sums`, flushed to float64 every stage.
-template <typename Sums, typename Prefetch, typename Body>
-inline __attribute__((always_inline)) void stream_and_sum(int64_t n, Sums& sums, Prefetch&& prefetch, Body&& body) {
+// stream_in_blocks over [0, n) for a body that adds element i into lane l of an accumulator array,
+// body(i, acc, l) with acc[k][l] (sum k), flushed to float64 every stage.
+// kGroupLanes (a divisor of kLanes) is how many lanes one vector register of the calling ISA holds:
+// within a stage, each group of lanes walks all the stage's blocks in a local array before the next
+// group starts, so one register per sum is live. With all 16 lanes at once, AVX2 needs two registers
+// per sum, and pass A's six sums, two each, plus its constants outgrow the 16 registers and spill on
+// every block. Every lane still adds its elements in the same order: the same bits for any group width.
+template <int kGroupLanes, int kWidth, typename S, typename Prefetch, typename Body>
+inline __attribute__((always_inline)) void stream_and_sum(int64_t n, LaneSums<kWidth, S>& sums, Prefetch&& prefetch,
+                                                          Body&& body) {
+  static_assert(kGroupLanes > 0 && kLanes % kGroupLanes == 0, "a lane group must divide kLanes");
   constexpr int64_t kStage = kStageBlocks * kLanes;
-  for (int64_t base = 0; base < n; base += kStage) {
-    stream_in_blocks(
-        std::min(kStage, n - base), [&](int64_t ahead) CURVKERN_INLINE_LAMBDA { prefetch(base + ahead); },
-        [&](int64_t i, int l) CURVKERN_INLINE_LAMBDA { body(base + i, l); });
+  int64_t base = 0;
+  for (; base + kStage <= n; base += kStage) {
+    for (int64_t block = 0; block < kStage; block += kLanes) prefetch(base + block + kPrefetchElements);
+    for (int group = 0; group < kLanes; group += kGroupLanes) {
+      S acc[kWidth][kGroupLanes] = {};  // the stage's first additions: staged is 0 after each flush
+      for (int64_t block = base + group; block < base + kStage; block += kLanes) {
+#pragma omp simd
+        for (int l = 0; l < kGroupLanes; ++l) body(block + l, acc, l);
+      }
+      for (int k = 0; k < kWidth; ++k) {
+        for (int l = 0; l < kGroupLanes; ++l) sums.staged[k][group + l] = acc[k][l];
+      }
+    }
     sums.flush();
   }
+  stream_in_blocks(
+      n - base, [&](int64_t ahead) CURVKERN_INLINE_LAMBDA { prefetch(base + ahead); },
+      [&](int64_t i, int l) CURVKERN_INLINE_LAMBDA { body(base + i, sums.staged, l); });
+  sums.flush();
 }
 
 // Low-precision parameters are read into fp32 and written back rounded to nearest even, with bit

@@ -63,30 +63,31 @@ struct Plan {
   std::vector<S> tau, ascent, sqrt_bc2, coef;  // per tensor, rounded to S where they meet tensors
 };
 
-// All six sums of one segment: the gradient's and those of the updated moments m', v' (not written).
-template <typename P, typename S>
+// All six sums of one segment: the gradient's and those of the updated moments m', v' (not written),
+// kGroupLanes lanes at a time (stream_and_sum).
+template <int kGroupLanes, typename P, typename S>
 CURVKERN_INLINE void sums_segment(const P* grad, const S* exp_avg, const S* exp_avg_sq, int64_t n, S beta1,
                                   S one_minus_beta1, S beta2, S one_minus_beta2, double* out) {
   LaneSums<kSums, S> sums;
-  auto add = [&](int64_t i, int l) CURVKERN_INLINE_LAMBDA {
+  auto add = [&](int64_t i, auto& acc, int l) CURVKERN_INLINE_LAMBDA {
     const S g = load(grad, i);
     const S m = std::fma(g, one_minus_beta1, exp_avg[i] * beta1);
     const S v = std::fma(one_minus_beta2 * g, g, exp_avg_sq[i] * beta2);
     // Products fused into their sums: a lane's order of additions is not eager's anyway, and an fma
     // is one rounding closer to the exact sum, and one instruction and one latency shorter.
-    sums.staged[kSumGG][l] = std::fma(g, g, sums.staged[kSumGG][l]);
-    sums.staged[kSumTanh][l] += vec::abs_tanh(g);
-    sums.staged[kSumMG][l] = std::fma(m, g, sums.staged[kSumMG][l]);
-    sums.staged[kSumMM][l] = std::fma(m, m, sums.staged[kSumMM][l]);
-    sums.staged[kSumAbsM][l] += std::fabs(m);
-    sums.staged[kSumSqrtV][l] += std::sqrt(v);
+    acc[kSumGG][l] = std::fma(g, g, acc[kSumGG][l]);
+    acc[kSumTanh][l] += vec::abs_tanh(g);
+    acc[kSumMG][l] = std::fma(m, g, acc[kSumMG][l]);
+    acc[kSumMM][l] = std::fma(m, m, acc[kSumMM][l]);
+    acc[kSumAbsM][l] += std::fabs(m);
+    acc[kSumSqrtV][l] += std::sqrt(v);
   };
   auto prefetch = [&](int64_t ahead) CURVKERN_INLINE_LAMBDA {
     prefetch_read(grad + ahead);
     prefetch_read(exp_avg + ahead);
     prefetch_read(exp_avg_sq + ahead);
   };
-  stream_and_sum(n, sums, prefetch, add);
+  stream_and_sum<kGroupLanes>(n, sums, prefetch, add);
   sums.fold(out);
 }
 
@@ -176,9 +177,10 @@ CURVKERN_INLINE void update_dispatch(const Plan<P, S>& plan, const Segment& seg)
     for (int64_t u = 0; u < table.num_units(); ++u) {                                                          \
       for (int64_t s = table.unit_begin(u); s < table.unit_begin(u + 1); ++s) {                                \
         const Segment& seg = table.segment(s);                                                                 \
-        sums_segment(plan.grads[seg.tensor] + seg.start, plan.exp_avgs[seg.tensor] + seg.start,                \
-                     plan.exp_avg_sqs[seg.tensor] + seg.start, seg.length, plan.beta1, plan.one_minus_beta1,   \
-                     plan.beta2, plan.one_minus_beta2, partials + s * kSums);                                  \
+        constexpr int kGroupLanes = lanes_per_register<S>(kVectorBytes_##isa);                                 \
+        sums_segment<kGroupLanes>(plan.grads[seg.tensor] + seg.start, plan.exp_avgs[seg.tensor] + seg.start,   \
+                                  plan.exp_avg_sqs[seg.tensor] + seg.start, seg.length, plan.beta1,             \
+                                  plan.one_minus_beta1, plan.beta2, plan.one_minus_beta2, partials + s * kSums); \
       }                                                                                                        \
     }                                                                                                          \
   }                                                                                                            \

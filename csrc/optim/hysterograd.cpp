@@ -38,9 +38,9 @@ CURVKERN_INLINE double pass_a_segment(const P* grad, S* metric, int64_t n, S bet
     prefetch_read(grad + ahead);
     prefetch_write(metric + ahead);
   };
-  stream_and_sum(n, sums, prefetch, [&](int64_t i, int l) CURVKERN_INLINE_LAMBDA {
+  stream_and_sum<kLanes>(n, sums, prefetch, [&](int64_t i, auto& acc, int l) CURVKERN_INLINE_LAMBDA {
     const S u = preconditioned_step(grad, metric, i, beta, scaled, epsilon);
-    sums.staged[0][l] += u * u;
+    acc[0][l] += u * u;
   });
   double total;
   sums.fold(&total);
