@@ -1,6 +1,6 @@
-// The multi-tensor work table shared by the fused optimizer kernels (docs/README.md, "Multi-tensor
-// work units"), and what the kernels need around it: tensor checks, a layout every kernel can stream,
-// deterministic lane sums and the low-precision load/store.
+// The multi-tensor work table shared by the fused optimizer kernels (docs/architecture.md, "Design
+// contracts", and docs/cpu-kernels.md), and what the kernels need around it: tensor checks, a layout
+// every kernel can stream, deterministic lane sums and the low-precision load/store.
 #pragma once
 
 #include <ATen/ATen.h>
