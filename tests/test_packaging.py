@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Files that may quote the version besides its source: the changelog's history and the benchmark results,
 # which record the version they measured.
 MAY_QUOTE_THE_VERSION = ("CHANGELOG.md", "bench/results/")
+BINARY_SUFFIXES = {".png"}
 
 
 def tracked_files() -> list[str]:
@@ -42,6 +43,7 @@ def test_the_version_is_written_once():
         name
         for name in tracked_files()
         if not name.startswith(MAY_QUOTE_THE_VERSION)
+        and Path(name).suffix not in BINARY_SUFFIXES
         and (ROOT / name).is_file()
         and version.search((ROOT / name).read_text(errors="replace"))
     )
