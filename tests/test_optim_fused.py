@@ -1,5 +1,5 @@
 """The fused optimizer kernels against the eager reference: many random models, dtypes and layouts,
-determinism, the ops' registration (opcheck) and their vector math.
+determinism, the ops' errors and their vector math (the ops' registration: opcheck in tests/test_ops.py).
 
 Every backend other than eager that runs here is tested; the goldens and properties of the specs run
 against each backend in test_hysterograd.py and test_biostatis.py.
@@ -176,31 +176,6 @@ def test_large_tensors_span_many_work_units():
     got, _ = run("biostatis", "cpp", shapes, torch.float64, 2, CONFIGS["biostatis"][0], 1, none_rate=0)
     expected, _ = run("biostatis", "eager", shapes, torch.float64, 2, CONFIGS["biostatis"][0], 1, none_rate=0)
     assert_same_trajectory("biostatis", got, expected, torch.float64, steps=2, reduction_length=sum(shapes))
-
-
-@needs_cpp
-def test_opcheck_every_optimizer_op():
-    gen = torch.Generator().manual_seed(0)
-    params = [torch.randn(n, generator=gen) for n in (5, 33)]
-    grads = [torch.randn(n, generator=gen) for n in (5, 33)]
-    metrics = [torch.rand(n, generator=gen) for n in (5, 33)]
-    scalars = lambda: [torch.tensor(v) for v in (0.5, 0.9, 0.1)]  # noqa: E731
-    lr = lambda: torch.tensor(1e-3, dtype=torch.float64)  # noqa: E731
-    ops = torch.ops.curvkern
-    torch.library.opcheck(ops.hysterograd_pass_a_.default, (grads, [m.clone() for m in metrics], torch.zeros(()), 0.9, 1e-7, 1.0))
-    torch.library.opcheck(ops.hysterograd_scalars_.default,
-                          (torch.tensor(4.0), *scalars(), lr(), 0.01, 0.9, 0.99, True, 1.0, 1.0))
-    stats, neg = ops.hysterograd_scalars_(torch.tensor(4.0), *scalars(), lr(), 0.0, 0.9, 0.99, True, None, 1.0)
-    torch.library.opcheck(ops.hysterograd_pass_b_.default, ([p.clone() for p in params], grads, metrics, stats, neg, 1e-7))
-    state = lambda: [torch.rand(n, generator=gen) for n in (5, 33)]  # noqa: E731
-    moments = (state(), state())
-    sums = ops.biostatis_sums(grads, *moments, 0.9, 0.999)
-    torch.library.opcheck(ops.biostatis_sums.default, (grads, *moments, 0.9, 0.999))
-    emas = [torch.rand(n, generator=gen) for n in (5, 33) for _memory in range(2)]  # tensor-major
-    torch.library.opcheck(ops.biostatis_update_.default, (
-        [p.clone() for p in params], grads, state(), state(), emas,
-        [torch.tensor(0.0), torch.tensor(3.0)], sums, sums.sum(0), lr(), 0.9, 0.999, 1e-8, 0.01, 0.03, 0.8, 1e-3,
-        0.1, [0.9, 0.99], [0.6, 0.4], 0.2, 0.05))
 
 
 @needs_cpp
