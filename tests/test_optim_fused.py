@@ -6,8 +6,6 @@ against each backend in test_hysterograd.py and test_biostatis.py.
 """
 import platform
 import re
-import shutil
-import subprocess
 
 import mpmath
 import pytest
@@ -17,6 +15,7 @@ from hypothesis import given, settings, strategies as st
 from curvkern import available_backends
 from curvkern.optim import BiostatisV6, HysteroGrad
 from conftest import SMALL_SHAPES, max_examples
+from disassembly import extension_bodies, extension_symbols, has_omp_body, omp_body
 from tolerance import (BIOSTATIS_OPS, HYSTEROGRAD_OPS, assert_displacement_close, assert_fused_close,
                        assert_hysterograd_results_close)
 
@@ -229,25 +228,15 @@ def test_kernels_are_vectorized_in_their_isa_clones():
     """The passes' OpenMP bodies exist as avx512 (x86-64-v4), avx2 (x86-64-v3: AVX2 + FMA) and baseline
     versions (csrc/cpu_dispatch.h), the avx512 versions compute on zmm registers, tanh and square roots
     included, and the avx2 versions on ymm."""
-    import curvkern._C as extension
-
-    objdump = shutil.which("objdump")
-    if objdump is None:
-        pytest.skip("objdump not installed")
-    symbols = subprocess.run([objdump, "-t", extension.__file__], check=True, capture_output=True, text=True).stdout
+    symbols = extension_symbols()
     for kernel in ("pass_a_f32", "pass_b_f32", "sums_f32", "update_f32"):
         for isa in ("avx512", "avx2", "default"):
-            assert re.search(rf"{kernel}_{isa}\S*_omp_fn\.\d+\b", symbols), (kernel, isa)
-    disassembly = subprocess.run([objdump, "-d", "--no-show-raw-insn", extension.__file__], check=True,
-                                 capture_output=True, text=True).stdout
-    bodies = {}
-    for block in disassembly.split("\n\n"):
-        match = re.match(r"[0-9a-f]+ <(\S+)>:", block.strip())
-        if match:
-            bodies[match.group(1)] = block
+            assert has_omp_body(symbols, kernel, isa), (kernel, isa)
+    bodies = extension_bodies()
+
     def body(kernel, isa):
-        (name,) = [n for n in bodies if re.search(rf"{kernel}_{isa}\S*_omp_fn\.\d+$", n)]
-        return bodies[name]
+        return omp_body(bodies, kernel, isa)
+
     assert re.search(r"vsqrtps\s.*zmm", body("pass_a_f32", "avx512"))
     assert re.search(r"vdivps\s.*zmm", body("pass_a_f32", "avx512"))
     assert re.search(r"vsqrtps\s.*ymm", body("pass_a_f32", "avx2"))
