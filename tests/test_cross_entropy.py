@@ -7,7 +7,6 @@ import math
 import os
 import platform
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 
 import curvkern
 from curvkern.integrations import eigenthings as ck_eigenthings
+from disassembly import extension_bodies, extension_symbols, has_omp_body, omp_body
 from tolerance import TRANSCENDENTAL_OPS, assert_relative_error, relative_error, truth_bound, unit_roundoff
 
 FAMILY = "cross_entropy"
@@ -460,19 +460,6 @@ def cpp_ops():
     return torch.ops.curvkern
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_cpp_ops_pass_opcheck(dtype):
-    ops = cpp_ops()
-    logits, target, u = make_problem(6, 9, dtype=dtype, ignore=[1])
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    _, lse = ops.cross_entropy_forward(logits, target, -100, 0.1)
-    torch.library.opcheck(ops.cross_entropy_forward.default, (logits, target, -100, 0.1))
-    for scale in [torch.tensor(0.5, dtype=acc), torch.rand(6, dtype=acc)]:
-        torch.library.opcheck(ops.cross_entropy_backward.default, (logits, target, lse, scale, -100, 0.1))
-        torch.library.opcheck(ops.cross_entropy_hvp_.default, (logits, target, u, scale, -100, 0.1, 0, False, torch.empty_like(logits)))
-    torch.library.opcheck(ops.cross_entropy_hvp_.default, (logits, target, u, scale, -100, 0.0, 3, True, torch.empty_like(logits)))
-
-
 def test_cpp_ops_reject_bad_inputs():
     ops = cpp_ops()
     logits, target, u = make_problem(4, 5, dtype=torch.float32)
@@ -499,20 +486,13 @@ def test_cpp_kernels_are_cloned_and_vectorized_per_isa():
     (csrc/cpu_dispatch.h), and the avx512 version of the HVP runs on zmm registers for every dtype, with
     exp inlined (no libm call)."""
     cpp_ops()
-    import curvkern._C as extension
-
-    objdump = shutil.which("objdump")
-    if objdump is None:
-        pytest.skip("objdump not installed")
-    symbols = subprocess.run([objdump, "-t", extension.__file__], check=True, capture_output=True, text=True).stdout
+    symbols = extension_symbols()
     for kernel in ["forward", "backward", "hvp"]:
         for dtype in ["float", "double", "bfloat16", "half"]:
             for isa in ("avx512", "avx2", "default"):
-                assert re.search(rf"ce_{kernel}_{dtype}_{isa}\S*_omp_fn\.\d+\b", symbols), (kernel, dtype, isa)
+                assert has_omp_body(symbols, f"ce_{kernel}_{dtype}", isa), (kernel, dtype, isa)
     for dtype in ["float", "double", "bfloat16", "half"]:
-        (name,) = re.findall(rf"\S*ce_hvp_{dtype}_avx512\S*_omp_fn\.\d+\b", symbols)
-        code = subprocess.run([objdump, "-d", "--no-show-raw-insn", f"--disassemble={name}", extension.__file__],
-                              check=True, capture_output=True, text=True).stdout
+        code = omp_body(extension_bodies(), f"ce_hvp_{dtype}", "avx512")
         assert code.count("zmm") > 50, dtype
         assert not re.search(r"call\s.*<(exp|expf|__expf|fma|fmaf)", code), dtype
 
