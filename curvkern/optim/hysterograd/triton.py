@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 
 from curvkern._dispatch import register
+from curvkern.families import HysteroGradState
+from curvkern.hyperparameters import HysteroGradHyperparameters
 from curvkern.optim._triton_multi_tensor import (
     BLOCK_SIZE, CHUNK_SIZE, TRITON_DTYPES, DenseLayout, build_table, chunk_range, device_scalar, div_rn, in_dtype,
     launch, per_tensor_sums, sqrt_rn, store_rounded, tensor_pointer,
@@ -119,22 +121,12 @@ def _pass_b_kernel(
 def hysterograd_step(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
-    metrics: list[torch.Tensor],
-    tau: torch.Tensor,
-    temp: torch.Tensor,
-    energy: torch.Tensor,
-    *,
-    lr: float | torch.Tensor,
-    stiffening_factor: float,
-    beta: float,
-    epsilon: float,
-    cooling_rate: float,
-    metric_scale: float,
-    adaptive_threshold: bool,
-    grad_clip: float | None,
-    hysteresis_scale: float,
+    state: HysteroGradState,
+    hyperparameters: HysteroGradHyperparameters,
 ) -> torch.Tensor:
     """One group's step, as the eager ``hysterograd_step``. Returns ``[N̂, h, gate]`` on the device."""
+    metrics, tau, temp, energy = state
+    h = hyperparameters
     device = tau.device
     layout = DenseLayout(params, grads, [metrics])
     table = build_table(layout.roles, device, CHUNK_SIZE)
@@ -145,7 +137,7 @@ def hysterograd_step(
             launch(
                 _pass_a_kernel, (bucket.num_chunks,),
                 bucket.addresses, bucket.chunks, bucket.numels, partials, bucket.num_tensors, bucket.num_chunks,
-                float(beta), (1 - beta) * metric_scale, float(epsilon),
+                h.beta, (1 - h.beta) * h.metric_scale, h.epsilon,
                 GRAD_DTYPE=TRITON_DTYPES[bucket.dtypes[GRAD]], STATE_DTYPE=TRITON_DTYPES[bucket.dtypes[METRIC]],
                 ALIGN=bucket.alignment, CHUNK=CHUNK_SIZE, BLOCK=BLOCK_SIZE,
             )
@@ -155,8 +147,8 @@ def hysterograd_step(
     launch(_accumulate_kernel, (1,), sums, table.num_tensors, accumulator, SCALAR_DTYPE=TRITON_DTYPES[tau.dtype])
     g_norm, barrier, liquid, neg_step_size = hysterograd_scalars(
         accumulator, tau, temp, energy,
-        lr=lr, stiffening_factor=stiffening_factor, beta=beta, cooling_rate=cooling_rate,
-        adaptive_threshold=adaptive_threshold, grad_clip=grad_clip, hysteresis_scale=hysteresis_scale,
+        lr=h.lr, stiffening_factor=h.stiffening_factor, beta=h.beta, cooling_rate=h.cooling_rate,
+        adaptive_threshold=h.adaptive_threshold, grad_clip=h.grad_clip, hysteresis_scale=h.hysteresis_scale,
     )
     stats = torch.stack([g_norm, barrier, liquid.to(g_norm.dtype)])
     neg_step_size = device_scalar(neg_step_size, device)
@@ -166,7 +158,7 @@ def hysterograd_step(
             launch(
                 _pass_b_kernel, (bucket.num_chunks,),
                 bucket.addresses, bucket.chunks, bucket.numels, stats, neg_step_size,
-                bucket.num_tensors, bucket.num_chunks, float(epsilon),
+                bucket.num_tensors, bucket.num_chunks, h.epsilon,
                 PARAM_DTYPE=TRITON_DTYPES[bucket.dtypes[PARAM]], GRAD_DTYPE=TRITON_DTYPES[bucket.dtypes[GRAD]],
                 STATE_DTYPE=TRITON_DTYPES[bucket.dtypes[METRIC]], ALIGN=bucket.alignment,
                 CHUNK=CHUNK_SIZE, BLOCK=BLOCK_SIZE,
