@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 
 import curvkern
+from curvkern.families import get_family
 from curvkern.integrations import eigenthings as ck_eigenthings
 from disassembly import extension_bodies, extension_symbols, has_omp_body, omp_body
 from tolerance import TRANSCENDENTAL_OPS, assert_relative_error, relative_error, truth_bound, unit_roundoff
 
-FAMILY = "cross_entropy"
+FAMILY = get_family("cross_entropy")
 # Triton's interpreter computes with numpy, which warns on the NaN and inf rows these tests feed it on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|divide by zero|overflow) encountered:RuntimeWarning")
 REDUCTIONS = ["mean", "sum", "none"]
@@ -455,7 +456,7 @@ def test_low_precision_outputs_are_the_fp32_results_rounded(backend, device, dty
 
 
 def cpp_ops():
-    if "cpp" not in curvkern.available_backends(FAMILY):
+    if "cpp" not in curvkern.available_backends(FAMILY.name):
         pytest.skip("the C++ extension is not built")
     return torch.ops.curvkern
 
@@ -549,7 +550,7 @@ def test_triton_kernels_compile_for_a_gpu_target(dtype):
 def test_cpp_streaming_stores_write_the_same_bits():
     """fp32 results of 64 MiB and more written into a caller's ``out`` leave through streaming stores
     (csrc/ce/cross_entropy.cpp): the same values, bit for bit, as ordinary stores, misaligned rows included."""
-    if "cpp" not in curvkern.available_backends(FAMILY):
+    if "cpp" not in curvkern.available_backends(FAMILY.name):
         pytest.skip("the C++ extension is not built")
     logits, target, u = make_problem(340, 50257, dtype=torch.float32, ignore=[7], seed=5)  # 68 MiB per copy
     streamed = curvkern.ce_hvp(logits, target, u, reduction="sum", out=torch.empty_like(logits), fused="cpp")

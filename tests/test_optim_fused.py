@@ -13,13 +13,13 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from curvkern import available_backends
-from curvkern.optim import BiostatisV6, HysteroGrad
+from curvkern.families import OPTIMIZER, families_of_kind
 from conftest import SMALL_SHAPES, max_examples
 from disassembly import extension_bodies, extension_symbols, has_omp_body, omp_body
 from tolerance import (BIOSTATIS_OPS, HYSTEROGRAD_OPS, assert_displacement_close, assert_fused_close,
                        assert_hysterograd_results_close)
 
-OPTIMIZERS = {"hysterograd": HysteroGrad, "biostatis": BiostatisV6}
+OPTIMIZERS = {family.name: family.api for family in families_of_kind(OPTIMIZER)}
 OPS = {"hysterograd": HYSTEROGRAD_OPS, "biostatis": BIOSTATIS_OPS}
 CONFIGS = {
     "hysterograd": [dict(lr=0.05), dict(lr=0.01, grad_clip=2.5, metric_scale=300.0, beta=0.9),
