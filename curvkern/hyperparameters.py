@@ -44,7 +44,9 @@ def require_range(name: str, value: object, low: float | None = None, high: floa
     if too_low or too_high:
         left = "-inf" if low is None else f"{low:g}"
         right = "inf" if high is None else f"{high:g}"
-        bounds = ("(" if low_open or low is None else "[") + f"{left}, {right}" + (")" if high_open or high is None else "]")
+        opening = "(" if low_open or low is None else "["
+        closing = ")" if high_open or high is None else "]"
+        bounds = f"{opening}{left}, {right}{closing}"
         raise ValueError(f"Invalid {name}: {value!r} (expected a value in {bounds})")
     return x
 

@@ -55,7 +55,7 @@ def test_an_unknown_family_raises_naming_the_known_ones(name):
 
 def test_a_backend_its_family_does_not_list_is_refused(toy_family, monkeypatch):
     monkeypatch.setitem(FAMILIES, toy_family, dataclasses.replace(FAMILIES[toy_family], backends=("eager",)))
-    with pytest.raises(ValueError, match=r"toy: backend 'triton' is not among its Family entry's backends \('eager',\)"):
+    with pytest.raises(ValueError, match=r"toy: backend 'triton' is not among its Family entry's backends \('eager',"):
         _dispatch.register(toy_family, "triton")
 
 
@@ -107,13 +107,18 @@ def test_explicit_backend_without_a_kernel_raises_not_implemented(toy_family, mo
         _dispatch.select(toy_family, "triton", torch.device("cuda"))
 
 
-def test_every_family_has_every_backend():
-    assert set(FAMILIES) == {"hysterograd", "biostatis", "cross_entropy"}
+def test_every_backend_a_family_lists_is_registered():
     for family in FAMILIES.values():
-        assert family.backends == _dispatch.BACKENDS
         for backend in family.backends:
             assert (family.name, backend) in _dispatch._REGISTRY, (family.name, backend)
     assert {family for family, _ in _dispatch._REGISTRY} == set(FAMILIES)
+
+
+def test_every_family_has_every_backend():
+    for family in ("hysterograd", "biostatis", "cross_entropy"):
+        assert FAMILIES[family].backends == _dispatch.BACKENDS
+        for backend in _dispatch.BACKENDS:
+            assert (family, backend) in _dispatch._REGISTRY, (family, backend)
 
 
 def test_triton_needs_cuda_or_the_interpreter(monkeypatch):

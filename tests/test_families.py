@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import backend_cases
+from tolerance import FP64_FUSED_CAP, assert_relative_error
 
 from curvkern import _dispatch
 from curvkern.families import FAMILIES, LOSS, OPTIMIZER, PROTOCOLS, Family, get_family
-from conftest import backend_cases
-from tolerance import FP64_FUSED_CAP, assert_relative_error
 
 ROOT = Path(__file__).resolve().parents[1]
 # Triton's interpreter computes with numpy, which warns on the masked-out lanes of ignored rows.

@@ -299,8 +299,8 @@ def ce_hvp(
     _check_arguments(_classes_last(logits), target, reduction, ignore_index)
     _, kernels = select(FAMILY, fused, logits.device)
     hyperparameters = CrossEntropyHyperparameters(ignore_index=int(ignore_index), reduction=reduction)
-    result = _hvp_into(kernels, _classes_last(logits), target.reshape(-1).contiguous(), _classes_last(u), hyperparameters,
-                       None if out is None else _classes_last(out), shift_period=0, valid_count=None)
+    result = _hvp_into(kernels, _classes_last(logits), target.reshape(-1).contiguous(), _classes_last(u),
+                       hyperparameters, None if out is None else _classes_last(out), shift_period=0, valid_count=None)
     return out if out is not None else _classes_first(result)
 
 
