@@ -506,10 +506,10 @@ def test_cpp_kernels_are_cloned_and_vectorized_per_isa():
         pytest.skip("objdump not installed")
     symbols = subprocess.run([objdump, "-t", extension.__file__], check=True, capture_output=True, text=True).stdout
     for kernel in ["forward", "backward", "hvp"]:
-        for dtype in ["float", "double", "bfloat16", "half"]:
+        for dtype in ["f32", "f64", "bf16", "f16"]:
             for isa in ("avx512", "avx2", "default"):
                 assert re.search(rf"ce_{kernel}_{dtype}_{isa}\S*_omp_fn\.\d+\b", symbols), (kernel, dtype, isa)
-    for dtype in ["float", "double", "bfloat16", "half"]:
+    for dtype in ["f32", "f64", "bf16", "f16"]:
         (name,) = re.findall(rf"\S*ce_hvp_{dtype}_avx512\S*_omp_fn\.\d+\b", symbols)
         code = subprocess.run([objdump, "-d", "--no-show-raw-insn", f"--disassemble={name}", extension.__file__],
                               check=True, capture_output=True, text=True).stdout

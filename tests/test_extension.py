@@ -66,7 +66,7 @@ def test_kernel_is_cloned_per_isa():
     symbols = subprocess.run([objdump, "-t", extension.__file__], check=True, capture_output=True, text=True).stdout
     # Each version has its own OpenMP-outlined loop body, where the vector code is.
     for isa in ("avx512", "avx2", "default"):
-        assert re.search(rf"axpy_float_{isa}\S*_omp_fn\.\d+\b", symbols), isa
+        assert re.search(rf"axpy_f32_{isa}\S*_omp_fn\.\d+\b", symbols), isa
 
 
 @pytest.mark.slow  # compiles the whole extension a second time

@@ -260,7 +260,7 @@ def test_kernels_are_vectorized_in_their_isa_clones():
     if objdump is None:
         pytest.skip("objdump not installed")
     symbols = subprocess.run([objdump, "-t", extension.__file__], check=True, capture_output=True, text=True).stdout
-    for kernel in ("pass_a_f32", "pass_b_f32", "sums_f32", "update_f32"):
+    for kernel in ("hysterograd_pass_a_f32", "hysterograd_pass_b_f32", "biostatis_pass_a_f32", "biostatis_pass_b_f32"):
         for isa in ("avx512", "avx2", "default"):
             assert re.search(rf"{kernel}_{isa}\S*_omp_fn\.\d+\b", symbols), (kernel, isa)
     disassembly = subprocess.run([objdump, "-d", "--no-show-raw-insn", extension.__file__], check=True,
@@ -273,16 +273,16 @@ def test_kernels_are_vectorized_in_their_isa_clones():
     def body(kernel, isa):
         (name,) = [n for n in bodies if re.search(rf"{kernel}_{isa}\S*_omp_fn\.\d+$", n)]
         return bodies[name]
-    assert re.search(r"vsqrtps\s.*zmm", body("pass_a_f32", "avx512"))
-    assert re.search(r"vdivps\s.*zmm", body("pass_a_f32", "avx512"))
-    assert re.search(r"vsqrtps\s.*ymm", body("pass_a_f32", "avx2"))
-    assert re.search(r"vdivps\s.*ymm", body("pass_a_f32", "avx2"))
-    assert "zmm" not in body("pass_a_f32", "avx2") and "ymm" not in body("pass_a_f32", "default")
+    assert re.search(r"vsqrtps\s.*zmm", body("hysterograd_pass_a_f32", "avx512"))
+    assert re.search(r"vdivps\s.*zmm", body("hysterograd_pass_a_f32", "avx512"))
+    assert re.search(r"vsqrtps\s.*ymm", body("hysterograd_pass_a_f32", "avx2"))
+    assert re.search(r"vdivps\s.*ymm", body("hysterograd_pass_a_f32", "avx2"))
+    assert "zmm" not in body("hysterograd_pass_a_f32", "avx2") and "ymm" not in body("hysterograd_pass_a_f32", "default")
     # tanh's polynomial and exp are fused multiply-adds on full vectors.
-    assert len(re.findall(r"vfmadd\S*\s.*zmm", body("sums_f32", "avx512"))) >= 10
-    assert len(re.findall(r"vfmadd\S*\s.*ymm", body("sums_f32", "avx2"))) >= 10
-    assert re.search(r"vsqrtps\s.*zmm", body("sums_f32", "avx512"))
-    assert re.search(r"vdivps\s.*zmm", body("update_f32", "avx512"))  # the update's m / (√v/√bc2 + ε)
+    assert len(re.findall(r"vfmadd\S*\s.*zmm", body("biostatis_pass_a_f32", "avx512"))) >= 10
+    assert len(re.findall(r"vfmadd\S*\s.*ymm", body("biostatis_pass_a_f32", "avx2"))) >= 10
+    assert re.search(r"vsqrtps\s.*zmm", body("biostatis_pass_a_f32", "avx512"))
+    assert re.search(r"vdivps\s.*zmm", body("biostatis_pass_b_f32", "avx512"))  # the update's m / (√v/√bc2 + ε)
     # bf16 parameters: converted in registers (bit arithmetic), the math still on vectors.
-    for kernel in ("pass_b_bf16", "update_bf16"):
+    for kernel in ("hysterograd_pass_b_bf16", "biostatis_pass_b_bf16"):
         assert re.search(r"(vsqrtps|vdivps)\s.*[yz]mm", body(kernel, "avx512")), kernel
