@@ -1,5 +1,5 @@
 // What every kernel file shares: forced inlining, the element dtypes the kernels are built for and the one
-// dispatcher over them, and the bf16/fp16 loads and round-to-nearest-even stores.
+// dispatcher over them, the bf16/fp16 loads and round-to-nearest-even stores, and the prefetch hints.
 #pragma once
 
 #include <ATen/OpMathType.h>
