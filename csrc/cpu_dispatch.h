@@ -41,25 +41,36 @@ constexpr std::size_t kVectorBytes_default = 16;
 
 }  // namespace curvkern
 
-// target_clones would hide the versions behind an ifunc nobody can override, so the kernels are
-// stamped by macro instead: STAMP(isa, target_attribute, ...) once per ISA this architecture has.
+// The stamping. A kernel's OpenMP region is written once, in a macro STAMP(isa, target, ...) defining the
+// region's function for one ISA (named <kernel>_<dtype>_<isa>, the `target` attribute before it), and
+// CURVKERN_FOR_EACH_ISA(STAMP, ...) expands that macro once per ISA of this architecture: on x86-64 to
+//   STAMP(avx512, __attribute__((target("arch=x86-64-v4"))), ...)
+//   STAMP(avx2, __attribute__((target("arch=x86-64-v3"))), ...)
+//   STAMP(default, , ...)
+// elsewhere to STAMP(default, , ...) alone. Macros, because the region must be written inside each
+// target-attributed function (above): a shared helper holding it, template or lambda, is where GCC would
+// outline it from, with the helper's (baseline) target, and a target cannot be a template parameter.
+// target_clones, which clones one function per ISA, chooses through an ifunc that CURVKERN_CPU_CAPABILITY
+// could not override. Each kernel file stamps its regions once per dtype too (CURVKERN_FOR_EACH_DTYPE,
+// csrc/common.h), not as templates, so that every outlined body's symbol names its kernel, dtype and ISA
+// (hysterograd_pass_a_bf16_avx2._omp_fn.0): what profiles show and tests/ look up with objdump.
 #if defined(__x86_64__)
-#define CURVKERN_FOR_EACH_ISA(STAMP, ...)                                  \
-  STAMP(avx512, __attribute__((target("arch=x86-64-v4"))), __VA_ARGS__)    \
-  STAMP(avx2, __attribute__((target("arch=x86-64-v3"))), __VA_ARGS__)      \
+#define CURVKERN_FOR_EACH_ISA(STAMP, ...)                               \
+  STAMP(avx512, __attribute__((target("arch=x86-64-v4"))), __VA_ARGS__) \
+  STAMP(avx2, __attribute__((target("arch=x86-64-v3"))), __VA_ARGS__)   \
   STAMP(default, , __VA_ARGS__)
 
 // Calls name##_<isa>(args...) for the active ISA (a `return` statement: use it as a function's body).
-#define CURVKERN_CALL_ACTIVE_ISA(name, ...)                                   \
-  switch (::curvkern::active_isa()) {                                         \
-    case ::curvkern::CpuIsa::kAvx512: return name##_avx512(__VA_ARGS__);      \
-    case ::curvkern::CpuIsa::kAvx2: return name##_avx2(__VA_ARGS__);          \
-    case ::curvkern::CpuIsa::kDefault: break;                                 \
-  }                                                                           \
+#define CURVKERN_CALL_ACTIVE_ISA(name, ...)                              \
+  switch (::curvkern::active_isa()) {                                    \
+    case ::curvkern::CpuIsa::kAvx512: return name##_avx512(__VA_ARGS__); \
+    case ::curvkern::CpuIsa::kAvx2: return name##_avx2(__VA_ARGS__);     \
+    case ::curvkern::CpuIsa::kDefault: break;                            \
+  }                                                                      \
   return name##_default(__VA_ARGS__)
 #else
 #define CURVKERN_FOR_EACH_ISA(STAMP, ...) STAMP(default, , __VA_ARGS__)
 #define CURVKERN_CALL_ACTIVE_ISA(name, ...) \
-  (void)::curvkern::active_isa();          \
+  (void)::curvkern::active_isa();           \
   return name##_default(__VA_ARGS__)
 #endif

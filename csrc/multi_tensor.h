@@ -1,16 +1,16 @@
 // The multi-tensor work table shared by the fused optimizer kernels (docs/architecture.md, "Design
 // contracts", and docs/cpu-kernels.md), and what the kernels need around it: tensor checks, a layout
-// every kernel can stream, deterministic lane sums and the low-precision load/store.
+// every kernel can stream and deterministic lane sums.
 #pragma once
 
 #include <ATen/ATen.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <utility>
 #include <vector>
+
+#include "common.h"
 
 namespace curvkern {
 
@@ -35,7 +35,8 @@ class ChunkTable {
       for (int64_t start = 0; start < numels[t];) {
         const int64_t unit = offset / chunk;
         const int64_t length = std::min(numels[t] - start, (unit + 1) * chunk - offset);
-        if (unit_first_.size() <= static_cast<size_t>(unit)) unit_first_.push_back(static_cast<int64_t>(segments_.size()));
+        if (unit_first_.size() <= static_cast<size_t>(unit))
+          unit_first_.push_back(static_cast<int64_t>(segments_.size()));
         segments_.push_back({static_cast<int64_t>(t), start, length});
         start += length;
         offset += length;
@@ -70,6 +71,12 @@ class ChunkTable {
   std::vector<int64_t> unit_first_;
   std::vector<int64_t> tensor_first_;
 };
+
+// Calls body(s, table.segment(s)) for the segments s of work unit `unit`, in order.
+template <typename Body>
+CURVKERN_INLINE void for_each_segment(const ChunkTable& table, int64_t unit, Body&& body) {
+  for (int64_t s = table.unit_begin(unit); s < table.unit_begin(unit + 1); ++s) body(s, table.segment(s));
+}
 
 // Elements per work unit: 16 Ki elements keep a unit's arrays (up to eight of them) within a
 // core's L2 cache while leaving thousands of units to share between threads at 40 M elements.
@@ -116,31 +123,17 @@ struct LaneSums {
   }
 };
 
-// The hot loops' bodies are lambdas; inlined always, or a large outlined OpenMP body may keep them as
-// calls and lose its vectorization.
-#define CURVKERN_INLINE_LAMBDA __attribute__((always_inline))
-
 // How far ahead the passes prefetch each array they stream. On this project's benchmark machine (a VM)
 // the hardware prefetcher falls behind any loop with real work per element: reading gradients for
 // Σ|tanh g| ran at 2.4 ns per element from DRAM and 0.6 from cache, and at 0.6 from DRAM with
 // software prefetches 4 KiB ahead.
 constexpr int64_t kPrefetchElements = 1024;
 
-template <typename T>
-inline __attribute__((always_inline)) void prefetch_read(const T* p) {
-  __builtin_prefetch(p, 0);
-}
-
-template <typename T>
-inline __attribute__((always_inline)) void prefetch_write(const T* p) {
-  __builtin_prefetch(p, 1);
-}
-
 // Calls body(i, l) for every i in [0, n), l being i's lane: blocks of kLanes elements go through one
 // vector loop (a lane can own an accumulator), the tail to the first lanes. Before each block,
 // prefetch(i + kPrefetchElements) requests the arrays ahead.
 template <typename Prefetch, typename Body>
-inline __attribute__((always_inline)) void stream_in_blocks(int64_t n, Prefetch&& prefetch, Body&& body) {
+CURVKERN_INLINE void stream_in_blocks(int64_t n, Prefetch&& prefetch, Body&& body) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     prefetch(i + kPrefetchElements);
@@ -158,8 +151,7 @@ inline __attribute__((always_inline)) void stream_in_blocks(int64_t n, Prefetch&
 // per sum, and pass A's six sums, two each, plus its constants outgrow the 16 registers and spill on
 // every block. Every lane still adds its elements in the same order: the same bits for any group width.
 template <int kGroupLanes, int kWidth, typename S, typename Prefetch, typename Body>
-inline __attribute__((always_inline)) void stream_and_sum(int64_t n, LaneSums<kWidth, S>& sums, Prefetch&& prefetch,
-                                                          Body&& body) {
+CURVKERN_INLINE void stream_and_sum(int64_t n, LaneSums<kWidth, S>& sums, Prefetch&& prefetch, Body&& body) {
   static_assert(kGroupLanes > 0 && kLanes % kGroupLanes == 0, "a lane group must divide kLanes");
   constexpr int64_t kStage = kStageBlocks * kLanes;
   int64_t base = 0;
@@ -183,112 +175,23 @@ inline __attribute__((always_inline)) void stream_and_sum(int64_t n, LaneSums<kW
   sums.flush();
 }
 
-// Low-precision parameters are read into fp32 and written back rounded to nearest even, with bit
-// arithmetic and selects (c10's conversions branch on NaN and keep the loops scalar).
-namespace detail {
-
-inline __attribute__((always_inline)) float bf16_to_float(uint16_t bits) {
-  return __builtin_bit_cast(float, static_cast<uint32_t>(bits) << 16);
-}
-
-inline __attribute__((always_inline)) uint16_t float_to_bf16(float value) {
-  const uint32_t bits = __builtin_bit_cast(uint32_t, value);
-  const uint32_t rounded = (bits + UINT32_C(0x7FFF) + ((bits >> 16) & 1)) >> 16;
-  return static_cast<uint16_t>(value != value ? UINT32_C(0x7FC0) : rounded);
-}
-
-inline __attribute__((always_inline)) float fp16_to_float(uint16_t bits) {
-  const uint32_t sign = static_cast<uint32_t>(bits & 0x8000) << 16;
-  const uint32_t exponent = (bits >> 10) & 0x1F;
-  const uint32_t mantissa = bits & 0x3FF;
-  const uint32_t normal = ((exponent + 112) << 23) | (mantissa << 13);
-  const uint32_t special = UINT32_C(0x7F800000) | (mantissa << 13);  // inf, NaN
-  // Subnormals (and zero) are mantissa·2^-24, exact in fp32.
-  const uint32_t subnormal = __builtin_bit_cast(uint32_t, static_cast<float>(mantissa) * 0x1p-24f);
-  const uint32_t magnitude = exponent == 0 ? subnormal : (exponent == 31 ? special : normal);
-  return __builtin_bit_cast(float, sign | magnitude);
-}
-
-// fp32 → fp16, rounding to nearest even: fp32 arithmetic does the rounding. Scaling |x| up by 2^112
-// and back down by 2^-110 saturates what is too large to inf and leaves the rest; adding a power of two
-// aligned to x's fp16 exponent (at least that of the smallest normal) rounds away exactly the bits
-// fp16 cannot hold, and the sum's bits then hold the fp16 exponent and mantissa.
-inline __attribute__((always_inline)) uint16_t float_to_fp16(float value) {
-  const uint32_t bits = __builtin_bit_cast(uint32_t, value);
-  const uint32_t doubled = bits + bits;  // the sign shifted out
-  const uint32_t sign = bits & UINT32_C(0x80000000);
-  float base = (std::fabs(value) * 0x1p+112f) * 0x1p-110f;
-  uint32_t bias = doubled & UINT32_C(0xFF000000);
-  bias = bias < UINT32_C(0x71000000) ? UINT32_C(0x71000000) : bias;
-  base = __builtin_bit_cast(float, (bias >> 1) + UINT32_C(0x07800000)) + base;
-  const uint32_t base_bits = __builtin_bit_cast(uint32_t, base);
-  const uint32_t finite = ((base_bits >> 13) & UINT32_C(0x7C00)) + (base_bits & UINT32_C(0x0FFF));
-  return static_cast<uint16_t>((sign >> 16) | (doubled > UINT32_C(0xFF000000) ? UINT32_C(0x7E00) : finite));
-}
-
-}  // namespace detail
-
-template <typename T>
-inline __attribute__((always_inline)) auto load(const T* data, int64_t i) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    return detail::bf16_to_float(data[i].x);
-  } else if constexpr (std::is_same_v<T, c10::Half>) {
-    return detail::fp16_to_float(data[i].x);
-  } else {
-    return data[i];
-  }
-}
-
-template <typename T, typename V>
-inline __attribute__((always_inline)) void store(T* data, int64_t i, V value) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    data[i].x = detail::float_to_bf16(value);
-  } else if constexpr (std::is_same_v<T, c10::Half>) {
-    data[i].x = detail::float_to_fp16(value);
-  } else {
-    data[i] = value;
-  }
-}
-
-// The parameter dtype → (parameter type, state type) pairs every optimizer kernel is built for:
-// low-precision parameters keep fp32 state.
-inline at::ScalarType state_dtype_of(at::ScalarType param_dtype) {
-  return param_dtype == at::kBFloat16 || param_dtype == at::kHalf ? at::kFloat : param_dtype;
-}
-
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-// Calls body(TypeTag<P>{}, TypeTag<S>{}) for the parameter dtype's (parameter, state) type pair.
-template <typename Body>
-void with_param_types(at::ScalarType dtype, const char* op, Body&& body) {
-  switch (dtype) {
-    case at::kFloat: return body(TypeTag<float>{}, TypeTag<float>{});
-    case at::kDouble: return body(TypeTag<double>{}, TypeTag<double>{});
-    case at::kBFloat16: return body(TypeTag<c10::BFloat16>{}, TypeTag<float>{});
-    case at::kHalf: return body(TypeTag<c10::Half>{}, TypeTag<float>{});
-    default: TORCH_CHECK(false, op, ": expected float16, bfloat16, float32 or float64 parameters, got ", dtype);
-  }
-}
-
 // The one dtype a list of parameters (or gradients) shares; one the kernels are built for.
 inline at::ScalarType common_dtype(at::TensorList tensors, const char* op, const char* what) {
   TORCH_CHECK(!tensors.empty(), op, ": expected at least one tensor");
   const at::ScalarType dtype = tensors[0].scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, op,
-              ": expected float16, bfloat16, float32 or float64 ", what, ", got ", dtype);
+  TORCH_CHECK(is_kernel_dtype(dtype), op, ": expected float16, bfloat16, float32 or float64 ", what, ", got ", dtype);
   for (const at::Tensor& t : tensors) {
-    TORCH_CHECK(t.scalar_type() == dtype, op, ": all ", what, " of a group must share one dtype, got ", dtype,
-                " and ", t.scalar_type(), "; put parameters of different dtypes in different param groups");
+    TORCH_CHECK(t.scalar_type() == dtype, op, ": all ", what, " of a group must share one dtype, got ", dtype, " and ",
+                t.scalar_type(), "; put parameters of different dtypes in different param groups");
   }
   return dtype;
 }
 
+// A parameter's optimizer state has the dtype its arithmetic runs in: fp32 for bf16 and fp16 parameters.
 inline void check_state(const at::Tensor& state, at::ScalarType param_dtype, const char* op, const char* name) {
-  TORCH_CHECK(state.scalar_type() == state_dtype_of(param_dtype), op, ": ", name, " of a ", param_dtype,
-              " parameter must be ", state_dtype_of(param_dtype), ", got ", state.scalar_type());
+  const at::ScalarType state_dtype = opmath_dtype(param_dtype);
+  TORCH_CHECK(state.scalar_type() == state_dtype, op, ": ", name, " of a ", param_dtype, " parameter must be ",
+              state_dtype, ", got ", state.scalar_type());
 }
 
 // The optimizers' lr arrives as a tensor (a float becomes one in the wrapper) so a scheduler may keep
@@ -323,7 +226,8 @@ class StreamableTensors {
     bool streamable = reference.is_non_overlapping_and_dense();
     for (const auto* list : {&mutated, &read}) {
       for (const at::Tensor& t : *list) {
-        TORCH_CHECK(t.device().is_cpu(), op_, ": expected CPU tensors, got one on ", t.device(), " (tensor ", index, ")");
+        TORCH_CHECK(t.device().is_cpu(), op_, ": expected CPU tensors, got one on ", t.device(), " (tensor ", index,
+                    ")");
         TORCH_CHECK(t.sizes() == reference.sizes(), op_, ": tensor ", index, " has shape ", reference.sizes(),
                     " but one of its companions has shape ", t.sizes());
         streamable = streamable && t.strides() == reference.strides();
@@ -353,7 +257,5 @@ class StreamableTensors {
   const char* op_;
   std::vector<std::pair<at::Tensor, at::Tensor>> write_back_;
 };
-
-
 
 }  // namespace curvkern

@@ -35,13 +35,18 @@ TORCH_LIBRARY(curvkern, m) {
   m.def(
       "biostatis_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] memory_emas, Tensor(e!)[] steps, Tensor sums, Tensor group_sums, Tensor lr, float beta1, "
-      "float beta2, float eps, float weight_decay, float homeo_rate, float coherence_target, float energy_target, float lambda_energy, "
-      "float[] memory_decays, float[] memory_weights, float flip_threshold, float ascent_strength) -> Tensor");
-  m.def("cross_entropy_forward(Tensor logits, Tensor target, int ignore_index, float label_smoothing) -> (Tensor, Tensor)");
-  m.def("cross_entropy_backward(Tensor logits, Tensor target, Tensor lse, Tensor grad_scale, int ignore_index, "
-        "float label_smoothing) -> Tensor");
-  m.def("cross_entropy_hvp_(Tensor logits, Tensor target, Tensor u, Tensor scale, int ignore_index, "
-        "float label_smoothing, int shift_period, bool stream_out, Tensor(a!) out) -> Tensor");
+      "float beta2, float eps, float weight_decay, float homeo_rate, float coherence_target, float energy_target, "
+      "float lambda_energy, float[] memory_decays, float[] memory_weights, float flip_threshold, "
+      "float ascent_strength) -> Tensor");
+  m.def(
+      "cross_entropy_forward(Tensor logits, Tensor target, int ignore_index, float label_smoothing) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "cross_entropy_backward(Tensor logits, Tensor target, Tensor lse, Tensor grad_scale, int ignore_index, "
+      "float label_smoothing) -> Tensor");
+  m.def(
+      "cross_entropy_hvp_(Tensor logits, Tensor target, Tensor u, Tensor scale, int ignore_index, "
+      "float label_smoothing, int shift_period, bool stream_out, Tensor(a!) out) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(curvkern, CPU, m) {

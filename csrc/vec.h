@@ -11,11 +11,10 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
+
+#include "common.h"
 
 namespace curvkern::vec {
-
-#define CURVKERN_INLINE inline __attribute__((always_inline))
 
 namespace detail {
 
@@ -42,8 +41,8 @@ CURVKERN_INLINE float exp(float x) {
   constexpr float kMax = 88.7228394f;    // ln(FLT_MAX)
   constexpr float kMin = -87.3365479f;   // ln(FLT_MIN)
   // Taylor coefficients 1/n!, n = 0..7: the remainder at |r| = ln2/2 is below 2^-27.
-  static constexpr float kPoly[8] = {1.0f, 1.0f, 0.5f, 1.66666667e-1f, 4.16666667e-2f,
-                                     8.33333333e-3f, 1.38888889e-3f, 1.98412698e-4f};
+  static constexpr float kPoly[8] = {1.0f,           1.0f,           0.5f,           1.66666667e-1f,
+                                     4.16666667e-2f, 8.33333333e-3f, 1.38888889e-3f, 1.98412698e-4f};
   const float clamped = x < kMin ? kMin : (x > kMax ? kMax : x);  // selects: fmin/fmax do not vectorize
   const float k = (clamped * kLog2e + kRound) - kRound;
   const float r = std::fma(-k, kLn2Lo, std::fma(-k, kLn2Hi, clamped));
@@ -67,10 +66,12 @@ CURVKERN_INLINE double exp(double x) {
   constexpr double kMax = 709.782712893383973;   // ln(DBL_MAX)
   constexpr double kMin = -708.396418532264079;  // ln(DBL_MIN)
   // 1/n!, n = 0..13: the remainder at |r| = ln2/2 is below 2^-56.
+  // clang-format off: it would give each coefficient a line of its own
   static constexpr double kPoly[14] = {
       1.0, 1.0, 0.5, 1.6666666666666666e-1, 4.1666666666666664e-2, 8.3333333333333332e-3,
       1.3888888888888889e-3, 1.9841269841269841e-4, 2.4801587301587302e-5, 2.7557319223985893e-6,
       2.7557319223985888e-7, 2.5052108385441720e-8, 2.0876756987868100e-9, 1.6059043836821613e-10};
+  // clang-format on
   const double clamped = x < kMin ? kMin : (x > kMax ? kMax : x);
   const double shifted = clamped * kLog2e + kRound;
   const double k = shifted - kRound;
@@ -105,8 +106,7 @@ CURVKERN_INLINE float abs_tanh(float x) {
   // e^r − 1 = r + r²·Q(r): a fit of Q weighted to e^r − 1's relative error over |r| ≤ ln2/2 (least squares
   // on Chebyshev nodes, reweighted towards minimax; mpmath), within 0.15·2^-23 with these fp32 coefficients,
   // as the Taylor polynomial of degree 5 it replaces.
-  static constexpr float kQ[5] = {4.999999702e-1f, 1.666654348e-1f, 4.166720062e-2f, 8.366547525e-3f,
-                                  1.388251665e-3f};
+  static constexpr float kQ[5] = {4.999999702e-1f, 1.666654348e-1f, 4.166720062e-2f, 8.366547525e-3f, 1.388251665e-3f};
   const float a = std::fabs(x);
   float y = a + a;
   y = y > kSaturate ? kSaturate : y;
@@ -128,17 +128,15 @@ CURVKERN_INLINE float abs_tanh(float x) {
 // Chebyshev nodes, computed with mpmath.
 CURVKERN_INLINE double abs_tanh(double x) {
   constexpr double kSmall = 0.55;
-  static constexpr double kPoly[11] = {
-      -3.3333333333333333e-1, 1.3333333333332728e-1, -5.3968253967449510e-2, 2.1869488494320200e-2,
-      -8.8632344118062880e-3, 3.5921105508989835e-3, -1.4556631208771447e-3, 5.8894204157954450e-4,
-      -2.3465154066026225e-4, 8.5139229126171600e-5, -2.0619991569368580e-5};
+  static constexpr double kPoly[11] = {-3.3333333333333333e-1, 1.3333333333332728e-1,  -5.3968253967449510e-2,
+                                       2.1869488494320200e-2,  -8.8632344118062880e-3, 3.5921105508989835e-3,
+                                       -1.4556631208771447e-3, 5.8894204157954450e-4,  -2.3465154066026225e-4,
+                                       8.5139229126171600e-5,  -2.0619991569368580e-5};
   const double a = std::fabs(x);
   const double z = a * a;
   const double small = std::fma(a * z, detail::horner(z, kPoly, 11), a);
   const double large = 1.0 - 2.0 / (exp(2.0 * a) + 1.0);
   return a < kSmall ? small : large;
 }
-
-#undef CURVKERN_INLINE
 
 }  // namespace curvkern::vec

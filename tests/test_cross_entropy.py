@@ -489,10 +489,10 @@ def test_cpp_kernels_are_cloned_and_vectorized_per_isa():
     cpp_ops()
     symbols = extension_symbols()
     for kernel in ["forward", "backward", "hvp"]:
-        for dtype in ["float", "double", "bfloat16", "half"]:
+        for dtype in ["f32", "f64", "bf16", "f16"]:
             for isa in ("avx512", "avx2", "default"):
                 assert has_omp_body(symbols, f"ce_{kernel}_{dtype}", isa), (kernel, dtype, isa)
-    for dtype in ["float", "double", "bfloat16", "half"]:
+    for dtype in ["f32", "f64", "bf16", "f16"]:
         code = omp_body(extension_bodies(), f"ce_hvp_{dtype}", "avx512")
         assert code.count("zmm") > 50, dtype
         assert not re.search(r"call\s.*<(exp|expf|__expf|fma|fmaf)", code), dtype

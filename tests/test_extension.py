@@ -61,7 +61,7 @@ def test_kernel_is_cloned_per_isa():
     symbols = extension_symbols()
     # Each version has its own OpenMP-outlined loop body, where the vector code is.
     for isa in ("avx512", "avx2", "default"):
-        assert has_omp_body(symbols, "axpy_float", isa), isa
+        assert has_omp_body(symbols, "axpy_f32", isa), isa
 
 
 @pytest.mark.slow  # compiles the whole extension a second time

@@ -229,7 +229,7 @@ def test_kernels_are_vectorized_in_their_isa_clones():
     versions (csrc/cpu_dispatch.h), the avx512 versions compute on zmm registers, tanh and square roots
     included, and the avx2 versions on ymm."""
     symbols = extension_symbols()
-    for kernel in ("pass_a_f32", "pass_b_f32", "sums_f32", "update_f32"):
+    for kernel in ("hysterograd_pass_a_f32", "hysterograd_pass_b_f32", "biostatis_pass_a_f32", "biostatis_pass_b_f32"):
         for isa in ("avx512", "avx2", "default"):
             assert has_omp_body(symbols, kernel, isa), (kernel, isa)
     bodies = extension_bodies()
@@ -237,16 +237,16 @@ def test_kernels_are_vectorized_in_their_isa_clones():
     def body(kernel, isa):
         return omp_body(bodies, kernel, isa)
 
-    assert re.search(r"vsqrtps\s.*zmm", body("pass_a_f32", "avx512"))
-    assert re.search(r"vdivps\s.*zmm", body("pass_a_f32", "avx512"))
-    assert re.search(r"vsqrtps\s.*ymm", body("pass_a_f32", "avx2"))
-    assert re.search(r"vdivps\s.*ymm", body("pass_a_f32", "avx2"))
-    assert "zmm" not in body("pass_a_f32", "avx2") and "ymm" not in body("pass_a_f32", "default")
+    assert re.search(r"vsqrtps\s.*zmm", body("hysterograd_pass_a_f32", "avx512"))
+    assert re.search(r"vdivps\s.*zmm", body("hysterograd_pass_a_f32", "avx512"))
+    assert re.search(r"vsqrtps\s.*ymm", body("hysterograd_pass_a_f32", "avx2"))
+    assert re.search(r"vdivps\s.*ymm", body("hysterograd_pass_a_f32", "avx2"))
+    assert "zmm" not in body("hysterograd_pass_a_f32", "avx2") and "ymm" not in body("hysterograd_pass_a_f32", "default")
     # tanh's polynomial and exp are fused multiply-adds on full vectors.
-    assert len(re.findall(r"vfmadd\S*\s.*zmm", body("sums_f32", "avx512"))) >= 10
-    assert len(re.findall(r"vfmadd\S*\s.*ymm", body("sums_f32", "avx2"))) >= 10
-    assert re.search(r"vsqrtps\s.*zmm", body("sums_f32", "avx512"))
-    assert re.search(r"vdivps\s.*zmm", body("update_f32", "avx512"))  # the update's m / (√v/√bc2 + ε)
+    assert len(re.findall(r"vfmadd\S*\s.*zmm", body("biostatis_pass_a_f32", "avx512"))) >= 10
+    assert len(re.findall(r"vfmadd\S*\s.*ymm", body("biostatis_pass_a_f32", "avx2"))) >= 10
+    assert re.search(r"vsqrtps\s.*zmm", body("biostatis_pass_a_f32", "avx512"))
+    assert re.search(r"vdivps\s.*zmm", body("biostatis_pass_b_f32", "avx512"))  # the update's m / (√v/√bc2 + ε)
     # bf16 parameters: converted in registers (bit arithmetic), the math still on vectors.
-    for kernel in ("pass_b_bf16", "update_bf16"):
+    for kernel in ("hysterograd_pass_b_bf16", "biostatis_pass_b_bf16"):
         assert re.search(r"(vsqrtps|vdivps)\s.*[yz]mm", body(kernel, "avx512")), kernel

@@ -78,7 +78,7 @@ def aarch64_disassembly(tmp_path_factory) -> dict[str, str]:
 @pytest.mark.slow  # a cross build of every source: make test runs it, make test-fast does not
 def test_aarch64_build_has_one_portable_version(aarch64_disassembly):
     names = "\n".join(aarch64_disassembly)
-    assert has_omp_body(names, "pass_a_f32", "default")
+    assert has_omp_body(names, "hysterograd_pass_a_f32", "default")
     assert not re.search(r"_(avx2|avx512)\w*\._omp_fn", names), "x86 ISA versions in an aarch64 build"
 
 
@@ -88,19 +88,19 @@ def test_aarch64_hot_loops_are_neon_vectorized(aarch64_disassembly):
     multiply-adds of tanh/exp on v registers, and no libm call left in a loop."""
     neon = lambda op: rf"\b{op}\s+v\d+\.[24][sd]"  # noqa: E731  e.g. `fsqrt v1.4s, v2.4s`
     libm = r"\bbl\s.*<(sqrtf?|fmaf?|expf?|tanhf?)[>@+]"
-    hysterograd_a = omp_body(aarch64_disassembly, "pass_a_f32")
-    hysterograd_b = omp_body(aarch64_disassembly, "pass_b_f32")
+    hysterograd_a = omp_body(aarch64_disassembly, "hysterograd_pass_a_f32")
+    hysterograd_b = omp_body(aarch64_disassembly, "hysterograd_pass_b_f32")
     for op in ("fsqrt", "fdiv", "fmla"):
         assert count(neon(op), hysterograd_a), f"HysteroGrad pass A: no vector {op}"
     for op in ("fsqrt", "fdiv"):
         assert count(neon(op), hysterograd_b), f"HysteroGrad pass B: no vector {op}"
-    assert count(neon("fsqrt"), omp_body(aarch64_disassembly, "pass_b_f64")), "HysteroGrad pass B fp64"
-    biostatis_sums = omp_body(aarch64_disassembly, "sums_f32")
-    biostatis_update = omp_body(aarch64_disassembly, "update_f32")
+    assert count(neon("fsqrt"), omp_body(aarch64_disassembly, "hysterograd_pass_b_f64")), "HysteroGrad pass B fp64"
+    biostatis_sums = omp_body(aarch64_disassembly, "biostatis_pass_a_f32")
+    biostatis_update = omp_body(aarch64_disassembly, "biostatis_pass_b_f32")
     assert count(neon("fmla"), biostatis_sums) >= 10  # tanh's polynomial
     assert count(neon("fsqrt"), biostatis_sums)
     assert count(neon("fdiv"), biostatis_update) and count(neon("fsqrt"), biostatis_update)
-    hvp = omp_body(aarch64_disassembly, "ce_hvp_float")
+    hvp = omp_body(aarch64_disassembly, "ce_hvp_f32")
     assert count(neon("fmla"), hvp) >= 8  # exp's polynomial
     for name, code in [("pass_a", hysterograd_a), ("pass_b", hysterograd_b), ("sums", biostatis_sums),
                        ("update", biostatis_update), ("ce_hvp", hvp)]:

@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common.h"
 #include "cpu_dispatch.h"
 #include "multi_tensor.h"
 
@@ -20,7 +21,33 @@ namespace curvkern {
 
 namespace {
 
-#define CURVKERN_INLINE inline __attribute__((always_inline))
+// The scalar stage's constants: eager.py's CLIP_EPS and ENERGY_EPS (tests/test_cpp_constants.py checks that
+// they agree).
+constexpr double kClipEps = 1e-6;    // in the clip factor min(1, C / (N + kClipEps))
+constexpr double kEnergyEps = 1e-8;  // in the adaptive barrier h·(E + kEnergyEps)
+
+// What pass A reads and writes: per tensor (the chunk table's index) its gradient and G, per segment
+// its Σu², and the step's constants in the state type S.
+template <typename P>
+struct PassA {
+  using S = at::opmath_type<P>;
+  const ChunkTable& table;
+  std::vector<const P*> grads;
+  std::vector<S*> metrics;
+  double* partials;
+  S beta, scaled, epsilon;  // β, (1−β)·s, ε
+};
+
+// What pass B reads and writes: per tensor its parameter, gradient and G, and the step's constants.
+template <typename P>
+struct PassB {
+  using S = at::opmath_type<P>;
+  const ChunkTable& table;
+  std::vector<P*> params;
+  std::vector<const P*> grads;
+  std::vector<const S*> metrics;
+  S epsilon, neg_step;  // ε, −η·k
+};
 
 template <typename P, typename S>
 CURVKERN_INLINE S preconditioned_step(const P* grad, S* metric, int64_t i, S beta, S scaled, S epsilon) {
@@ -47,6 +74,14 @@ CURVKERN_INLINE double pass_a_segment(const P* grad, S* metric, int64_t n, S bet
   return total;
 }
 
+template <typename P>
+CURVKERN_INLINE void pass_a_unit(const PassA<P>& pass, int64_t unit) {
+  for_each_segment(pass.table, unit, [&](int64_t s, const Segment& seg) CURVKERN_INLINE_LAMBDA {
+    pass.partials[s] = pass_a_segment(pass.grads[seg.tensor] + seg.start, pass.metrics[seg.tensor] + seg.start,
+                                      seg.length, pass.beta, pass.scaled, pass.epsilon);
+  });
+}
+
 template <typename P, typename S>
 CURVKERN_INLINE void pass_b_segment(P* param, const P* grad, const S* metric, int64_t n, S epsilon, S neg_step) {
   auto prefetch = [&](int64_t ahead) CURVKERN_INLINE_LAMBDA {
@@ -61,51 +96,35 @@ CURVKERN_INLINE void pass_b_segment(P* param, const P* grad, const S* metric, in
   });
 }
 
-// The passes, one pair per (parameter, state) dtype and ISA (csrc/cpu_dispatch.h). The OpenMP region
-// sits in the ISA's function itself, so GCC outlines (and vectorizes) its body once per ISA. One region
-// per pass over all units; partials land per segment, so the per-tensor sums do not depend on the
-// thread count.
-#define CURVKERN_HYSTEROGRAD_PASSES(isa, target, P, S, suffix)                                                 \
-  target void pass_a_##suffix##_##isa(const ChunkTable& table, P* const* grads, S* const* metrics,             \
-                                      double* partials, S beta, S scaled, S epsilon) {                         \
-    _Pragma("omp parallel for schedule(static) num_threads(at::get_num_threads())")                            \
-    for (int64_t u = 0; u < table.num_units(); ++u) {                                                          \
-      for (int64_t s = table.unit_begin(u); s < table.unit_begin(u + 1); ++s) {                                \
-        const Segment& seg = table.segment(s);                                                                 \
-        partials[s] = pass_a_segment(grads[seg.tensor] + seg.start, metrics[seg.tensor] + seg.start,           \
-                                     seg.length, beta, scaled, epsilon);                                       \
-      }                                                                                                        \
-    }                                                                                                          \
-  }                                                                                                            \
-  target void pass_b_##suffix##_##isa(const ChunkTable& table, P* const* params, P* const* grads,             \
-                                      S* const* metrics, S epsilon, S neg_step) {                              \
-    _Pragma("omp parallel for schedule(static) num_threads(at::get_num_threads())")                            \
-    for (int64_t u = 0; u < table.num_units(); ++u) {                                                          \
-      for (int64_t s = table.unit_begin(u); s < table.unit_begin(u + 1); ++s) {                                \
-        const Segment& seg = table.segment(s);                                                                 \
-        pass_b_segment(params[seg.tensor] + seg.start, grads[seg.tensor] + seg.start,                          \
-                       metrics[seg.tensor] + seg.start, seg.length, epsilon, neg_step);                        \
-      }                                                                                                        \
-    }                                                                                                          \
-  }
-#define CURVKERN_HYSTEROGRAD_KERNELS(P, S, suffix)                                                             \
-  CURVKERN_FOR_EACH_ISA(CURVKERN_HYSTEROGRAD_PASSES, P, S, suffix)                                             \
-  void dispatch(const ChunkTable& table, P* const* grads, S* const* metrics, double* partials, S beta,         \
-                S scaled, S epsilon) {                                                                         \
-    CURVKERN_CALL_ACTIVE_ISA(pass_a_##suffix, table, grads, metrics, partials, beta, scaled, epsilon);          \
-  }                                                                                                            \
-  void dispatch(const ChunkTable& table, P* const* params, P* const* grads, S* const* metrics, S epsilon,       \
-                S neg_step) {                                                                                  \
-    CURVKERN_CALL_ACTIVE_ISA(pass_b_##suffix, table, params, grads, metrics, epsilon, neg_step);                \
-  }
+template <typename P>
+CURVKERN_INLINE void pass_b_unit(const PassB<P>& pass, int64_t unit) {
+  for_each_segment(pass.table, unit, [&](int64_t, const Segment& seg) CURVKERN_INLINE_LAMBDA {
+    pass_b_segment(pass.params[seg.tensor] + seg.start, pass.grads[seg.tensor] + seg.start,
+                   pass.metrics[seg.tensor] + seg.start, seg.length, pass.epsilon, pass.neg_step);
+  });
+}
 
-CURVKERN_HYSTEROGRAD_KERNELS(float, float, f32)
-CURVKERN_HYSTEROGRAD_KERNELS(double, double, f64)
-CURVKERN_HYSTEROGRAD_KERNELS(c10::BFloat16, float, bf16)
-CURVKERN_HYSTEROGRAD_KERNELS(c10::Half, float, f16)
+// The passes' OpenMP regions, stamped by macro (why: csrc/cpu_dispatch.h). CURVKERN_FOR_EACH_DTYPE below
+// defines hysterograd_pass_a_<dtype>_<isa> and hysterograd_pass_b_<dtype>_<isa> for every dtype and ISA, each
+// one region over all work units, and per dtype run_pass_a and run_pass_b, which run the active ISA's.
+// Partials land per segment, so the per-tensor sums do not depend on the thread count.
+#define CURVKERN_HYSTEROGRAD_REGIONS(isa, target, P, dtype)                         \
+  target void hysterograd_pass_a_##dtype##_##isa(const PassA<P>& pass) {            \
+    _Pragma("omp parallel for schedule(static) num_threads(at::get_num_threads())") \
+    for (int64_t u = 0; u < pass.table.num_units(); ++u) pass_a_unit(pass, u);      \
+  }                                                                                 \
+  target void hysterograd_pass_b_##dtype##_##isa(const PassB<P>& pass) {            \
+    _Pragma("omp parallel for schedule(static) num_threads(at::get_num_threads())") \
+    for (int64_t u = 0; u < pass.table.num_units(); ++u) pass_b_unit(pass, u);      \
+  }
+#define CURVKERN_HYSTEROGRAD_KERNELS(P, dtype)                                                          \
+  CURVKERN_FOR_EACH_ISA(CURVKERN_HYSTEROGRAD_REGIONS, P, dtype)                                         \
+  void run_pass_a(const PassA<P>& pass) { CURVKERN_CALL_ACTIVE_ISA(hysterograd_pass_a_##dtype, pass); } \
+  void run_pass_b(const PassB<P>& pass) { CURVKERN_CALL_ACTIVE_ISA(hysterograd_pass_b_##dtype, pass); }
+
+CURVKERN_FOR_EACH_DTYPE(CURVKERN_HYSTEROGRAD_KERNELS)
 #undef CURVKERN_HYSTEROGRAD_KERNELS
-#undef CURVKERN_HYSTEROGRAD_PASSES
-
+#undef CURVKERN_HYSTEROGRAD_REGIONS
 
 template <typename T>
 T& scalar_ref(at::Tensor& t) {
@@ -125,8 +144,6 @@ void check_group_scalar(const at::Tensor& t, const char* op, const char* name, a
   TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, " like the accumulator, got ",
               t.scalar_type());
 }
-
-#undef CURVKERN_INLINE
 
 }  // namespace
 
@@ -150,18 +167,20 @@ void hysterograd_pass_a_(at::TensorList grads, at::TensorList metrics, at::Tenso
   }
   const ChunkTable table(numels_of(grads), kChunkElements);
   std::vector<double> partials(table.num_segments());
-  with_param_types(dtype, op, [&](auto param_tag, auto state_tag) {
-    using P = typename decltype(param_tag)::type;
-    using S = typename decltype(state_tag)::type;
-    std::vector<P*> grad_ptrs;
-    std::vector<S*> metric_ptrs;
-    for (size_t i = 0; i < grads.size(); ++i) {
-      grad_ptrs.push_back(grad_views[i].data_ptr<P>());
-      metric_ptrs.push_back(metric_views[i].data_ptr<S>());
-    }
+  with_dtype(dtype, op, "gradients", [&](auto tag) {
+    using P = typename decltype(tag)::type;
+    using S = at::opmath_type<P>;
     // (1−β)·s is formed in double and rounded once, as torch rounds the original's Python float.
-    dispatch(table, grad_ptrs.data(), metric_ptrs.data(), partials.data(), static_cast<S>(beta),
-             static_cast<S>((1 - beta) * metric_scale), static_cast<S>(epsilon));
+    PassA<P> pass{.table = table,
+                  .partials = partials.data(),
+                  .beta = static_cast<S>(beta),
+                  .scaled = static_cast<S>((1 - beta) * metric_scale),
+                  .epsilon = static_cast<S>(epsilon)};
+    for (size_t i = 0; i < grads.size(); ++i) {
+      pass.grads.push_back(grad_views[i].const_data_ptr<P>());
+      pass.metrics.push_back(metric_views[i].data_ptr<S>());
+    }
+    run_pass_a(pass);
     layout.write_back();
     const std::vector<double> sums = table.reduce_per_tensor(partials, 1);
     auto accumulate = [&](auto& acc) {
@@ -194,17 +213,17 @@ A torch_sqrt(A x) {
 }
 
 template <typename A>
-std::tuple<at::Tensor, at::Tensor> scalars(const at::Tensor& accumulator, at::Tensor& tau, at::Tensor& temp,
-                                           at::Tensor& energy, double lr, double stiffening_factor, double beta,
-                                           double cooling_rate, bool adaptive_threshold,
-                                           std::optional<double> grad_clip, double hysteresis_scale) {
+std::tuple<at::Tensor, at::Tensor> scalar_stage(const at::Tensor& accumulator, at::Tensor& tau, at::Tensor& temp,
+                                                at::Tensor& energy, double lr, double stiffening_factor, double beta,
+                                                double cooling_rate, bool adaptive_threshold,
+                                                std::optional<double> grad_clip, double hysteresis_scale) {
   // Every Python float meeting a 0-dim tensor of dtype A is rounded to A first, as in torch.
   const A norm = torch_sqrt(*accumulator.const_data_ptr<A>());
   A clip_scale = A(1);
   double neg_step_size = -lr;
   if (grad_clip.has_value() && *grad_clip != 0.0) {
     // `C / tensor` in Python is torch's `reciprocal(tensor) * C`: two roundings, mirrored here.
-    const A ratio = A(1) / (norm + static_cast<A>(1e-6)) * static_cast<A>(*grad_clip);
+    const A ratio = A(1) / (norm + static_cast<A>(kClipEps)) * static_cast<A>(*grad_clip);
     if (ratio < A(1)) {  // a NaN ratio keeps k = 1, as min(1, ratio) does in the original
       clip_scale = ratio;
       neg_step_size = static_cast<double>(static_cast<A>(-lr) * ratio);
@@ -219,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor> scalars(const at::Tensor& accumulator, at::Te
   e = static_cast<A>(beta) * e + static_cast<A>(1 - beta) * g_norm;
   const A cold_factor = A(1) - clamp01(temperature);
   A barrier = static_cast<A>(stiffening_factor) * torch_sqrt(t) * cold_factor * static_cast<A>(hysteresis_scale);
-  if (adaptive_threshold) barrier = barrier * (e + static_cast<A>(1e-8));
+  if (adaptive_threshold) barrier = barrier * (e + static_cast<A>(kEnergyEps));
   const bool liquid = g_norm > barrier;
   at::Tensor stats = at::empty({3}, accumulator.options());
   A* out = stats.data_ptr<A>();
@@ -233,9 +252,9 @@ std::tuple<at::Tensor, at::Tensor> scalars(const at::Tensor& accumulator, at::Te
 
 std::tuple<at::Tensor, at::Tensor> hysterograd_scalars_(const at::Tensor& accumulator, at::Tensor& tau,
                                                         at::Tensor& temp, at::Tensor& energy, const at::Tensor& lr,
-                                                        double stiffening_factor, double beta,
-                                                        double cooling_rate, bool adaptive_threshold,
-                                                        std::optional<double> grad_clip, double hysteresis_scale) {
+                                                        double stiffening_factor, double beta, double cooling_rate,
+                                                        bool adaptive_threshold, std::optional<double> grad_clip,
+                                                        double hysteresis_scale) {
   constexpr const char* op = "curvkern::hysterograd_scalars_";
   const at::ScalarType dtype = accumulator.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op, ": expected float32 or float64 scalars, got ", dtype);
@@ -245,22 +264,21 @@ std::tuple<at::Tensor, at::Tensor> hysterograd_scalars_(const at::Tensor& accumu
   check_group_scalar(energy, op, "avg_energy", dtype);
   const double learning_rate_value = learning_rate(lr, op);
   if (dtype == at::kFloat) {
-    return scalars<float>(accumulator, tau, temp, energy, learning_rate_value, stiffening_factor, beta, cooling_rate,
-                          adaptive_threshold, grad_clip, hysteresis_scale);
+    return scalar_stage<float>(accumulator, tau, temp, energy, learning_rate_value, stiffening_factor, beta,
+                               cooling_rate, adaptive_threshold, grad_clip, hysteresis_scale);
   }
-  return scalars<double>(accumulator, tau, temp, energy, learning_rate_value, stiffening_factor, beta, cooling_rate,
-                         adaptive_threshold, grad_clip, hysteresis_scale);
+  return scalar_stage<double>(accumulator, tau, temp, energy, learning_rate_value, stiffening_factor, beta,
+                              cooling_rate, adaptive_threshold, grad_clip, hysteresis_scale);
 }
 
-void hysterograd_pass_b_(at::TensorList params, at::TensorList grads, at::TensorList metrics,
-                         const at::Tensor& stats, const at::Tensor& neg_step_size, double epsilon) {
+void hysterograd_pass_b_(at::TensorList params, at::TensorList grads, at::TensorList metrics, const at::Tensor& stats,
+                         const at::Tensor& neg_step_size, double epsilon) {
   constexpr const char* op = "curvkern::hysterograd_pass_b_";
   TORCH_CHECK(params.size() == grads.size() && params.size() == metrics.size(), op, ": got ", params.size(),
               " parameters, ", grads.size(), " gradients and ", metrics.size(), " metrics");
   TORCH_CHECK(stats.device().is_cpu() && stats.dim() == 1 && stats.numel() == 3, op,
               ": stats must be the scalar stage's [N̂, h, gate] on the CPU");
-  TORCH_CHECK(neg_step_size.device().is_cpu() && neg_step_size.dim() == 0 &&
-                  neg_step_size.scalar_type() == at::kDouble,
+  TORCH_CHECK(neg_step_size.device().is_cpu() && neg_step_size.dim() == 0 && neg_step_size.scalar_type() == at::kDouble,
               op, ": neg_step_size must be a 0-dim float64 CPU tensor");
   if (params.empty()) return;
   const at::ScalarType dtype = common_dtype(params, op, "parameters");
@@ -270,8 +288,8 @@ void hysterograd_pass_b_(at::TensorList params, at::TensorList grads, at::Tensor
   }
   for (const at::Tensor& m : metrics) check_state(m, dtype, op, "G");
   // The gate selects: a frozen group is not touched at all, so a NaN step never reaches p (docs/hysterograd.md, G10).
-  const bool liquid = stats.scalar_type() == at::kDouble ? stats.const_data_ptr<double>()[2] > 0
-                                                         : stats.const_data_ptr<float>()[2] > 0;
+  const bool liquid =
+      stats.scalar_type() == at::kDouble ? stats.const_data_ptr<double>()[2] > 0 : stats.const_data_ptr<float>()[2] > 0;
   if (!liquid) return;
   StreamableTensors layout(op);
   std::vector<at::Tensor> param_views, grad_views, metric_views;
@@ -283,18 +301,16 @@ void hysterograd_pass_b_(at::TensorList params, at::TensorList grads, at::Tensor
   }
   const ChunkTable table(numels_of(params), kChunkElements);
   const double neg_step = *neg_step_size.const_data_ptr<double>();
-  with_param_types(dtype, op, [&](auto param_tag, auto state_tag) {
-    using P = typename decltype(param_tag)::type;
-    using S = typename decltype(state_tag)::type;
-    std::vector<P*> param_ptrs, grad_ptrs;
-    std::vector<S*> metric_ptrs;
+  with_dtype(dtype, op, "parameters", [&](auto tag) {
+    using P = typename decltype(tag)::type;
+    using S = at::opmath_type<P>;
+    PassB<P> pass{.table = table, .epsilon = static_cast<S>(epsilon), .neg_step = static_cast<S>(neg_step)};
     for (size_t i = 0; i < params.size(); ++i) {
-      param_ptrs.push_back(param_views[i].data_ptr<P>());
-      grad_ptrs.push_back(grad_views[i].data_ptr<P>());
-      metric_ptrs.push_back(metric_views[i].data_ptr<S>());
+      pass.params.push_back(param_views[i].data_ptr<P>());
+      pass.grads.push_back(grad_views[i].const_data_ptr<P>());
+      pass.metrics.push_back(metric_views[i].const_data_ptr<S>());
     }
-    dispatch(table, param_ptrs.data(), grad_ptrs.data(), metric_ptrs.data(), static_cast<S>(epsilon),
-             static_cast<S>(neg_step));
+    run_pass_b(pass);
   });
   layout.write_back();
 }

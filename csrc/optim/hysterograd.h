@@ -15,12 +15,12 @@ void hysterograd_pass_a_(at::TensorList grads, at::TensorList metrics, at::Tenso
 // The scalar stage: advances τ, T, E in place; returns ([N̂, h, gate] in the scalars' dtype, −η·k in float64).
 std::tuple<at::Tensor, at::Tensor> hysterograd_scalars_(const at::Tensor& accumulator, at::Tensor& tau,
                                                         at::Tensor& temp, at::Tensor& energy, const at::Tensor& lr,
-                                                        double stiffening_factor, double beta,
-                                                        double cooling_rate, bool adaptive_threshold,
-                                                        std::optional<double> grad_clip, double hysteresis_scale);
+                                                        double stiffening_factor, double beta, double cooling_rate,
+                                                        bool adaptive_threshold, std::optional<double> grad_clip,
+                                                        double hysteresis_scale);
 
 // Pass B: p ← p + u·(−η·k) for every tensor when the gate is open; nothing is read or written when not.
-void hysterograd_pass_b_(at::TensorList params, at::TensorList grads, at::TensorList metrics,
-                         const at::Tensor& stats, const at::Tensor& neg_step_size, double epsilon);
+void hysterograd_pass_b_(at::TensorList params, at::TensorList grads, at::TensorList metrics, const at::Tensor& stats,
+                         const at::Tensor& neg_step_size, double epsilon);
 
 }  // namespace curvkern

@@ -44,7 +44,8 @@ from curvkern.families import BiostatisState
 from curvkern.hyperparameters import BiostatisHyperparameters
 from curvkern.optim._common import lr_as, updated_in_math_dtype
 
-# Hard-coded constants of the original (docs/biostatis.md, "Hyperparameters and constants").
+# Hard-coded constants of the original (docs/biostatis.md, "Hyperparameters and constants"); csrc/optim/biostatis.cpp
+# has them too, named kGlobalFactor, ... (tests/test_cpp_constants.py checks that they agree).
 GLOBAL_FACTOR = 0.5          # global gains use ρ/2 and λ/2
 GLOBAL_BLEND = (0.9, 0.1)    # e_G = 0.9·x + 0.1, then clamp
 GLOBAL_CLAMP = (0.925, 1.075)

@@ -25,6 +25,11 @@ from curvkern.families import HysteroGradState
 from curvkern.hyperparameters import HysteroGradHyperparameters
 from curvkern.optim._common import lr_as, updated_in_math_dtype
 
+# Constants of the scalar stage; csrc/optim/hysterograd.cpp has them too, as kClipEps and kEnergyEps
+# (tests/test_cpp_constants.py checks that they agree).
+CLIP_EPS = 1e-6    # k = min(1, C / (N + CLIP_EPS))
+ENERGY_EPS = 1e-8  # h = κ·√τ·(1 − clamp(T, 0, 1))·hs·(E + ENERGY_EPS) with adaptive_threshold
+
 
 def hysterograd_pass_a(
     grads: list[torch.Tensor],
@@ -63,9 +68,9 @@ def hysterograd_scalars(
     """Advance τ, T, E in place from the group's Σu²; return (N̂, h, gate, −η·k)."""
     norm = accumulator.sqrt()
     if grad_clip:
-        ratio = grad_clip / (norm + 1e-6)
+        ratio = grad_clip / (norm + CLIP_EPS)
         clipped = ratio < 1.0
-        # min(1, C/(N+1e-6)) as the original writes it: a NaN ratio gives 1, not NaN.
+        # min(1, C/(N+CLIP_EPS)) as the original writes it: a NaN ratio gives 1, not NaN.
         clip_scale = torch.where(clipped, ratio, torch.ones_like(ratio))
         # −η·k as the original forms it: an fp32 product where the clip bites, the double −η elsewhere.
         neg_step_size = torch.where(clipped, (-lr_as(lr, ratio.dtype) * ratio).double(), -lr_as(lr, torch.float64))
@@ -79,7 +84,7 @@ def hysterograd_scalars(
     cold_factor = 1 - torch.clamp(temp, 0, 1)
     barrier = stiffening_factor * torch.sqrt(tau) * cold_factor * hysteresis_scale
     if adaptive_threshold:
-        barrier = barrier * (energy + 1e-8)
+        barrier = barrier * (energy + ENERGY_EPS)
     return g_norm, barrier, g_norm > barrier, neg_step_size
 
 
