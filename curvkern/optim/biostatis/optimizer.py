@@ -45,6 +45,9 @@ class BiostatisV6(FusedOptimizer):
     ``lr`` may be a 1-element tensor, as in torch.optim: it acts as the float it holds, and a scheduler
     that updates it in place changes the lr a captured graph replays.
 
+    Under ``torch.compile`` (torch's recipe: a compiled function that calls ``step()``) the step traces
+    without a graph break on every backend.
+
     Deliberate deviations from the original:
 
     - hyperparameters are validated, and ``memory_decays`` and ``memory_weights`` must have the
@@ -134,6 +137,11 @@ class BiostatisV6(FusedOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One step of every param group that has a gradient; returns the closure's loss (None without one).
+
+        Raises RuntimeError if a gradient or state tensor does not match its parameter (before any group
+        moves).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -22,7 +22,7 @@ from curvkern._dispatch import register
 from curvkern.optim._common import lr_as
 from curvkern.optim._triton_multi_tensor import (
     BLOCK_SIZE, CHUNK_SIZE, TRITON_DTYPES, DenseLayout, build_table, chunk_range, device_scalar, device_vector,
-    div_rn, in_dtype, launch, per_tensor_sums, sqrt_rn, store_rounded, tensor_pointer,
+    div_rn, in_dtype, launch, lr_arguments, per_tensor_sums, sqrt_rn, store_rounded, tensor_pointer,
 )
 from curvkern.optim.biostatis.eager import N_SUMS, BiostatisScalars, biostatis_scalars
 
@@ -176,7 +176,18 @@ def biostatis_step(
     flip_threshold: float,
     ascent_strength: float,
 ) -> BiostatisScalars:
-    """One group's step, as the eager ``biostatis_step``; increments each step count."""
+    """One group's step, as the eager ``biostatis_step``; increments each step count.
+
+    Under torch.compile it is one opaque op (``curvkern::biostatis_triton_step_``): the chunk table holds
+    the tensors' raw addresses, which a traced graph cannot hold, so the compiler calls the step as it is.
+    """
+    if torch.compiler.is_compiling():
+        return BiostatisScalars(*torch.ops.curvkern.biostatis_triton_step_(
+            params, grads, exp_avgs, exp_avg_sqs, [ema for emas in memory_emas for ema in emas], state_steps,
+            *lr_arguments(lr), float(betas[0]), float(betas[1]), float(eps), float(weight_decay), float(homeo_rate),
+            float(coherence_target), float(energy_target), float(lambda_energy), [float(d) for d in memory_decays],
+            [float(w) for w in memory_weights], float(flip_threshold), float(ascent_strength),
+        ))
     device = params[0].device
     torch._foreach_add_(state_steps, 1)
     layout = DenseLayout(params, grads, [exp_avgs, exp_avg_sqs, *zip(*memory_emas)])
@@ -220,3 +231,36 @@ def biostatis_step(
             )
     layout.finish()
     return scalars
+
+
+@torch.library.custom_op(
+    "curvkern::biostatis_triton_step_",
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "memory_emas", "state_steps"),
+)
+def _step_op(
+    params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor], memory_emas: list[torch.Tensor], state_steps: list[torch.Tensor],
+    lr_value: float, lr: torch.Tensor | None, beta1: float, beta2: float, eps: float, weight_decay: float,
+    homeo_rate: float, coherence_target: float, energy_target: float, lambda_energy: float,
+    memory_decays: list[float], memory_weights: list[float], flip_threshold: float, ascent_strength: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor]:
+    """:func:`biostatis_step` as an op of torch's, for torch.compile: ``memory_emas`` flat, parameter-major
+    (an op takes no list of lists), ``lr`` the tensor lr or None; returns the fields of the
+    :class:`BiostatisScalars`."""
+    n_memories = len(memory_decays)
+    return tuple(biostatis_step(
+        params, grads, exp_avgs, exp_avg_sqs,
+        [memory_emas[i:i + n_memories] for i in range(0, len(memory_emas), n_memories)], state_steps,
+        lr=lr_value if lr is None else lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
+        homeo_rate=homeo_rate, coherence_target=coherence_target, energy_target=energy_target,
+        lambda_energy=lambda_energy, memory_decays=memory_decays, memory_weights=memory_weights,
+        flip_threshold=flip_threshold, ascent_strength=ascent_strength,
+    ))
+
+
+@_step_op.register_fake
+def _step_fake(params, grads, exp_avgs, exp_avg_sqs, memory_emas, state_steps, *hyperparameters):
+    group_value = params[0].new_empty((), dtype=torch.float64)
+    per_tensor = params[0].new_empty(len(params), dtype=torch.float64)
+    return (group_value, group_value.clone(), *(per_tensor.clone() for _ in range(7)))

@@ -37,6 +37,10 @@ class HysteroGrad(FusedOptimizer):
     tensor, as in torch.optim: it acts as the float it holds, and a scheduler that updates it in place
     changes the lr a captured graph replays.
 
+    Under ``torch.compile`` (torch's recipe: a compiled function that calls ``step()``) the step traces
+    without a graph break on every backend, and returns the ``capturable`` form whatever ``capturable``
+    is: reading the tuple back would end the graph.
+
     ``fused`` picks the backend: ``"eager"``, ``"cpp"``, ``"triton"`` or ``"auto"`` (see
     :mod:`curvkern._dispatch`). It is not saved in ``state_dict()``, so a checkpoint loads under
     every mode. State keys are the original's: ``G`` per parameter, and ``group_tau``,
@@ -118,6 +122,14 @@ class HysteroGrad(FusedOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None) -> tuple[str, float, float] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One step of every param group that has a gradient.
+
+        Returns ``(status, g_norm, h_width)``: ``"Liquid"`` or ``"Frozen"`` and two Python floats. With
+        ``capturable=True``, or while torch.compile traces the step, ``(liquid, g_norm, h_width)`` instead:
+        0-dim tensors on the parameters' device (a bool and two float64) holding the same values, with no
+        host read. Raises RuntimeError if a gradient or state tensor does not match its parameter
+        (before any group moves).
+        """
         self.last_loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -169,7 +181,7 @@ class HysteroGrad(FusedOptimizer):
 
         # Skipped groups contribute 0 but still count: the original's means are diluted (docs/hysterograd.md).
         n_groups = len(self.param_groups)
-        if self.capturable:
+        if self.capturable or torch.compiler.is_compiling():  # a host read would end a captured or traced graph
             return _stats_on_device(group_stats, n_groups, self.param_groups)
         # The one device-to-host read of the step; sums in Python floats, as the original.
         liquid, g_norm_sum, h_sum = False, 0.0, 0.0
