@@ -1,5 +1,5 @@
-"""torch.compile: both optimizers' step() compiles without a graph break on every backend, and steps as it
-does uncompiled.
+"""torch.compile and CUDA graphs: both optimizers' step() compiles without a graph break on every backend,
+and steps as it does uncompiled; capturing step() with capturable=False raises, as torch.optim's do.
 
 torch's recipe compiles a function that calls ``opt.step()``; Dynamo's counters record every graph break.
 A compiled step runs the backend's kernels unchanged: the C++ ops as they are, and the Triton step as one
@@ -9,7 +9,8 @@ and inductor generates its own code, so it agrees by the policy's kind (a); with
 decompositions, traced but not compiled by inductor, it is bit-identical too.
 
 Without CUDA the Triton step runs through the interpreter (tests/conftest.py): the compiled graph calls the
-opaque op, which runs the interpreted kernels; with CUDA every case also runs on the GPU.
+opaque op, which runs the interpreted kernels; with CUDA every case also runs on the GPU. The real CUDA
+graph test skips without a GPU.
 """
 import pytest
 import torch
@@ -24,6 +25,7 @@ OPTIMIZERS = {"hysterograd": HysteroGrad, "biostatis": BiostatisV6}
 HYPERPARAMETERS = {"hysterograd": dict(lr=0.05, grad_clip=2.0), "biostatis": dict(lr=0.01, flip_threshold=3.0)}
 OPS = {"hysterograd": HYSTEROGRAD_OPS, "biostatis": BIOSTATIS_OPS}
 CASES = [(family, fused, device) for family in sorted(OPTIMIZERS) for fused, device in backend_cases(family)]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 STEPS = 3
 # (shape, dtype, has a gradient) per parameter: two groups, one mixing dtypes (a C++ call per dtype), and a
 # parameter without a gradient; make_optimizer adds an empty group.
@@ -190,3 +192,58 @@ def test_inductor_compiled_step_steps_as_uncompiled(family, fused, device):
         # stage rounds tanh(C − c*) to fp32, as the original does: fp64 tensors then agree to fp32's bound.
         dtype = torch.float32 if family == "biostatis" and a.dtype == torch.float64 else a.dtype
         assert_fused_close(a, b, dtype=dtype, ops=OPS[family], reduction_length=n, steps=STEPS)
+
+
+# ---------------------------------------------------------------------------- CUDA graph capture
+
+
+@pytest.fixture
+def capturing(monkeypatch):
+    """Make step() see a CUDA stream that is capturing, without a GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+
+
+@pytest.mark.parametrize("family", sorted(OPTIMIZERS))
+def test_capture_of_a_step_with_capturable_false_raises_before_anything_moves(family, capturing):
+    groups = make_groups("cpu")
+    set_grads(groups, 0)
+    params = [p for group in groups for p in group]
+    before = [p.detach().clone() for p in params]
+    opt = make_optimizer(family, groups, "eager")
+    name = type(opt).__name__
+    with pytest.raises(RuntimeError, match=rf"Attempting CUDA graph capture of step\(\) for an instance of {name} "
+                                           r"but its capturable is False"):
+        opt.step()
+    assert all(map(torch.equal, params, before))
+    assert not opt.state
+
+
+@pytest.mark.parametrize("family", sorted(OPTIMIZERS))
+def test_capture_of_a_capturable_step_is_not_refused(family, capturing):
+    groups = make_groups("cpu")
+    set_grads(groups, 0)
+    make_optimizer(family, groups, "eager", capturable=True).step()
+
+
+@pytest.mark.parametrize("family", sorted(OPTIMIZERS))
+def test_no_capture_check_outside_a_capture(family, monkeypatch):
+    """Without CUDA the check asks torch.cuda.is_available() and nothing else."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: pytest.fail("asked without CUDA"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    groups = make_groups("cpu")
+    set_grads(groups, 0)
+    make_optimizer(family, groups, "eager").step()
+
+
+@needs_cuda
+@pytest.mark.parametrize("family", sorted(OPTIMIZERS))
+def test_cuda_graph_capture_with_capturable_false_raises(family):
+    params = [torch.randn(8, device="cuda", requires_grad=True)]
+    params[0].grad = torch.randn_like(params[0])
+    opt = OPTIMIZERS[family](params, fused="auto")
+    opt.step()  # warm-up outside the capture, as torch's recipe does
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="Attempting CUDA graph capture of step"):
+        with torch.cuda.graph(graph):
+            opt.step()

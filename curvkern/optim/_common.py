@@ -291,6 +291,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     """
 
     family: str  # the kernel family in curvkern._dispatch
+    capturable: bool  # set by each optimizer's constructor
 
     def __init__(self, params, defaults: dict, fused: str):
         self.fused = check_fused(fused)
@@ -320,6 +321,21 @@ class FusedOptimizer(torch.optim.Optimizer):
         except Exception:
             self.param_groups.pop()  # leave the optimizer as it was
             raise
+
+    def _refuse_capture_unless_capturable(self) -> None:
+        """Raise RuntimeError, as torch.optim's optimizers do, if ``step()`` is being captured in a CUDA graph
+        and the optimizer was built with ``capturable=False`` (whose step keeps state or results on the host).
+
+        Skipped while torch.compile traces the step, as torch skips it: the compiler decides whether its
+        graph can be captured. Without CUDA this costs one call to ``torch.cuda.is_available()``.
+        """
+        if self.capturable or torch.compiler.is_compiling():
+            return
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"Attempting CUDA graph capture of step() for an instance of {type(self).__name__} but its "
+                f"capturable is False; construct it with capturable=True to capture its step()"
+            )
 
     def _check_step_inputs(self) -> None:
         """Check every group's parameters, gradients and state before the step touches any of them.

@@ -46,7 +46,8 @@ class BiostatisV6(FusedOptimizer):
     that updates it in place changes the lr a captured graph replays.
 
     Under ``torch.compile`` (torch's recipe: a compiled function that calls ``step()``) the step traces
-    without a graph break on every backend.
+    without a graph break on every backend. Capturing ``step()`` in a CUDA graph with ``capturable=False``
+    raises RuntimeError, as torch.optim's optimizers do.
 
     Deliberate deviations from the original:
 
@@ -139,9 +140,10 @@ class BiostatisV6(FusedOptimizer):
     def step(self, closure=None):
         """One step of every param group that has a gradient; returns the closure's loss (None without one).
 
-        Raises RuntimeError if a gradient or state tensor does not match its parameter (before any group
-        moves).
+        Raises RuntimeError if a CUDA graph captures a step with ``capturable=False``, or if a gradient or
+        state tensor does not match its parameter (before any group moves).
         """
+        self._refuse_capture_unless_capturable()
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -39,7 +39,8 @@ class HysteroGrad(FusedOptimizer):
 
     Under ``torch.compile`` (torch's recipe: a compiled function that calls ``step()``) the step traces
     without a graph break on every backend, and returns the ``capturable`` form whatever ``capturable``
-    is: reading the tuple back would end the graph.
+    is: reading the tuple back would end the graph. Capturing ``step()`` in a CUDA graph with
+    ``capturable=False`` raises RuntimeError, as torch.optim's optimizers do.
 
     ``fused`` picks the backend: ``"eager"``, ``"cpp"``, ``"triton"`` or ``"auto"`` (see
     :mod:`curvkern._dispatch`). It is not saved in ``state_dict()``, so a checkpoint loads under
@@ -127,9 +128,10 @@ class HysteroGrad(FusedOptimizer):
         Returns ``(status, g_norm, h_width)``: ``"Liquid"`` or ``"Frozen"`` and two Python floats. With
         ``capturable=True``, or while torch.compile traces the step, ``(liquid, g_norm, h_width)`` instead:
         0-dim tensors on the parameters' device (a bool and two float64) holding the same values, with no
-        host read. Raises RuntimeError if a gradient or state tensor does not match its parameter
-        (before any group moves).
+        host read. Raises RuntimeError if a CUDA graph captures a step with ``capturable=False``,
+        or if a gradient or state tensor does not match its parameter (before any group moves).
         """
+        self._refuse_capture_unless_capturable()
         self.last_loss = None
         if closure is not None:
             with torch.enable_grad():
