@@ -49,6 +49,12 @@ class BiostatisV6(FusedOptimizer):
     without a graph break on every backend. Capturing ``step()`` in a CUDA graph with ``capturable=False``
     raises RuntimeError, as torch.optim's optimizers do.
 
+    Schedulers: every torch LR scheduler works. ``OneCycleLR`` and ``CyclicLR`` cycle ``betas[0]`` by
+    default (``cycle_momentum=True``), as they do Adam's: β1 is then the scheduler's momentum (OneCycleLR
+    starts it at ``max_momentum=0.95``, not at the constructor's 0.9); ``cycle_momentum=False`` keeps it.
+    Under torch.compile each new float (lr, a cycled β1) recompiles the step: give a tensor lr and
+    ``cycle_momentum=False`` there (docs/biostatis.md, "torch.compile, CUDA graphs and LR schedulers").
+
     Deliberate deviations from the original:
 
     - hyperparameters are validated, and ``memory_decays`` and ``memory_weights`` must have the

@@ -42,6 +42,12 @@ class HysteroGrad(FusedOptimizer):
     is: reading the tuple back would end the graph. Capturing ``step()`` in a CUDA graph with
     ``capturable=False`` raises RuntimeError, as torch.optim's optimizers do.
 
+    Schedulers: every torch LR scheduler works. HysteroGrad has no momentum or betas to cycle:
+    ``OneCycleLR`` and ``CyclicLR``, which cycle one by default, raise ValueError ("optimizer must support
+    momentum or beta1 ...") unless given ``cycle_momentum=False``. Under torch.compile each new float lr
+    recompiles the step: give a tensor lr there (docs/hysterograd.md, "torch.compile, CUDA graphs and LR
+    schedulers").
+
     ``fused`` picks the backend: ``"eager"``, ``"cpp"``, ``"triton"`` or ``"auto"`` (see
     :mod:`curvkern._dispatch`). It is not saved in ``state_dict()``, so a checkpoint loads under
     every mode. State keys are the original's: ``G`` per parameter, and ``group_tau``,
