@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h')
 
-.PHONY: venv test test-fast test-isa bench clean cross-compiler
+.PHONY: venv test test-fast test-isa bench lint format clean cross-compiler
 
 venv: $(VENV)/.built
 
@@ -47,6 +47,20 @@ cross-compiler:
 	  else \
 	    echo "the aarch64 checks need a cross compiler: sudo apt-get install g++-aarch64-linux-gnu"; \
 	  fi; }
+
+# Lint and format with the versions pinned in requirements-dev.txt. They need the tools, not the
+# compiled extension, so they depend on the venv's packages only.
+lint: $(VENV)/.deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(CSRC)
+
+# The fixes first, as ruff advises (an import the fixer moves may need formatting); what it cannot fix
+# is printed and left to `make lint` to fail on.
+format: $(VENV)/.deps
+	$(VENV)/bin/ruff check --fix --exit-zero .
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/clang-format -i $(CSRC)
 
 bench: venv
 	$(PY) -m curvkern.bench

@@ -1,7 +1,8 @@
 """The one place that turns ``fused=`` and the tensors' device into a backend, or an error.
 
-Every kernel family (``"hysterograd"``, ``"biostatis"``, ``"cross_entropy"``) registers the
-implementation each backend has with :func:`register`. :func:`select` picks one:
+Every kernel family of :data:`curvkern.families.FAMILIES` (``"hysterograd"``, ``"biostatis"``,
+``"cross_entropy"``) registers the implementation each backend has with :func:`register`. :func:`select`
+picks one:
 
 - ``"eager"``: the pure-PyTorch reference, on any device.
 - ``"cpp"``: the C++/OpenMP kernels of ``curvkern._C``, CPU tensors only.
@@ -9,7 +10,8 @@ implementation each backend has with :func:`register`. :func:`select` picks one:
 - ``"auto"``: Triton on CUDA, C++ on CPU; the eager reference, with a one-time warning that
   says why, where that backend is not available.
 
-An explicit backend that cannot run raises; it never silently runs something else.
+An explicit backend that cannot run raises; it never silently runs something else. A family name that
+is not in the registry raises ValueError everywhere here.
 """
 from __future__ import annotations
 
@@ -21,17 +23,26 @@ from typing import Callable
 
 import torch
 
+from curvkern.families import BACKENDS, get_family
+
 FUSED_CHOICES = ("auto", "eager", "cpp", "triton")
-BACKENDS = ("eager", "cpp", "triton")
 
 _REGISTRY: dict[tuple[str, str], Callable] = {}
 _warned: set[tuple[str, str]] = set()
 
 
 def register(family: str, backend: str) -> Callable[[Callable], Callable]:
-    """Decorator: ``fn`` is ``family``'s implementation on ``backend``."""
+    """Decorator: ``fn`` is ``family``'s implementation on ``backend``, which satisfies the family's
+    Protocol (:attr:`curvkern.families.Family.protocol`).
+
+    Raises ValueError for a backend not in :data:`BACKENDS`, a family not in the registry, or a backend
+    the family's entry does not list.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    declared = get_family(family).backends
+    if backend not in declared:
+        raise ValueError(f"{family}: backend {backend!r} is not among its Family entry's backends {declared}")
 
     def decorator(fn: Callable) -> Callable:
         _REGISTRY[(family, backend)] = fn
@@ -115,6 +126,7 @@ def _not_implemented(family: str, backend: str) -> NotImplementedError:
 def select(family: str, fused: str, device: torch.device) -> tuple[str, Callable]:
     """Return ``(backend, implementation)`` for ``family`` on ``device``, or raise."""
     fused = check_fused(fused)
+    get_family(family)  # an unknown name raises, naming the known families
     device = torch.device(device)
     if fused == "auto":
         preferred = "triton" if device.type == "cuda" else "cpp"
@@ -142,7 +154,9 @@ def select(family: str, fused: str, device: torch.device) -> tuple[str, Callable
 
 
 def available_backends(family: str, device: torch.device | str = "cpu") -> list[str]:
-    """Backends that implement ``family`` and can run on ``device``: what tests parametrize over."""
+    """Backends that implement ``family`` and can run on ``device``: what tests parametrize over.
+    Raises ValueError for a family not in the registry."""
+    get_family(family)
     device = torch.device(device)
     return [
         backend

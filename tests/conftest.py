@@ -1,8 +1,9 @@
 """Test set-up shared by every kernel family.
 
-A test module names its family (``FAMILY = "hysterograd"``) and takes ``backend`` and ``device``
-arguments: it then runs once per backend that implements the family and can run here, so a new
-backend is exercised by every existing test the day it is registered. Without CUDA, Triton runs on
+A test module names its family (``FAMILY = get_family("hysterograd")``, from the registry in
+:mod:`curvkern.families`) and takes ``backend`` and ``device`` arguments: it then runs once per
+backend that implements the family and can run here, so a new backend is exercised by every existing
+test the day it is registered. Without CUDA, Triton runs on
 CPU tensors through its interpreter.
 
 Hypothesis profiles, chosen with ``HYPOTHESIS_PROFILE`` (the Makefile's targets set it): ``full``
@@ -43,5 +44,5 @@ def backend_cases(family: str) -> list[tuple[str, str]]:
 
 def pytest_generate_tests(metafunc):
     if "backend" in metafunc.fixturenames and "device" in metafunc.fixturenames:
-        cases = backend_cases(metafunc.module.FAMILY)
+        cases = backend_cases(metafunc.module.FAMILY.name)
         metafunc.parametrize("backend,device", cases, ids=[f"{b}-{d}" for b, d in cases])

@@ -11,6 +11,7 @@ import pytest
 import torch
 from matplotlib.image import imread
 
+from curvkern._dispatch import BACKENDS
 from curvkern.bench import report
 from curvkern.bench.__main__ import main
 from curvkern.bench.cases import KERNELS, Case, Shape, build_cases, dtype_name
@@ -73,7 +74,10 @@ def test_table_prints_every_record_and_the_paths(quick_run, quick_report):
     out_dir, printed = quick_run
     lines = printed.splitlines()
     for record in quick_report["records"]:
-        rows = [line for line in lines if tuple(line.split()[:4]) == identity(record)]
+        # The backend column holds the display name, which has spaces: match the fixed-width columns.
+        kernel, backend, shape, dtype = identity(record)
+        row_start = f"{kernel:<18} {report.backend_name(backend):<{report.NAME_WIDTH}} {shape:<12} {dtype:<9} "
+        rows = [line for line in lines if line.startswith(row_start)]
         assert len(rows) == 1, f"no single table row for {identity(record)}"
         assert f"{record['gbps']:.1f}" in rows[0].split()
     assert f"{quick_report['machine']['bandwidth_ceiling_gbps']:.1f} GB/s" in printed
@@ -143,6 +147,58 @@ def test_speedups_are_taken_against_the_same_workloads_baselines():
         ("hysterograd", "eager", "bfloat16"): (1.0, 0.2, 0.025),
         ("hysterograd", "cpp", "bfloat16"): (10.0, 2.0, 0.25),
     }
+
+
+def test_every_backend_has_its_own_display_name():
+    benchmarked = {case.backend for quick in (True, False) for case in build_cases(CPU, quick=quick)}
+    assert set(BACKENDS) | benchmarked <= set(report.BACKEND_NAMES)
+    names = list(report.BACKEND_NAMES.values())
+    assert len(set(names)) == len(names)
+    assert report.backend_name("eager") != report.backend_name("torch-eager")
+
+
+def test_chart_and_table_name_the_backends_and_the_peers(tmp_path):
+    def record(kernel, backend, median_s, shape="200x500000"):
+        fields = {"kernel": kernel, "backend": backend, "shape": shape, "dtype": "float32", "device": "cuda",
+                  "bytes": 10**9}
+        return report.make_record(fields, Timing(median_s=median_s, min_s=median_s, repeats=3))
+
+    records = [
+        record("adamw", "torch-fused", 2e-3),
+        record("hysterograd", "eager", 9e-3),
+        record("hysterograd", "triton", 1.5e-3),
+        record("biostatis", "triton", 3e-3),
+        record("ce-hvp", "triton", 4e-4, shape="16384x50304"),  # its peer filtered out: no speed-up
+    ]
+    machine = {**dict.fromkeys(report.MACHINE_FIELDS), "date": "2026-12-01", "cpu_model": "Some CPU",
+               "cpu_cores": 16, "torch_threads": 16, "gpu_name": "Some GPU", "torch_version": "2.13.0",
+               "triton_version": "3.9.0", "bandwidth_ceiling_gbps": 4000.0, "bandwidth_probe": "copy"}
+    synthetic = report.build_report(machine, records, source="synthetic")
+
+    table = report.format_table(synthetic)
+    assert table.splitlines()[0] == "Some GPU, Some CPU (16 cores, 16 torch threads); 2026-12-01"
+    for name in ("torch.optim.AdamW(fused=True)", "curvkern eager (reference)", "curvkern triton"):
+        assert name in table
+    assert table.splitlines()[-1] == (
+        "vs ref: against curvkern eager (reference); vs peer: against torch.optim.AdamW(fused=True) for adamw, "
+        "hysterograd, biostatis; PyTorch eager double backward for ce-hvp."
+    )
+
+    png = tmp_path / report.PNG_NAME
+    report.plot_report(synthetic, png)
+    height, width, _ = imread(png).shape
+    assert width > 1000 and height > 400
+
+
+def test_a_recorded_report_renders_again(tmp_path):
+    # Written before the report recorded peak memory and the CPU code paths.
+    recorded = REPO / "bench/results/2026-11-24-cpu-2core-cpp.json"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        report.main(["--from-report", str(recorded), "--out", str(tmp_path)])
+    assert json.loads((tmp_path / report.JSON_NAME).read_text()) == json.loads(recorded.read_text())
+    assert "adamw              torch.optim.AdamW(fused=True)  40x1048576" in printed.getvalue()
+    assert (tmp_path / report.PNG_NAME).read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.parametrize(

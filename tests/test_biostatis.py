@@ -9,12 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from curvkern import _dispatch, available_backends
+from curvkern.families import get_family
 from curvkern.optim import BiostatisV6
 from curvkern.optim.biostatis.eager import biostatis_scalars, biostatis_sums
 from conftest import max_examples
 from tolerance import BIOSTATIS_OPS, assert_fused_close, assert_relative_error, assert_rounded_close, numel, truth_bound
 
-FAMILY = "biostatis"
+FAMILY = get_family("biostatis")
 HYPERPARAMETERS = {
     "lr", "betas", "eps", "weight_decay", "homeo_rate", "coherence_target", "energy_target",
     "lambda_energy", "memory_decays", "memory_weights", "flip_threshold", "ascent_strength",
@@ -569,7 +570,7 @@ def test_state_dict_round_trip_continues_bit_identically(backend, device, dtype)
 
 
 @pytest.mark.fused_vs_eager
-@pytest.mark.parametrize("target", available_backends(FAMILY, "cpu"))
+@pytest.mark.parametrize("target", available_backends(FAMILY.name, "cpu"))
 def test_state_dict_loads_across_fused_modes(backend, device, target):
     (p,) = tensors([[1.0, -2.0, 0.5]], device)
     opt = BiostatisV6([p], fused=backend)
@@ -783,11 +784,11 @@ def test_mixed_device_group_raises(backend, device):
 
 def test_backends_without_a_kernel_raise_at_construction():
     p = torch.zeros(2, requires_grad=True)
-    available = available_backends(FAMILY, "cpu")
+    available = available_backends(FAMILY.name, "cpu")
     for fused in ("cpp", "triton"):
         if fused in available:
             continue
         with pytest.raises((NotImplementedError, RuntimeError)):
-            _dispatch.select(FAMILY, fused, torch.device("cpu"))
+            _dispatch.select(FAMILY.name, fused, torch.device("cpu"))
         with pytest.raises((NotImplementedError, RuntimeError)):
             BiostatisV6([p], fused=fused)

@@ -66,14 +66,14 @@ def fresh_dynamo():
     counters.clear()
 
 
-def step_compiled_and_uncompiled(family, fused, device, backend):
+def step_compiled_and_uncompiled(family, fused, device, backend, **kw):
     """Step one optimizer through torch's recipe (a compiled function that calls ``opt.step()``) and another
-    uncompiled, on the same data. Returns each step's ``(compiled, uncompiled)`` results, the number of
-    graphs compiled after each step, and every ``(compiled, uncompiled, elements of the group)`` of the
-    parameter and state tensors at the end."""
+    uncompiled, on the same data (``kw``: hyperparameters beside the family's HYPERPARAMETERS). Returns each
+    step's ``(compiled, uncompiled)`` results, the number of graphs compiled after each step, and every
+    ``(compiled, uncompiled, elements of the group)`` of the parameter and state tensors at the end."""
     fresh_dynamo()
     groups, reference_groups = make_groups(device), make_groups(device)
-    opt, reference = make_optimizer(family, groups, fused), make_optimizer(family, reference_groups, fused)
+    opt, reference = make_optimizer(family, groups, fused, **kw), make_optimizer(family, reference_groups, fused, **kw)
 
     @torch.compile(backend=backend)
     def compiled_step():
@@ -132,6 +132,18 @@ def test_compiled_step_has_no_graph_break_and_steps_as_uncompiled(family, fused,
             assert got is uncompiled is None
     for a, b, n in pairs:
         assert_fused_close(a, b, dtype=a.dtype, ops=OPS[family], reduction_length=n, steps=STEPS)
+
+
+TRITON_BIOSTATIS_CASES = [(fused, device) for fused, device in backend_cases("biostatis") if fused == "triton"]
+
+
+@pytest.mark.parametrize("fused,device", TRITON_BIOSTATIS_CASES, ids=["-".join(c) for c in TRITON_BIOSTATIS_CASES])
+def test_compiled_triton_step_without_memories(fused, device):
+    """memory_decays=(): the opaque op gets a flat list of no memory EMAs and splits it per parameter."""
+    results, _, pairs = step_compiled_and_uncompiled("biostatis", fused, device, "aot_eager",
+                                                     memory_decays=(), memory_weights=())
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert_bit_identical("biostatis", device, results, pairs)
 
 
 @pytest.mark.parametrize("family", sorted(OPTIMIZERS))

@@ -16,10 +16,11 @@ import torch.nn.functional as F
 
 import curvkern
 import curvkern.ce.function as ce_function
+from curvkern.families import get_family
 from curvkern.integrations import eigenthings as ck_eigenthings
 from test_cross_entropy import loss_grad_hvp
 
-FAMILY = "cross_entropy"
+FAMILY = get_family("cross_entropy")
 # Triton's interpreter computes with numpy, which warns on the masked-out lanes of ignored rows.
 pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|divide by zero|overflow) encountered:RuntimeWarning")
 REDUCTIONS = ["mean", "sum", "none"]

@@ -1,15 +1,19 @@
 """The one dispatch point: fused= choices, the auto rule, and errors instead of fallbacks."""
+import dataclasses
+import re
 import warnings
 
 import pytest
 import torch
 
-from curvkern import _dispatch
+from curvkern import _dispatch, families
+from curvkern.families import FAMILIES
 
 
 @pytest.fixture
 def toy_family(monkeypatch):
     """A family with an eager and a cpp implementation, registered only for the test."""
+    monkeypatch.setitem(FAMILIES, "toy", dataclasses.replace(FAMILIES["hysterograd"], name="toy"))
     monkeypatch.setattr(_dispatch, "_REGISTRY", dict(_dispatch._REGISTRY))
     monkeypatch.setattr(_dispatch, "_warned", set())
     _dispatch.register("toy", "eager")(lambda: "eager")
@@ -28,6 +32,38 @@ def test_check_fused_rejects_unknown_values():
 def test_register_rejects_unknown_backend():
     with pytest.raises(ValueError, match="unknown backend"):
         _dispatch.register("toy", "numba")
+
+
+# The optimizers' class names, and a near miss: all unknown to the registry, which knows families by name.
+UNKNOWN_FAMILIES = ["HysteroGrad", "BiostatisV6", "cross-entropy", "toy", ""]
+
+
+@pytest.mark.parametrize("name", UNKNOWN_FAMILIES)
+def test_an_unknown_family_raises_naming_the_known_ones(name):
+    known = re.escape(str(sorted(FAMILIES)))
+    with pytest.raises(ValueError, match=rf"unknown kernel family {re.escape(repr(name))}; known families: {known}"):
+        families.get_family(name)
+    with pytest.raises(ValueError, match="unknown kernel family"):
+        _dispatch.register(name, "eager")
+    for fused in _dispatch.FUSED_CHOICES:
+        with pytest.raises(ValueError, match="unknown kernel family"):
+            _dispatch.select(name, fused, torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown kernel family"):
+        _dispatch.available_backends(name, "cpu")
+    assert (name, "eager") not in _dispatch._REGISTRY
+
+
+def test_a_backend_its_family_does_not_list_is_refused(toy_family, monkeypatch):
+    monkeypatch.setitem(FAMILIES, toy_family, dataclasses.replace(FAMILIES[toy_family], backends=("eager",)))
+    with pytest.raises(ValueError, match=r"toy: backend 'triton' is not among its Family entry's backends \('eager',"):
+        _dispatch.register(toy_family, "triton")
+
+
+def test_an_unknown_kind_of_family_raises():
+    with pytest.raises(ValueError, match="unknown kind of kernel family 'metric'"):
+        families.families_of_kind("metric")
+    assert [f.name for f in families.families_of_kind(families.OPTIMIZER)] == ["hysterograd", "biostatis"]
+    assert [f.name for f in families.families_of_kind(families.LOSS)] == ["cross_entropy"]
 
 
 def test_extension_is_built_here():
@@ -71,8 +107,16 @@ def test_explicit_backend_without_a_kernel_raises_not_implemented(toy_family, mo
         _dispatch.select(toy_family, "triton", torch.device("cuda"))
 
 
+def test_every_backend_a_family_lists_is_registered():
+    for family in FAMILIES.values():
+        for backend in family.backends:
+            assert (family.name, backend) in _dispatch._REGISTRY, (family.name, backend)
+    assert {family for family, _ in _dispatch._REGISTRY} == set(FAMILIES)
+
+
 def test_every_family_has_every_backend():
     for family in ("hysterograd", "biostatis", "cross_entropy"):
+        assert FAMILIES[family].backends == _dispatch.BACKENDS
         for backend in _dispatch.BACKENDS:
             assert (family, backend) in _dispatch._REGISTRY, (family, backend)
 
@@ -87,6 +131,6 @@ def test_triton_needs_cuda_or_the_interpreter(monkeypatch):
 
 
 def test_eager_is_always_available():
-    for family in ("hysterograd", "biostatis"):
+    for family in FAMILIES:
         assert _dispatch.available_backends(family, "cpu")[0] == "eager"
         assert "eager" in _dispatch.available_backends(family, "meta")

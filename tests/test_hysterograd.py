@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from curvkern import available_backends
+from curvkern.families import get_family
 from curvkern.optim import HIOptimizer, HysteroGrad
 from conftest import max_examples
 from tolerance import (HYSTEROGRAD_OPS, assert_fused_close, assert_hysterograd_results_close, assert_rounded_close,
                        numel)
 
-FAMILY = "hysterograd"
+FAMILY = get_family("hysterograd")
 GRAD = [0.5, -1.0]
 
 
@@ -438,7 +439,7 @@ def test_state_dict_round_trip_continues_the_trajectory(backend, device, dtype):
 
 
 @pytest.mark.fused_vs_eager
-@pytest.mark.parametrize("target", available_backends(FAMILY, "cpu"))
+@pytest.mark.parametrize("target", available_backends(FAMILY.name, "cpu"))
 def test_state_dict_loads_across_fused_modes(backend, device, target):
     p, opt = make(backend, device)
     run(opt, p, GRAD, 3)
@@ -460,7 +461,7 @@ def test_four_default_steps_agree_across_backends_by_the_policy():
     """An AMD EPYC (AVX2) returned N̂ = 7.1243391036987305 from eager and 7.124338626861572 from cpp after
     four default steps (one fp32 ulp): every backend's N̂ and h agree with eager's to the policy, not bits."""
     results = {}
-    for backend in available_backends(FAMILY, "cpu"):
+    for backend in available_backends(FAMILY.name, "cpu"):
         p, opt = make(backend, "cpu")
         results[backend] = (run(opt, p, GRAD, 4), p.detach().clone())
     expected, expected_p = results["eager"]
@@ -559,7 +560,7 @@ def test_bad_inputs_raise_clear_errors(backend, device):
 
 @pytest.mark.parametrize("fused", ["cpp", "triton"])
 def test_backend_that_cannot_run_raises_instead_of_falling_back(fused):
-    if fused in available_backends(FAMILY, "cpu"):
+    if fused in available_backends(FAMILY.name, "cpu"):
         pytest.skip(f"{fused} runs here; the backend tests cover it")
     with pytest.raises((NotImplementedError, RuntimeError), match=fused):
         HysteroGrad([torch.zeros(2, requires_grad=True)], fused=fused)

@@ -1,13 +1,11 @@
 """The fused optimizer kernels against the eager reference: many random models, dtypes and layouts,
-determinism, the ops' registration (opcheck) and their vector math.
+determinism, the ops' errors and their vector math (the ops' registration: opcheck in tests/test_ops.py).
 
 Every backend other than eager that runs here is tested; the goldens and properties of the specs run
 against each backend in test_hysterograd.py and test_biostatis.py.
 """
 import platform
 import re
-import shutil
-import subprocess
 
 import mpmath
 import pytest
@@ -15,12 +13,13 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from curvkern import available_backends
-from curvkern.optim import BiostatisV6, HysteroGrad
+from curvkern.families import OPTIMIZER, families_of_kind
 from conftest import SMALL_SHAPES, max_examples
+from disassembly import extension_bodies, extension_symbols, has_omp_body, omp_body
 from tolerance import (BIOSTATIS_OPS, HYSTEROGRAD_OPS, assert_displacement_close, assert_fused_close,
                        assert_hysterograd_results_close)
 
-OPTIMIZERS = {"hysterograd": HysteroGrad, "biostatis": BiostatisV6}
+OPTIMIZERS = {family.name: family.api for family in families_of_kind(OPTIMIZER)}
 OPS = {"hysterograd": HYSTEROGRAD_OPS, "biostatis": BIOSTATIS_OPS}
 CONFIGS = {
     "hysterograd": [dict(lr=0.05), dict(lr=0.01, grad_clip=2.5, metric_scale=300.0, beta=0.9),
@@ -179,31 +178,6 @@ def test_large_tensors_span_many_work_units():
 
 
 @needs_cpp
-def test_opcheck_every_optimizer_op():
-    gen = torch.Generator().manual_seed(0)
-    params = [torch.randn(n, generator=gen) for n in (5, 33)]
-    grads = [torch.randn(n, generator=gen) for n in (5, 33)]
-    metrics = [torch.rand(n, generator=gen) for n in (5, 33)]
-    scalars = lambda: [torch.tensor(v) for v in (0.5, 0.9, 0.1)]  # noqa: E731
-    lr = lambda: torch.tensor(1e-3, dtype=torch.float64)  # noqa: E731
-    ops = torch.ops.curvkern
-    torch.library.opcheck(ops.hysterograd_pass_a_.default, (grads, [m.clone() for m in metrics], torch.zeros(()), 0.9, 1e-7, 1.0))
-    torch.library.opcheck(ops.hysterograd_scalars_.default,
-                          (torch.tensor(4.0), *scalars(), lr(), 0.01, 0.9, 0.99, True, 1.0, 1.0))
-    stats, neg = ops.hysterograd_scalars_(torch.tensor(4.0), *scalars(), lr(), 0.0, 0.9, 0.99, True, None, 1.0)
-    torch.library.opcheck(ops.hysterograd_pass_b_.default, ([p.clone() for p in params], grads, metrics, stats, neg, 1e-7))
-    state = lambda: [torch.rand(n, generator=gen) for n in (5, 33)]  # noqa: E731
-    moments = (state(), state())
-    sums = ops.biostatis_sums(grads, *moments, 0.9, 0.999)
-    torch.library.opcheck(ops.biostatis_sums.default, (grads, *moments, 0.9, 0.999))
-    emas = [torch.rand(n, generator=gen) for n in (5, 33) for _memory in range(2)]  # tensor-major
-    torch.library.opcheck(ops.biostatis_update_.default, (
-        [p.clone() for p in params], grads, state(), state(), emas,
-        [torch.tensor(0.0), torch.tensor(3.0)], sums, sums.sum(0), lr(), 0.9, 0.999, 1e-8, 0.01, 0.03, 0.8, 1e-3,
-        0.1, [0.9, 0.99], [0.6, 0.4], 0.2, 0.05))
-
-
-@needs_cpp
 def test_ops_reject_bad_inputs_with_clear_errors():
     ops = torch.ops.curvkern
     g = [torch.randn(4)]
@@ -254,25 +228,15 @@ def test_kernels_are_vectorized_in_their_isa_clones():
     """The passes' OpenMP bodies exist as avx512 (x86-64-v4), avx2 (x86-64-v3: AVX2 + FMA) and baseline
     versions (csrc/cpu_dispatch.h), the avx512 versions compute on zmm registers, tanh and square roots
     included, and the avx2 versions on ymm."""
-    import curvkern._C as extension
-
-    objdump = shutil.which("objdump")
-    if objdump is None:
-        pytest.skip("objdump not installed")
-    symbols = subprocess.run([objdump, "-t", extension.__file__], check=True, capture_output=True, text=True).stdout
+    symbols = extension_symbols()
     for kernel in ("pass_a_f32", "pass_b_f32", "sums_f32", "update_f32"):
         for isa in ("avx512", "avx2", "default"):
-            assert re.search(rf"{kernel}_{isa}\S*_omp_fn\.\d+\b", symbols), (kernel, isa)
-    disassembly = subprocess.run([objdump, "-d", "--no-show-raw-insn", extension.__file__], check=True,
-                                 capture_output=True, text=True).stdout
-    bodies = {}
-    for block in disassembly.split("\n\n"):
-        match = re.match(r"[0-9a-f]+ <(\S+)>:", block.strip())
-        if match:
-            bodies[match.group(1)] = block
+            assert has_omp_body(symbols, kernel, isa), (kernel, isa)
+    bodies = extension_bodies()
+
     def body(kernel, isa):
-        (name,) = [n for n in bodies if re.search(rf"{kernel}_{isa}\S*_omp_fn\.\d+$", n)]
-        return bodies[name]
+        return omp_body(bodies, kernel, isa)
+
     assert re.search(r"vsqrtps\s.*zmm", body("pass_a_f32", "avx512"))
     assert re.search(r"vdivps\s.*zmm", body("pass_a_f32", "avx512"))
     assert re.search(r"vsqrtps\s.*ymm", body("pass_a_f32", "avx2"))

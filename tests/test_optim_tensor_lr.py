@@ -10,16 +10,21 @@ same backend on the same data, and differ only in how lr reaches it.
 import pytest
 import torch
 
-from curvkern.optim import BiostatisV6, HysteroGrad
+from curvkern.families import OPTIMIZER, Family, families_of_kind
 from conftest import backend_cases
 
 # grad_clip small enough to bite (HysteroGrad's −η·k then comes from the fp32 product) and weight decay
 # on (BiostatisV6's 1 − lr·wd): every place lr enters the step.
-OPTIMIZERS = {
-    "hysterograd": lambda params, lr, fused, **kw: HysteroGrad(params, lr=lr, grad_clip=0.5, fused=fused, **kw),
-    "biostatis": lambda params, lr, fused, **kw: BiostatisV6(params, lr=lr, weight_decay=0.1, flip_threshold=3.0,
-                                                             fused=fused, **kw),
-}
+LR_EVERYWHERE = {"hysterograd": dict(grad_clip=0.5), "biostatis": dict(weight_decay=0.1, flip_threshold=3.0)}
+
+
+def constructor(family: Family):
+    def make(params, lr, fused, **kw):
+        return family.api(params, lr=lr, fused=fused, **LR_EVERYWHERE[family.name], **kw)
+    return make
+
+
+OPTIMIZERS = {family.name: constructor(family) for family in families_of_kind(OPTIMIZER)}
 CASES = [(family, fused, device) for family in sorted(OPTIMIZERS) for fused, device in backend_cases(family)]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -16,7 +16,8 @@ import sys
 import pytest
 import torch
 
-from curvkern.optim import BiostatisV6, HysteroGrad
+from curvkern.families import OPTIMIZER, Family, families_of_kind
+from curvkern.optim import HysteroGrad
 from tolerance import BIOSTATIS_OPS, HYSTEROGRAD_OPS, assert_fused_close, numel
 
 triton = pytest.importorskip("triton")
@@ -27,10 +28,16 @@ from curvkern.optim import _triton_multi_tensor as multi_tensor  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-OPTIMIZERS = {
-    "hysterograd": lambda params, fused, **kw: HysteroGrad(params, lr=0.05, grad_clip=2.0, fused=fused, **kw),
-    "biostatis": lambda params, fused, **kw: BiostatisV6(params, lr=0.01, flip_threshold=3.0, fused=fused, **kw),
-}
+CONFIGS = {"hysterograd": dict(lr=0.05, grad_clip=2.0), "biostatis": dict(lr=0.01, flip_threshold=3.0)}
+
+
+def constructor(family: Family):
+    def make(params, fused, **kw):
+        return family.api(params, fused=fused, **CONFIGS[family.name], **kw)
+    return make
+
+
+OPTIMIZERS = {family.name: constructor(family) for family in families_of_kind(OPTIMIZER)}
 
 
 OPS = {"hysterograd": HYSTEROGRAD_OPS, "biostatis": BIOSTATIS_OPS}
@@ -164,7 +171,7 @@ HYPERPARAMETER_NAMES = {
 
 
 def kernels():
-    for module in (backend_module("hysterograd"), backend_module("biostatis"), multi_tensor):
+    for module in (*map(backend_module, OPTIMIZERS), multi_tensor):
         for name, value in vars(module).items():
             if name.endswith("_kernel"):
                 yield value

@@ -19,6 +19,7 @@ import torch
 import torch.utils.cpp_extension
 
 from curvkern._dispatch import cpp_unavailable_reason, cpu_capabilities
+from disassembly import count, function_bodies, has_omp_body, omp_body
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPABILITY_VARIABLE = "CURVKERN_CPU_CAPABILITY"
@@ -70,29 +71,14 @@ def aarch64_disassembly(tmp_path_factory) -> dict[str, str]:
         objects = list(pool.map(compile_one, sources))
     bodies = {}
     for obj in objects:
-        text = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(obj)], check=True, capture_output=True,
-                              text=True).stdout
-        for block in text.split("\n\n"):
-            match = re.match(r"[0-9a-f]+ <(\S+)>:", block.strip())
-            if match:
-                bodies[match.group(1)] = block
+        bodies.update(function_bodies(str(obj), objdump))
     return bodies
-
-
-def omp_body(bodies: dict[str, str], kernel: str) -> str:
-    """The OpenMP-outlined body of `kernel` (its one, portable version), where the vector loops are."""
-    (name,) = [n for n in bodies if re.search(rf"{kernel}_default\S*_omp_fn\.\d+$", n)]
-    return bodies[name]
-
-
-def count(pattern: str, code: str) -> int:
-    return len(re.findall(pattern, code))
 
 
 @pytest.mark.slow  # a cross build of every source: make test runs it, make test-fast does not
 def test_aarch64_build_has_one_portable_version(aarch64_disassembly):
     names = "\n".join(aarch64_disassembly)
-    assert re.search(r"pass_a_f32_default\S*_omp_fn", names)
+    assert has_omp_body(names, "pass_a_f32", "default")
     assert not re.search(r"_(avx2|avx512)\w*\._omp_fn", names), "x86 ISA versions in an aarch64 build"
 
 

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from curvkern import available_backends
-from curvkern.optim import BiostatisV6, HysteroGrad
+from curvkern.families import OPTIMIZER, families_of_kind
+from curvkern.optim import HysteroGrad
 
-OPTIMIZERS = {"hysterograd": HysteroGrad, "biostatis": BiostatisV6}
+OPTIMIZERS = {family.name: family.api for family in families_of_kind(OPTIMIZER)}
 # (family, backend) for every backend that can run here (Triton on CPU through the interpreter).
 CASES = [(family, backend) for family in OPTIMIZERS for backend in available_backends(family, "cpu")]
 CASE_IDS = [f"{family}-{backend}" for family, backend in CASES]
@@ -425,7 +426,7 @@ def test_broken_checkpoints_never_crash_any_backend():
     kills the process with a signal or makes glibc print its complaint."""
     script = os.path.join(os.path.dirname(__file__), "validation_fuzz.py")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    backends = sorted(set(available_backends("hysterograd", "cpu")) & set(available_backends("biostatis", "cpu")))
+    backends = sorted(set.intersection(*(set(available_backends(family, "cpu")) for family in OPTIMIZERS)))
     runs = {backend: subprocess.Popen([sys.executable, script, backend], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True) for backend in backends}
     for backend, process in runs.items():

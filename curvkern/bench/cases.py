@@ -2,8 +2,9 @@
 bytes one call must move at the least.
 
 The main job (``python -m curvkern.bench``) and the pytest-benchmark suites under ``bench/`` both take
-their cases from :func:`build_cases`, so a backend registered with :mod:`curvkern._dispatch` shows up in
-both the day it lands.
+their cases from :func:`build_cases`, one kernel per optimizer family of :data:`curvkern.families.FAMILIES`
+(each with its row in :data:`TRAFFIC`) beside fused AdamW, so a backend registered with
+:mod:`curvkern._dispatch` shows up in both the day it lands.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from curvkern import available_backends
 from curvkern.bandwidth import PROBE_NUMEL
 from curvkern.bench.ce_cases import PEER_BACKENDS as CE_PEER_BACKENDS
 from curvkern.bench.ce_cases import CrossEntropyCase, build_cross_entropy_cases
-from curvkern.optim import BiostatisV6, HysteroGrad
+from curvkern.families import OPTIMIZER, Family, families_of_kind
 from curvkern.optim._common import state_dtype
 
 REFERENCE_BACKEND = "eager"
@@ -85,7 +86,7 @@ class Kernel:
     name: str
     make_optimizer: Callable[[list[torch.Tensor], str], torch.optim.Optimizer]
     state_dtype: Callable[[torch.dtype], torch.dtype]
-    family: str | None  # the curvkern._dispatch family; None for the torch peer
+    family: str | None  # the family's name in curvkern.families.FAMILIES; None for the torch peer
 
     def backends(self, device: torch.device) -> list[str]:
         if self.family is None:
@@ -99,10 +100,15 @@ class Kernel:
         return sum(param_dtype.itemsize if array in PARAMETER_DTYPE_ARRAYS else state_itemsize for array in reads + writes)
 
 
+def _family_kernel(family: Family) -> Kernel:
+    """An optimizer family's kernel: its optimizer with the default hyperparameters."""
+    return Kernel(family.name, lambda params, backend: family.api(params, fused=backend), _curvkern_state_dtype,
+                  family.name)
+
+
 KERNELS = (
     Kernel(PEER_KERNEL, lambda params, _backend: torch.optim.AdamW(params, fused=True), lambda dtype: dtype, None),
-    Kernel("hysterograd", lambda params, backend: HysteroGrad(params, fused=backend), _curvkern_state_dtype, "hysterograd"),
-    Kernel("biostatis", lambda params, backend: BiostatisV6(params, fused=backend), _curvkern_state_dtype, "biostatis"),
+    *map(_family_kernel, families_of_kind(OPTIMIZER)),
 )
 
 

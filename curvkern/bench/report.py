@@ -4,7 +4,7 @@ pytest-benchmark's ``--benchmark-json`` output, so one renderer serves the main 
 ``bench-report.json``::
 
     {"schema": "curvkern-bench-report/1", "source": "curvkern.bench" | "pytest-benchmark",
-     "machine": {cpu_model, cpu_cores, torch_threads, device, gpu_name, platform, python_version,
+     "machine": {date, cpu_model, cpu_cores, torch_threads, device, gpu_name, platform, python_version,
                  torch_version, triton_version, curvkern_version, torch_cpu_capability, curvkern_cpu_capability,
                  bandwidth_ceiling_gbps, bandwidth_probe},
      "records": [{kernel, backend, shape, dtype, device, bytes, median_s, min_s, repeats,
@@ -16,33 +16,40 @@ the same kernel's eager reference, or its peer (:func:`curvkern.bench.cases.peer
 ``torch.optim.AdamW(fused=True)``, the cross-entropy kernels' PyTorch or hessian-eigenthings path); null
 where that baseline was not run (``--filter``) or does not exist (AdamW has no curvkern eager reference).
 ``peak_bytes`` is a call's peak allocation beyond its inputs and ``input_bytes`` the inputs' size
-(cross-entropy cases; null for the optimizers).
+(cross-entropy cases; null for the optimizers). ``date`` is the UTC day of the run (``YYYY-MM-DD``; absent
+from reports written before it was recorded).
 
-Render a pytest-benchmark run: ``python -m curvkern.bench.report --from-pytest-benchmark FILE [--out DIR]``.
+The table and the chart name every backend by :data:`BACKEND_NAMES`, so curvkern's eager reference and
+PyTorch's eager path cannot be taken for each other.
+
+Render a pytest-benchmark run: ``python -m curvkern.bench.report --from-pytest-benchmark FILE [--out DIR]``;
+render a report again (one of ``bench/results/``): ``python -m curvkern.bench.report --from-report FILE``.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib.metadata
 import json
+import math
 import os
 import platform
 from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 import curvkern
 from curvkern._dispatch import cpp_unavailable_reason, cpu_capability
-from curvkern.bench.cases import REFERENCE_BACKEND, peer_of
+from curvkern.bench.cases import PEER_KERNEL, REFERENCE_BACKEND, peer_of
 from curvkern.bench.timing import Timing
 
 SCHEMA = "curvkern-bench-report/1"
 JSON_NAME = "bench-report.json"
 PNG_NAME = "bench-report.png"
 MACHINE_FIELDS = (
-    "cpu_model", "cpu_cores", "torch_threads", "device", "gpu_name", "platform", "python_version",
+    "date", "cpu_model", "cpu_cores", "torch_threads", "device", "gpu_name", "platform", "python_version",
     "torch_version", "triton_version", "curvkern_version", "torch_cpu_capability", "curvkern_cpu_capability",
     "bandwidth_ceiling_gbps", "bandwidth_probe",
 )
@@ -50,6 +57,27 @@ RECORD_FIELDS = (
     "kernel", "backend", "shape", "dtype", "device", "bytes", "median_s", "min_s", "repeats",
     "gbps", "fraction_of_ceiling", "speedup_vs_eager", "speedup_vs_peer", "peak_bytes", "input_bytes",
 )
+
+# What the table and the chart call each ``backend`` of a record: curvkern's three, then the peers of
+# curvkern.bench.cases and curvkern.bench.ce_cases.
+BACKEND_NAMES = {
+    "cpp": "curvkern cpp",
+    "triton": "curvkern triton",
+    REFERENCE_BACKEND: "curvkern eager (reference)",
+    "torch-fused": "torch.optim.AdamW(fused=True)",
+    "torch-eager": "PyTorch eager double backward",
+    "torch-compile": "torch.compile(closed-form HVP)",
+    "eigenthings-autograd": "hessian-eigenthings autograd",
+}
+# curvkern's backends in colour, every peer in grey: the bar labels name them.
+BACKEND_COLOURS = {"cpp": "tab:blue", "triton": "tab:orange", REFERENCE_BACKEND: "lightsteelblue"}
+PEER_COLOUR = "darkgrey"
+NAME_WIDTH = max(map(len, BACKEND_NAMES.values()))  # the table's backend column
+
+
+def backend_name(backend: str) -> str:
+    """The display name of a record's ``backend`` (the key itself for one this version does not know)."""
+    return BACKEND_NAMES.get(backend, backend)
 
 
 def _cpu_model() -> str:
@@ -74,6 +102,7 @@ def _installed_version(distribution: str) -> str | None:
 def collect_machine_info(device: torch.device) -> dict:
     """What the numbers were measured on, less the bandwidth ceiling (measured by the caller)."""
     return {
+        "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
         "cpu_model": _cpu_model(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -165,47 +194,160 @@ def _number(value: float | None, fmt: str, unit: str = "") -> str:
     return "-" if value is None else format(value, fmt) + unit
 
 
+def describe_machine(machine: dict) -> str:
+    """One line: the GPU if any, the CPU, its cores and torch threads, the CPU code paths, the date."""
+    line = f"{machine['cpu_model']} ({machine['cpu_cores']} cores, {machine['torch_threads']} torch threads)"
+    if machine["gpu_name"]:
+        line = f"{machine['gpu_name']}, {line}"
+    # Reports written before these were recorded lack them.
+    paths = [f"{who} {machine[key]}" for who, key in (("torch", "torch_cpu_capability"),
+                                                      ("curvkern", "curvkern_cpu_capability")) if machine.get(key)]
+    if paths:
+        line += f", CPU code paths {' / '.join(paths)}"
+    return line + (f"; {machine['date']}" if machine.get("date") else "")
+
+
+def _peers_line(records: list[dict]) -> str:
+    """Which peer each kernel's ``vs peer`` ratio is taken against."""
+    kernels_by_peer: dict[str, list[str]] = {}
+    for kernel in dict.fromkeys(r["kernel"] for r in records):
+        kernels_by_peer.setdefault(backend_name(peer_of(kernel)[1]), []).append(kernel)
+    return "; ".join(f"{peer} for {', '.join(kernels)}" for peer, kernels in kernels_by_peer.items())
+
+
 def format_table(report: dict) -> str:
+    """The report as fixed-width text: the machine, one row per record, and what each ratio is taken against.
+    A ratio is the baseline's median time over the row's (above 1: the row is faster)."""
     machine = report["machine"]
     ceiling = machine["bandwidth_ceiling_gbps"]
+    records = report["records"]
     lines = [
-        f"{machine['cpu_model']} ({machine['cpu_cores']} cores, {machine['torch_threads']} torch threads)"
-        + (f", {machine['gpu_name']}" if machine["gpu_name"] else ""),
+        describe_machine(machine),
         f"torch {machine['torch_version']}, triton {machine['triton_version'] or '-'}; bandwidth ceiling "
         f"{_number(ceiling, '.1f')} GB/s ({machine['bandwidth_probe'] or 'not measured'})",
         "",
-        f"{'kernel':<18} {'backend':<20} {'shape':<12} {'dtype':<9} {'median ms':>10} {'GB/s':>7} "
-        f"{'of ceil':>8} {'vs eager':>9} {'vs peer':>9} {'peak MiB':>9}",
+        f"{'kernel':<18} {'backend':<{NAME_WIDTH}} {'shape':<12} {'dtype':<9} {'median ms':>10} {'GB/s':>7} "
+        f"{'of ceil':>8} {'vs ref':>7} {'vs peer':>8} {'peak MiB':>9}",
     ]
-    for r in report["records"]:
+    for r in records:
         fraction = None if r["fraction_of_ceiling"] is None else 100 * r["fraction_of_ceiling"]
+        peak = r.get("peak_bytes")  # absent from reports written before peak memory was recorded
         lines.append(
-            f"{r['kernel']:<18} {r['backend']:<20} {r['shape']:<12} {r['dtype']:<9} {1e3 * r['median_s']:>10.2f} "
-            f"{r['gbps']:>7.1f} {_number(fraction, '.0f', '%'):>8} "
-            f"{_number(r['speedup_vs_eager'], '.2f', 'x'):>9} {_number(r['speedup_vs_peer'], '.2f', 'x'):>9} "
-            f"{_number(None if r['peak_bytes'] is None else r['peak_bytes'] / 2**20, '.0f'):>9}"
+            f"{r['kernel']:<18} {backend_name(r['backend']):<{NAME_WIDTH}} {r['shape']:<12} {r['dtype']:<9} "
+            f"{1e3 * r['median_s']:>10.2f} {r['gbps']:>7.1f} {_number(fraction, '.0f', '%'):>8} "
+            f"{_number(r['speedup_vs_eager'], '.2f', 'x'):>7} {_number(r['speedup_vs_peer'], '.2f', 'x'):>8} "
+            f"{_number(None if peak is None else peak / 2**20, '.0f'):>9}"
         )
+    lines += [
+        "",
+        f"vs ref: against {BACKEND_NAMES[REFERENCE_BACKEND]}; vs peer: against {_peers_line(records)}.",
+    ]
     return "\n".join(lines)
 
 
+def _comparison_groups(records: list[dict]) -> list[list[dict]]:
+    """The records that share a peer and a workload (shape, dtype, device), in the report's order: one row
+    of the chart. The optimizers on one workload form one group (their peer is fused AdamW); each
+    cross-entropy kernel forms its own."""
+    groups: dict[tuple, list[dict]] = {}
+    for record in records:
+        groups.setdefault((peer_of(record["kernel"]), *_workload(record)), []).append(record)
+    return list(groups.values())
+
+
+def _group_title(group: list[dict]) -> str:
+    first = group[0]
+    count, size = first["shape"].split("x")
+    if peer_of(first["kernel"])[0] == PEER_KERNEL:
+        return f"optimizer step: {count} tensors x {size} elements, {first['dtype']}"
+    return f"{first['kernel']}: {count} rows x {size} classes, {first['dtype']}"
+
+
+def _bar_label(record: dict, group: list[dict]) -> str:
+    """The backend's display name, after the kernel's where the group compares several kernels."""
+    name = backend_name(record["backend"])
+    several_kernels = len({r["kernel"] for r in group}) > 1
+    return f"{record['kernel']}: {name}" if several_kernels and record["kernel"] != PEER_KERNEL else name
+
+
+def _colour(backend: str) -> str:
+    return BACKEND_COLOURS.get(backend, PEER_COLOUR)
+
+
+def _milliseconds(value: float) -> str:
+    """Three significant digits, trailing zeros kept ("2.00"), or the whole milliseconds from 100 up."""
+    return f"{value:.0f}" if value >= 99.95 else f"{value:#.3g}"  # 99.96 rounds to "100", not "100."
+
+
+def _times_panel(axes, group: list[dict]) -> None:
+    """Median milliseconds per call, labelled with the time and the GB/s of compulsory traffic."""
+    times_ms = [1e3 * r["median_s"] for r in group]
+    axes.barh(range(len(group)), times_ms, color=[_colour(r["backend"]) for r in group])
+    for row, (record, time_ms) in enumerate(zip(group, times_ms)):
+        axes.annotate(f"{_milliseconds(time_ms)} ms  ({record['gbps']:.1f} GB/s)", (time_ms, row),
+                      xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+    axes.set_xlim(0, 1.45 * max(times_ms))  # room for the labels
+    axes.set_yticks(range(len(group)), [_bar_label(r, group) for r in group])
+    axes.set_title(_group_title(group), loc="left", fontsize=10, fontweight="bold")
+
+
+def _speedup_limits(records: list[dict]) -> tuple[float, float]:
+    """One log-scale range for every speed-up panel, so 1x lines up down the figure."""
+    speedups = [r["speedup_vs_peer"] for r in records if r["speedup_vs_peer"] is not None]
+    return min([*speedups, 1.0]) / 3, max([*speedups, 1.0]) * 3
+
+
+def _speedups_panel(axes, group: list[dict], limits: tuple[float, float]) -> None:
+    """Speed-up over the group's peer on a log scale: a bar from 1x to the speed-up, right when faster,
+    left when slower, labelled with its value; the peer's own row says so."""
+    peer = peer_of(group[0]["kernel"])
+    axes.set_xscale("log")
+    axes.set_xlim(*limits)
+    axes.axvline(1, color="black", linewidth=0.8)
+    for row, record in enumerate(group):
+        speedup = record["speedup_vs_peer"]
+        if (record["kernel"], record["backend"]) == peer or speedup is None:
+            text = "the peer" if speedup is not None else "peer not measured"
+            axes.annotate(text, (1, row), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8,
+                          style="italic")
+            continue
+        axes.barh(row, abs(speedup - 1), left=min(speedup, 1), color=_colour(record["backend"]))
+        faster = speedup >= 1
+        axes.annotate(f"{speedup:.2f}x" if speedup < 10 else f"{speedup:.1f}x", (speedup, row),
+                      xytext=(3 if faster else -3, 0), textcoords="offset points", va="center",
+                      ha="left" if faster else "right", fontsize=8)
+    decades = math.log10(limits[1] / limits[0])
+    axes.xaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5) if decades <= 2.5 else (1, 3)))
+    axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
+    axes.xaxis.set_minor_formatter(NullFormatter())
+    axes.tick_params(labelleft=False)
+    axes.set_title(f"speed-up over {backend_name(peer[1])}", loc="left", fontsize=10)
+
+
 def plot_report(report: dict, path: Path) -> None:
-    """Horizontal bars of compulsory GB/s per record, coloured by backend, with the ceiling as a line."""
-    records = report["records"]
-    ceiling = report["machine"]["bandwidth_ceiling_gbps"]
-    backends = list(dict.fromkeys(r["backend"] for r in records))
-    colours = {backend: f"C{i}" for i, backend in enumerate(backends)}
-    figure = Figure(figsize=(10, 1.5 + 0.3 * len(records)), layout="constrained")
-    axes = figure.subplots()
-    positions = range(len(records))
-    axes.barh(positions, [r["gbps"] for r in records], color=[colours[r["backend"]] for r in records])
-    axes.set_yticks(positions, [f"{r['kernel']} {r['backend']} | {r['shape']} {r['dtype']}" for r in records])
-    axes.invert_yaxis()  # first record on top, as in the table
-    legend = [Patch(color=colour, label=backend) for backend, colour in colours.items()]
-    if ceiling is not None:
-        legend.append(axes.axvline(ceiling, color="black", linestyle="--", label=f"ceiling {ceiling:.1f} GB/s"))
-    axes.set_xlabel("GB/s of compulsory traffic (median step)")
-    axes.set_title(f"curvkern benchmarks on {report['machine']['gpu_name'] or report['machine']['cpu_model']}")
-    axes.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.01, 1))
+    """One row of two panels per comparison group (the optimizers on one workload, each cross-entropy
+    kernel): median time per backend and speed-up over the peer, values on the bars, the machine and the
+    date in the title."""
+    machine = report["machine"]
+    groups = _comparison_groups(report["records"])
+    rows = [len(group) for group in groups]
+    figure = Figure(figsize=(13, 1.0 + sum(0.3 * n + 1.0 for n in rows)), layout="constrained")
+    grid = figure.subplots(len(groups), 2, squeeze=False, gridspec_kw={"height_ratios": rows})
+    limits = _speedup_limits(report["records"])
+    for (times_axes, speedups_axes), group in zip(grid, groups):
+        speedups_axes.sharey(times_axes)
+        _times_panel(times_axes, group)
+        _speedups_panel(speedups_axes, group, limits)
+        times_axes.invert_yaxis()  # the report's order, top down (both panels: they share the axis)
+    grid[-1, 0].set_xlabel("median time per call, ms (lower is better)")
+    grid[-1, 1].set_xlabel("speed-up: the peer's time / this time (higher is better)")
+    ceiling = machine["bandwidth_ceiling_gbps"]
+    figure.suptitle(
+        f"curvkern benchmarks: {describe_machine(machine)}\n"
+        f"torch {machine['torch_version']}, triton {machine['triton_version'] or '-'}; GB/s of compulsory traffic, "
+        f"bandwidth ceiling {'not measured' if ceiling is None else f'{ceiling:.1f} GB/s'}",
+        fontsize=11,
+    )
     figure.savefig(path, dpi=100)
 
 
@@ -223,14 +365,21 @@ def publish(report: dict, out_dir: Path) -> tuple[Path, Path]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m curvkern.bench.report",
-        description="Render a pytest-benchmark JSON of the bench/ suites as the curvkern benchmark report.",
+        description="Render a pytest-benchmark JSON of the bench/ suites as the curvkern benchmark report, "
+                    "or render a report again.",
     )
-    parser.add_argument("--from-pytest-benchmark", type=Path, required=True, metavar="FILE",
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-pytest-benchmark", type=Path, metavar="FILE",
                         help="the file written by `pytest bench/ --benchmark-json=FILE`")
+    source.add_argument("--from-report", type=Path, metavar="FILE",
+                        help="a bench-report.json (one of bench/results/, say) to print and draw again")
     parser.add_argument("--out", type=Path, default=Path.cwd(), metavar="DIR",
                         help="where bench-report.json and bench-report.png go (default: the current directory)")
     args = parser.parse_args(argv)
-    publish(report_from_pytest_benchmark(json.loads(args.from_pytest_benchmark.read_text())), args.out)
+    if args.from_report is not None:
+        publish(json.loads(args.from_report.read_text()), args.out)
+    else:
+        publish(report_from_pytest_benchmark(json.loads(args.from_pytest_benchmark.read_text())), args.out)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import torch
 
 from curvkern._dispatch import cpp_unavailable_reason, register
 from curvkern.ce.eager import accumulation_dtype
+from curvkern.hyperparameters import CrossEntropyHyperparameters
 
 if cpp_unavailable_reason() is None:
 
@@ -27,15 +28,24 @@ if cpp_unavailable_reason() is None:
 
 @register("cross_entropy", "cpp")
 class CppCrossEntropy:
-    @staticmethod
-    def forward(logits, target, ignore_index, label_smoothing):
-        return torch.ops.curvkern.cross_entropy_forward(logits, target, ignore_index, label_smoothing)
+    """The C++ kernels; the contract is :class:`curvkern.families.LossKernels`."""
 
     @staticmethod
-    def backward(logits, target, lse, grad_scale, ignore_index, label_smoothing):
-        return torch.ops.curvkern.cross_entropy_backward(logits, target, lse, grad_scale, ignore_index, label_smoothing)
+    def forward(logits: torch.Tensor, target: torch.Tensor, hyperparameters: CrossEntropyHyperparameters):
+        h = hyperparameters
+        return torch.ops.curvkern.cross_entropy_forward(logits, target, h.ignore_index, h.label_smoothing)
 
     @staticmethod
-    def hvp(logits, target, u, scale, ignore_index, label_smoothing, shift_period, out, out_is_callers=False):
-        return torch.ops.curvkern.cross_entropy_hvp_(logits, target, u, scale, ignore_index, label_smoothing,
+    def backward(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, grad_scale: torch.Tensor,
+                 hyperparameters: CrossEntropyHyperparameters):
+        h = hyperparameters
+        return torch.ops.curvkern.cross_entropy_backward(logits, target, lse, grad_scale, h.ignore_index,
+                                                         h.label_smoothing)
+
+    @staticmethod
+    def hvp(logits: torch.Tensor, target: torch.Tensor, u: torch.Tensor, scale: torch.Tensor,
+            hyperparameters: CrossEntropyHyperparameters, shift_period: int, out: torch.Tensor,
+            out_is_callers: bool = False):
+        h = hyperparameters
+        return torch.ops.curvkern.cross_entropy_hvp_(logits, target, u, scale, h.ignore_index, h.label_smoothing,
                                                      shift_period, out_is_callers, out)

@@ -1,28 +1,20 @@
 """The eager reference of the cross-entropy kernels: plain PyTorch, the semantics every backend is
 tested against (``docs/cross_entropy.md``, "The math").
 
-Every backend exposes the same three kernels on 2-D logits (N, V) whose last dimension is dense:
+Every backend exposes the same three kernels on 2-D logits (N, V) whose last dimension is dense, the
+contract of :class:`curvkern.families.LossKernels` (shapes, dtypes and results are stated there), each
+taking the :class:`~curvkern.hyperparameters.CrossEntropyHyperparameters` of the call:
 
-- ``forward(logits, target, ignore_index, label_smoothing) -> (loss_rows, lse)``: per-row loss ℓ_r
-  (0 on ignored rows) and log-sum-exp, both in the accumulation dtype;
-- ``backward(logits, target, lse, grad_scale, ignore_index, label_smoothing) -> grad``:
-  ``grad_scale_r · (p_r − q_r)`` in the logits' dtype, exactly 0 on ignored rows;
-- ``hvp(logits, target, u, scale, ignore_index, label_smoothing, shift_period, out, out_is_callers) -> dot``: writes
-  ``scale_r · (p_r ⊙ u_r − p_r ⟨p_r, u_r⟩)`` into ``out`` (exactly 0 on ignored rows) and returns
-  ``dot_r = ⟨u_r, p_r − q_r⟩`` (0 on ignored rows), what the gradient of the loss's incoming
-  gradient needs.
-
-``grad_scale`` and ``scale`` are 0-dim or (N,) tensors on the logits' device in the accumulation
-dtype (fp64 for fp64 logits, fp32 otherwise), so no kernel reads a number back to the host.
-``out_is_callers`` says ``out`` is a buffer the caller passed in rather than one just allocated (the C++
-kernel then writes large fp32 results with streaming stores). ``shift_period`` T > 0 is the causal-LM shift: row r takes its label from ``target[r + 1]`` and is
-ignored when ``(r + 1) % T == 0`` (the last time step); 0 means row r takes ``target[r]``.
+- ``forward(logits, target, hyperparameters) -> (loss_rows, lse)``;
+- ``backward(logits, target, lse, grad_scale, hyperparameters) -> grad``;
+- ``hvp(logits, target, u, scale, hyperparameters, shift_period, out, out_is_callers) -> dot``.
 """
 from __future__ import annotations
 
 import torch
 
 from curvkern._dispatch import register
+from curvkern.hyperparameters import CrossEntropyHyperparameters
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -45,8 +37,11 @@ def _rows(scale: torch.Tensor) -> torch.Tensor:
 
 @register("cross_entropy", "eager")
 class EagerCrossEntropy:
+    """The reference kernels; the contract is :class:`curvkern.families.LossKernels`."""
+
     @staticmethod
-    def forward(logits, target, ignore_index, label_smoothing):
+    def forward(logits: torch.Tensor, target: torch.Tensor, hyperparameters: CrossEntropyHyperparameters):
+        ignore_index, label_smoothing = hyperparameters.ignore_index, hyperparameters.label_smoothing
         z = logits.to(accumulation_dtype(logits.dtype))
         valid = target != ignore_index
         lse = torch.logsumexp(z, dim=1)
@@ -57,7 +52,9 @@ class EagerCrossEntropy:
         return torch.where(valid, loss, 0.0), lse
 
     @staticmethod
-    def backward(logits, target, lse, grad_scale, ignore_index, label_smoothing):
+    def backward(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, grad_scale: torch.Tensor,
+                 hyperparameters: CrossEntropyHyperparameters):
+        ignore_index, label_smoothing = hyperparameters.ignore_index, hyperparameters.label_smoothing
         z = logits.to(lse.dtype)
         valid = target != ignore_index
         grad = torch.exp(z - lse[:, None])
@@ -68,7 +65,10 @@ class EagerCrossEntropy:
         return torch.where(valid[:, None], grad, 0.0).to(logits.dtype)
 
     @staticmethod
-    def hvp(logits, target, u, scale, ignore_index, label_smoothing, shift_period, out, out_is_callers=False):
+    def hvp(logits: torch.Tensor, target: torch.Tensor, u: torch.Tensor, scale: torch.Tensor,
+            hyperparameters: CrossEntropyHyperparameters, shift_period: int, out: torch.Tensor,
+            out_is_callers: bool = False):
+        ignore_index, label_smoothing = hyperparameters.ignore_index, hyperparameters.label_smoothing
         target = shifted_target(target, ignore_index, shift_period)
         z = logits.to(accumulation_dtype(logits.dtype))
         u = u.to(z.dtype)

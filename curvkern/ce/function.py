@@ -18,8 +18,10 @@ import torch
 
 from curvkern._dispatch import is_dtensor, select
 from curvkern.ce.eager import accumulation_dtype
+from curvkern.hyperparameters import CrossEntropyHyperparameters
 
 FAMILY = "cross_entropy"
+_DEFAULTS = CrossEntropyHyperparameters()
 REDUCTIONS = ("mean", "sum", "none")
 LOGIT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # F.cross_entropy's class-index dtypes; uint8 labels are widened to int64 for the kernels.
@@ -153,12 +155,12 @@ def _reduction_scale(target: torch.Tensor, ignore_index: int, reduction: str, dt
 
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, kernels, ignore_index, label_smoothing, reduction):
-        loss_rows, lse = kernels.forward(logits, target, ignore_index, label_smoothing)
-        scale = _reduction_scale(target, ignore_index, reduction, lse.dtype)
+    def forward(ctx, logits, target, kernels, hyperparameters):
+        loss_rows, lse = kernels.forward(logits, target, hyperparameters)
+        scale = _reduction_scale(target, hyperparameters.ignore_index, hyperparameters.reduction, lse.dtype)
         ctx.save_for_backward(logits, target, lse, scale)
-        ctx.config = (kernels, ignore_index, label_smoothing, reduction)
-        if reduction == "none":
+        ctx.config = (kernels, hyperparameters)
+        if hyperparameters.reduction == "none":
             return loss_rows.to(logits.dtype)
         return (loss_rows.sum() * scale).to(logits.dtype)
 
@@ -166,18 +168,18 @@ class _CrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         logits, target, lse, scale = ctx.saved_tensors
         grad_logits = _CrossEntropyBackward.apply(logits, grad_loss, target, lse, scale, *ctx.config)
-        return grad_logits, None, None, None, None, None
+        return grad_logits, None, None, None
 
 
 class _CrossEntropyBackward(torch.autograd.Function):
     """grad_logits = grad_loss · c_r (p_r − q_r); its own backward is the fused HVP kernel."""
 
     @staticmethod
-    def forward(ctx, logits, grad_loss, target, lse, scale, kernels, ignore_index, label_smoothing, reduction):
+    def forward(ctx, logits, grad_loss, target, lse, scale, kernels, hyperparameters):
         grad_scale = grad_loss.to(scale.dtype) * scale
         ctx.save_for_backward(logits, target, grad_scale, scale)
-        ctx.config = (kernels, ignore_index, label_smoothing, reduction, grad_loss.dtype)
-        return kernels.backward(logits, target, lse, grad_scale, ignore_index, label_smoothing)
+        ctx.config = (kernels, hyperparameters, grad_loss.dtype)
+        return kernels.backward(logits, target, lse, grad_scale, hyperparameters)
 
     @staticmethod
     def backward(ctx, u):
@@ -195,13 +197,12 @@ class _CrossEntropyBackward(torch.autograd.Function):
     @staticmethod
     def _hvp(ctx, u):
         logits, target, grad_scale, scale = ctx.saved_tensors
-        kernels, ignore_index, label_smoothing, reduction, grad_loss_dtype = ctx.config
+        kernels, hyperparameters, grad_loss_dtype = ctx.config
         hvp = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        dot = kernels.hvp(logits, target, _as_rows(u.to(logits.dtype)), grad_scale, ignore_index,
-                          label_smoothing, 0, hvp)
+        dot = kernels.hvp(logits, target, _as_rows(u.to(logits.dtype)), grad_scale, hyperparameters, 0, hvp)
         # d/d(grad_loss) of ⟨u, grad_loss · c (p − q)⟩ = c ⟨u, p − q⟩, per row for reduction="none".
-        grad_grad_loss = dot * scale if reduction == "none" else dot.sum() * scale
-        return hvp, grad_grad_loss.to(grad_loss_dtype), None, None, None, None, None, None, None
+        grad_grad_loss = dot * scale if hyperparameters.reduction == "none" else dot.sum() * scale
+        return hvp, grad_grad_loss.to(grad_loss_dtype), None, None, None, None, None
 
 
 def cross_entropy(
@@ -209,9 +210,9 @@ def cross_entropy(
     target: torch.Tensor,
     weight: torch.Tensor | None = None,
     *,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
+    ignore_index: int = _DEFAULTS.ignore_index,
+    reduction: str = _DEFAULTS.reduction,
+    label_smoothing: float = _DEFAULTS.label_smoothing,
     fused: str = "auto",
 ) -> torch.Tensor:
     """``torch.nn.functional.cross_entropy`` with class-index targets, differentiable twice through kernels.
@@ -256,8 +257,9 @@ def _cross_entropy_classes_last(logits: torch.Tensor, target: torch.Tensor, *, i
     if not 0.0 <= label_smoothing <= 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
     _, kernels = select(FAMILY, fused, logits.device)
+    hyperparameters = CrossEntropyHyperparameters(int(ignore_index), float(label_smoothing), reduction)
     rows = _as_rows(logits)
-    loss = _CrossEntropy.apply(rows, target.reshape(-1).contiguous(), kernels, int(ignore_index), float(label_smoothing), reduction)
+    loss = _CrossEntropy.apply(rows, target.reshape(-1).contiguous(), kernels, hyperparameters)
     return loss.view(target.shape) if reduction == "none" else loss
 
 
@@ -266,8 +268,8 @@ def ce_hvp(
     target: torch.Tensor,
     u: torch.Tensor,
     *,
-    ignore_index: int = -100,
-    reduction: str = "mean",
+    ignore_index: int = _DEFAULTS.ignore_index,
+    reduction: str = _DEFAULTS.reduction,
     out: torch.Tensor | None = None,
     fused: str = "auto",
 ) -> torch.Tensor:
@@ -296,15 +298,18 @@ def ce_hvp(
     target = _class_indices(target)
     _check_arguments(_classes_last(logits), target, reduction, ignore_index)
     _, kernels = select(FAMILY, fused, logits.device)
-    result = _hvp_into(kernels, _classes_last(logits), target.reshape(-1).contiguous(), _classes_last(u), ignore_index,
-                       reduction, None if out is None else _classes_last(out), shift_period=0, valid_count=None)
+    hyperparameters = CrossEntropyHyperparameters(ignore_index=int(ignore_index), reduction=reduction)
+    result = _hvp_into(kernels, _classes_last(logits), target.reshape(-1).contiguous(), _classes_last(u),
+                       hyperparameters, None if out is None else _classes_last(out), shift_period=0, valid_count=None)
     return out if out is not None else _classes_first(result)
 
 
-def _hvp_into(kernels, logits, flat_target, u, ignore_index, reduction, out, shift_period, valid_count):
+def _hvp_into(kernels, logits, flat_target, u, hyperparameters, out, shift_period, valid_count):
     """Run the HVP kernel on (…, V) tensors (classes last; ``out``, when given, checked by the caller to
     match the logits), writing into ``out`` (allocated when None) without copies where the rows are
-    already strided views; returns ``out``."""
+    already strided views; returns ``out``. Label smoothing does not enter the Hessian: ``out`` is the
+    same for any ``hyperparameters.label_smoothing``."""
+    ignore_index, reduction = hyperparameters.ignore_index, hyperparameters.reduction
     out_given = out is not None
     if not out_given:
         out = torch.empty_like(logits, memory_format=torch.contiguous_format)
@@ -317,8 +322,8 @@ def _hvp_into(kernels, logits, flat_target, u, ignore_index, reduction, out, shi
     out_is_callers = out_given and out_rows is not None
     with torch.no_grad():
         result_rows = out_rows if out_rows is not None else torch.empty(_row_shape(out), dtype=out.dtype, device=out.device)
-        kernels.hvp(_as_rows(logits), flat_target, _as_rows(u), scale, int(ignore_index), 0.0, shift_period,
-                    result_rows, out_is_callers)
+        kernels.hvp(_as_rows(logits), flat_target, _as_rows(u), scale, hyperparameters, shift_period, result_rows,
+                    out_is_callers)
         if out_rows is None:  # an ``out`` no (N, V) view can write, e.g. a transposed one
             out.copy_(result_rows.view(out.shape))
     return out

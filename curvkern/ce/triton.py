@@ -17,6 +17,7 @@ import torch
 
 from curvkern._dispatch import register
 from curvkern.ce.eager import accumulation_dtype
+from curvkern.hyperparameters import CrossEntropyHyperparameters
 
 if importlib.util.find_spec("triton") is not None:
     import triton
@@ -174,8 +175,11 @@ def _row_stride(tensor: torch.Tensor) -> int:
 
 @register("cross_entropy", "triton")
 class TritonCrossEntropy:
+    """The Triton kernels; the contract is :class:`curvkern.families.LossKernels`."""
+
     @staticmethod
-    def forward(logits, target, ignore_index, label_smoothing):
+    def forward(logits: torch.Tensor, target: torch.Tensor, hyperparameters: CrossEntropyHyperparameters):
+        ignore_index, label_smoothing = hyperparameters.ignore_index, hyperparameters.label_smoothing
         n, v = logits.shape
         loss = torch.empty(n, dtype=accumulation_dtype(logits.dtype), device=logits.device)
         lse = torch.empty_like(loss)
@@ -187,7 +191,9 @@ class TritonCrossEntropy:
         return loss, lse
 
     @staticmethod
-    def backward(logits, target, lse, grad_scale, ignore_index, label_smoothing):
+    def backward(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, grad_scale: torch.Tensor,
+                 hyperparameters: CrossEntropyHyperparameters):
+        ignore_index, label_smoothing = hyperparameters.ignore_index, hyperparameters.label_smoothing
         n, v = logits.shape
         grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
         if n:
@@ -198,7 +204,10 @@ class TritonCrossEntropy:
         return grad
 
     @staticmethod
-    def hvp(logits, target, u, scale, ignore_index, label_smoothing, shift_period, out, out_is_callers=False):
+    def hvp(logits: torch.Tensor, target: torch.Tensor, u: torch.Tensor, scale: torch.Tensor,
+            hyperparameters: CrossEntropyHyperparameters, shift_period: int, out: torch.Tensor,
+            out_is_callers: bool = False):
+        ignore_index, label_smoothing = hyperparameters.ignore_index, hyperparameters.label_smoothing
         n, v = logits.shape
         dot = torch.empty(n, dtype=accumulation_dtype(logits.dtype), device=logits.device)
         if n:

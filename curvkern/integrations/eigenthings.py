@@ -17,8 +17,11 @@ import torch
 
 from curvkern._dispatch import check_fused, select
 from curvkern.ce.function import FAMILY, _check_arguments, _check_not_dtensor, _cross_entropy_classes_last, _hvp_into
+from curvkern.hyperparameters import CrossEntropyHyperparameters
 
 IGNORE_INDEX = -100
+# What hessian-eigenthings' losses compute: the mean over the valid rows, no label smoothing.
+_HYPERPARAMETERS = CrossEntropyHyperparameters(ignore_index=IGNORE_INDEX, reduction="mean")
 
 
 class _LossOfOutput:
@@ -46,7 +49,7 @@ class HFCausalLMLossOfOutput(_LossOfOutput):
         _check_arguments(output, labels, "mean", IGNORE_INDEX)
         _check_tangent(output, u)
         valid_count = (labels[..., 1:] != IGNORE_INDEX).sum()
-        return _hvp_into(self._kernels(output.device), output, labels.reshape(-1).contiguous(), u, IGNORE_INDEX, "mean",
+        return _hvp_into(self._kernels(output.device), output, labels.reshape(-1).contiguous(), u, _HYPERPARAMETERS,
                          None, shift_period=labels.shape[-1], valid_count=valid_count)
 
 
@@ -61,7 +64,7 @@ class CrossEntropyLossOfOutput(_LossOfOutput):
         target = batch[1]
         _check_arguments(output, target, "mean", IGNORE_INDEX)
         _check_tangent(output, u)
-        return _hvp_into(self._kernels(output.device), output, target.reshape(-1).contiguous(), u, IGNORE_INDEX, "mean",
+        return _hvp_into(self._kernels(output.device), output, target.reshape(-1).contiguous(), u, _HYPERPARAMETERS,
                          None, shift_period=0, valid_count=None)
 
 

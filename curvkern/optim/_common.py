@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import operator
 from collections import defaultdict
 from contextlib import contextmanager
@@ -11,6 +10,7 @@ from typing import Iterator, Mapping
 import torch
 
 from curvkern._dispatch import check_fused, is_dtensor, select
+from curvkern.families import get_family
 
 # Parameters in these dtypes keep fp32 optimizer state and do their math in fp32; the result is
 # written back to the parameter rounded to nearest even (a deliberate deviation from the originals,
@@ -220,51 +220,6 @@ def by_dtype(params: list[torch.Tensor], *companions: list) -> list[tuple[list, 
     return [tuple([items[i] for i in indices] for items in (params, *companions)) for indices in buckets.values()]
 
 
-def _number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"Invalid {name}: {value!r} (expected a finite number)")
-    return float(value)
-
-
-def require_range(name: str, value: object, low: float | None = None, high: float | None = None,
-                  *, low_open: bool = False, high_open: bool = False) -> float:
-    """Check ``low <= value <= high`` (with open ends where asked) and say the range when it fails."""
-    x = _number(name, value)
-    too_low = low is not None and (x <= low if low_open else x < low)
-    too_high = high is not None and (x >= high if high_open else x > high)
-    if too_low or too_high:
-        left = "-inf" if low is None else f"{low:g}"
-        right = "inf" if high is None else f"{high:g}"
-        bounds = ("(" if low_open or low is None else "[") + f"{left}, {right}" + (")" if high_open or high is None else "]")
-        raise ValueError(f"Invalid {name}: {value!r} (expected a value in {bounds})")
-    return x
-
-
-def require_lr(value: object) -> None:
-    """lr is a number, or a 1-element real tensor holding one (read once here, never in a step)."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or not value.is_floating_point():
-            raise ValueError(
-                f"Invalid lr: a tensor lr must hold one floating-point element, got shape {tuple(value.shape)} "
-                f"and dtype {value.dtype}"
-            )
-        require_range("lr", value.detach().double().item(), 0)
-    else:
-        require_range("lr", value, 0)
-
-
-def lr_on(lr: float | torch.Tensor, device: torch.device) -> float | torch.Tensor:
-    """The group's lr as the backends take it: a float, or a 0-dim tensor on the parameters' device.
-
-    The tensor is a view of the group's own when it already lives there, so a scheduler that updates
-    it in place (torch's do, with ``fill_``) changes the lr that a captured CUDA graph replays.
-    """
-    if not isinstance(lr, torch.Tensor):
-        return float(lr)
-    # Host to device needs no sync; device to host must wait for the value.
-    return lr.detach().reshape(()).to(device, non_blocking=device.type != "cpu")
-
-
 def lr_as(lr: float | torch.Tensor, dtype: torch.dtype) -> float | torch.Tensor:
     """lr where the reference meets a tensor of ``dtype``: a tensor lr acts as the float it holds.
 
@@ -290,7 +245,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     fused kernel read or write past the end of a tensor.
     """
 
-    family: str  # the kernel family in curvkern._dispatch
+    family: str  # the kernel family's name in curvkern.families.FAMILIES
     capturable: bool  # set by each optimizer's constructor
 
     def __init__(self, params, defaults: dict, fused: str):
@@ -298,7 +253,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict) -> None:
-        raise NotImplementedError
+        """Raise ValueError, naming the hyperparameter, unless ``group``'s are valid: the check of the
+        family's hyperparameter record (:mod:`curvkern.hyperparameters`)."""
+        get_family(self.family).hyperparameters.validate(group)
 
     def _restore_entry(self, param: torch.Tensor, key: str, value):
         """A loaded state entry of ``param`` rebuilt in the dtype and on the device the step keeps it."""

@@ -11,11 +11,11 @@ A group that mixes parameter dtypes runs one pair of calls per dtype around one 
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
 from curvkern._dispatch import register
+from curvkern.families import BiostatisState
+from curvkern.hyperparameters import BiostatisHyperparameters
 from curvkern.optim._common import by_dtype, lr_tensor
 from curvkern.optim.biostatis.eager import BiostatisScalars
 
@@ -42,39 +42,25 @@ def _update_fake(params, grads, exp_avgs, exp_avg_sqs, memory_emas, steps, sums,
 def biostatis_step(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    memory_emas: list[list[torch.Tensor]],
-    state_steps: list[torch.Tensor],
-    *,
-    lr: float | torch.Tensor,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-    homeo_rate: float,
-    coherence_target: float,
-    energy_target: float,
-    lambda_energy: float,
-    memory_decays: Sequence[float],
-    memory_weights: Sequence[float],
-    flip_threshold: float,
-    ascent_strength: float,
+    state: BiostatisState,
+    hyperparameters: BiostatisHyperparameters,
 ) -> BiostatisScalars:
     """One group's step, same contract as the eager ``biostatis_step``."""
+    exp_avgs, exp_avg_sqs, memory_emas, state_steps = state
+    h = hyperparameters
     positions = list(range(len(params)))
     buckets = by_dtype(params, grads, exp_avgs, exp_avg_sqs, memory_emas, state_steps, positions)
-    beta1, beta2 = float(betas[0]), float(betas[1])
+    beta1, beta2 = h.betas
     sums = [_ops.biostatis_sums(bucket[1], bucket[2], bucket[3], beta1, beta2) for bucket in buckets]
     group_sums = (sums[0] if len(sums) == 1 else torch.cat(sums)).sum(0)
-    lr = lr_tensor(lr)
+    lr = lr_tensor(h.lr)
     columns = []
     for (b_params, b_grads, b_exp_avgs, b_exp_avg_sqs, b_emas, b_steps, _), b_sums in zip(buckets, sums):
         columns.append(_ops.biostatis_update_(
             b_params, b_grads, b_exp_avgs, b_exp_avg_sqs, [ema for emas in b_emas for ema in emas], b_steps,
-            b_sums, group_sums, lr, beta1, beta2, float(eps), float(weight_decay),
-            float(homeo_rate), float(coherence_target), float(energy_target), float(lambda_energy),
-            [float(d) for d in memory_decays], [float(w) for w in memory_weights], float(flip_threshold),
-            float(ascent_strength),
+            b_sums, group_sums, lr, beta1, beta2, h.eps, h.weight_decay,
+            h.homeo_rate, h.coherence_target, h.energy_target, h.lambda_energy,
+            list(h.memory_decays), list(h.memory_weights), h.flip_threshold, h.ascent_strength,
         ))
     if len(columns) == 1:
         table = columns[0]

@@ -40,6 +40,8 @@ from typing import NamedTuple, Sequence
 import torch
 
 from curvkern._dispatch import register
+from curvkern.families import BiostatisState
+from curvkern.hyperparameters import BiostatisHyperparameters
 from curvkern.optim._common import lr_as, updated_in_math_dtype
 
 # Hard-coded constants of the original (docs/biostatis.md, "Hyperparameters and constants").
@@ -238,37 +240,25 @@ def biostatis_update(
 def biostatis_step(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    memory_emas: list[list[torch.Tensor]],
-    state_steps: list[torch.Tensor],
-    *,
-    lr: float | torch.Tensor,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-    homeo_rate: float,
-    coherence_target: float,
-    energy_target: float,
-    lambda_energy: float,
-    memory_decays: Sequence[float],
-    memory_weights: Sequence[float],
-    flip_threshold: float,
-    ascent_strength: float,
+    state: BiostatisState,
+    hyperparameters: BiostatisHyperparameters,
 ) -> BiostatisScalars:
-    """One group's step over its active tensors; increments each (CPU, 0-dim) step count."""
+    """One group's step over its active tensors (the contract: :class:`curvkern.families.OptimizerStep`);
+    increments each 0-dim step count."""
+    exp_avgs, exp_avg_sqs, memory_emas, state_steps = state
+    h = hyperparameters
     for step in state_steps:
         step.add_(1)
-    sums = biostatis_sums(grads, exp_avgs, exp_avg_sqs, betas=betas)
+    sums = biostatis_sums(grads, exp_avgs, exp_avg_sqs, betas=h.betas)
     scalars = biostatis_scalars(
         sums, [p.numel() for p in params], torch.stack(list(state_steps)),
-        lr=lr, betas=betas, homeo_rate=homeo_rate, coherence_target=coherence_target,
-        energy_target=energy_target, lambda_energy=lambda_energy,
-        flip_threshold=flip_threshold, ascent_strength=ascent_strength,
+        lr=h.lr, betas=h.betas, homeo_rate=h.homeo_rate, coherence_target=h.coherence_target,
+        energy_target=h.energy_target, lambda_energy=h.lambda_energy,
+        flip_threshold=h.flip_threshold, ascent_strength=h.ascent_strength,
     )
     biostatis_update(
         params, grads, exp_avgs, exp_avg_sqs, memory_emas, scalars,
-        lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-        memory_decays=memory_decays, memory_weights=memory_weights,
+        lr=h.lr, betas=h.betas, eps=h.eps, weight_decay=h.weight_decay,
+        memory_decays=h.memory_decays, memory_weights=h.memory_weights,
     )
     return scalars

@@ -2,22 +2,18 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 
 import torch
 
 from curvkern._dispatch import select
+from curvkern.families import BiostatisState
+from curvkern.hyperparameters import BiostatisHyperparameters
 from curvkern.optim._common import (
-    FusedOptimizer, GroupLayout, check_like, check_state_keys, lr_on, parameter_name, pick, require_lr,
-    require_range, state_dtype,
+    FusedOptimizer, GroupLayout, check_like, check_state_keys, parameter_name, pick, state_dtype,
 )
 
 _NAME = "BiostatisV6"
-HYPERPARAMETERS = (
-    "lr", "betas", "eps", "weight_decay", "homeo_rate", "coherence_target", "energy_target",
-    "lambda_energy", "memory_decays", "memory_weights", "flip_threshold", "ascent_strength",
-)
-SEQUENCE_HYPERPARAMETERS = ("betas", "memory_decays", "memory_weights")
+_DEFAULTS = BiostatisHyperparameters()
 STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "memory_emas"})
 
 
@@ -85,18 +81,18 @@ class BiostatisV6(FusedOptimizer):
     def __init__(
         self,
         params,
-        lr: float | torch.Tensor = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        homeo_rate: float = 0.03,
-        coherence_target: float = 0.8,
-        energy_target: float = 1e-3,
-        lambda_energy: float = 0.1,
-        memory_decays: tuple[float, ...] = (0.9, 0.99),
-        memory_weights: tuple[float, ...] = (0.6, 0.4),
-        flip_threshold: float = 0.2,
-        ascent_strength: float = 0.05,
+        lr: float | torch.Tensor = _DEFAULTS.lr,
+        betas: tuple[float, float] = _DEFAULTS.betas,
+        eps: float = _DEFAULTS.eps,
+        weight_decay: float = _DEFAULTS.weight_decay,
+        homeo_rate: float = _DEFAULTS.homeo_rate,
+        coherence_target: float = _DEFAULTS.coherence_target,
+        energy_target: float = _DEFAULTS.energy_target,
+        lambda_energy: float = _DEFAULTS.lambda_energy,
+        memory_decays: tuple[float, ...] = _DEFAULTS.memory_decays,
+        memory_weights: tuple[float, ...] = _DEFAULTS.memory_weights,
+        flip_threshold: float = _DEFAULTS.flip_threshold,
+        ascent_strength: float = _DEFAULTS.ascent_strength,
         *,
         fused: str = "auto",
         capturable: bool = False,
@@ -117,30 +113,6 @@ class BiostatisV6(FusedOptimizer):
             ascent_strength=ascent_strength,
         )
         super().__init__(params, defaults, fused)
-
-    def _validate_group(self, group: dict) -> None:
-        require_lr(group["lr"])
-        for i, beta in enumerate(_sequence("betas", group["betas"], 2)):
-            require_range(f"betas[{i}]", beta, 0, 1, high_open=True)
-        require_range("eps", group["eps"], 0)
-        require_range("weight_decay", group["weight_decay"], 0)
-        require_range("homeo_rate", group["homeo_rate"], 0)
-        require_range("coherence_target", group["coherence_target"])
-        require_range("energy_target", group["energy_target"], 0)
-        require_range("lambda_energy", group["lambda_energy"], 0)
-        require_range("flip_threshold", group["flip_threshold"])
-        require_range("ascent_strength", group["ascent_strength"], 0)
-        decays = _sequence("memory_decays", group["memory_decays"])
-        weights = _sequence("memory_weights", group["memory_weights"])
-        for i, decay in enumerate(decays):
-            require_range(f"memory_decays[{i}]", decay, 0, 1, high_open=True)
-        for i, weight in enumerate(weights):
-            require_range(f"memory_weights[{i}]", weight)
-        if len(decays) != len(weights):
-            raise ValueError(
-                f"Invalid memory_decays and memory_weights: they pair up one to one, got {len(decays)} "
-                f"memory_decays and {len(weights)} memory_weights"
-            )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -185,10 +157,8 @@ class BiostatisV6(FusedOptimizer):
                 state_steps.append(state["step"])
 
             _, step_fn = select(self.family, self.fused, device)
-            step_fn(
-                params, grads, exp_avgs, exp_avg_sqs, memory_emas, state_steps,
-                **_hyperparameters(group, device),
-            )
+            state = BiostatisState(exp_avgs, exp_avg_sqs, memory_emas, state_steps)
+            step_fn(params, grads, state, BiostatisHyperparameters.from_group(group, device))
         return loss
 
     def _step_device(self, param: torch.Tensor) -> torch.device:
@@ -240,21 +210,3 @@ class BiostatisV6(FusedOptimizer):
         for j in range(n_memories):
             check_like(_NAME, f"state 'memory_emas'[{j}]", group_index, indices, [emas[j] for emas in all_emas],
                        like, dtypes, layout.device)
-
-
-def _hyperparameters(group: dict, device: torch.device) -> dict:
-    """The group's 12 hyperparameters as the backends take them: floats and tuples, lr maybe a tensor."""
-    values = {
-        key: tuple(float(x) for x in group[key]) if key in SEQUENCE_HYPERPARAMETERS else float(group[key])
-        for key in HYPERPARAMETERS if key != "lr"
-    }
-    return {"lr": lr_on(group["lr"], device), **values}
-
-
-def _sequence(name: str, value: object, length: int | None = None) -> Sequence:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or (
-        length is not None and len(value) != length
-    ):
-        what = f"a sequence of {length} numbers" if length is not None else "a sequence of numbers"
-        raise ValueError(f"Invalid {name}: {value!r} (expected {what})")
-    return value

@@ -12,13 +12,13 @@ it only enters the Σ|tanh g| sums, within rounding of torch's.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 import triton
 import triton.language as tl
 
 from curvkern._dispatch import register
+from curvkern.families import BiostatisState
+from curvkern.hyperparameters import BiostatisHyperparameters
 from curvkern.optim._common import lr_as
 from curvkern.optim._triton_multi_tensor import (
     BLOCK_SIZE, CHUNK_SIZE, TRITON_DTYPES, DenseLayout, build_table, chunk_range, device_scalar, device_vector,
@@ -158,41 +158,30 @@ def _update_kernel(
 def biostatis_step(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    memory_emas: list[list[torch.Tensor]],
-    state_steps: list[torch.Tensor],
-    *,
-    lr: float | torch.Tensor,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-    homeo_rate: float,
-    coherence_target: float,
-    energy_target: float,
-    lambda_energy: float,
-    memory_decays: Sequence[float],
-    memory_weights: Sequence[float],
-    flip_threshold: float,
-    ascent_strength: float,
+    state: BiostatisState,
+    hyperparameters: BiostatisHyperparameters,
 ) -> BiostatisScalars:
     """One group's step, as the eager ``biostatis_step``; increments each step count.
 
     Under torch.compile it is one opaque op (``curvkern::biostatis_triton_step_``): the chunk table holds
     the tensors' raw addresses, which a traced graph cannot hold, so the compiler calls the step as it is.
     """
+    exp_avgs, exp_avg_sqs, memory_emas, state_steps = state
+    h = hyperparameters
     if torch.compiler.is_compiling():
+        # An op's schema takes no dataclass and no list of lists: the records' fields, flat, in their order
+        # (_step_op rebuilds both).
         return BiostatisScalars(*torch.ops.curvkern.biostatis_triton_step_(
             params, grads, exp_avgs, exp_avg_sqs, [ema for emas in memory_emas for ema in emas], state_steps,
-            *lr_arguments(lr), float(betas[0]), float(betas[1]), float(eps), float(weight_decay), float(homeo_rate),
-            float(coherence_target), float(energy_target), float(lambda_energy), [float(d) for d in memory_decays],
-            [float(w) for w in memory_weights], float(flip_threshold), float(ascent_strength),
+            *lr_arguments(h.lr), *h.betas, h.eps, h.weight_decay, h.homeo_rate, h.coherence_target,
+            h.energy_target, h.lambda_energy, list(h.memory_decays), list(h.memory_weights), h.flip_threshold,
+            h.ascent_strength,
         ))
     device = params[0].device
     torch._foreach_add_(state_steps, 1)
     layout = DenseLayout(params, grads, [exp_avgs, exp_avg_sqs, *zip(*memory_emas)])
     table = build_table(layout.roles, device, CHUNK_SIZE)
-    beta1, beta2 = (float(b) for b in betas)
+    beta1, beta2 = h.betas
     moments = (beta1, 1 - beta1, beta2, 1 - beta2)
 
     partials = torch.empty((table.num_chunks, N_SUMS), dtype=torch.float64, device=device)  # every chunk writes its row
@@ -209,14 +198,14 @@ def biostatis_step(
 
     scalars = biostatis_scalars(
         sums, table.numels, torch.stack(list(state_steps)),
-        lr=lr, betas=betas, homeo_rate=homeo_rate, coherence_target=coherence_target,
-        energy_target=energy_target, lambda_energy=lambda_energy,
-        flip_threshold=flip_threshold, ascent_strength=ascent_strength,
+        lr=h.lr, betas=h.betas, homeo_rate=h.homeo_rate, coherence_target=h.coherence_target,
+        energy_target=h.energy_target, lambda_energy=h.lambda_energy,
+        flip_threshold=h.flip_threshold, ascent_strength=h.ascent_strength,
     )
 
     # 1 − lr·wd on the device: a tensor lr may change between replays of a captured step.
-    decay = device_scalar(1 - lr_as(lr, torch.float64) * weight_decay, device)
-    memory = device_vector([*memory_decays, *(1 - d for d in memory_decays), *memory_weights], device)
+    decay = device_scalar(1 - lr_as(h.lr, torch.float64) * h.weight_decay, device)
+    memory = device_vector([*h.memory_decays, *(1 - d for d in h.memory_decays), *h.memory_weights], device)
     for bucket in table.buckets:
         if bucket.num_chunks:
             launch(
@@ -224,9 +213,9 @@ def biostatis_step(
                 bucket.addresses, bucket.chunks, bucket.numels, bucket.tensor_index, memory,
                 scalars.tau, scalars.ascent, scalars.sqrt_bc2, scalars.coef,
                 bucket.num_tensors, bucket.num_chunks,
-                *moments, float(eps), decay, int(weight_decay != 0),
+                *moments, h.eps, decay, int(h.weight_decay != 0),
                 PARAM_DTYPE=TRITON_DTYPES[bucket.dtypes[PARAM]], GRAD_DTYPE=TRITON_DTYPES[bucket.dtypes[GRAD]],
-                STATE_DTYPE=TRITON_DTYPES[bucket.dtypes[EXP_AVG]], NUM_MEMORIES=len(memory_decays),
+                STATE_DTYPE=TRITON_DTYPES[bucket.dtypes[EXP_AVG]], NUM_MEMORIES=len(h.memory_decays),
                 ALIGN=bucket.alignment, CHUNK=CHUNK_SIZE, BLOCK=BLOCK_SIZE,
             )
     layout.finish()
@@ -234,33 +223,33 @@ def biostatis_step(
 
 
 @torch.library.custom_op(
-    "curvkern::biostatis_triton_step_",
-    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "memory_emas", "state_steps"),
+    "curvkern::biostatis_triton_step_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "memory_emas", "steps"),
 )
 def _step_op(
     params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor], memory_emas: list[torch.Tensor], state_steps: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor], memory_emas: list[torch.Tensor], steps: list[torch.Tensor],
     lr_value: float, lr: torch.Tensor | None, beta1: float, beta2: float, eps: float, weight_decay: float,
     homeo_rate: float, coherence_target: float, energy_target: float, lambda_energy: float,
     memory_decays: list[float], memory_weights: list[float], flip_threshold: float, ascent_strength: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor]:
-    """:func:`biostatis_step` as an op of torch's, for torch.compile: ``memory_emas`` flat, parameter-major
-    (an op takes no list of lists), ``lr`` the tensor lr or None; returns the fields of the
-    :class:`BiostatisScalars`."""
-    n_memories = len(memory_decays)
-    return tuple(biostatis_step(
-        params, grads, exp_avgs, exp_avg_sqs,
-        [memory_emas[i:i + n_memories] for i in range(0, len(memory_emas), n_memories)], state_steps,
+    """:func:`biostatis_step` as an op of torch's, for torch.compile: the state record's fields with
+    ``memory_emas`` flat, parameter-major (an op takes no list of lists), then the hyperparameter record's
+    (``lr`` the tensor lr or None, ``lr_value`` the float lr otherwise; ``betas`` as two floats); returns
+    the fields of the :class:`BiostatisScalars`."""
+    n = len(memory_decays)  # EMAs per parameter, possibly none
+    state = BiostatisState(exp_avgs, exp_avg_sqs, [memory_emas[i * n:(i + 1) * n] for i in range(len(params))], steps)
+    hyperparameters = BiostatisHyperparameters(
         lr=lr_value if lr is None else lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
         homeo_rate=homeo_rate, coherence_target=coherence_target, energy_target=energy_target,
-        lambda_energy=lambda_energy, memory_decays=memory_decays, memory_weights=memory_weights,
+        lambda_energy=lambda_energy, memory_decays=tuple(memory_decays), memory_weights=tuple(memory_weights),
         flip_threshold=flip_threshold, ascent_strength=ascent_strength,
-    ))
+    )
+    return tuple(biostatis_step(params, grads, state, hyperparameters))
 
 
 @_step_op.register_fake
-def _step_fake(params, grads, exp_avgs, exp_avg_sqs, memory_emas, state_steps, *hyperparameters):
+def _step_fake(params, grads, exp_avgs, exp_avg_sqs, memory_emas, steps, *hyperparameters):
     group_value = params[0].new_empty((), dtype=torch.float64)
     per_tensor = params[0].new_empty(len(params), dtype=torch.float64)
     return (group_value, group_value.clone(), *(per_tensor.clone() for _ in range(7)))

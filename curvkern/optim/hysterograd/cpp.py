@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 
 from curvkern._dispatch import register
+from curvkern.families import HysteroGradState
+from curvkern.hyperparameters import HysteroGradHyperparameters
 from curvkern.optim._common import by_dtype, lr_tensor
 
 _ops = torch.ops.curvkern
@@ -35,31 +37,20 @@ def _pass_b_fake(params, grads, metrics, stats, neg_step_size, epsilon):
 def hysterograd_step(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
-    metrics: list[torch.Tensor],
-    tau: torch.Tensor,
-    temp: torch.Tensor,
-    energy: torch.Tensor,
-    *,
-    lr: float | torch.Tensor,
-    stiffening_factor: float,
-    beta: float,
-    epsilon: float,
-    cooling_rate: float,
-    metric_scale: float,
-    adaptive_threshold: bool,
-    grad_clip: float | None,
-    hysteresis_scale: float,
+    state: HysteroGradState,
+    hyperparameters: HysteroGradHyperparameters,
 ) -> torch.Tensor:
     """One group's step, same contract as the eager ``hysterograd_step``: returns ``[N̂, h, gate]``."""
+    metrics, tau, temp, energy = state
+    h = hyperparameters
     accumulator = torch.zeros((), dtype=tau.dtype)
     buckets = by_dtype(params, grads, metrics)
     for _, bucket_grads, bucket_metrics in buckets:
-        _ops.hysterograd_pass_a_(bucket_grads, bucket_metrics, accumulator, float(beta), float(epsilon),
-                                 float(metric_scale))
+        _ops.hysterograd_pass_a_(bucket_grads, bucket_metrics, accumulator, h.beta, h.epsilon, h.metric_scale)
     stats, neg_step_size = _ops.hysterograd_scalars_(
-        accumulator, tau, temp, energy, lr_tensor(lr), float(stiffening_factor), float(beta), float(cooling_rate),
-        bool(adaptive_threshold), None if grad_clip is None else float(grad_clip), float(hysteresis_scale),
+        accumulator, tau, temp, energy, lr_tensor(h.lr), h.stiffening_factor, h.beta, h.cooling_rate,
+        h.adaptive_threshold, h.grad_clip, h.hysteresis_scale,
     )
     for bucket_params, bucket_grads, bucket_metrics in buckets:
-        _ops.hysterograd_pass_b_(bucket_params, bucket_grads, bucket_metrics, stats, neg_step_size, float(epsilon))
+        _ops.hysterograd_pass_b_(bucket_params, bucket_grads, bucket_metrics, stats, neg_step_size, h.epsilon)
     return stats

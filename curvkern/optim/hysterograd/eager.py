@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 
 from curvkern._dispatch import register
+from curvkern.families import HysteroGradState
+from curvkern.hyperparameters import HysteroGradHyperparameters
 from curvkern.optim._common import lr_as, updated_in_math_dtype
 
 
@@ -98,28 +100,19 @@ def hysterograd_pass_b(
 def hysterograd_step(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
-    metrics: list[torch.Tensor],
-    tau: torch.Tensor,
-    temp: torch.Tensor,
-    energy: torch.Tensor,
-    *,
-    lr: float | torch.Tensor,
-    stiffening_factor: float,
-    beta: float,
-    epsilon: float,
-    cooling_rate: float,
-    metric_scale: float,
-    adaptive_threshold: bool,
-    grad_clip: float | None,
-    hysteresis_scale: float,
+    state: HysteroGradState,
+    hyperparameters: HysteroGradHyperparameters,
 ) -> torch.Tensor:
-    """One group's step. Returns ``[N̂, h, gate]`` as one device tensor in the scalars' dtype."""
+    """One group's step (the contract: :class:`curvkern.families.OptimizerStep`). Returns ``[N̂, h, gate]``
+    as one device tensor in the group scalars' dtype."""
+    metrics, tau, temp, energy = state
+    h = hyperparameters
     accumulator = torch.zeros((), dtype=tau.dtype, device=tau.device)
-    steps = hysterograd_pass_a(grads, metrics, accumulator, beta=beta, epsilon=epsilon, metric_scale=metric_scale)
+    steps = hysterograd_pass_a(grads, metrics, accumulator, beta=h.beta, epsilon=h.epsilon, metric_scale=h.metric_scale)
     g_norm, barrier, liquid, neg_step_size = hysterograd_scalars(
         accumulator, tau, temp, energy,
-        lr=lr, stiffening_factor=stiffening_factor, beta=beta, cooling_rate=cooling_rate,
-        adaptive_threshold=adaptive_threshold, grad_clip=grad_clip, hysteresis_scale=hysteresis_scale,
+        lr=h.lr, stiffening_factor=h.stiffening_factor, beta=h.beta, cooling_rate=h.cooling_rate,
+        adaptive_threshold=h.adaptive_threshold, grad_clip=h.grad_clip, hysteresis_scale=h.hysteresis_scale,
     )
     hysterograd_pass_b(params, steps, liquid, neg_step_size)
     return torch.stack([g_norm, barrier, liquid.to(g_norm.dtype)])

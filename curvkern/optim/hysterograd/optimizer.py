@@ -4,12 +4,12 @@ from __future__ import annotations
 import torch
 
 from curvkern._dispatch import select
-from curvkern.optim._common import (
-    FusedOptimizer, GroupLayout, check_like, check_state_keys, lr_on, pick, require_lr, require_range,
-    state_dtype,
-)
+from curvkern.families import HysteroGradState
+from curvkern.hyperparameters import HysteroGradHyperparameters, require_range
+from curvkern.optim._common import FusedOptimizer, GroupLayout, check_like, check_state_keys, pick, state_dtype
 
 _NAME = "HysteroGrad"
+_DEFAULTS = HysteroGradHyperparameters()
 _GROUP_SCALAR_ORDER = ("group_tau", "group_temp", "avg_energy")
 _GROUP_SCALARS = frozenset(_GROUP_SCALAR_ORDER)
 _G = frozenset({"G"})
@@ -72,16 +72,16 @@ class HysteroGrad(FusedOptimizer):
     def __init__(
         self,
         params,
-        lr: float | torch.Tensor = 1e-3,
-        stiffening_factor: float = 0.01,
-        beta: float = 0.99,
-        epsilon: float = 1e-7,
-        cooling_rate: float = 0.99,
-        initial_temp: float = 1.0,
-        metric_scale: float = 1.0,
-        adaptive_threshold: bool = True,
-        grad_clip: float | None = None,
-        hysteresis_scale: float = 1.0,
+        lr: float | torch.Tensor = _DEFAULTS.lr,
+        stiffening_factor: float = _DEFAULTS.stiffening_factor,
+        beta: float = _DEFAULTS.beta,
+        epsilon: float = _DEFAULTS.epsilon,
+        cooling_rate: float = _DEFAULTS.cooling_rate,
+        initial_temp: float = _DEFAULTS.initial_temp,
+        metric_scale: float = _DEFAULTS.metric_scale,
+        adaptive_threshold: bool = _DEFAULTS.adaptive_threshold,
+        grad_clip: float | None = _DEFAULTS.grad_clip,
+        hysteresis_scale: float = _DEFAULTS.hysteresis_scale,
         *,
         fused: str = "auto",
         capturable: bool = False,
@@ -101,22 +101,6 @@ class HysteroGrad(FusedOptimizer):
             hysteresis_scale=hysteresis_scale,
         )
         super().__init__(params, defaults, fused)
-
-    def _validate_group(self, group: dict) -> None:
-        require_lr(group["lr"])
-        require_range("stiffening_factor", group["stiffening_factor"], 0)
-        require_range("beta", group["beta"], 0, 1, high_open=True)
-        # ε = 0 turns a zero gradient on a zero metric into 0/0 = NaN, freezing the group forever.
-        require_range("epsilon", group["epsilon"], 0, low_open=True)
-        require_range("cooling_rate", group["cooling_rate"], 0, 1)
-        require_range("initial_temp", group["initial_temp"])
-        require_range("metric_scale", group["metric_scale"], 0, low_open=True)
-        require_range("hysteresis_scale", group["hysteresis_scale"], 0)
-        if not isinstance(group["adaptive_threshold"], bool):
-            raise ValueError(f"Invalid adaptive_threshold: {group['adaptive_threshold']!r} (expected True or False)")
-        if group["grad_clip"] is not None:
-            # 0 means "off", as in the original; a negative clip would make τ negative and √τ NaN.
-            require_range("grad_clip", group["grad_clip"], 0)
 
     def shock(self, factor: float = 0.5) -> None:
         """Scale τ by ``factor`` and raise T to at least 0.2 in every group that has stepped."""
@@ -171,21 +155,9 @@ class HysteroGrad(FusedOptimizer):
                 continue  # the original skips the group: τ, T, E do not advance
 
             _, step_fn = select(self.family, self.fused, device)
-            group_stats.append(
-                step_fn(
-                    params, grads, metrics,
-                    first_state["group_tau"], first_state["group_temp"], first_state["avg_energy"],
-                    lr=lr_on(group["lr"], device),
-                    stiffening_factor=group["stiffening_factor"],
-                    beta=group["beta"],
-                    epsilon=group["epsilon"],
-                    cooling_rate=group["cooling_rate"],
-                    metric_scale=group["metric_scale"],
-                    adaptive_threshold=group["adaptive_threshold"],
-                    grad_clip=group["grad_clip"],
-                    hysteresis_scale=group["hysteresis_scale"],
-                )
-            )
+            state = HysteroGradState(metrics, first_state["group_tau"], first_state["group_temp"],
+                                     first_state["avg_energy"])
+            group_stats.append(step_fn(params, grads, state, HysteroGradHyperparameters.from_group(group, device)))
 
         # Skipped groups contribute 0 but still count: the original's means are diluted (docs/hysterograd.md).
         n_groups = len(self.param_groups)

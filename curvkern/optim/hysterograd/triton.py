@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 
 from curvkern._dispatch import register
+from curvkern.families import HysteroGradState
+from curvkern.hyperparameters import HysteroGradHyperparameters
 from curvkern.optim._triton_multi_tensor import (
     BLOCK_SIZE, CHUNK_SIZE, TRITON_DTYPES, DenseLayout, build_table, chunk_range, device_scalar, div_rn, in_dtype,
     launch, lr_arguments, per_tensor_sums, sqrt_rn, store_rounded, tensor_pointer,
@@ -119,31 +121,22 @@ def _pass_b_kernel(
 def hysterograd_step(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
-    metrics: list[torch.Tensor],
-    tau: torch.Tensor,
-    temp: torch.Tensor,
-    energy: torch.Tensor,
-    *,
-    lr: float | torch.Tensor,
-    stiffening_factor: float,
-    beta: float,
-    epsilon: float,
-    cooling_rate: float,
-    metric_scale: float,
-    adaptive_threshold: bool,
-    grad_clip: float | None,
-    hysteresis_scale: float,
+    state: HysteroGradState,
+    hyperparameters: HysteroGradHyperparameters,
 ) -> torch.Tensor:
     """One group's step, as the eager ``hysterograd_step``. Returns ``[N̂, h, gate]`` on the device.
 
     Under torch.compile it is one opaque op (``curvkern::hysterograd_triton_step_``): the chunk table holds
     the tensors' raw addresses, which a traced graph cannot hold, so the compiler calls the step as it is.
     """
+    metrics, tau, temp, energy = state
+    h = hyperparameters
     if torch.compiler.is_compiling():
+        # An op's schema takes no dataclass: the records' fields, flat, in their order (_step_op rebuilds both).
         return torch.ops.curvkern.hysterograd_triton_step_(
-            params, grads, metrics, tau, temp, energy, *lr_arguments(lr), float(stiffening_factor), float(beta),
-            float(epsilon), float(cooling_rate), float(metric_scale), bool(adaptive_threshold),
-            None if grad_clip is None else float(grad_clip), float(hysteresis_scale),
+            params, grads, metrics, tau, temp, energy, *lr_arguments(h.lr), h.stiffening_factor, h.beta,
+            h.epsilon, h.cooling_rate, h.initial_temp, h.metric_scale, h.adaptive_threshold, h.grad_clip,
+            h.hysteresis_scale,
         )
     device = tau.device
     layout = DenseLayout(params, grads, [metrics])
@@ -155,7 +148,7 @@ def hysterograd_step(
             launch(
                 _pass_a_kernel, (bucket.num_chunks,),
                 bucket.addresses, bucket.chunks, bucket.numels, partials, bucket.num_tensors, bucket.num_chunks,
-                float(beta), (1 - beta) * metric_scale, float(epsilon),
+                h.beta, (1 - h.beta) * h.metric_scale, h.epsilon,
                 GRAD_DTYPE=TRITON_DTYPES[bucket.dtypes[GRAD]], STATE_DTYPE=TRITON_DTYPES[bucket.dtypes[METRIC]],
                 ALIGN=bucket.alignment, CHUNK=CHUNK_SIZE, BLOCK=BLOCK_SIZE,
             )
@@ -165,8 +158,8 @@ def hysterograd_step(
     launch(_accumulate_kernel, (1,), sums, table.num_tensors, accumulator, SCALAR_DTYPE=TRITON_DTYPES[tau.dtype])
     g_norm, barrier, liquid, neg_step_size = hysterograd_scalars(
         accumulator, tau, temp, energy,
-        lr=lr, stiffening_factor=stiffening_factor, beta=beta, cooling_rate=cooling_rate,
-        adaptive_threshold=adaptive_threshold, grad_clip=grad_clip, hysteresis_scale=hysteresis_scale,
+        lr=h.lr, stiffening_factor=h.stiffening_factor, beta=h.beta, cooling_rate=h.cooling_rate,
+        adaptive_threshold=h.adaptive_threshold, grad_clip=h.grad_clip, hysteresis_scale=h.hysteresis_scale,
     )
     stats = torch.stack([g_norm, barrier, liquid.to(g_norm.dtype)])
     neg_step_size = device_scalar(neg_step_size, device)
@@ -176,7 +169,7 @@ def hysterograd_step(
             launch(
                 _pass_b_kernel, (bucket.num_chunks,),
                 bucket.addresses, bucket.chunks, bucket.numels, stats, neg_step_size,
-                bucket.num_tensors, bucket.num_chunks, float(epsilon),
+                bucket.num_tensors, bucket.num_chunks, h.epsilon,
                 PARAM_DTYPE=TRITON_DTYPES[bucket.dtypes[PARAM]], GRAD_DTYPE=TRITON_DTYPES[bucket.dtypes[GRAD]],
                 STATE_DTYPE=TRITON_DTYPES[bucket.dtypes[METRIC]], ALIGN=bucket.alignment,
                 CHUNK=CHUNK_SIZE, BLOCK=BLOCK_SIZE,
@@ -191,16 +184,17 @@ def hysterograd_step(
 def _step_op(
     params: list[torch.Tensor], grads: list[torch.Tensor], metrics: list[torch.Tensor],
     tau: torch.Tensor, temp: torch.Tensor, energy: torch.Tensor, lr_value: float, lr: torch.Tensor | None,
-    stiffening_factor: float, beta: float, epsilon: float, cooling_rate: float, metric_scale: float,
-    adaptive_threshold: bool, grad_clip: float | None, hysteresis_scale: float,
+    stiffening_factor: float, beta: float, epsilon: float, cooling_rate: float, initial_temp: float,
+    metric_scale: float, adaptive_threshold: bool, grad_clip: float | None, hysteresis_scale: float,
 ) -> torch.Tensor:
-    """:func:`hysterograd_step` as an op of torch's, for torch.compile (``lr`` the tensor lr or None)."""
-    return hysterograd_step(
-        params, grads, metrics, tau, temp, energy,
+    """:func:`hysterograd_step` as an op of torch's, for torch.compile: the state record's fields, then the
+    hyperparameter record's (``lr`` the tensor lr or None, ``lr_value`` the float lr otherwise)."""
+    hyperparameters = HysteroGradHyperparameters(
         lr=lr_value if lr is None else lr, stiffening_factor=stiffening_factor, beta=beta, epsilon=epsilon,
-        cooling_rate=cooling_rate, metric_scale=metric_scale, adaptive_threshold=adaptive_threshold,
-        grad_clip=grad_clip, hysteresis_scale=hysteresis_scale,
+        cooling_rate=cooling_rate, initial_temp=initial_temp, metric_scale=metric_scale,
+        adaptive_threshold=adaptive_threshold, grad_clip=grad_clip, hysteresis_scale=hysteresis_scale,
     )
+    return hysterograd_step(params, grads, HysteroGradState(metrics, tau, temp, energy), hyperparameters)
 
 
 @_step_op.register_fake

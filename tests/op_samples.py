@@ -1,0 +1,420 @@
+"""Sample inputs for every op of ``torch.ops.curvkern``: what tests/test_ops.py runs ``torch.library.opcheck`` on.
+
+``SAMPLES`` maps an op's name (as TORCH_LIBRARY registers it in csrc/registration.cpp, or
+``torch.library.custom_op`` in curvkern/optim/*/triton.py: ``name`` for the default overload,
+``name.overload`` for any other) to its samples. A sample is a name, its test id, and a
+function building fresh arguments, since the ops write into some of them. Tensors are small; where it
+matters an op gets fp32 and fp64 samples (the optimizer and cross-entropy ops bf16 and fp16 too), an empty
+list or empty tensor where it accepts one, non-contiguous tensors where it accepts them, and sizes that are no
+multiple of a vector (16 fp32 lanes) or of a 16 Ki-element work unit (csrc/multi_tensor.h).
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+fp16, bf16, fp32, fp64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Sample:
+    name: str
+    make_args: Callable[[], tuple]
+
+
+def registered_ops() -> list[str]:
+    """Every op TORCH_LIBRARY(curvkern, ...) registered, by the names ``SAMPLES`` uses (needs curvkern._C loaded)."""
+    prefix = "curvkern::"
+    return sorted(name[len(prefix):] for name in torch._C._dispatch_get_all_op_names() if name.startswith(prefix))
+
+
+def resolve(op_name: str) -> torch._ops.OpOverload:
+    """``"stream_axpy_"`` -> ``torch.ops.curvkern.stream_axpy_.default``; ``"op.overload"`` -> that overload."""
+    packet, _, overload = op_name.partition(".")
+    return getattr(getattr(torch.ops.curvkern, packet), overload or "default")
+
+
+def _ops():
+    return torch.ops.curvkern
+
+
+def _generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# --- layouts ---------------------------------------------------------------------------------------------
+
+
+def _column_major(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with its dimensions stored in reverse order: same shape, dense, other strides."""
+    order = list(reversed(range(t.dim())))
+    return t.permute(order).contiguous().permute(order)
+
+
+def _every_other(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as every other element of a tensor twice its size: same shape, not dense."""
+    return torch.stack([t, torch.full_like(t, float("nan"))], dim=-1)[..., 0]
+
+
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+# --- the bandwidth probe ---------------------------------------------------------------------------------
+
+
+def _axpy(dtype, shape, seed=0):
+    def make_args():
+        gen = _generator(seed)
+        a, b = (torch.randn(shape, generator=gen, dtype=fp64).to(dtype) for _ in range(2))
+        return a, b, 2.0
+    return make_args
+
+
+# stream_axpy_ rejects non-contiguous tensors (tests/test_extension.py checks the error): no strided sample.
+STREAM_AXPY_SAMPLES = [
+    Sample("fp32-33", _axpy(fp32, 33)),
+    Sample("fp64-33", _axpy(fp64, 33)),
+    Sample("fp32-empty", _axpy(fp32, 0)),
+    Sample("fp64-1", _axpy(fp64, 1)),
+    Sample("fp32-2d-7x13", _axpy(fp32, (7, 13))),
+]
+
+
+# --- the optimizers --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OptimizerCase:
+    """One group of tensors for the optimizer ops: the parameters' dtype and shapes, and the layouts of the
+    tensors an op writes and of those it only reads."""
+    name: str
+    dtype: torch.dtype
+    shapes: tuple
+    written_layout: Callable[[torch.Tensor], torch.Tensor] = _contiguous
+    read_layout: Callable[[torch.Tensor], torch.Tensor] = _contiguous
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        """The optimizer state's dtype: fp32 for bf16 and fp16 parameters (csrc/multi_tensor.h)."""
+        return fp32 if self.dtype in (bf16, fp16) else self.dtype
+
+    @property
+    def scalar_dtype(self) -> torch.dtype:
+        """HysteroGrad's group scalars (accumulator, τ, T, E), fp32 or fp64 (the optimizer makes them in the
+        default dtype, whatever the parameters'): fp64 in the fp64 cases, so that both are checked."""
+        return fp64 if self.dtype == fp64 else fp32
+
+    def params(self, gen, device=CPU):
+        return [self.written_layout(torch.randn(s, generator=gen, dtype=fp64).to(device, self.dtype))
+                for s in self.shapes]
+
+    def grads(self, gen, device=CPU):
+        return [self.read_layout(torch.randn(s, generator=gen, dtype=fp64).to(device, self.dtype))
+                for s in self.shapes]
+
+    def state_tensor(self, gen, shape, layout, device=CPU):
+        return layout(torch.rand(shape, generator=gen, dtype=fp64).to(device, self.state_dtype))
+
+    def state(self, gen, layout, device=CPU):
+        return [self.state_tensor(gen, s, layout, device) for s in self.shapes]
+
+
+OPTIMIZER_CASES = [
+    OptimizerCase("fp32", fp32, (5, 33)),
+    OptimizerCase("fp64", fp64, (5, 33)),
+    OptimizerCase("bf16", bf16, (5, 33)),
+    OptimizerCase("fp16", fp16, (5, 33)),
+    OptimizerCase("fp32-empty-list", fp32, ()),
+    OptimizerCase("fp32-empty-tensor", fp32, (0, 17)),
+    OptimizerCase("fp32-two-work-units", fp32, (16385, 7)),  # 16 Ki + 1 elements: a second unit of one element
+    # Written tensors dense in another order (walked as they are), read ones strided (copied first).
+    OptimizerCase("fp64-non-contiguous", fp64, ((6, 5), (3, 11)), _column_major, _every_other),
+    OptimizerCase("bf16-non-contiguous", bf16, ((6, 5), (3, 11)), _every_other, _column_major),
+]
+
+
+def _pass_a(case: OptimizerCase):
+    def make_args():
+        gen = _generator()
+        metrics = case.state(gen, case.written_layout)
+        return case.grads(gen), metrics, torch.zeros((), dtype=case.scalar_dtype), 0.9, 1e-7, 1.0
+    return make_args
+
+
+def _group_scalars(dtype, accumulator=4.0):
+    """HysteroGrad's accumulator, τ, T and E as 0-dim ``dtype`` tensors."""
+    return [torch.tensor(v, dtype=dtype) for v in (accumulator, 0.5, 0.9, 0.1)]
+
+
+def _scalars(dtype, lr, *rest, accumulator=4.0):
+    return lambda: (*_group_scalars(dtype, accumulator), lr(), *rest)
+
+
+def _lr64():
+    return torch.tensor(1e-3, dtype=fp64)
+
+
+def _lr32_one_element():
+    return torch.tensor([1e-3], dtype=fp32)
+
+
+HYSTEROGRAD_SCALARS_SAMPLES = [
+    # stiffening 0.01, adaptive, clipped to 1.0 (√4 > 1)
+    Sample("fp32-clipped", _scalars(fp32, _lr64, 0.01, 0.9, 0.99, True, 1.0, 1.0)),
+    # stiffening 0: the gate opens (pass B then moves the parameters)
+    Sample("fp32-gate-open-no-clip", _scalars(fp32, _lr64, 0.0, 0.9, 0.99, True, None, 1.0)),
+    Sample("fp64-clip-not-reached", _scalars(fp64, _lr64, 0.01, 0.9, 0.99, False, 10.0, 1.0)),
+    Sample("fp64-lr-one-element-fp32", _scalars(fp64, _lr32_one_element, 1.0, 0.5, 0.9, True, None, 2.0)),
+    Sample("fp32-zero-accumulator", _scalars(fp32, _lr64, 0.01, 0.9, 0.99, True, 1.0, 1.0, accumulator=0.0)),
+]
+
+
+def _pass_b(case: OptimizerCase, gate_open: bool = True):
+    def make_args():
+        gen = _generator()
+        params, grads = case.params(gen), case.grads(gen)
+        metrics = case.state(gen, case.read_layout)
+        # What the scalar stage hands pass B: stiffening 0 opens the gate; a closed one leaves p untouched.
+        stats, neg_step_size = _ops().hysterograd_scalars_(*_group_scalars(case.scalar_dtype), _lr64(),
+                                                           0.0 if gate_open else 1e6, 0.9, 0.99, True, None, 1.0)
+        assert bool(stats[2]) == gate_open
+        return params, grads, metrics, stats, neg_step_size, 1e-7
+    return make_args
+
+
+def _moments(case: OptimizerCase, gen, layout):
+    return case.state(gen, layout), case.state(gen, layout)
+
+
+def _sums(case: OptimizerCase):
+    def make_args():
+        gen = _generator()
+        return case.grads(gen), *_moments(case, gen, case.read_layout), 0.9, 0.999
+    return make_args
+
+
+def _update(case: OptimizerCase, memory_decays=(0.9, 0.99), memory_weights=(0.6, 0.4), step_dtype=fp32):
+    def make_args():
+        gen = _generator()
+        params, grads = case.params(gen), case.grads(gen)
+        exp_avgs, exp_avg_sqs = _moments(case, gen, case.written_layout)
+        # Tensor-major: parameter 0's EMA per memory, then parameter 1's, ...
+        emas = [case.state_tensor(gen, shape, case.written_layout) for shape in case.shapes for _ in memory_decays]
+        steps = [torch.tensor(3 * i, dtype=step_dtype) for i in range(len(case.shapes))]
+        # biostatis_sums of no tensors cannot be dispatched (see BIOSTATIS_SUMS_SAMPLES): its [0, 7] result here.
+        sums = (_ops().biostatis_sums(grads, exp_avgs, exp_avg_sqs, 0.9, 0.999) if case.shapes
+                else torch.zeros((0, 7), dtype=fp64))
+        return (params, grads, exp_avgs, exp_avg_sqs, emas, steps, sums, sums.sum(0), _lr64(), 0.9, 0.999, 1e-8,
+                0.01, 0.03, 0.8, 1e-3, 0.1, list(memory_decays), list(memory_weights), 0.2, 0.05)
+    return make_args
+
+
+HYSTEROGRAD_PASS_A_SAMPLES = [Sample(case.name, _pass_a(case)) for case in OPTIMIZER_CASES]
+HYSTEROGRAD_PASS_B_SAMPLES = [Sample(case.name, _pass_b(case)) for case in OPTIMIZER_CASES] + [
+    Sample("fp32-gate-closed", _pass_b(OPTIMIZER_CASES[0], gate_open=False)),
+]
+# Empty lists leave biostatis_sums without a tensor argument, so the dispatcher finds no CPU kernel and raises
+# NotImplementedError before the kernel (which would return an empty table) runs: no empty-list sample. The
+# optimizers never call it with one.
+BIOSTATIS_SUMS_SAMPLES = [Sample(case.name, _sums(case)) for case in OPTIMIZER_CASES if case.shapes]
+BIOSTATIS_UPDATE_SAMPLES = [Sample(case.name, _update(case)) for case in OPTIMIZER_CASES] + [
+    Sample("fp32-no-memories", _update(OPTIMIZER_CASES[0], memory_decays=(), memory_weights=())),
+    Sample("fp64-three-memories-int64-steps",
+           _update(OPTIMIZER_CASES[1], (0.9, 0.99, 0.999), (0.5, 0.3, 0.2), step_dtype=torch.int64)),
+]
+
+
+# --- the optimizers' Triton steps, one opaque op each under torch.compile ------------------------------------
+#
+# curvkern/optim/{hysterograd,biostatis}/triton.py register these (torch.library.custom_op) on import, and
+# curvkern imports them only where Triton is installed: SAMPLES names them only there too. They run the Triton
+# kernels: on CUDA where there is a GPU, else on CPU tensors through the interpreter (tests/conftest.py sets
+# TRITON_INTERPRET=1). The optimizers never step a group without parameters (and the Biostatis step takes
+# its device from the first one): no empty-list sample.
+
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TRITON_STEP_CASES = [case for case in OPTIMIZER_CASES if case.shapes]
+
+
+def _lr_arguments(tensor_lr: bool):
+    """``(lr_value, lr)`` as the ops take lr: a float, or a 0-dim fp64 tensor on the device."""
+    return (0.0, torch.tensor(1e-3, dtype=fp64, device=TRITON_DEVICE)) if tensor_lr else (1e-3, None)
+
+
+def _hysterograd_triton_step(case: OptimizerCase, tensor_lr=False, stiffening_factor=0.0, adaptive_threshold=True,
+                             grad_clip=None):
+    """One group's HysteroGrad step: stiffening 0 opens the gate (the parameters move); τ, T, E in the case's
+    scalar dtype."""
+    def make_args():
+        gen, device = _generator(), TRITON_DEVICE
+        params, grads = case.params(gen, device), case.grads(gen, device)
+        metrics = case.state(gen, case.written_layout, device)
+        tau, temp, energy = (torch.tensor(v, dtype=case.scalar_dtype, device=device) for v in (0.5, 0.9, 0.1))
+        # stiffening_factor, beta, epsilon, cooling_rate, initial_temp, metric_scale, ..., hysteresis_scale
+        return (params, grads, metrics, tau, temp, energy, *_lr_arguments(tensor_lr), stiffening_factor, 0.9,
+                1e-7, 0.99, 1.0, 1.0, adaptive_threshold, grad_clip, 1.0)
+    return make_args
+
+
+def _biostatis_triton_step(case: OptimizerCase, tensor_lr=False, memory_decays=(0.9, 0.99),
+                           memory_weights=(0.6, 0.4)):
+    def make_args():
+        gen, device = _generator(), TRITON_DEVICE
+        params, grads = case.params(gen, device), case.grads(gen, device)
+        exp_avgs, exp_avg_sqs = (case.state(gen, case.written_layout, device) for _ in range(2))
+        # Parameter-major: parameter 0's EMA per memory, then parameter 1's, ...
+        emas = [case.state_tensor(gen, shape, case.written_layout, device)
+                for shape in case.shapes for _ in memory_decays]
+        steps = [torch.tensor(3 * i, dtype=fp32, device=device) for i in range(len(case.shapes))]
+        return (params, grads, exp_avgs, exp_avg_sqs, emas, steps, *_lr_arguments(tensor_lr), 0.9, 0.999, 1e-8,
+                0.01, 0.03, 0.8, 1e-3, 0.1, list(memory_decays), list(memory_weights), 0.2, 0.05)
+    return make_args
+
+
+HYSTEROGRAD_TRITON_STEP_SAMPLES = [
+    Sample(case.name, _hysterograd_triton_step(case)) for case in TRITON_STEP_CASES
+] + [
+    Sample("fp32-tensor-lr-clipped", _hysterograd_triton_step(OPTIMIZER_CASES[0], tensor_lr=True, grad_clip=1.0)),
+    Sample("fp64-gate-closed", _hysterograd_triton_step(OPTIMIZER_CASES[1], stiffening_factor=1e6,
+                                                        adaptive_threshold=False)),
+]
+BIOSTATIS_TRITON_STEP_SAMPLES = [
+    Sample(case.name, _biostatis_triton_step(case)) for case in TRITON_STEP_CASES
+] + [
+    Sample("fp32-tensor-lr", _biostatis_triton_step(OPTIMIZER_CASES[0], tensor_lr=True)),
+    Sample("fp32-no-memories", _biostatis_triton_step(OPTIMIZER_CASES[0], memory_decays=(), memory_weights=())),
+    Sample("fp64-three-memories", _biostatis_triton_step(OPTIMIZER_CASES[1], (0.9, 0.99, 0.999), (0.5, 0.3, 0.2))),
+]
+
+
+# --- cross-entropy ---------------------------------------------------------------------------------------
+
+
+def _accumulation_dtype(dtype):
+    return fp64 if dtype == fp64 else fp32
+
+
+@dataclass(frozen=True)
+class CrossEntropyCase:
+    """An (N, V) problem: logits and u of ``dtype``, row 1 ignored; ``row_stride`` > V stores each row inside
+    a wider one (the last dimension stays dense, as the kernels require)."""
+    name: str
+    dtype: torch.dtype
+    rows: int = 6
+    classes: int = 9
+    row_stride: int | None = None
+
+    def problem(self, ignore_index=-100):
+        """(logits, target, u), seeded."""
+        gen = _generator()
+        logits = (3.0 * torch.randn(self.rows, self.classes, generator=gen, dtype=fp64)).to(self.dtype)
+        target = torch.randint(0, self.classes, (self.rows,), generator=gen)
+        target[1:2] = ignore_index
+        u = torch.randn(self.rows, self.classes, generator=gen, dtype=fp64).to(self.dtype)
+        return self.strided(logits), target, self.strided(u)
+
+    def strided(self, t):
+        if self.row_stride is None:
+            return t
+        wide = torch.full((t.shape[0], self.row_stride), float("nan"), dtype=t.dtype)
+        wide[:, 2:2 + t.shape[1]] = t
+        return wide[:, 2:2 + t.shape[1]]
+
+    def out(self, logits):
+        return self.strided(torch.empty(logits.shape, dtype=logits.dtype))
+
+    def scale(self, per_row: bool):
+        """grad_scale / scale: 0-dim, or one per row."""
+        acc = _accumulation_dtype(self.dtype)
+        return torch.rand(self.rows, generator=_generator(1), dtype=acc) if per_row else torch.tensor(0.5, dtype=acc)
+
+
+CE_CASES = [
+    CrossEntropyCase("fp32", fp32),
+    CrossEntropyCase("fp64", fp64),
+    CrossEntropyCase("bf16", bf16),
+    CrossEntropyCase("fp16", fp16),
+    CrossEntropyCase("fp32-empty-batch", fp32, rows=0),
+    CrossEntropyCase("fp32-37-classes", fp32, rows=5, classes=37),  # two vectors and a remainder per row
+    CrossEntropyCase("fp64-row-stride-16", fp64, row_stride=16),
+    CrossEntropyCase("bf16-row-stride-16", bf16, row_stride=16),
+]
+
+
+def _forward(case: CrossEntropyCase, ignore_index=-100, label_smoothing=0.1):
+    def make_args():
+        logits, target, _ = case.problem(ignore_index)
+        return logits, target, ignore_index, label_smoothing
+    return make_args
+
+
+def _backward(case: CrossEntropyCase, per_row_scale: bool, scale_layout=_contiguous):
+    def make_args():
+        logits, target, _ = case.problem()
+        _, lse = _ops().cross_entropy_forward(logits, target, -100, 0.1)
+        return logits, target, lse, scale_layout(case.scale(per_row_scale)), -100, 0.1
+    return make_args
+
+
+def _hvp(case: CrossEntropyCase, per_row_scale: bool, label_smoothing=0.1, shift_period=0, stream_out=False,
+         broadcast_u=False):
+    def make_args():
+        logits, target, u = case.problem()
+        if broadcast_u:  # one row of u for every row: row stride 0
+            u = u[2:3].expand(u.shape)
+        return (logits, target, u, case.scale(per_row_scale), -100, label_smoothing, shift_period, stream_out,
+                case.out(logits))
+    return make_args
+
+
+def _scale_name(per_row: bool) -> str:
+    return "scale-per-row" if per_row else "scale-0-dim"
+
+
+CROSS_ENTROPY_FORWARD_SAMPLES = [Sample(case.name, _forward(case)) for case in CE_CASES] + [
+    Sample("fp32-no-smoothing-ignore-index-2", _forward(CE_CASES[0], ignore_index=2, label_smoothing=0.0)),
+    Sample("fp64-full-smoothing", _forward(CE_CASES[1], label_smoothing=1.0)),
+]
+CROSS_ENTROPY_BACKWARD_SAMPLES = [
+    Sample(f"{case.name}-{_scale_name(per_row)}", _backward(case, per_row))
+    for case in CE_CASES for per_row in (False, True)
+] + [Sample("fp32-scale-per-row-strided", _backward(CE_CASES[0], True, _every_other))]
+CROSS_ENTROPY_HVP_SAMPLES = [
+    Sample(f"{case.name}-{_scale_name(per_row)}", _hvp(case, per_row))
+    for case in CE_CASES for per_row in (False, True)
+] + [
+    # The causal shift (period 3 divides the 6 rows) and a request for streaming stores (taken past 64 MiB only).
+    Sample(f"{case.name}-shift-3-stream-out", _hvp(case, True, label_smoothing=0.0, shift_period=3, stream_out=True))
+    for case in CE_CASES if case.rows == 6
+] + [Sample("fp32-u-broadcast", _hvp(CE_CASES[0], False, broadcast_u=True))]
+
+
+# --- no tensors ------------------------------------------------------------------------------------------
+
+NO_ARGUMENTS = [Sample("no-arguments", lambda: ())]
+
+
+SAMPLES: dict[str, list[Sample]] = {
+    "cpu_capability": NO_ARGUMENTS,
+    "cpu_capabilities": NO_ARGUMENTS,
+    "stream_axpy_": STREAM_AXPY_SAMPLES,
+    "hysterograd_pass_a_": HYSTEROGRAD_PASS_A_SAMPLES,
+    "hysterograd_scalars_": HYSTEROGRAD_SCALARS_SAMPLES,
+    "hysterograd_pass_b_": HYSTEROGRAD_PASS_B_SAMPLES,
+    "biostatis_sums": BIOSTATIS_SUMS_SAMPLES,
+    "biostatis_update_": BIOSTATIS_UPDATE_SAMPLES,
+    "cross_entropy_forward": CROSS_ENTROPY_FORWARD_SAMPLES,
+    "cross_entropy_backward": CROSS_ENTROPY_BACKWARD_SAMPLES,
+    "cross_entropy_hvp_": CROSS_ENTROPY_HVP_SAMPLES,
+}
+if TRITON_INSTALLED:
+    SAMPLES |= {
+        "hysterograd_triton_step_": HYSTEROGRAD_TRITON_STEP_SAMPLES,
+        "biostatis_triton_step_": BIOSTATIS_TRITON_STEP_SAMPLES,
+    }
