@@ -15,7 +15,6 @@ is not in the registry raises ValueError everywhere here.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import sys
@@ -66,17 +65,28 @@ def check_fused(fused: object) -> str:
     return fused  # type: ignore[return-value]
 
 
-@functools.cache
+# Answers that cannot change within a process, found once. Module globals rather than functools.cache:
+# select() runs inside every step, and Dynamo traces a cached function's body again (an import, a module
+# search) where it reads a global as a constant.
+_NOT_LOOKED_UP = object()
+_cpp_reason: object = _NOT_LOOKED_UP
+_triton_installed: object = _NOT_LOOKED_UP
+
+
 def cpp_unavailable_reason() -> str | None:
     """Why ``curvkern._C`` cannot be used, or None when it loaded."""
-    try:
-        from curvkern import _C  # noqa: F401
-    except ImportError as exc:
-        return (
-            f"the C++ extension curvkern._C is not built ({exc}); "
-            "build it with `make venv` or `pip install --no-build-isolation -e .`"
-        )
-    return None
+    global _cpp_reason
+    if _cpp_reason is _NOT_LOOKED_UP:
+        try:
+            from curvkern import _C  # noqa: F401
+        except ImportError as exc:
+            _cpp_reason = (
+                f"the C++ extension curvkern._C is not built ({exc}); "
+                "build it with `make venv` or `pip install --no-build-isolation -e .`"
+            )
+        else:
+            _cpp_reason = None
+    return _cpp_reason  # type: ignore[return-value]
 
 
 def triton_interpreted() -> bool:
@@ -85,7 +95,10 @@ def triton_interpreted() -> bool:
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
     """Why Triton kernels cannot run on ``device``, or None when they can."""
-    if importlib.util.find_spec("triton") is None:
+    global _triton_installed
+    if _triton_installed is _NOT_LOOKED_UP:
+        _triton_installed = importlib.util.find_spec("triton") is not None
+    if not _triton_installed:
         return "Triton is not installed (pip install triton)"
     if device.type == "cuda":
         return None

@@ -1,7 +1,8 @@
 """Sample inputs for every op of ``torch.ops.curvkern``: what tests/test_ops.py runs ``torch.library.opcheck`` on.
 
-``SAMPLES`` maps an op's name (as TORCH_LIBRARY registers it in csrc/registration.cpp, ``name`` for the
-default overload, ``name.overload`` for any other) to its samples. A sample is a name, its test id, and a
+``SAMPLES`` maps an op's name (as TORCH_LIBRARY registers it in csrc/registration.cpp, or
+``torch.library.custom_op`` in curvkern/optim/*/triton.py: ``name`` for the default overload,
+``name.overload`` for any other) to its samples. A sample is a name, its test id, and a
 function building fresh arguments, since the ops write into some of them. Tensors are small; where it
 matters an op gets fp32 and fp64 samples (the optimizer and cross-entropy ops bf16 and fp16 too), an empty
 list or empty tensor where it accepts one, non-contiguous tensors where it accepts them, and sizes that are no
@@ -9,12 +10,14 @@ multiple of a vector (16 fp32 lanes) or of a 16 Ki-element work unit (csrc/multi
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 fp16, bf16, fp32, fp64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -106,17 +109,19 @@ class OptimizerCase:
         default dtype, whatever the parameters'): fp64 in the fp64 cases, so that both are checked."""
         return fp64 if self.dtype == fp64 else fp32
 
-    def params(self, gen):
-        return [self.written_layout(torch.randn(s, generator=gen, dtype=fp64).to(self.dtype)) for s in self.shapes]
+    def params(self, gen, device=CPU):
+        return [self.written_layout(torch.randn(s, generator=gen, dtype=fp64).to(device, self.dtype))
+                for s in self.shapes]
 
-    def grads(self, gen):
-        return [self.read_layout(torch.randn(s, generator=gen, dtype=fp64).to(self.dtype)) for s in self.shapes]
+    def grads(self, gen, device=CPU):
+        return [self.read_layout(torch.randn(s, generator=gen, dtype=fp64).to(device, self.dtype))
+                for s in self.shapes]
 
-    def state_tensor(self, gen, shape, layout):
-        return layout(torch.rand(shape, generator=gen, dtype=fp64).to(self.state_dtype))
+    def state_tensor(self, gen, shape, layout, device=CPU):
+        return layout(torch.rand(shape, generator=gen, dtype=fp64).to(device, self.state_dtype))
 
-    def state(self, gen, layout):
-        return [self.state_tensor(gen, s, layout) for s in self.shapes]
+    def state(self, gen, layout, device=CPU):
+        return [self.state_tensor(gen, s, layout, device) for s in self.shapes]
 
 
 OPTIMIZER_CASES = [
@@ -221,6 +226,70 @@ BIOSTATIS_UPDATE_SAMPLES = [Sample(case.name, _update(case)) for case in OPTIMIZ
     Sample("fp32-no-memories", _update(OPTIMIZER_CASES[0], memory_decays=(), memory_weights=())),
     Sample("fp64-three-memories-int64-steps",
            _update(OPTIMIZER_CASES[1], (0.9, 0.99, 0.999), (0.5, 0.3, 0.2), step_dtype=torch.int64)),
+]
+
+
+# --- the optimizers' Triton steps, one opaque op each under torch.compile ------------------------------------
+#
+# curvkern/optim/{hysterograd,biostatis}/triton.py register these (torch.library.custom_op) on import, and
+# curvkern imports them only where Triton is installed: SAMPLES names them only there too. They run the Triton
+# kernels: on CUDA where there is a GPU, else on CPU tensors through the interpreter (tests/conftest.py sets
+# TRITON_INTERPRET=1). The optimizers never step a group without parameters (and the Biostatis step takes
+# its device from the first one): no empty-list sample.
+
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TRITON_STEP_CASES = [case for case in OPTIMIZER_CASES if case.shapes]
+
+
+def _lr_arguments(tensor_lr: bool):
+    """``(lr_value, lr)`` as the ops take lr: a float, or a 0-dim fp64 tensor on the device."""
+    return (0.0, torch.tensor(1e-3, dtype=fp64, device=TRITON_DEVICE)) if tensor_lr else (1e-3, None)
+
+
+def _hysterograd_triton_step(case: OptimizerCase, tensor_lr=False, stiffening_factor=0.0, adaptive_threshold=True,
+                             grad_clip=None):
+    """One group's HysteroGrad step: stiffening 0 opens the gate (the parameters move); τ, T, E in the case's
+    scalar dtype."""
+    def make_args():
+        gen, device = _generator(), TRITON_DEVICE
+        params, grads = case.params(gen, device), case.grads(gen, device)
+        metrics = case.state(gen, case.written_layout, device)
+        tau, temp, energy = (torch.tensor(v, dtype=case.scalar_dtype, device=device) for v in (0.5, 0.9, 0.1))
+        # stiffening_factor, beta, epsilon, cooling_rate, initial_temp, metric_scale, ..., hysteresis_scale
+        return (params, grads, metrics, tau, temp, energy, *_lr_arguments(tensor_lr), stiffening_factor, 0.9,
+                1e-7, 0.99, 1.0, 1.0, adaptive_threshold, grad_clip, 1.0)
+    return make_args
+
+
+def _biostatis_triton_step(case: OptimizerCase, tensor_lr=False, memory_decays=(0.9, 0.99),
+                           memory_weights=(0.6, 0.4)):
+    def make_args():
+        gen, device = _generator(), TRITON_DEVICE
+        params, grads = case.params(gen, device), case.grads(gen, device)
+        exp_avgs, exp_avg_sqs = (case.state(gen, case.written_layout, device) for _ in range(2))
+        # Parameter-major: parameter 0's EMA per memory, then parameter 1's, ...
+        emas = [case.state_tensor(gen, shape, case.written_layout, device)
+                for shape in case.shapes for _ in memory_decays]
+        steps = [torch.tensor(3 * i, dtype=fp32, device=device) for i in range(len(case.shapes))]
+        return (params, grads, exp_avgs, exp_avg_sqs, emas, steps, *_lr_arguments(tensor_lr), 0.9, 0.999, 1e-8,
+                0.01, 0.03, 0.8, 1e-3, 0.1, list(memory_decays), list(memory_weights), 0.2, 0.05)
+    return make_args
+
+
+HYSTEROGRAD_TRITON_STEP_SAMPLES = [
+    Sample(case.name, _hysterograd_triton_step(case)) for case in TRITON_STEP_CASES
+] + [
+    Sample("fp32-tensor-lr-clipped", _hysterograd_triton_step(OPTIMIZER_CASES[0], tensor_lr=True, grad_clip=1.0)),
+    Sample("fp64-gate-closed", _hysterograd_triton_step(OPTIMIZER_CASES[1], stiffening_factor=1e6,
+                                                        adaptive_threshold=False)),
+]
+BIOSTATIS_TRITON_STEP_SAMPLES = [
+    Sample(case.name, _biostatis_triton_step(case)) for case in TRITON_STEP_CASES
+] + [
+    Sample("fp32-tensor-lr", _biostatis_triton_step(OPTIMIZER_CASES[0], tensor_lr=True)),
+    Sample("fp32-no-memories", _biostatis_triton_step(OPTIMIZER_CASES[0], memory_decays=(), memory_weights=())),
+    Sample("fp64-three-memories", _biostatis_triton_step(OPTIMIZER_CASES[1], (0.9, 0.99, 0.999), (0.5, 0.3, 0.2))),
 ]
 
 
@@ -344,3 +413,8 @@ SAMPLES: dict[str, list[Sample]] = {
     "cross_entropy_backward": CROSS_ENTROPY_BACKWARD_SAMPLES,
     "cross_entropy_hvp_": CROSS_ENTROPY_HVP_SAMPLES,
 }
+if TRITON_INSTALLED:
+    SAMPLES |= {
+        "hysterograd_triton_step_": HYSTEROGRAD_TRITON_STEP_SAMPLES,
+        "biostatis_triton_step_": BIOSTATIS_TRITON_STEP_SAMPLES,
+    }

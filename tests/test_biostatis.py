@@ -325,6 +325,31 @@ def test_d10_weight_decay_first_then_add(backend, device):
             close(p.detach() - b * (1 - 0.05 * 0.3), delta, atol=1e-14)
 
 
+@pytest.mark.parametrize("scheduler", ["OneCycleLR", "CyclicLR"])
+def test_schedulers_cycling_momentum_set_beta1_and_the_step_uses_it(backend, device, scheduler):
+    """OneCycleLR and CyclicLR cycle betas[0] by default (cycle_momentum=True), as with Adam; each step takes
+    the lr and β1 they set: bit for bit the steps of an optimizer given the same values by hand, and not
+    those of one given the lr alone."""
+    params, copies, fixed = (tensors([[1.0, -2.0, 3.0]], device, F64) for _ in range(3))
+    opt, reference, fixed_beta1 = (BiostatisV6(ps, fused=backend) for ps in (params, copies, fixed))
+    arguments = dict(max_lr=0.1, total_steps=10) if scheduler == "OneCycleLR" else dict(base_lr=0.01, max_lr=0.1)
+    schedule = getattr(torch.optim.lr_scheduler, scheduler)(opt, **arguments)
+    beta1s = []
+    for g in [[0.1, -0.2, 0.3], [0.4, 0.0, -0.1], [-0.3, 0.2, 0.2]]:
+        group = opt.param_groups[0]
+        reference.param_groups[0].update(lr=group["lr"], betas=group["betas"])
+        fixed_beta1.param_groups[0]["lr"] = group["lr"]
+        beta1s.append(group["betas"][0])
+        for ps in (params, copies, fixed):
+            set_grads(ps, [g])
+        for o in (opt, reference, fixed_beta1):
+            o.step()
+        schedule.step()
+    assert beta1s == sorted(beta1s, reverse=True) and beta1s[0] != beta1s[-1]  # momentum falls as lr rises
+    assert torch.equal(params[0], copies[0])
+    assert not torch.equal(params[0], fixed[0])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_d11_zero_gradient_never_nan(backend, device, dtype):
     (p,) = tensors([[1.0, -1.0, 0.0, 3.0]], device, dtype)

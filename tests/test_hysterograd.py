@@ -319,6 +319,28 @@ def test_lr_scheduler_changes_lr_and_tau_growth(backend, device):
     close(scalars(opt, p)[0], 0.1 * 14.142115 + 0.05 * 10.025084, rtol=1e-5)
 
 
+def test_one_cycle_lr_runs_with_cycle_momentum_false(backend, device):
+    p, opt = make(backend, device, lr=0.1)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10, cycle_momentum=False)
+    lrs = []
+    for _ in range(3):
+        lrs.append(opt.param_groups[0]["lr"])
+        assert run(opt, p, GRAD, 1)[0][0] == "Liquid"
+        scheduler.step()
+    assert lrs[0] == pytest.approx(0.1 / 25) and lrs == sorted(lrs)  # the warm-up from max_lr / div_factor
+    close(scalars(opt, p)[0], sum(lr * g_norm for lr, g_norm in zip(lrs, (14.142115, 10.025084, 8.205955))),
+          rtol=1e-5)
+
+
+@pytest.mark.parametrize("scheduler", ["OneCycleLR", "CyclicLR"])
+def test_schedulers_cycling_momentum_by_default_raise(scheduler):
+    """HysteroGrad has no momentum or betas: torch's schedulers that cycle one refuse it, as documented."""
+    _, opt = make("eager", "cpu")
+    arguments = dict(max_lr=0.1, total_steps=10) if scheduler == "OneCycleLR" else dict(base_lr=0.01, max_lr=0.1)
+    with pytest.raises(ValueError, match="momentum"):
+        getattr(torch.optim.lr_scheduler, scheduler)(opt, **arguments)
+
+
 @pytest.mark.fused_vs_eager
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_parameters_use_fp32_state_and_round_to_nearest(backend, device, dtype):

@@ -1,18 +1,18 @@
 """``torch.library.opcheck`` on every op of ``torch.ops.curvkern``, once per sample input of tests/op_samples.py,
-and a check that the sample table covers exactly the registered ops: an op added to csrc/registration.cpp
-without samples fails here.
+and a check that the sample table covers exactly the registered ops: an op added to csrc/registration.cpp (or a
+``torch.library.custom_op`` such as the Triton steps' in curvkern/optim/*/triton.py) without samples fails here.
 
 opcheck's default checks run: test_schema (the schema's aliasing and mutation annotations are what the kernel
-does), test_autograd_registration, test_faketensor (the fake implementations in curvkern/**/cpp.py and
-curvkern/bandwidth.py give the real outputs' shapes, dtypes and strides) and test_aot_dispatch_dynamic (the op
-traces and runs under AOTAutograd with dynamic shapes, as torch.compile uses it).
+does), test_autograd_registration, test_faketensor (the fake implementations in curvkern/**/cpp.py,
+curvkern/optim/*/triton.py and curvkern/bandwidth.py give the real outputs' shapes, dtypes and strides) and
+test_aot_dispatch_dynamic (the op traces and runs under AOTAutograd with dynamic shapes, as torch.compile uses it).
 """
 import inspect
 
 import pytest
 import torch
 
-import curvkern  # noqa: F401  (registers the optimizer and cross-entropy ops' fake implementations)
+import curvkern  # noqa: F401  (registers the C++ ops' fake implementations, and the Triton step ops if installed)
 import curvkern.bandwidth  # noqa: F401  (registers stream_axpy_'s)
 from curvkern._dispatch import cpp_unavailable_reason
 from op_samples import SAMPLES, registered_ops, resolve

@@ -55,7 +55,9 @@ _SCALAR_SHAPE = torch.Size()
 
 # The checks below run on every step over every tensor a kernel will touch. Each first takes C-level maps
 # over a whole list (a per-tensor Python loop costs several times more); only when those find a mismatch
-# does a per-tensor loop look for the culprit, to name it.
+# does a per-tensor loop look for the culprit, to name it. Under torch.compile the loop alone runs: Dynamo
+# cannot trace operator.attrgetter (each would be a graph break), the loop costs nothing after tracing, and
+# the compiled step's guards re-check the metadata it read (type, shape, dtype, device, layout) on every call.
 
 
 def parameter_name(group_index: int | None, param_index: int) -> str:
@@ -71,6 +73,14 @@ def check_params(name: str, params: list[torch.Tensor], group_index: int | None 
     """
     if not params:
         return None
+    if not torch.compiler.is_compiling():
+        device = _one_device_if_supported(params)
+        if device is not None:
+            return device
+    return _check_params_one_by_one(name, params, group_index)
+
+
+def _one_device_if_supported(params: list[torch.Tensor]) -> torch.device | None:
     try:
         devices = set(map(_device, params))
         if (_PLAIN.issuperset(map(type, params)) and _STRIDED.issuperset(map(_layout, params))
@@ -78,6 +88,10 @@ def check_params(name: str, params: list[torch.Tensor], group_index: int | None 
             return devices.pop()
     except Exception:  # noqa: BLE001 (something that is not a tensor: the loop names it)
         pass
+    return None
+
+
+def _check_params_one_by_one(name: str, params: list[torch.Tensor], group_index: int | None) -> torch.device:
     device = None
     for index, p in enumerate(params):
         if type(p) not in _PLAIN:
@@ -116,7 +130,7 @@ class GroupLayout:
 
     def __init__(self, params: list[torch.Tensor], device: torch.device | None):
         self.device = device
-        self.dtypes = list(map(_dtype, params))
+        self.dtypes = [p.dtype for p in params] if torch.compiler.is_compiling() else list(map(_dtype, params))
         low_precision = not _LOW_PRECISION.isdisjoint(self.dtypes)
         self.state_dtypes = list(map(state_dtype, params)) if low_precision else self.dtypes
 
@@ -133,6 +147,12 @@ def check_like(name: str, what: str, group_index: int, indices: list[int], tenso
     is None) and the dtype at that position in ``dtypes``, on ``device``. ``tensors[k]`` belongs to parameter
     ``indices[k]`` of param group ``group_index``; the message names it and ``what`` it is (``"state 'G'"``).
     """
+    if not torch.compiler.is_compiling() and _all_like(tensors, like, dtypes, device):
+        return
+    _check_like_one_by_one(name, what, group_index, indices, tensors, like, dtypes, device)
+
+
+def _all_like(tensors: list, like: list[torch.Tensor] | None, dtypes: list[torch.dtype], device: torch.device) -> bool:
     try:
         # Tensor.is_same_size rather than shapes: a torch.Size is a tuple, and tuples by the ten thousand
         # wake the garbage collector.
@@ -141,9 +161,14 @@ def check_like(name: str, what: str, group_index: int, indices: list[int], tenso
                 and (all(map(torch.Tensor.is_same_size, tensors, like)) if like is not None
                      else not any(map(torch.Tensor.dim, tensors)))
                 and list(map(_dtype, tensors)) == dtypes and set(map(_device, tensors)) <= {device}):
-            return
+            return True
     except Exception:  # noqa: BLE001 (something that is not a tensor: the loop names it)
         pass
+    return False
+
+
+def _check_like_one_by_one(name: str, what: str, group_index: int, indices: list[int], tensors: list,
+                           like: list[torch.Tensor] | None, dtypes: list[torch.dtype], device: torch.device) -> None:
     for k, (param_index, tensor, dtype) in enumerate(zip(indices, tensors, dtypes, strict=True)):
         shape = _SCALAR_SHAPE if like is None else like[k].shape
         if not isinstance(tensor, torch.Tensor):
@@ -221,6 +246,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     """
 
     family: str  # the kernel family's name in curvkern.families.FAMILIES
+    capturable: bool  # set by each optimizer's constructor
 
     def __init__(self, params, defaults: dict, fused: str):
         self.fused = check_fused(fused)
@@ -253,6 +279,21 @@ class FusedOptimizer(torch.optim.Optimizer):
             self.param_groups.pop()  # leave the optimizer as it was
             raise
 
+    def _refuse_capture_unless_capturable(self) -> None:
+        """Raise RuntimeError, as torch.optim's optimizers do, if ``step()`` is being captured in a CUDA graph
+        and the optimizer was built with ``capturable=False`` (whose step keeps state or results on the host).
+
+        Skipped while torch.compile traces the step, as torch skips it: the compiler decides whether its
+        graph can be captured. Without CUDA this costs one call to ``torch.cuda.is_available()``.
+        """
+        if self.capturable or torch.compiler.is_compiling():
+            return
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"Attempting CUDA graph capture of step() for an instance of {type(self).__name__} but its "
+                f"capturable is False; construct it with capturable=True to capture its step()"
+            )
+
     def _check_step_inputs(self) -> None:
         """Check every group's parameters, gradients and state before the step touches any of them.
 
@@ -263,7 +304,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for group_index, group in enumerate(self.param_groups):
             params = group["params"]
             layout = GroupLayout(params, check_params(name, params, group_index))
-            grads = list(map(_grad, params))
+            grads = [p.grad for p in params] if torch.compiler.is_compiling() else list(map(_grad, params))
             active = [i for i, grad in enumerate(grads) if grad is not None]
             if len(active) != len(grads):
                 grads = [grads[i] for i in active]

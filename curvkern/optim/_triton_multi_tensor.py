@@ -257,6 +257,12 @@ def device_scalar(value: float | torch.Tensor, device: torch.device) -> torch.Te
     return torch.full((), value, dtype=torch.float64, device=device)  # a fill, not a copy
 
 
+def lr_arguments(lr: float | torch.Tensor) -> tuple[float, torch.Tensor | None]:
+    """lr as the compile-time ops take it (an op's argument has one type): ``(lr, None)`` for a float,
+    ``(0.0, lr)`` for a tensor."""
+    return (0.0, lr) if isinstance(lr, torch.Tensor) else (float(lr), None)
+
+
 # ---------------------------------------------------------------------------- device helpers
 
 

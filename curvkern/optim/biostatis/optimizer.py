@@ -41,6 +41,16 @@ class BiostatisV6(FusedOptimizer):
     ``lr`` may be a 1-element tensor, as in torch.optim: it acts as the float it holds, and a scheduler
     that updates it in place changes the lr a captured graph replays.
 
+    Under ``torch.compile`` (torch's recipe: a compiled function that calls ``step()``) the step traces
+    without a graph break on every backend. Capturing ``step()`` in a CUDA graph with ``capturable=False``
+    raises RuntimeError, as torch.optim's optimizers do.
+
+    Schedulers: every torch LR scheduler works. ``OneCycleLR`` and ``CyclicLR`` cycle ``betas[0]`` by
+    default (``cycle_momentum=True``), as they do Adam's: β1 is then the scheduler's momentum (OneCycleLR
+    starts it at ``max_momentum=0.95``, not at the constructor's 0.9); ``cycle_momentum=False`` keeps it.
+    Under torch.compile each new float (lr, a cycled β1) recompiles the step: give a tensor lr and
+    ``cycle_momentum=False`` there (docs/biostatis.md, "torch.compile, CUDA graphs and LR schedulers").
+
     Deliberate deviations from the original:
 
     - hyperparameters are validated, and ``memory_decays`` and ``memory_weights`` must have the
@@ -106,6 +116,12 @@ class BiostatisV6(FusedOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One step of every param group that has a gradient; returns the closure's loss (None without one).
+
+        Raises RuntimeError if a CUDA graph captures a step with ``capturable=False``, or if a gradient or
+        state tensor does not match its parameter (before any group moves).
+        """
+        self._refuse_capture_unless_capturable()
         loss = None
         if closure is not None:
             with torch.enable_grad():

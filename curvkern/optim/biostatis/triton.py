@@ -22,7 +22,7 @@ from curvkern.hyperparameters import BiostatisHyperparameters
 from curvkern.optim._common import lr_as
 from curvkern.optim._triton_multi_tensor import (
     BLOCK_SIZE, CHUNK_SIZE, TRITON_DTYPES, DenseLayout, build_table, chunk_range, device_scalar, device_vector,
-    div_rn, in_dtype, launch, per_tensor_sums, sqrt_rn, store_rounded, tensor_pointer,
+    div_rn, in_dtype, launch, lr_arguments, per_tensor_sums, sqrt_rn, store_rounded, tensor_pointer,
 )
 from curvkern.optim.biostatis.eager import N_SUMS, BiostatisScalars, biostatis_scalars
 
@@ -161,9 +161,22 @@ def biostatis_step(
     state: BiostatisState,
     hyperparameters: BiostatisHyperparameters,
 ) -> BiostatisScalars:
-    """One group's step, as the eager ``biostatis_step``; increments each step count."""
+    """One group's step, as the eager ``biostatis_step``; increments each step count.
+
+    Under torch.compile it is one opaque op (``curvkern::biostatis_triton_step_``): the chunk table holds
+    the tensors' raw addresses, which a traced graph cannot hold, so the compiler calls the step as it is.
+    """
     exp_avgs, exp_avg_sqs, memory_emas, state_steps = state
     h = hyperparameters
+    if torch.compiler.is_compiling():
+        # An op's schema takes no dataclass and no list of lists: the records' fields, flat, in their order
+        # (_step_op rebuilds both).
+        return BiostatisScalars(*torch.ops.curvkern.biostatis_triton_step_(
+            params, grads, exp_avgs, exp_avg_sqs, [ema for emas in memory_emas for ema in emas], state_steps,
+            *lr_arguments(h.lr), *h.betas, h.eps, h.weight_decay, h.homeo_rate, h.coherence_target,
+            h.energy_target, h.lambda_energy, list(h.memory_decays), list(h.memory_weights), h.flip_threshold,
+            h.ascent_strength,
+        ))
     device = params[0].device
     torch._foreach_add_(state_steps, 1)
     layout = DenseLayout(params, grads, [exp_avgs, exp_avg_sqs, *zip(*memory_emas)])
@@ -207,3 +220,36 @@ def biostatis_step(
             )
     layout.finish()
     return scalars
+
+
+@torch.library.custom_op(
+    "curvkern::biostatis_triton_step_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "memory_emas", "steps"),
+)
+def _step_op(
+    params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor], memory_emas: list[torch.Tensor], steps: list[torch.Tensor],
+    lr_value: float, lr: torch.Tensor | None, beta1: float, beta2: float, eps: float, weight_decay: float,
+    homeo_rate: float, coherence_target: float, energy_target: float, lambda_energy: float,
+    memory_decays: list[float], memory_weights: list[float], flip_threshold: float, ascent_strength: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor]:
+    """:func:`biostatis_step` as an op of torch's, for torch.compile: the state record's fields with
+    ``memory_emas`` flat, parameter-major (an op takes no list of lists), then the hyperparameter record's
+    (``lr`` the tensor lr or None, ``lr_value`` the float lr otherwise; ``betas`` as two floats); returns
+    the fields of the :class:`BiostatisScalars`."""
+    n = len(memory_decays)  # EMAs per parameter, possibly none
+    state = BiostatisState(exp_avgs, exp_avg_sqs, [memory_emas[i * n:(i + 1) * n] for i in range(len(params))], steps)
+    hyperparameters = BiostatisHyperparameters(
+        lr=lr_value if lr is None else lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
+        homeo_rate=homeo_rate, coherence_target=coherence_target, energy_target=energy_target,
+        lambda_energy=lambda_energy, memory_decays=tuple(memory_decays), memory_weights=tuple(memory_weights),
+        flip_threshold=flip_threshold, ascent_strength=ascent_strength,
+    )
+    return tuple(biostatis_step(params, grads, state, hyperparameters))
+
+
+@_step_op.register_fake
+def _step_fake(params, grads, exp_avgs, exp_avg_sqs, memory_emas, steps, *hyperparameters):
+    group_value = params[0].new_empty((), dtype=torch.float64)
+    per_tensor = params[0].new_empty(len(params), dtype=torch.float64)
+    return (group_value, group_value.clone(), *(per_tensor.clone() for _ in range(7)))

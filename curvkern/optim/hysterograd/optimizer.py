@@ -37,6 +37,17 @@ class HysteroGrad(FusedOptimizer):
     tensor, as in torch.optim: it acts as the float it holds, and a scheduler that updates it in place
     changes the lr a captured graph replays.
 
+    Under ``torch.compile`` (torch's recipe: a compiled function that calls ``step()``) the step traces
+    without a graph break on every backend, and returns the ``capturable`` form whatever ``capturable``
+    is: reading the tuple back would end the graph. Capturing ``step()`` in a CUDA graph with
+    ``capturable=False`` raises RuntimeError, as torch.optim's optimizers do.
+
+    Schedulers: every torch LR scheduler works. HysteroGrad has no momentum or betas to cycle:
+    ``OneCycleLR`` and ``CyclicLR``, which cycle one by default, raise ValueError ("optimizer must support
+    momentum or beta1 ...") unless given ``cycle_momentum=False``. Under torch.compile each new float lr
+    recompiles the step: give a tensor lr there (docs/hysterograd.md, "torch.compile, CUDA graphs and LR
+    schedulers").
+
     ``fused`` picks the backend: ``"eager"``, ``"cpp"``, ``"triton"`` or ``"auto"`` (see
     :mod:`curvkern._dispatch`). It is not saved in ``state_dict()``, so a checkpoint loads under
     every mode. State keys are the original's: ``G`` per parameter, and ``group_tau``,
@@ -102,6 +113,15 @@ class HysteroGrad(FusedOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None) -> tuple[str, float, float] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One step of every param group that has a gradient.
+
+        Returns ``(status, g_norm, h_width)``: ``"Liquid"`` or ``"Frozen"`` and two Python floats. With
+        ``capturable=True``, or while torch.compile traces the step, ``(liquid, g_norm, h_width)`` instead:
+        0-dim tensors on the parameters' device (a bool and two float64) holding the same values, with no
+        host read. Raises RuntimeError if a CUDA graph captures a step with ``capturable=False``,
+        or if a gradient or state tensor does not match its parameter (before any group moves).
+        """
+        self._refuse_capture_unless_capturable()
         self.last_loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -141,7 +161,7 @@ class HysteroGrad(FusedOptimizer):
 
         # Skipped groups contribute 0 but still count: the original's means are diluted (docs/hysterograd.md).
         n_groups = len(self.param_groups)
-        if self.capturable:
+        if self.capturable or torch.compiler.is_compiling():  # a host read would end a captured or traced graph
             return _stats_on_device(group_stats, n_groups, self.param_groups)
         # The one device-to-host read of the step; sums in Python floats, as the original.
         liquid, g_norm_sum, h_sum = False, 0.0, 0.0

@@ -26,7 +26,7 @@ from curvkern.families import HysteroGradState
 from curvkern.hyperparameters import HysteroGradHyperparameters
 from curvkern.optim._triton_multi_tensor import (
     BLOCK_SIZE, CHUNK_SIZE, TRITON_DTYPES, DenseLayout, build_table, chunk_range, device_scalar, div_rn, in_dtype,
-    launch, per_tensor_sums, sqrt_rn, store_rounded, tensor_pointer,
+    launch, lr_arguments, per_tensor_sums, sqrt_rn, store_rounded, tensor_pointer,
 )
 from curvkern.optim.hysterograd.eager import hysterograd_scalars
 
@@ -124,9 +124,20 @@ def hysterograd_step(
     state: HysteroGradState,
     hyperparameters: HysteroGradHyperparameters,
 ) -> torch.Tensor:
-    """One group's step, as the eager ``hysterograd_step``. Returns ``[N̂, h, gate]`` on the device."""
+    """One group's step, as the eager ``hysterograd_step``. Returns ``[N̂, h, gate]`` on the device.
+
+    Under torch.compile it is one opaque op (``curvkern::hysterograd_triton_step_``): the chunk table holds
+    the tensors' raw addresses, which a traced graph cannot hold, so the compiler calls the step as it is.
+    """
     metrics, tau, temp, energy = state
     h = hyperparameters
+    if torch.compiler.is_compiling():
+        # An op's schema takes no dataclass: the records' fields, flat, in their order (_step_op rebuilds both).
+        return torch.ops.curvkern.hysterograd_triton_step_(
+            params, grads, metrics, tau, temp, energy, *lr_arguments(h.lr), h.stiffening_factor, h.beta,
+            h.epsilon, h.cooling_rate, h.initial_temp, h.metric_scale, h.adaptive_threshold, h.grad_clip,
+            h.hysteresis_scale,
+        )
     device = tau.device
     layout = DenseLayout(params, grads, [metrics])
     table = build_table(layout.roles, device, CHUNK_SIZE)
@@ -165,3 +176,27 @@ def hysterograd_step(
             )
     layout.finish()
     return stats
+
+
+@torch.library.custom_op(
+    "curvkern::hysterograd_triton_step_", mutates_args=("params", "metrics", "tau", "temp", "energy"),
+)
+def _step_op(
+    params: list[torch.Tensor], grads: list[torch.Tensor], metrics: list[torch.Tensor],
+    tau: torch.Tensor, temp: torch.Tensor, energy: torch.Tensor, lr_value: float, lr: torch.Tensor | None,
+    stiffening_factor: float, beta: float, epsilon: float, cooling_rate: float, initial_temp: float,
+    metric_scale: float, adaptive_threshold: bool, grad_clip: float | None, hysteresis_scale: float,
+) -> torch.Tensor:
+    """:func:`hysterograd_step` as an op of torch's, for torch.compile: the state record's fields, then the
+    hyperparameter record's (``lr`` the tensor lr or None, ``lr_value`` the float lr otherwise)."""
+    hyperparameters = HysteroGradHyperparameters(
+        lr=lr_value if lr is None else lr, stiffening_factor=stiffening_factor, beta=beta, epsilon=epsilon,
+        cooling_rate=cooling_rate, initial_temp=initial_temp, metric_scale=metric_scale,
+        adaptive_threshold=adaptive_threshold, grad_clip=grad_clip, hysteresis_scale=hysteresis_scale,
+    )
+    return hysterograd_step(params, grads, HysteroGradState(metrics, tau, temp, energy), hyperparameters)
+
+
+@_step_op.register_fake
+def _step_fake(params, grads, metrics, tau, temp, energy, *hyperparameters):
+    return tau.new_empty(3)
