@@ -3,6 +3,7 @@
 Install with `pip install --no-build-isolation -e .` so the extension is compiled against the
 torch already in the environment (the Makefile's `make venv` does this).
 """
+
 from pathlib import Path
 
 from setuptools import setup
@@ -20,8 +21,14 @@ setup(
             # -ffp-contract=off: a product-sum is fused only where the kernel says std::fma, so the
             # kernels round like the eager reference. -fno-math-errno and -fno-trapping-math change
             # no result; they let GCC vectorize sqrt and the selects of csrc/vec.h (on AVX2 too).
-            extra_compile_args=["-O3", "-fopenmp", "-std=c++20", "-ffp-contract=off", "-fno-math-errno",
-                                "-fno-trapping-math"],
+            extra_compile_args=[
+                "-O3",
+                "-fopenmp",
+                "-std=c++20",
+                "-ffp-contract=off",
+                "-fno-math-errno",
+                "-fno-trapping-math",
+            ],
             extra_link_args=["-fopenmp"],
         )
     ],

@@ -13,6 +13,7 @@ then render the same table, bench-report.json and bench-report.png as the main j
 
     python -m curvkern.bench.report --from-pytest-benchmark bench.json --out DIR
 """
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """The bandwidth probe whose best time is the report's ceiling (see report_from_pytest_benchmark)."""
+
 from curvkern.bandwidth import bandwidth_probe
 from curvkern.bench.cases import probe_numel
 from curvkern.bench.timing import plan_repeats, synchronized

@@ -5,6 +5,7 @@
 CPU: ``pytest bench/test_bench_cross_entropy.py --benchmark-json=ce.json``;
 GPU: ``pytest bench/test_bench_cross_entropy.py --device cuda --benchmark-json=ce.json``.
 """
+
 from curvkern.bench.memory import extra_peak_bytes
 from curvkern.bench.timing import plan_repeats, synchronized
 

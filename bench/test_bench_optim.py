@@ -1,4 +1,5 @@
 """Every optimizer backend that can run here, its eager reference and fused AdamW, on the same cases."""
+
 from curvkern.bench.timing import plan_repeats, synchronized
 
 SUITE = "optim"  # the cases of curvkern.bench.cases this module times

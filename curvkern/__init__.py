@@ -3,6 +3,7 @@
 Every kernel exists three times, chosen by ``fused=``: Triton (CUDA), C++/OpenMP (CPU) and the
 pure-PyTorch eager reference; see :mod:`curvkern._dispatch`.
 """
+
 from curvkern import optim
 from curvkern._dispatch import available_backends
 from curvkern.ce import ce_hvp, cross_entropy

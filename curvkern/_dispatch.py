@@ -13,13 +13,14 @@ picks one:
 An explicit backend that cannot run raises; it never silently runs something else. A family name that
 is not in the registry raises ValueError everywhere here.
 """
+
 from __future__ import annotations
 
 import importlib.util
 import os
 import sys
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

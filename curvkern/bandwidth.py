@@ -6,10 +6,11 @@ On the CPU it is curvkern._C's in-place ``a += s·b`` over arrays larger than th
 write-allocate read, so the bytes it counts are the bytes it moves. On a GPU it is a
 device-to-device copy (read + write), timed with CUDA events.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -14,6 +14,7 @@ says what a new family needs.
 This module imports no family's package (each imports the dispatch, which imports this module); a
 family's public class or function is resolved by name when first asked for (:attr:`Family.api`).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -54,8 +55,9 @@ class OptimizerStep(Protocol[StateT, HyperparametersT, StatsT]):
     address and raise RuntimeError otherwise.
     """
 
-    def __call__(self, params: list[torch.Tensor], grads: list[torch.Tensor], state: StateT,
-                 hyperparameters: HyperparametersT) -> StatsT: ...
+    def __call__(
+        self, params: list[torch.Tensor], grads: list[torch.Tensor], state: StateT, hyperparameters: HyperparametersT
+    ) -> StatsT: ...
 
 
 class LossKernels(Protocol[HyperparametersT]):
@@ -72,23 +74,36 @@ class LossKernels(Protocol[HyperparametersT]):
     """
 
     @staticmethod
-    def forward(logits: torch.Tensor, target: torch.Tensor,
-                hyperparameters: HyperparametersT) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        logits: torch.Tensor, target: torch.Tensor, hyperparameters: HyperparametersT
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loss_rows, lse)``: the per-row loss ℓ_r (0 on ignored rows) and log-sum-exp, both (N,) in
         acc."""
         ...
 
     @staticmethod
-    def backward(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, grad_scale: torch.Tensor,
-                 hyperparameters: HyperparametersT) -> torch.Tensor:
+    def backward(
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        lse: torch.Tensor,
+        grad_scale: torch.Tensor,
+        hyperparameters: HyperparametersT,
+    ) -> torch.Tensor:
         """The gradient ``grad_scale_r · (p_r − q_r)``, (N, V) contiguous in the logits' dtype, exactly 0
         on ignored rows; ``lse`` is forward's, ``grad_scale`` a 0-dim or (N,) acc tensor on the device."""
         ...
 
     @staticmethod
-    def hvp(logits: torch.Tensor, target: torch.Tensor, u: torch.Tensor, scale: torch.Tensor,
-            hyperparameters: HyperparametersT, shift_period: int, out: torch.Tensor,
-            out_is_callers: bool = False) -> torch.Tensor:
+    def hvp(
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        u: torch.Tensor,
+        scale: torch.Tensor,
+        hyperparameters: HyperparametersT,
+        shift_period: int,
+        out: torch.Tensor,
+        out_is_callers: bool = False,
+    ) -> torch.Tensor:
         """Write ``scale_r · (p_r ⊙ u_r − p_r ⟨p_r, u_r⟩)`` into ``out`` (exactly 0 on ignored rows) and
         return ``dot_r = ⟨u_r, p_r − q_r⟩`` (N,) in acc (0 on ignored rows): what the gradient of the
         loss's incoming gradient needs.
@@ -172,8 +187,10 @@ class Family:
         """One :class:`Sample` per entry of :attr:`sample_hyperparameters`, each on fresh, seeded inputs
         (the same values at every call) of ``dtype`` (the logits' or parameters') on ``device``."""
         device = torch.device(device)
-        return [Sample(label, self.sample_inputs(device, dtype), dict(kwargs))
-                for label, kwargs in self.sample_hyperparameters]
+        return [
+            Sample(label, self.sample_inputs(device, dtype), dict(kwargs))
+            for label, kwargs in self.sample_hyperparameters
+        ]
 
 
 def _parameters_with_gradients(device: torch.device, dtype: torch.dtype) -> tuple[list[torch.Tensor]]:
@@ -223,8 +240,10 @@ FAMILIES: dict[str, Family] = {
             sample_hyperparameters=(
                 ("defaults", {}),
                 ("no weight decay", dict(lr=3e-3, weight_decay=0.0, homeo_rate=0.5, energy_target=1e-4)),
-                ("three memories", dict(memory_decays=(0.9, 0.99, 0.999), memory_weights=(0.5, 0.3, 0.2),
-                                        flip_threshold=2.0)),
+                (
+                    "three memories",
+                    dict(memory_decays=(0.9, 0.99, 0.999), memory_weights=(0.5, 0.3, 0.2), flip_threshold=2.0),
+                ),
                 ("no memory", dict(memory_decays=(), memory_weights=())),
             ),
         ),

@@ -16,6 +16,7 @@ checks ran when the group was added or loaded.
 This module imports only torch, so :mod:`curvkern.families` and :mod:`curvkern._dispatch` can name the
 records without importing any family's package.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,15 @@ def _number(name: str, value: object) -> float:
     return float(value)
 
 
-def require_range(name: str, value: object, low: float | None = None, high: float | None = None,
-                  *, low_open: bool = False, high_open: bool = False) -> float:
+def require_range(
+    name: str,
+    value: object,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
     """Check ``low <= value <= high`` (with open ends where asked) and say the range when it fails.
 
     Raises ValueError naming ``name`` for a value that is not a finite int or float (bools included) or
@@ -66,8 +74,10 @@ def require_lr(value: object) -> None:
 
 def require_sequence(name: str, value: object, length: int | None = None) -> Sequence:
     """``value`` if it is a sequence (not a string) of ``length`` items when given; else ValueError."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or (
-        length is not None and len(value) != length
+    if (
+        isinstance(value, (str, bytes))
+        or not isinstance(value, Sequence)
+        or (length is not None and len(value) != length)
     ):
         what = f"a sequence of {length} numbers" if length is not None else "a sequence of numbers"
         raise ValueError(f"Invalid {name}: {value!r} (expected {what})")

@@ -11,6 +11,7 @@ Hypothesis profiles, chosen with ``HYPOTHESIS_PROFILE`` (the Makefile's targets 
 test-fast``) and ``isa`` (the fewest, for the per-ISA runs of ``make test-isa``). A test takes its
 count through :func:`max_examples`, so a profile scales every test alike.
 """
+
 import os
 
 import torch
@@ -19,7 +20,7 @@ from hypothesis import settings
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from curvkern import available_backends  # noqa: E402  (after TRITON_INTERPRET is settled)
+from curvkern import available_backends
 
 FULL_EXAMPLES = 100  # hypothesis's own default: a profile's max_examples relative to it scales the tests
 settings.register_profile("full", max_examples=FULL_EXAMPLES, deadline=None)

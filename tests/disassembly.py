@@ -5,6 +5,7 @@ The x86-64 checks (tests/test_extension.py, test_optim_fused.py, test_cross_entr
 ``curvkern._C`` with the host's objdump; the aarch64 checks (tests/test_portability.py) read cross-compiled
 objects with the cross toolchain's.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,8 +31,9 @@ def symbol_table(path: str, objdump: str) -> str:
 
 def function_bodies(path: str, objdump: str) -> dict[str, str]:
     """``objdump -d`` of the binary at ``path``, split per function: {symbol: its disassembly}."""
-    text = subprocess.run([objdump, "-d", "--no-show-raw-insn", path], check=True, capture_output=True,
-                          text=True).stdout
+    text = subprocess.run(
+        [objdump, "-d", "--no-show-raw-insn", path], check=True, capture_output=True, text=True
+    ).stdout
     bodies = {}
     for block in text.split("\n\n"):
         match = re.match(r"[0-9a-f]+ <(\S+)>:", block.strip())

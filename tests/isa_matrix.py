@@ -11,6 +11,7 @@ running them all.
 
 Usage: ``python tests/isa_matrix.py [extra pytest arguments]`` (``make test-isa``).
 """
+
 import itertools
 import os
 import subprocess
@@ -20,9 +21,9 @@ import time
 os.environ.pop("ATEN_CPU_CAPABILITY", None)  # detect what the CPU supports, not what was forced
 os.environ.pop("CURVKERN_CPU_CAPABILITY", None)
 
-import torch  # noqa: E402
+import torch
 
-from curvkern._dispatch import cpu_capabilities  # noqa: E402
+from curvkern._dispatch import cpu_capabilities
 
 ATEN_CAPABILITIES = ["default", "avx2", "avx512"]  # ascending; what ATEN_CPU_CAPABILITY accepts on x86
 
@@ -39,11 +40,27 @@ def main(pytest_args: list[str]) -> int:
     failed = []
     ours_capabilities = cpu_capabilities()
     for ours, aten in itertools.product(ours_capabilities, aten_capabilities()):
-        env = dict(os.environ, CURVKERN_CPU_CAPABILITY=ours, ATEN_CPU_CAPABILITY=aten, HYPOTHESIS_PROFILE="isa",
-                   CURVKERN_TEST_SMALL_SHAPES="1")
+        env = dict(
+            os.environ,
+            CURVKERN_CPU_CAPABILITY=ours,
+            ATEN_CPU_CAPABILITY=aten,
+            HYPOTHESIS_PROFILE="isa",
+            CURVKERN_TEST_SMALL_SHAPES="1",
+        )
         only_cpp = [] if ours == ours_capabilities[0] else ["-k", "cpp"]
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "fused_vs_eager", *only_cpp,
-                   tests, *pytest_args]
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "fused_vs_eager",
+            *only_cpp,
+            tests,
+            *pytest_args,
+        ]
         started = time.monotonic()
         code = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         label = f"CURVKERN_CPU_CAPABILITY={ours} ATEN_CPU_CAPABILITY={aten}"

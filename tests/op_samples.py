@@ -8,11 +8,12 @@ matters an op gets fp32 and fp64 samples (the optimizer and cross-entropy ops bf
 list or empty tensor where it accepts one, non-contiguous tensors where it accepts them, and sizes that are no
 multiple of a vector (16 fp32 lanes) or of a 16 Ki-element work unit (csrc/multi_tensor.h).
 """
+
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -29,7 +30,7 @@ class Sample:
 def registered_ops() -> list[str]:
     """Every op TORCH_LIBRARY(curvkern, ...) registered, by the names ``SAMPLES`` uses (needs curvkern._C loaded)."""
     prefix = "curvkern::"
-    return sorted(name[len(prefix):] for name in torch._C._dispatch_get_all_op_names() if name.startswith(prefix))
+    return sorted(name[len(prefix) :] for name in torch._C._dispatch_get_all_op_names() if name.startswith(prefix))
 
 
 def resolve(op_name: str) -> torch._ops.OpOverload:
@@ -72,6 +73,7 @@ def _axpy(dtype, shape, seed=0):
         gen = _generator(seed)
         a, b = (torch.randn(shape, generator=gen, dtype=fp64).to(dtype) for _ in range(2))
         return a, b, 2.0
+
     return make_args
 
 
@@ -92,6 +94,7 @@ STREAM_AXPY_SAMPLES = [
 class OptimizerCase:
     """One group of tensors for the optimizer ops: the parameters' dtype and shapes, and the layouts of the
     tensors an op writes and of those it only reads."""
+
     name: str
     dtype: torch.dtype
     shapes: tuple
@@ -110,12 +113,12 @@ class OptimizerCase:
         return fp64 if self.dtype == fp64 else fp32
 
     def params(self, gen, device=CPU):
-        return [self.written_layout(torch.randn(s, generator=gen, dtype=fp64).to(device, self.dtype))
-                for s in self.shapes]
+        return [
+            self.written_layout(torch.randn(s, generator=gen, dtype=fp64).to(device, self.dtype)) for s in self.shapes
+        ]
 
     def grads(self, gen, device=CPU):
-        return [self.read_layout(torch.randn(s, generator=gen, dtype=fp64).to(device, self.dtype))
-                for s in self.shapes]
+        return [self.read_layout(torch.randn(s, generator=gen, dtype=fp64).to(device, self.dtype)) for s in self.shapes]
 
     def state_tensor(self, gen, shape, layout, device=CPU):
         return layout(torch.rand(shape, generator=gen, dtype=fp64).to(device, self.state_dtype))
@@ -143,6 +146,7 @@ def _pass_a(case: OptimizerCase):
         gen = _generator()
         metrics = case.state(gen, case.written_layout)
         return case.grads(gen), metrics, torch.zeros((), dtype=case.scalar_dtype), 0.9, 1e-7, 1.0
+
     return make_args
 
 
@@ -180,10 +184,12 @@ def _pass_b(case: OptimizerCase, gate_open: bool = True):
         params, grads = case.params(gen), case.grads(gen)
         metrics = case.state(gen, case.read_layout)
         # What the scalar stage hands pass B: stiffening 0 opens the gate; a closed one leaves p untouched.
-        stats, neg_step_size = _ops().hysterograd_scalars_(*_group_scalars(case.scalar_dtype), _lr64(),
-                                                           0.0 if gate_open else 1e6, 0.9, 0.99, True, None, 1.0)
+        stats, neg_step_size = _ops().hysterograd_scalars_(
+            *_group_scalars(case.scalar_dtype), _lr64(), 0.0 if gate_open else 1e6, 0.9, 0.99, True, None, 1.0
+        )
         assert bool(stats[2]) == gate_open
         return params, grads, metrics, stats, neg_step_size, 1e-7
+
     return make_args
 
 
@@ -195,6 +201,7 @@ def _sums(case: OptimizerCase):
     def make_args():
         gen = _generator()
         return case.grads(gen), *_moments(case, gen, case.read_layout), 0.9, 0.999
+
     return make_args
 
 
@@ -207,10 +214,35 @@ def _update(case: OptimizerCase, memory_decays=(0.9, 0.99), memory_weights=(0.6,
         emas = [case.state_tensor(gen, shape, case.written_layout) for shape in case.shapes for _ in memory_decays]
         steps = [torch.tensor(3 * i, dtype=step_dtype) for i in range(len(case.shapes))]
         # biostatis_sums of no tensors cannot be dispatched (see BIOSTATIS_SUMS_SAMPLES): its [0, 7] result here.
-        sums = (_ops().biostatis_sums(grads, exp_avgs, exp_avg_sqs, 0.9, 0.999) if case.shapes
-                else torch.zeros((0, 7), dtype=fp64))
-        return (params, grads, exp_avgs, exp_avg_sqs, emas, steps, sums, sums.sum(0), _lr64(), 0.9, 0.999, 1e-8,
-                0.01, 0.03, 0.8, 1e-3, 0.1, list(memory_decays), list(memory_weights), 0.2, 0.05)
+        sums = (
+            _ops().biostatis_sums(grads, exp_avgs, exp_avg_sqs, 0.9, 0.999)
+            if case.shapes
+            else torch.zeros((0, 7), dtype=fp64)
+        )
+        return (
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            emas,
+            steps,
+            sums,
+            sums.sum(0),
+            _lr64(),
+            0.9,
+            0.999,
+            1e-8,
+            0.01,
+            0.03,
+            0.8,
+            1e-3,
+            0.1,
+            list(memory_decays),
+            list(memory_weights),
+            0.2,
+            0.05,
+        )
+
     return make_args
 
 
@@ -224,8 +256,10 @@ HYSTEROGRAD_PASS_B_SAMPLES = [Sample(case.name, _pass_b(case)) for case in OPTIM
 BIOSTATIS_SUMS_SAMPLES = [Sample(case.name, _sums(case)) for case in OPTIMIZER_CASES if case.shapes]
 BIOSTATIS_UPDATE_SAMPLES = [Sample(case.name, _update(case)) for case in OPTIMIZER_CASES] + [
     Sample("fp32-no-memories", _update(OPTIMIZER_CASES[0], memory_decays=(), memory_weights=())),
-    Sample("fp64-three-memories-int64-steps",
-           _update(OPTIMIZER_CASES[1], (0.9, 0.99, 0.999), (0.5, 0.3, 0.2), step_dtype=torch.int64)),
+    Sample(
+        "fp64-three-memories-int64-steps",
+        _update(OPTIMIZER_CASES[1], (0.9, 0.99, 0.999), (0.5, 0.3, 0.2), step_dtype=torch.int64),
+    ),
 ]
 
 
@@ -247,46 +281,83 @@ def _lr_arguments(tensor_lr: bool):
     return (0.0, torch.tensor(1e-3, dtype=fp64, device=TRITON_DEVICE)) if tensor_lr else (1e-3, None)
 
 
-def _hysterograd_triton_step(case: OptimizerCase, tensor_lr=False, stiffening_factor=0.0, adaptive_threshold=True,
-                             grad_clip=None):
+def _hysterograd_triton_step(
+    case: OptimizerCase, tensor_lr=False, stiffening_factor=0.0, adaptive_threshold=True, grad_clip=None
+):
     """One group's HysteroGrad step: stiffening 0 opens the gate (the parameters move); τ, T, E in the case's
     scalar dtype."""
+
     def make_args():
         gen, device = _generator(), TRITON_DEVICE
         params, grads = case.params(gen, device), case.grads(gen, device)
         metrics = case.state(gen, case.written_layout, device)
         tau, temp, energy = (torch.tensor(v, dtype=case.scalar_dtype, device=device) for v in (0.5, 0.9, 0.1))
         # stiffening_factor, beta, epsilon, cooling_rate, initial_temp, metric_scale, ..., hysteresis_scale
-        return (params, grads, metrics, tau, temp, energy, *_lr_arguments(tensor_lr), stiffening_factor, 0.9,
-                1e-7, 0.99, 1.0, 1.0, adaptive_threshold, grad_clip, 1.0)
+        return (
+            params,
+            grads,
+            metrics,
+            tau,
+            temp,
+            energy,
+            *_lr_arguments(tensor_lr),
+            stiffening_factor,
+            0.9,
+            1e-7,
+            0.99,
+            1.0,
+            1.0,
+            adaptive_threshold,
+            grad_clip,
+            1.0,
+        )
+
     return make_args
 
 
-def _biostatis_triton_step(case: OptimizerCase, tensor_lr=False, memory_decays=(0.9, 0.99),
-                           memory_weights=(0.6, 0.4)):
+def _biostatis_triton_step(case: OptimizerCase, tensor_lr=False, memory_decays=(0.9, 0.99), memory_weights=(0.6, 0.4)):
     def make_args():
         gen, device = _generator(), TRITON_DEVICE
         params, grads = case.params(gen, device), case.grads(gen, device)
         exp_avgs, exp_avg_sqs = (case.state(gen, case.written_layout, device) for _ in range(2))
         # Parameter-major: parameter 0's EMA per memory, then parameter 1's, ...
-        emas = [case.state_tensor(gen, shape, case.written_layout, device)
-                for shape in case.shapes for _ in memory_decays]
+        emas = [
+            case.state_tensor(gen, shape, case.written_layout, device) for shape in case.shapes for _ in memory_decays
+        ]
         steps = [torch.tensor(3 * i, dtype=fp32, device=device) for i in range(len(case.shapes))]
-        return (params, grads, exp_avgs, exp_avg_sqs, emas, steps, *_lr_arguments(tensor_lr), 0.9, 0.999, 1e-8,
-                0.01, 0.03, 0.8, 1e-3, 0.1, list(memory_decays), list(memory_weights), 0.2, 0.05)
+        return (
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            emas,
+            steps,
+            *_lr_arguments(tensor_lr),
+            0.9,
+            0.999,
+            1e-8,
+            0.01,
+            0.03,
+            0.8,
+            1e-3,
+            0.1,
+            list(memory_decays),
+            list(memory_weights),
+            0.2,
+            0.05,
+        )
+
     return make_args
 
 
-HYSTEROGRAD_TRITON_STEP_SAMPLES = [
-    Sample(case.name, _hysterograd_triton_step(case)) for case in TRITON_STEP_CASES
-] + [
+HYSTEROGRAD_TRITON_STEP_SAMPLES = [Sample(case.name, _hysterograd_triton_step(case)) for case in TRITON_STEP_CASES] + [
     Sample("fp32-tensor-lr-clipped", _hysterograd_triton_step(OPTIMIZER_CASES[0], tensor_lr=True, grad_clip=1.0)),
-    Sample("fp64-gate-closed", _hysterograd_triton_step(OPTIMIZER_CASES[1], stiffening_factor=1e6,
-                                                        adaptive_threshold=False)),
+    Sample(
+        "fp64-gate-closed",
+        _hysterograd_triton_step(OPTIMIZER_CASES[1], stiffening_factor=1e6, adaptive_threshold=False),
+    ),
 ]
-BIOSTATIS_TRITON_STEP_SAMPLES = [
-    Sample(case.name, _biostatis_triton_step(case)) for case in TRITON_STEP_CASES
-] + [
+BIOSTATIS_TRITON_STEP_SAMPLES = [Sample(case.name, _biostatis_triton_step(case)) for case in TRITON_STEP_CASES] + [
     Sample("fp32-tensor-lr", _biostatis_triton_step(OPTIMIZER_CASES[0], tensor_lr=True)),
     Sample("fp32-no-memories", _biostatis_triton_step(OPTIMIZER_CASES[0], memory_decays=(), memory_weights=())),
     Sample("fp64-three-memories", _biostatis_triton_step(OPTIMIZER_CASES[1], (0.9, 0.99, 0.999), (0.5, 0.3, 0.2))),
@@ -304,6 +375,7 @@ def _accumulation_dtype(dtype):
 class CrossEntropyCase:
     """An (N, V) problem: logits and u of ``dtype``, row 1 ignored; ``row_stride`` > V stores each row inside
     a wider one (the last dimension stays dense, as the kernels require)."""
+
     name: str
     dtype: torch.dtype
     rows: int = 6
@@ -323,8 +395,8 @@ class CrossEntropyCase:
         if self.row_stride is None:
             return t
         wide = torch.full((t.shape[0], self.row_stride), float("nan"), dtype=t.dtype)
-        wide[:, 2:2 + t.shape[1]] = t
-        return wide[:, 2:2 + t.shape[1]]
+        wide[:, 2 : 2 + t.shape[1]] = t
+        return wide[:, 2 : 2 + t.shape[1]]
 
     def out(self, logits):
         return self.strided(torch.empty(logits.shape, dtype=logits.dtype))
@@ -351,6 +423,7 @@ def _forward(case: CrossEntropyCase, ignore_index=-100, label_smoothing=0.1):
     def make_args():
         logits, target, _ = case.problem(ignore_index)
         return logits, target, ignore_index, label_smoothing
+
     return make_args
 
 
@@ -359,17 +432,34 @@ def _backward(case: CrossEntropyCase, per_row_scale: bool, scale_layout=_contigu
         logits, target, _ = case.problem()
         _, lse = _ops().cross_entropy_forward(logits, target, -100, 0.1)
         return logits, target, lse, scale_layout(case.scale(per_row_scale)), -100, 0.1
+
     return make_args
 
 
-def _hvp(case: CrossEntropyCase, per_row_scale: bool, label_smoothing=0.1, shift_period=0, stream_out=False,
-         broadcast_u=False):
+def _hvp(
+    case: CrossEntropyCase,
+    per_row_scale: bool,
+    label_smoothing=0.1,
+    shift_period=0,
+    stream_out=False,
+    broadcast_u=False,
+):
     def make_args():
         logits, target, u = case.problem()
         if broadcast_u:  # one row of u for every row: row stride 0
             u = u[2:3].expand(u.shape)
-        return (logits, target, u, case.scale(per_row_scale), -100, label_smoothing, shift_period, stream_out,
-                case.out(logits))
+        return (
+            logits,
+            target,
+            u,
+            case.scale(per_row_scale),
+            -100,
+            label_smoothing,
+            shift_period,
+            stream_out,
+            case.out(logits),
+        )
+
     return make_args
 
 
@@ -383,16 +473,25 @@ CROSS_ENTROPY_FORWARD_SAMPLES = [Sample(case.name, _forward(case)) for case in C
 ]
 CROSS_ENTROPY_BACKWARD_SAMPLES = [
     Sample(f"{case.name}-{_scale_name(per_row)}", _backward(case, per_row))
-    for case in CE_CASES for per_row in (False, True)
+    for case in CE_CASES
+    for per_row in (False, True)
 ] + [Sample("fp32-scale-per-row-strided", _backward(CE_CASES[0], True, _every_other))]
-CROSS_ENTROPY_HVP_SAMPLES = [
-    Sample(f"{case.name}-{_scale_name(per_row)}", _hvp(case, per_row))
-    for case in CE_CASES for per_row in (False, True)
-] + [
-    # The causal shift (period 3 divides the 6 rows) and a request for streaming stores (taken past 64 MiB only).
-    Sample(f"{case.name}-shift-3-stream-out", _hvp(case, True, label_smoothing=0.0, shift_period=3, stream_out=True))
-    for case in CE_CASES if case.rows == 6
-] + [Sample("fp32-u-broadcast", _hvp(CE_CASES[0], False, broadcast_u=True))]
+CROSS_ENTROPY_HVP_SAMPLES = (
+    [
+        Sample(f"{case.name}-{_scale_name(per_row)}", _hvp(case, per_row))
+        for case in CE_CASES
+        for per_row in (False, True)
+    ]
+    + [
+        # The causal shift (period 3 divides the 6 rows) and a request for streaming stores (taken past 64 MiB only).
+        Sample(
+            f"{case.name}-shift-3-stream-out", _hvp(case, True, label_smoothing=0.0, shift_period=3, stream_out=True)
+        )
+        for case in CE_CASES
+        if case.rows == 6
+    ]
+    + [Sample("fp32-u-broadcast", _hvp(CE_CASES[0], False, broadcast_u=True))]
+)
 
 
 # --- no tensors ------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The benchmark machinery at --quick size: the report's schema, the table, the PNG, the converter from
 pytest-benchmark's JSON, the compulsory-byte counts, and the baseline each speedup is taken against."""
+
 import contextlib
 import io
 import json
@@ -98,9 +99,21 @@ def test_png_is_a_readable_image(quick_run):
 def test_pytest_benchmark_json_converts_to_the_same_records(quick_report, tmp_path):
     benchmark_json = tmp_path / "pytest-benchmark.json"
     completed = subprocess.run(
-        [sys.executable, "-m", "pytest", "bench/", "--quick", f"--benchmark-json={benchmark_json}",
-         "-q", "-p", "no:cacheprovider"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "bench/",
+            "--quick",
+            f"--benchmark-json={benchmark_json}",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
 
@@ -121,7 +134,14 @@ def test_pytest_benchmark_json_converts_to_the_same_records(quick_report, tmp_pa
 
 def test_speedups_are_taken_against_the_same_workloads_baselines():
     def record(kernel, backend, dtype, median_s):
-        fields = {"kernel": kernel, "backend": backend, "shape": "4x4096", "dtype": dtype, "device": "cpu", "bytes": 10**9}
+        fields = {
+            "kernel": kernel,
+            "backend": backend,
+            "shape": "4x4096",
+            "dtype": dtype,
+            "device": "cpu",
+            "bytes": 10**9,
+        }
         return report.make_record(fields, Timing(median_s=median_s, min_s=median_s, repeats=3))
 
     records = [
@@ -135,7 +155,7 @@ def test_speedups_are_taken_against_the_same_workloads_baselines():
     ]
     machine = {"bandwidth_ceiling_gbps": 4.0}
     derived = {
-        identity(r)[:2] + (r["dtype"],): (r["speedup_vs_eager"], r["speedup_vs_peer"], r["fraction_of_ceiling"])
+        (*identity(r)[:2], r["dtype"]): (r["speedup_vs_eager"], r["speedup_vs_peer"], r["fraction_of_ceiling"])
         for r in report.build_report(machine, records, source="synthetic")["records"]
     }
     assert derived == {
@@ -159,8 +179,14 @@ def test_every_backend_has_its_own_display_name():
 
 def test_chart_and_table_name_the_backends_and_the_peers(tmp_path):
     def record(kernel, backend, median_s, shape="200x500000"):
-        fields = {"kernel": kernel, "backend": backend, "shape": shape, "dtype": "float32", "device": "cuda",
-                  "bytes": 10**9}
+        fields = {
+            "kernel": kernel,
+            "backend": backend,
+            "shape": shape,
+            "dtype": "float32",
+            "device": "cuda",
+            "bytes": 10**9,
+        }
         return report.make_record(fields, Timing(median_s=median_s, min_s=median_s, repeats=3))
 
     records = [
@@ -170,9 +196,18 @@ def test_chart_and_table_name_the_backends_and_the_peers(tmp_path):
         record("biostatis", "triton", 3e-3),
         record("ce-hvp", "triton", 4e-4, shape="16384x50304"),  # its peer filtered out: no speed-up
     ]
-    machine = {**dict.fromkeys(report.MACHINE_FIELDS), "date": "2026-12-01", "cpu_model": "Some CPU",
-               "cpu_cores": 16, "torch_threads": 16, "gpu_name": "Some GPU", "torch_version": "2.13.0",
-               "triton_version": "3.9.0", "bandwidth_ceiling_gbps": 4000.0, "bandwidth_probe": "copy"}
+    machine = {
+        **dict.fromkeys(report.MACHINE_FIELDS),
+        "date": "2026-12-01",
+        "cpu_model": "Some CPU",
+        "cpu_cores": 16,
+        "torch_threads": 16,
+        "gpu_name": "Some GPU",
+        "torch_version": "2.13.0",
+        "triton_version": "3.9.0",
+        "bandwidth_ceiling_gbps": 4000.0,
+        "bandwidth_probe": "copy",
+    }
     synthetic = report.build_report(machine, records, source="synthetic")
 
     table = report.format_table(synthetic)
@@ -220,8 +255,8 @@ def test_compulsory_bytes_follow_the_traffic_table(kernel_name, dtype, bytes_per
 
 
 def test_cross_entropy_cases_count_copies_of_the_logits_and_take_pytorch_as_peer():
-    from curvkern.bench.ce_cases import CrossEntropyCase, CrossEntropyKernel, RowsShape
     from curvkern.bench.cases import peer_of
+    from curvkern.bench.ce_cases import CrossEntropyCase, CrossEntropyKernel, RowsShape
 
     def case(kernel, dtype):
         return CrossEntropyCase(CrossEntropyKernel(kernel), "cpp", RowsShape(8, 100), dtype, CPU)
@@ -233,8 +268,11 @@ def test_cross_entropy_cases_count_copies_of_the_logits_and_take_pytorch_as_peer
     assert peer_of("ce-eigenthings-hvp") == ("ce-eigenthings-hvp", "eigenthings-autograd")
     assert peer_of("hysterograd") == ("adamw", "torch-fused")
     quick = [c for c in build_cases(CPU, quick=True) if c.suite == "cross_entropy"]
-    assert {(c.kernel.name, c.backend) for c in quick} >= {("ce-hvp", "torch-eager"), ("ce-hvp", "cpp"),
-                                                             ("ce-double-backward", "cpp")}
+    assert {(c.kernel.name, c.backend) for c in quick} >= {
+        ("ce-hvp", "torch-eager"),
+        ("ce-hvp", "cpp"),
+        ("ce-double-backward", "cpp"),
+    }
 
 
 def test_extra_peak_bytes_sees_what_a_call_allocates():

@@ -1,24 +1,34 @@
 """BiostatisV6 against the goldens of docs/biostatis.md and an oracle of the original, on every backend."""
+
 import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from conftest import max_examples
+from hypothesis import given, settings, strategies as st
+from tolerance import BIOSTATIS_OPS, assert_fused_close, assert_relative_error, assert_rounded_close, numel, truth_bound
 
 from curvkern import _dispatch, available_backends
 from curvkern.families import get_family
 from curvkern.optim import BiostatisV6
 from curvkern.optim.biostatis.eager import biostatis_scalars, biostatis_sums
-from conftest import max_examples
-from tolerance import BIOSTATIS_OPS, assert_fused_close, assert_relative_error, assert_rounded_close, numel, truth_bound
 
 FAMILY = get_family("biostatis")
 HYPERPARAMETERS = {
-    "lr", "betas", "eps", "weight_decay", "homeo_rate", "coherence_target", "energy_target",
-    "lambda_energy", "memory_decays", "memory_weights", "flip_threshold", "ascent_strength",
+    "lr",
+    "betas",
+    "eps",
+    "weight_decay",
+    "homeo_rate",
+    "coherence_target",
+    "energy_target",
+    "lambda_energy",
+    "memory_decays",
+    "memory_weights",
+    "flip_threshold",
+    "ascent_strength",
 }
 F64 = torch.float64
 
@@ -30,22 +40,47 @@ class OriginalBiostatisV6(torch.optim.Optimizer):
     gradients. No validation; the step is a Python int, as in the original's checkpoints.
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, homeo_rate=0.03,
-                 coherence_target=0.8, energy_target=1e-3, lambda_energy=0.1, memory_decays=(0.9, 0.99),
-                 memory_weights=(0.6, 0.4), flip_threshold=0.2, ascent_strength=0.05):
-        super().__init__(params, dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, homeo_rate=homeo_rate,
-            coherence_target=coherence_target, energy_target=energy_target, lambda_energy=lambda_energy,
-            memory_decays=memory_decays, memory_weights=memory_weights, flip_threshold=flip_threshold,
-            ascent_strength=ascent_strength,
-        ))
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=1e-2,
+        homeo_rate=0.03,
+        coherence_target=0.8,
+        energy_target=1e-3,
+        lambda_energy=0.1,
+        memory_decays=(0.9, 0.99),
+        memory_weights=(0.6, 0.4),
+        flip_threshold=0.2,
+        ascent_strength=0.05,
+    ):
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                betas=betas,
+                eps=eps,
+                weight_decay=weight_decay,
+                homeo_rate=homeo_rate,
+                coherence_target=coherence_target,
+                energy_target=energy_target,
+                lambda_energy=lambda_energy,
+                memory_decays=memory_decays,
+                memory_weights=memory_weights,
+                flip_threshold=flip_threshold,
+                ascent_strength=ascent_strength,
+            ),
+        )
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            rho, c_star, target, lam = (group[k] for k in ("homeo_rate", "coherence_target", "energy_target",
-                                                            "lambda_energy"))
+            rho, c_star, target, lam = (
+                group[k] for k in ("homeo_rate", "coherence_target", "energy_target", "lambda_energy")
+            )
             active = [p for p in group["params"] if p.grad is not None]
             if not active:
                 continue
@@ -77,7 +112,7 @@ class OriginalBiostatisV6(torch.optim.Optimizer):
                 importance = m.abs().mean() / (v.sqrt().mean() + 1e-12)
                 if importance < group["flip_threshold"]:
                     adaptive.add_(group["ascent_strength"] * (1 - math.exp(-0.02 * t)) * g)
-                bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+                bc1, bc2 = 1 - b1**t, 1 - b2**t
                 denom = (v.sqrt() / math.sqrt(bc2)).add_(eps)
                 e_loc = g.pow(2).mean().item()
                 c_loc = g.tanh().abs().mean().item()
@@ -107,8 +142,16 @@ def close(actual, expected, rtol=0.0, atol=1e-7):
 
 def fresh_scalars(grads, steps=None, **hyper):
     """Scalar stage of a fresh state (m = v = 0) for the given gradients, default hyperparameters."""
-    config = dict(lr=1e-3, betas=(0.9, 0.999), homeo_rate=0.03, coherence_target=0.8, energy_target=1e-3,
-                  lambda_energy=0.1, flip_threshold=0.2, ascent_strength=0.05)
+    config = dict(
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        homeo_rate=0.03,
+        coherence_target=0.8,
+        energy_target=1e-3,
+        lambda_energy=0.1,
+        flip_threshold=0.2,
+        ascent_strength=0.05,
+    )
     config.update(hyper)
     zeros = [torch.zeros_like(g) for g in grads]
     sums = biostatis_sums(grads, zeros, zeros, betas=config["betas"])
@@ -117,6 +160,7 @@ def fresh_scalars(grads, steps=None, **hyper):
 
 
 # ---------------------------------------------------------------- goldens D1-D12 (docs/biostatis.md)
+
 
 @pytest.mark.fused_vs_eager
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -129,8 +173,9 @@ def test_d1_first_step_closed_form(backend, device, dtype):
     # The golden digits are an fp32 run's (fp64 differs from them by up to 4.2e-8): another machine's fp32
     # run may round differently, so fp32 is held to the policy's bound of one step (kind (b)).
     if dtype == torch.float32:
-        assert_relative_error(p, [0.49896297, -0.99895614, 1.99895656, 0.0],
-                              truth_bound(dtype, ops=BIOSTATIS_OPS, reduction_length=4))
+        assert_relative_error(
+            p, [0.49896297, -0.99895614, 1.99895656, 0.0], truth_bound(dtype, ops=BIOSTATIS_OPS, reduction_length=4)
+        )
     else:
         close(p, [0.49896297, -0.99895614, 1.99895656, 0.0], atol=5e-8)
     scalars = fresh_scalars([g])
@@ -149,8 +194,16 @@ def test_d2_reduces_to_adamw(backend, device):
     grads = [torch.randn(7, generator=gen, dtype=F64) for _ in range(20)]
     (p,) = tensors([[0.0] * 7], device, F64)
     (q,) = tensors([[0.0] * 7], device, F64)
-    opt = BiostatisV6([p], lr=1e-2, weight_decay=0, homeo_rate=0, lambda_energy=0, memory_weights=(0, 0),
-                      ascent_strength=0, fused=backend)
+    opt = BiostatisV6(
+        [p],
+        lr=1e-2,
+        weight_decay=0,
+        homeo_rate=0,
+        lambda_energy=0,
+        memory_weights=(0, 0),
+        ascent_strength=0,
+        fused=backend,
+    )
     adamw = torch.optim.AdamW([q], lr=1e-2, weight_decay=0)
     m = torch.zeros(7, dtype=F64)
     expected_gap = torch.zeros(7, dtype=F64)
@@ -160,7 +213,7 @@ def test_d2_reduces_to_adamw(backend, device):
         adamw.step()
         m = 0.9 * m + 0.1 * g
         cos = F.cosine_similarity(m, g, dim=0)
-        expected_gap -= (1e-2 / (1 - 0.9 ** t)) * 0.01 * (g + 0.5 * torch.tanh(cos) * g.abs())
+        expected_gap -= (1e-2 / (1 - 0.9**t)) * 0.01 * (g + 0.5 * torch.tanh(cos) * g.abs())
         close(p.detach() - q.detach(), expected_gap, atol=1e-13)
 
 
@@ -228,9 +281,13 @@ def test_d6_importance_constant_gradient_never_fires(backend, device, dtype):
             assert importance_of(with_ascent.state[params[0]]) == pytest.approx(checkpoints[t], abs=1e-4)
             # Kind (b) of tests/tolerance.py: each EMA step rounds ~4 times (β·m, (1−β)·g, g², +), and an EMA
             # carries a step's error for about 1/(1−β2) = 1000 steps; then √ and ÷.
-            closed_form = (1 - 0.9 ** t) / math.sqrt(1 - 0.999 ** t)
-            assert_relative_error(importance_of(with_ascent.state[params[0]]), closed_form,
-                                  truth_bound(dtype, ops=4 * min(t, 1000) + 2), label=f"importance at step {t}")
+            closed_form = (1 - 0.9**t) / math.sqrt(1 - 0.999**t)
+            assert_relative_error(
+                importance_of(with_ascent.state[params[0]]),
+                closed_form,
+                truth_bound(dtype, ops=4 * min(t, 1000) + 2),
+                label=f"importance at step {t}",
+            )
     assert torch.equal(params[0], params[1])
 
 
@@ -255,7 +312,7 @@ def test_d6_importance_alternating_gradient_fires_at_step_72(backend, device, dt
     assert importance == pytest.approx(0.19954, abs=1e-5)
     # At t = 72 the "ascent" adds −(lr/bc1)·h·e·0.01·α_a·δ·g: more descent along g, h·e ≈ 1.
     gap = (params[0] - params[1]).detach().cpu()
-    per_unit = -(1e-3 / (1 - 0.9 ** 72)) * 0.01 * 0.05 * (1 - math.exp(-0.02 * 72)) * g
+    per_unit = -(1e-3 / (1 - 0.9**72)) * 0.01 * 0.05 * (1 - math.exp(-0.02 * 72)) * g
     # In fp32 the 4e-9 gap is quantized by the ulp of p (~1e-10).
     assert ((gap / per_unit - 1).abs() < (0.02 if dtype == F64 else 0.1)).all()
     assert (torch.sign(gap) == -math.copysign(1, g)).all() and (params[0] - before).abs().sum() > 0
@@ -298,13 +355,23 @@ def test_d8_group_partitioning_changes_the_update(backend, device, dtype):
 def test_d9_gain_bounds(seed, log_scales, steps, double):
     dtype = F64 if double else torch.float32
     gen = torch.Generator().manual_seed(seed)
-    grads = [(torch.randn(5, generator=gen, dtype=F64) * 10.0 ** s).to(dtype) for s in log_scales]
-    exp_avgs = [(torch.randn(5, generator=gen, dtype=F64) * 10.0 ** s).to(dtype) for s in log_scales]
+    grads = [(torch.randn(5, generator=gen, dtype=F64) * 10.0**s).to(dtype) for s in log_scales]
+    exp_avgs = [(torch.randn(5, generator=gen, dtype=F64) * 10.0**s).to(dtype) for s in log_scales]
     exp_avg_sqs = [(torch.rand(5, generator=gen, dtype=F64) * 10.0 ** min(2 * s, 300)).to(dtype) for s in log_scales]
     sums = biostatis_sums(grads, exp_avgs, exp_avg_sqs, betas=(0.9, 0.999))
-    s = biostatis_scalars(sums, [5] * len(grads), torch.full((len(grads),), float(steps)), lr=1e-3,
-                          betas=(0.9, 0.999), homeo_rate=0.03, coherence_target=0.8, energy_target=1e-3,
-                          lambda_energy=0.1, flip_threshold=0.2, ascent_strength=0.05)
+    s = biostatis_scalars(
+        sums,
+        [5] * len(grads),
+        torch.full((len(grads),), float(steps)),
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        homeo_rate=0.03,
+        coherence_target=0.8,
+        energy_target=1e-3,
+        lambda_energy=0.1,
+        flip_threshold=0.2,
+        ascent_strength=0.05,
+    )
     he = s.h * s.e
     assert ((he >= 0.86811 - 1e-5) & (he <= 1.01700 + 1e-5)).all(), he
     assert ((s.e >= 0.8725 - 1e-12) & (s.e <= 1.0000695 + 1e-9)).all(), s.e
@@ -318,7 +385,7 @@ def test_d10_weight_decay_first_then_add(backend, device):
     for g in [[0.1, -0.2, 0.3], [0.4, 0.0, -0.1], [-0.3, 0.2, 0.2]]:
         before = [p.detach().clone() for p in params]
         set_grads(params, [g] * 3)
-        for opt in decayed + [plain]:
+        for opt in [*decayed, plain]:
             opt.step()
         delta = params[2].detach() - before[2]
         for p, b in zip(params[:2], before[:2]):
@@ -364,15 +431,28 @@ def test_d11_zero_gradient_never_nan(backend, device, dtype):
 
 def test_d12_cosine_edge_cases():
     # Columns: Σg², Σ|tanh g|, Σm'g, Σm'², Σ|m'|, Σ√v'.
-    sums = torch.tensor([
-        [1.0, 0.5, 0.0, 0.0, 0.0, 0.0],     # m' = 0
-        [0.0, 0.0, 0.0, 4.0, 2.0, 1.0],     # g = 0
-        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],     # both zero
-        [1e-40, 1e-20, 1e-40, 1e-40, 1e-20, 1e-20],  # m = g = [1e-20, 0]: clamped norms
-    ], dtype=F64)
-    s = biostatis_scalars(sums, [2, 2, 2, 2], torch.ones(4), lr=1e-3, betas=(0.9, 0.999), homeo_rate=0.03,
-                          coherence_target=0.8, energy_target=1e-3, lambda_energy=0.1, flip_threshold=0.2,
-                          ascent_strength=0.05)
+    sums = torch.tensor(
+        [
+            [1.0, 0.5, 0.0, 0.0, 0.0, 0.0],  # m' = 0
+            [0.0, 0.0, 0.0, 4.0, 2.0, 1.0],  # g = 0
+            [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # both zero
+            [1e-40, 1e-20, 1e-40, 1e-40, 1e-20, 1e-20],  # m = g = [1e-20, 0]: clamped norms
+        ],
+        dtype=F64,
+    )
+    s = biostatis_scalars(
+        sums,
+        [2, 2, 2, 2],
+        torch.ones(4),
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        homeo_rate=0.03,
+        coherence_target=0.8,
+        energy_target=1e-3,
+        lambda_energy=0.1,
+        flip_threshold=0.2,
+        ascent_strength=0.05,
+    )
     assert s.tau[:3].tolist() == [0.0, 0.0, 0.0]
     assert s.tau[3].item() == pytest.approx(1e-24, rel=1e-12)
     assert torch.isfinite(torch.stack([s.h, s.e, s.coef, s.importance])).all()
@@ -422,10 +502,12 @@ def test_r1_regression_vectors(backend, device, dtype):
 
 # ---------------------------------------------------------------- the original, as an oracle
 
+
 @st.composite
 def scenarios(draw):
-    shapes = draw(st.lists(st.sampled_from([(0,), (1,), (3,), (2, 3), (4, 1, 2), (7,), (3, 5)]),
-                           min_size=1, max_size=4))
+    shapes = draw(
+        st.lists(st.sampled_from([(0,), (1,), (3,), (2, 3), (4, 1, 2), (7,), (3, 5)]), min_size=1, max_size=4)
+    )
     n_memories = draw(st.integers(0, 3))
     hyper = dict(
         lr=draw(st.floats(0, 0.1)),
@@ -464,7 +546,7 @@ def test_matches_the_original_in_fp64(backend, device, scenario):
             elif kind == "zero":
                 grads.append(torch.zeros(shape, dtype=F64))
             else:
-                grads.append(torch.randn(shape, generator=gen, dtype=F64) * 10.0 ** kind)
+                grads.append(torch.randn(shape, generator=gen, dtype=F64) * 10.0**kind)
         set_grads(oracle, grads)
         for p, g in zip(params, grads):
             # Non-contiguous gradients for 2-D tensors, when drawn.
@@ -499,11 +581,13 @@ def test_matches_the_original_in_fp32_to_ulps(backend, device):
         opt.step()
         ref.step()
     for p, q in zip(params, oracle):  # kind (c) of tests/tolerance.py
-        assert_fused_close(p.detach(), q.detach(), dtype=torch.float32, ops=BIOSTATIS_OPS, reduction_length=numel(shapes),
-                           steps=30)
+        assert_fused_close(
+            p.detach(), q.detach(), dtype=torch.float32, ops=BIOSTATIS_OPS, reduction_length=numel(shapes), steps=30
+        )
 
 
 # ---------------------------------------------------------------- state, checkpoints, dtypes
+
 
 def test_state_dict_keys_and_types(backend, device):
     a, b = tensors([[1.0, 2.0], [3.0]], device)
@@ -539,8 +623,10 @@ def run_trajectory(opt, params, grads):
 def test_state_dict_round_trip_continues_bit_identically(backend, device, dtype):
     gen = torch.Generator().manual_seed(4)
     shapes = [(5,), (2, 3)]
-    grads = [[(torch.randn(s, generator=gen) * 0.5).to(dtype) if (i + j) % 5 else None for j, s in enumerate(shapes)]
-             for i in range(8)]
+    grads = [
+        [(torch.randn(s, generator=gen) * 0.5).to(dtype) if (i + j) % 5 else None for j, s in enumerate(shapes)]
+        for i in range(8)
+    ]
     make = lambda: [torch.full(s, 0.5, dtype=dtype, device=device, requires_grad=True) for s in shapes]  # noqa: E731
     config = dict(lr=0.01, weight_decay=0.1, flip_threshold=3.0)  # the ascent fires too
     straight = make()
@@ -627,8 +713,14 @@ def test_low_precision_tracks_the_fp32_trajectory_rounded_each_step(backend, dev
             for q in shadow:
                 q.copy_(q.to(dtype).float())  # what the fp32 math rounded to nearest even stores
         for p, q in zip(params, shadow):
-            assert_rounded_close(p.detach(), q.detach(), storage_dtype=dtype, ops=BIOSTATIS_OPS,
-                                 reduction_length=numel(shapes), steps=step)
+            assert_rounded_close(
+                p.detach(),
+                q.detach(),
+                storage_dtype=dtype,
+                ops=BIOSTATIS_OPS,
+                reduction_length=numel(shapes),
+                steps=step,
+            )
             if backend == "eager":  # the same fp32 math, rounded once: bit for bit
                 assert torch.equal(p.detach().float(), q.detach())
     for p in params:
@@ -637,6 +729,7 @@ def test_low_precision_tracks_the_fp32_trajectory_rounded_each_step(backend, dev
 
 
 # ---------------------------------------------------------------- shapes, strides, closure, syncs
+
 
 def test_empty_size_one_and_non_contiguous_tensors(backend, device):
     gen = torch.Generator().manual_seed(3)
@@ -680,7 +773,7 @@ def test_closure_returns_the_loss(backend, device):
     def closure():
         assert torch.is_grad_enabled()
         opt.zero_grad()
-        loss = (p ** 2).sum()
+        loss = (p**2).sum()
         loss.backward()
         return loss
 
@@ -693,8 +786,9 @@ def test_closure_returns_the_loss(backend, device):
 @pytest.mark.parametrize("flip_threshold", [0.2, 10.0])
 def test_step_never_reads_a_tensor_on_the_host(backend, device, flip_threshold, monkeypatch):
     params = tensors([[1.0, -2.0, 0.5], [[0.1, 0.2], [0.3, 0.4]], [3.0]], device)
-    opt = BiostatisV6([{"params": params[:2]}, {"params": params[2:], "lr": 0.1}],
-                      flip_threshold=flip_threshold, fused=backend)
+    opt = BiostatisV6(
+        [{"params": params[:2]}, {"params": params[2:], "lr": 0.1}], flip_threshold=flip_threshold, fused=backend
+    )
     before = [p.detach().clone() for p in params]
 
     def host_sync(*args, **kwargs):
@@ -712,30 +806,34 @@ def test_step_never_reads_a_tensor_on_the_host(backend, device, flip_threshold, 
 
 # ---------------------------------------------------------------- validation and unsupported inputs
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(lr=-1e-3), "lr"),
-    (dict(lr="0.1"), "lr"),
-    (dict(betas=(1.0, 0.999)), "betas"),
-    (dict(betas=(0.9, -0.1)), "betas"),
-    (dict(betas=(0.9,)), "betas"),
-    (dict(betas=0.9), "betas"),
-    (dict(betas="ab"), "betas"),
-    (dict(eps=-1e-8), "eps"),
-    (dict(weight_decay=-0.1), "weight_decay"),
-    (dict(homeo_rate=-0.1), "homeo_rate"),
-    (dict(coherence_target=math.inf), "coherence_target"),
-    (dict(energy_target=-1e-3), "energy_target"),
-    (dict(lambda_energy=-0.1), "lambda_energy"),
-    (dict(flip_threshold=math.nan), "flip_threshold"),
-    (dict(ascent_strength=-0.05), "ascent_strength"),
-    (dict(memory_decays=(1.0, 0.99)), "memory_decays"),
-    (dict(memory_decays=(0.9, -0.1)), "memory_decays"),
-    (dict(memory_decays=0.9), "memory_decays"),
-    (dict(memory_weights=(math.inf, 0.4)), "memory_weights"),
-    (dict(memory_weights=None), "memory_weights"),
-    (dict(memory_decays=(0.9,)), "memory_decays and memory_weights"),
-    (dict(memory_weights=(0.6, 0.3, 0.1)), "memory_decays and memory_weights"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(lr=-1e-3), "lr"),
+        (dict(lr="0.1"), "lr"),
+        (dict(betas=(1.0, 0.999)), "betas"),
+        (dict(betas=(0.9, -0.1)), "betas"),
+        (dict(betas=(0.9,)), "betas"),
+        (dict(betas=0.9), "betas"),
+        (dict(betas="ab"), "betas"),
+        (dict(eps=-1e-8), "eps"),
+        (dict(weight_decay=-0.1), "weight_decay"),
+        (dict(homeo_rate=-0.1), "homeo_rate"),
+        (dict(coherence_target=math.inf), "coherence_target"),
+        (dict(energy_target=-1e-3), "energy_target"),
+        (dict(lambda_energy=-0.1), "lambda_energy"),
+        (dict(flip_threshold=math.nan), "flip_threshold"),
+        (dict(ascent_strength=-0.05), "ascent_strength"),
+        (dict(memory_decays=(1.0, 0.99)), "memory_decays"),
+        (dict(memory_decays=(0.9, -0.1)), "memory_decays"),
+        (dict(memory_decays=0.9), "memory_decays"),
+        (dict(memory_weights=(math.inf, 0.4)), "memory_weights"),
+        (dict(memory_weights=None), "memory_weights"),
+        (dict(memory_decays=(0.9,)), "memory_decays and memory_weights"),
+        (dict(memory_weights=(0.6, 0.3, 0.1)), "memory_decays and memory_weights"),
+    ],
+)
 def test_invalid_hyperparameters_raise(backend, device, kwargs, match):
     (p,) = tensors([[1.0]], device)
     with pytest.raises(ValueError, match=match):
@@ -744,9 +842,22 @@ def test_invalid_hyperparameters_raise(backend, device, kwargs, match):
 
 def test_valid_edge_hyperparameters_are_accepted(backend, device):
     (p,) = tensors([[1.0]], device)
-    BiostatisV6([p], lr=0, betas=[0, 0], eps=0, weight_decay=0, homeo_rate=0, coherence_target=-3,
-                energy_target=0, lambda_energy=0, memory_decays=[], memory_weights=[], flip_threshold=-1,
-                ascent_strength=0, fused=backend)
+    BiostatisV6(
+        [p],
+        lr=0,
+        betas=[0, 0],
+        eps=0,
+        weight_decay=0,
+        homeo_rate=0,
+        coherence_target=-3,
+        energy_target=0,
+        lambda_energy=0,
+        memory_decays=[],
+        memory_weights=[],
+        flip_threshold=-1,
+        ascent_strength=0,
+        fused=backend,
+    )
 
 
 def test_group_overrides_are_validated(backend, device):

@@ -12,14 +12,15 @@ Without CUDA the Triton step runs through the interpreter (tests/conftest.py): t
 opaque op, which runs the interpreted kernels; with CUDA every case also runs on the GPU. The real CUDA
 graph test skips without a GPU.
 """
+
 import pytest
 import torch
 import torch._dynamo
+from conftest import backend_cases
+from tolerance import BIOSTATIS_OPS, HYSTEROGRAD_OPS, assert_fused_close, assert_hysterograd_results_close, numel
 from torch._dynamo.utils import counters
 
 from curvkern.optim import BiostatisV6, HysteroGrad
-from conftest import backend_cases
-from tolerance import BIOSTATIS_OPS, HYSTEROGRAD_OPS, assert_fused_close, assert_hysterograd_results_close, numel
 
 OPTIMIZERS = {"hysterograd": HysteroGrad, "biostatis": BiostatisV6}
 HYPERPARAMETERS = {"hysterograd": dict(lr=0.05, grad_clip=2.0), "biostatis": dict(lr=0.01, flip_threshold=3.0)}
@@ -45,8 +46,13 @@ def group_numel(layout) -> int:
 
 def make_groups(device):
     gen = torch.Generator().manual_seed(0)
-    return [[torch.randn(shape, generator=gen, dtype=torch.float64).to(device, dtype).requires_grad_(True)
-             for shape, dtype, _ in layout] for layout in GROUPS]
+    return [
+        [
+            torch.randn(shape, generator=gen, dtype=torch.float64).to(device, dtype).requires_grad_(True)
+            for shape, dtype, _ in layout
+        ]
+        for layout in GROUPS
+    ]
 
 
 def set_grads(groups, step):
@@ -91,8 +97,10 @@ def step_compiled_and_uncompiled(family, fused, device, backend, **kw):
             pairs.append((p, q, group_numel(layout)))
             for key, value in opt.state[p].items():
                 expected = reference.state[q][key]
-                pairs += [(a, b, group_numel(layout)) for a, b in (zip(value, expected) if isinstance(value, list)
-                                                      else [(value, expected)])]
+                pairs += [
+                    (a, b, group_numel(layout))
+                    for a, b in (zip(value, expected) if isinstance(value, list) else [(value, expected)])
+                ]
     return results, graphs, pairs
 
 
@@ -126,8 +134,9 @@ def test_compiled_step_has_no_graph_break_and_steps_as_uncompiled(family, fused,
     for step, (compiled, uncompiled) in enumerate(results, 1):
         got = as_uncompiled(family, compiled, device)
         if family == "hysterograd":
-            assert_hysterograd_results_close(got, uncompiled, dtype=torch.float32, steps=step,
-                                             reduction_length=max(map(group_numel, GROUPS)))
+            assert_hysterograd_results_close(
+                got, uncompiled, dtype=torch.float32, steps=step, reduction_length=max(map(group_numel, GROUPS))
+            )
         else:
             assert got is uncompiled is None
     for a, b, n in pairs:
@@ -140,8 +149,9 @@ TRITON_BIOSTATIS_CASES = [(fused, device) for fused, device in backend_cases("bi
 @pytest.mark.parametrize("fused,device", TRITON_BIOSTATIS_CASES, ids=["-".join(c) for c in TRITON_BIOSTATIS_CASES])
 def test_compiled_triton_step_without_memories(fused, device):
     """memory_decays=(): the opaque op gets a flat list of no memory EMAs and splits it per parameter."""
-    results, _, pairs = step_compiled_and_uncompiled("biostatis", fused, device, "aot_eager",
-                                                     memory_decays=(), memory_weights=())
+    results, _, pairs = step_compiled_and_uncompiled(
+        "biostatis", fused, device, "aot_eager", memory_decays=(), memory_weights=()
+    )
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert_bit_identical("biostatis", device, results, pairs)
 
@@ -185,8 +195,11 @@ def test_compiled_step_still_checks_the_state(family, key):
     param = groups[0][1]
     opt.state[param][key] = torch.zeros(param.numel() + 1, dtype=param.dtype)
     before = [p.detach().clone() for group in groups for p in group]
-    with pytest.raises(RuntimeError, match=rf"state '{key}' of parameter 1 in param group 0 has shape \(6,\), "
-                                           r"expected \(5,\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=rf"state '{key}' of parameter 1 in param group 0 has shape \(6,\), "
+        r"expected \(5,\)",
+    ):
         compiled_step()
     assert all(map(torch.equal, [p for group in groups for p in group], before))
 
@@ -224,8 +237,11 @@ def test_capture_of_a_step_with_capturable_false_raises_before_anything_moves(fa
     before = [p.detach().clone() for p in params]
     opt = make_optimizer(family, groups, "eager")
     name = type(opt).__name__
-    with pytest.raises(RuntimeError, match=rf"Attempting CUDA graph capture of step\(\) for an instance of {name} "
-                                           r"but its capturable is False"):
+    with pytest.raises(
+        RuntimeError,
+        match=rf"Attempting CUDA graph capture of step\(\) for an instance of {name} "
+        r"but its capturable is False",
+    ):
         opt.step()
     assert all(map(torch.equal, params, before))
     assert not opt.state
@@ -256,6 +272,5 @@ def test_cuda_graph_capture_with_capturable_false_raises(family):
     opt = OPTIMIZERS[family](params, fused="auto")
     opt.step()  # warm-up outside the capture, as torch's recipe does
     graph = torch.cuda.CUDAGraph()
-    with pytest.raises(RuntimeError, match="Attempting CUDA graph capture of step"):
-        with torch.cuda.graph(graph):
-            opt.step()
+    with pytest.raises(RuntimeError, match="Attempting CUDA graph capture of step"), torch.cuda.graph(graph):
+        opt.step()

@@ -6,6 +6,7 @@ eager constant (GLOBAL_BLEND is kGlobalBlend). The C++ source is read, not the c
 check runs without a build. Every C++ constant must equal its eager twin, and every float constant of
 the eager module must have one.
 """
+
 import re
 from pathlib import Path
 
@@ -31,16 +32,24 @@ def cpp_constants(source: Path) -> dict[str, float | tuple[float, ...]]:
 def eager_constants(module) -> dict[str, float | tuple[float, ...]]:
     """The module's upper-case float and tuple-of-float constants."""
     return {
-        name: value for name, value in vars(module).items()
-        if name.isupper() and (isinstance(value, float)
-                               or isinstance(value, tuple) and value and all(isinstance(v, float) for v in value))
+        name: value
+        for name, value in vars(module).items()
+        if name.isupper()
+        and (
+            isinstance(value, float)
+            or (isinstance(value, tuple) and value and all(isinstance(v, float) for v in value))
+        )
     }
 
 
-@pytest.mark.parametrize("source, module", [
-    ("csrc/optim/biostatis.cpp", biostatis_eager),
-    ("csrc/optim/hysterograd.cpp", hysterograd_eager),
-], ids=["biostatis", "hysterograd"])
+@pytest.mark.parametrize(
+    "source, module",
+    [
+        ("csrc/optim/biostatis.cpp", biostatis_eager),
+        ("csrc/optim/hysterograd.cpp", hysterograd_eager),
+    ],
+    ids=["biostatis", "hysterograd"],
+)
 def test_cpp_constants_equal_the_eager_references(source, module):
     cpp, eager = cpp_constants(ROOT / source), eager_constants(module)
     assert cpp, f"no constexpr double constants found in {source}"

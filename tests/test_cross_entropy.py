@@ -3,6 +3,7 @@
 Ground truth is PyTorch's own ``F.cross_entropy`` (and its autograd double backward) in fp64; low-precision
 results are compared with an fp64 ground truth by ‖a − b‖ / ‖b‖, to the bound of tests/tolerance.py.
 """
+
 import math
 import os
 import platform
@@ -15,12 +16,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from disassembly import extension_bodies, extension_symbols, has_omp_body, omp_body
+from tolerance import TRANSCENDENTAL_OPS, assert_relative_error, relative_error, truth_bound, unit_roundoff
 
 import curvkern
 from curvkern.families import get_family
 from curvkern.integrations import eigenthings as ck_eigenthings
-from disassembly import extension_bodies, extension_symbols, has_omp_body, omp_body
-from tolerance import TRANSCENDENTAL_OPS, assert_relative_error, relative_error, truth_bound, unit_roundoff
 
 FAMILY = get_family("cross_entropy")
 # Triton's interpreter computes with numpy, which warns on the NaN and inf rows these tests feed it on purpose.
@@ -156,9 +157,14 @@ def test_strided_and_non_contiguous_inputs(backend, device):
     shared_u = u[2:3].expand(6, 9)
     torch.testing.assert_close(
         curvkern.ce_hvp(every_other, target, shared_u, fused=backend),
-        loss_grad_hvp(F.cross_entropy, logits, target, shared_u.contiguous())[2], **FP64)
+        loss_grad_hvp(F.cross_entropy, logits, target, shared_u.contiguous())[2],
+        **FP64,
+    )
     # ``out`` written in place, strided or transposed.
-    for out in [torch.empty(6, 16, dtype=torch.float64, device=device)[:, :9], torch.empty(9, 6, dtype=torch.float64, device=device).t()]:
+    for out in [
+        torch.empty(6, 16, dtype=torch.float64, device=device)[:, :9],
+        torch.empty(9, 6, dtype=torch.float64, device=device).t(),
+    ]:
         result = curvkern.ce_hvp(logits, target, u, out=out, fused=backend)
         assert result is out
         torch.testing.assert_close(out, expected[2], **FP64)
@@ -194,8 +200,14 @@ def test_peaked_and_flat_rows_closed_forms(backend, device):
     _, target, u = (t.to(device) for t in make_problem(n, v))
     flat = torch.full((n, v), 0.7, dtype=torch.float64, device=device)
     # Flat rows: (H u)_r = c (u_r − mean(u_r)) / V, loss log V (docs/cross_entropy.md, "The math").
-    torch.testing.assert_close(curvkern.ce_hvp(flat, target, u, fused=backend), (u - u.mean(1, keepdim=True)) / v / n, **FP64)
-    torch.testing.assert_close(curvkern.cross_entropy(flat, target, fused=backend), torch.tensor(math.log(v), dtype=torch.float64, device=device), **FP64)
+    torch.testing.assert_close(
+        curvkern.ce_hvp(flat, target, u, fused=backend), (u - u.mean(1, keepdim=True)) / v / n, **FP64
+    )
+    torch.testing.assert_close(
+        curvkern.cross_entropy(flat, target, fused=backend),
+        torch.tensor(math.log(v), dtype=torch.float64, device=device),
+        **FP64,
+    )
     # Peaked rows, the target 50 above the rest: p_y = 1 / (1 + (V−1)e^{−50}), the others e^{−50} p_y.
     peaked = torch.zeros(n, v, dtype=torch.float64, device=device)
     peaked[torch.arange(n), target] = 50.0
@@ -203,9 +215,16 @@ def test_peaked_and_flat_rows_closed_forms(backend, device):
     p[torch.arange(n), target] = 1.0
     p /= p.sum(1, keepdim=True)
     expected = p * (u - (p * u).sum(1, keepdim=True))
-    torch.testing.assert_close(curvkern.ce_hvp(peaked, target, u, reduction="sum", fused=backend), expected, rtol=1e-9, atol=1e-30)
+    torch.testing.assert_close(
+        curvkern.ce_hvp(peaked, target, u, reduction="sum", fused=backend), expected, rtol=1e-9, atol=1e-30
+    )
     loss = curvkern.cross_entropy(peaked, target, reduction="none", fused=backend)
-    torch.testing.assert_close(loss, torch.full((n,), math.log1p((v - 1) * math.exp(-50.0)), dtype=torch.float64, device=device), rtol=0, atol=1e-14)
+    torch.testing.assert_close(
+        loss,
+        torch.full((n,), math.log1p((v - 1) * math.exp(-50.0)), dtype=torch.float64, device=device),
+        rtol=0,
+        atol=1e-14,
+    )
 
 
 # Rounded operations per element of the loss, gradient and HVP: exp, log and the softmax's exp(z − lse)
@@ -222,7 +241,9 @@ def test_low_precision_against_fp64_ground_truth(backend, device, dtype, reducti
     logits64, target, u64 = (t.to(device) for t in make_problem(n, v, ignore=[3, 9], seed=1))
     logits, u = logits64.to(dtype), u64.to(dtype)
     # Ground truth: fp64 evaluated on the same (rounded) inputs.
-    truth = loss_grad_hvp(F.cross_entropy, logits.double(), target, u.double(), reduction=reduction, label_smoothing=0.1)
+    truth = loss_grad_hvp(
+        F.cross_entropy, logits.double(), target, u.double(), reduction=reduction, label_smoothing=0.1
+    )
     actual = loss_grad_hvp(ours(backend), logits, target, u, reduction=reduction, label_smoothing=0.1)
     standalone = curvkern.ce_hvp(logits, target, u, reduction=reduction, fused=backend)
     bound = truth_bound(dtype, ops=CE_OPS, reduction_length=v)
@@ -326,8 +347,10 @@ def test_eigenthings_operators_match_torch_cross_entropy(backend, device):
     batches = lm_batches(device)
     v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64, device=device)
     forward = he.hf_lm_forward()
-    ggn = [he.GGNOperator(model, batches, forward, loss).matvec(v)
-           for loss in [he.hf_lm_loss_of_output(), ck_eigenthings.hf_lm_loss_of_output(fused=backend)]]
+    ggn = [
+        he.GGNOperator(model, batches, forward, loss).matvec(v)
+        for loss in [he.hf_lm_loss_of_output(), ck_eigenthings.hf_lm_loss_of_output(fused=backend)]
+    ]
     torch.testing.assert_close(ggn[1], ggn[0], **FP64)
     assert ggn[0].norm() > 0
 
@@ -335,8 +358,10 @@ def test_eigenthings_operators_match_torch_cross_entropy(backend, device):
         return lambda model, batch: loss_of_output(forward(model, batch), batch)
 
     # A full Hessian-vector product: double backward through the model and the loss.
-    hessian = [he.HessianOperator(model, batches, hessian_loss(loss)).matvec(v)
-               for loss in [he.hf_lm_loss_of_output(), ck_eigenthings.hf_lm_loss_of_output(fused=backend)]]
+    hessian = [
+        he.HessianOperator(model, batches, hessian_loss(loss)).matvec(v)
+        for loss in [he.hf_lm_loss_of_output(), ck_eigenthings.hf_lm_loss_of_output(fused=backend)]
+    ]
     torch.testing.assert_close(hessian[1], hessian[0], **FP64)
     assert not torch.allclose(hessian[0], ggn[0])  # the two operators differ: the comparison has teeth
 
@@ -352,19 +377,23 @@ def test_eigenthings_hvp_protocol(backend, device, layout):
         output = torch.cat([output, output], dim=-1)[..., :13]
         u = torch.cat([u, u], dim=-1)[..., 13:]
     loss_fn = ck_eigenthings.hf_lm_loss_of_output(fused=backend)
-    reference = loss_grad_hvp(lambda z, y: F.cross_entropy(z[:, :-1].reshape(-1, 13), y[:, 1:].reshape(-1)),
-                              output, batch["labels"], u)
+    reference = loss_grad_hvp(
+        lambda z, y: F.cross_entropy(z[:, :-1].reshape(-1, 13), y[:, 1:].reshape(-1)), output, batch["labels"], u
+    )
     torch.testing.assert_close(loss_fn(output, batch), reference[0], **FP64)
     hvp = loss_fn.hvp(output, batch, u)
     assert hvp.shape == output.shape and hvp.dtype == output.dtype
     torch.testing.assert_close(hvp, reference[2], **FP64)
-    assert torch.count_nonzero(hvp[:, -1]) == 0 and torch.count_nonzero(hvp[0, 1]) == 0  # last step; label[0, 2] ignored
+    assert (
+        torch.count_nonzero(hvp[:, -1]) == 0 and torch.count_nonzero(hvp[0, 1]) == 0
+    )  # last step; label[0, 2] ignored
 
     plain = ck_eigenthings.cross_entropy_loss_of_output(fused=backend)
     z, y = output.reshape(15, 13), batch["labels"].reshape(15)
     torch.testing.assert_close(plain(z, (None, y)), F.cross_entropy(z, y), **FP64)
-    torch.testing.assert_close(plain.hvp(z, (None, y), u.reshape(15, 13)),
-                               loss_grad_hvp(F.cross_entropy, z, y, u.reshape(15, 13))[2], **FP64)
+    torch.testing.assert_close(
+        plain.hvp(z, (None, y), u.reshape(15, 13)), loss_grad_hvp(F.cross_entropy, z, y, u.reshape(15, 13))[2], **FP64
+    )
 
 
 def test_eigenthings_hvp_takes_any_sequence_length_without_recompiling(backend, device):
@@ -376,13 +405,15 @@ def test_eigenthings_hvp_takes_any_sequence_length_without_recompiling(backend, 
         output = torch.randn(3, length, 11, generator=gen, dtype=torch.float64).to(device)
         u = torch.randn(3, length, 11, generator=gen, dtype=torch.float64).to(device)
         labels = torch.randint(0, 11, (3, length), generator=gen).to(device)
-        reference = loss_grad_hvp(lambda z, y: F.cross_entropy(z[:, :-1].reshape(-1, 11), y[:, 1:].reshape(-1)),
-                                  output, labels, u)
+        reference = loss_grad_hvp(
+            lambda z, y: F.cross_entropy(z[:, :-1].reshape(-1, 11), y[:, 1:].reshape(-1)), output, labels, u
+        )
         torch.testing.assert_close(loss_fn.hvp(output, {"labels": labels}, u), reference[2], **FP64)
 
     check(4)
     if device == "cuda" and backend == "triton":
         from curvkern.ce.triton import _hvp_kernel
+
         compiled = sum(len(cache[0]) for cache in _hvp_kernel.device_caches.values())
         check(7)
         assert sum(len(cache[0]) for cache in _hvp_kernel.device_caches.values()) == compiled
@@ -425,8 +456,13 @@ def test_rows_past_two_to_the_31_elements(backend, device):
     torch.testing.assert_close(loss[checked].float(), expected_loss, rtol=1e-2, atol=1e-2)
     hvp = curvkern.ce_hvp(logits, target, u, reduction="sum", fused=backend)
     del logits
-    expected = loss_grad_hvp(F.cross_entropy, patterns[checked.to(device) % 5].double(), target[checked],
-                             patterns[1:2].expand(len(checked), v).double(), reduction="sum")[2]
+    expected = loss_grad_hvp(
+        F.cross_entropy,
+        patterns[checked.to(device) % 5].double(),
+        target[checked],
+        patterns[1:2].expand(len(checked), v).double(),
+        reduction="sum",
+    )[2]
     assert relative_error(hvp[checked], expected) < 1e-2
     assert torch.count_nonzero(hvp[n - 3]) == 0
 
@@ -448,8 +484,12 @@ def test_low_precision_outputs_are_the_fp32_results_rounded(backend, device, dty
         for name, a, b in zip(["grad", "hvp"], low[1:3], high[1:3]):
             torch.testing.assert_close(a, b.to(dtype), equal_nan=True, msg=name, **exact)
     rounded = curvkern.ce_hvp(logits, target, u, reduction="sum", fused=backend)
-    torch.testing.assert_close(rounded, curvkern.ce_hvp(logits.float(), target, u.float(), reduction="sum", fused=backend).to(dtype),
-                               equal_nan=True, **exact)
+    torch.testing.assert_close(
+        rounded,
+        curvkern.ce_hvp(logits.float(), target, u.float(), reduction="sum", fused=backend).to(dtype),
+        equal_nan=True,
+        **exact,
+    )
 
 
 # --- the C++ ops ------------------------------------------------------------------------------------
@@ -512,20 +552,52 @@ def compile_for_sm90(dtype: str) -> None:
 
     accumulator = "*fp64" if dtype == "fp64" else "*fp32"
     acc = ce_triton.tl.float64 if dtype == "fp64" else ce_triton.tl.float32
-    logits, common = f"*{dtype}", {"N": "i64", "V": "i32", "ignore_index": "i32", "smoothing_hi": "fp32", "smoothing_lo": "fp32"}
+    logits, common = (
+        f"*{dtype}",
+        {"N": "i64", "V": "i32", "ignore_index": "i32", "smoothing_hi": "fp32", "smoothing_lo": "fp32"},
+    )
     kernels = [
-        (ce_triton._forward_kernel,
-         {"logits_ptr": logits, "row_stride": "i64", "target_ptr": "*i64", "loss_ptr": accumulator, "lse_ptr": accumulator},
-         {"ACC": acc, "SMOOTHING": True, "ROWS": 4, "BLOCK_V": 1024}),
-        (ce_triton._backward_kernel,
-         {"logits_ptr": logits, "row_stride": "i64", "target_ptr": "*i64", "lse_ptr": accumulator, "scale_ptr": accumulator,
-          "scale_stride": "i64", "grad_ptr": logits},
-         {"ACC": acc, "ROWS": 1, "BLOCK_V": 4096}),
-        (ce_triton._hvp_kernel,
-         {"logits_ptr": logits, "row_stride": "i64", "target_ptr": "*i64", "u_ptr": logits, "u_row_stride": "i64",
-          "scale_ptr": accumulator, "scale_stride": "i64", "out_ptr": logits, "out_row_stride": "i64", "dot_ptr": accumulator,
-          "shift_period": "i64"},
-         {"SHIFTED": True, "ACC": acc, "SMOOTHING": True, "ROWS": 1, "BLOCK_V": 4096}),
+        (
+            ce_triton._forward_kernel,
+            {
+                "logits_ptr": logits,
+                "row_stride": "i64",
+                "target_ptr": "*i64",
+                "loss_ptr": accumulator,
+                "lse_ptr": accumulator,
+            },
+            {"ACC": acc, "SMOOTHING": True, "ROWS": 4, "BLOCK_V": 1024},
+        ),
+        (
+            ce_triton._backward_kernel,
+            {
+                "logits_ptr": logits,
+                "row_stride": "i64",
+                "target_ptr": "*i64",
+                "lse_ptr": accumulator,
+                "scale_ptr": accumulator,
+                "scale_stride": "i64",
+                "grad_ptr": logits,
+            },
+            {"ACC": acc, "ROWS": 1, "BLOCK_V": 4096},
+        ),
+        (
+            ce_triton._hvp_kernel,
+            {
+                "logits_ptr": logits,
+                "row_stride": "i64",
+                "target_ptr": "*i64",
+                "u_ptr": logits,
+                "u_row_stride": "i64",
+                "scale_ptr": accumulator,
+                "scale_stride": "i64",
+                "out_ptr": logits,
+                "out_row_stride": "i64",
+                "dot_ptr": accumulator,
+                "shift_period": "i64",
+            },
+            {"SHIFTED": True, "ACC": acc, "SMOOTHING": True, "ROWS": 1, "BLOCK_V": 4096},
+        ),
     ]
     for kernel, pointers, constants in kernels:
         signature = {**pointers, **common, **{name: "constexpr" for name in constants}}
@@ -535,14 +607,17 @@ def compile_for_sm90(dtype: str) -> None:
 
 
 # One compiler process per dtype: fp32 in every run, the others in the slow ones.
-@pytest.mark.parametrize("dtype", ["fp32", *(pytest.param(d, marks=pytest.mark.slow) for d in ("bf16", "fp16", "fp64"))])
+@pytest.mark.parametrize(
+    "dtype", ["fp32", *(pytest.param(d, marks=pytest.mark.slow) for d in ("bf16", "fp16", "fp64"))]
+)
 def test_triton_kernels_compile_for_a_gpu_target(dtype):
     """The interpreter accepts code the Triton compiler rejects: without a GPU, compile for one."""
     pytest.importorskip("triton")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     script = f"import test_cross_entropy as t; t.compile_for_sm90({dtype!r})"
-    completed = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent, env=env,
-                               capture_output=True, text=True, timeout=300)
+    completed = subprocess.run(
+        [sys.executable, "-c", script], cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=300
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
 
 
@@ -554,7 +629,11 @@ def test_cpp_streaming_stores_write_the_same_bits():
         pytest.skip("the C++ extension is not built")
     logits, target, u = make_problem(340, 50257, dtype=torch.float32, ignore=[7], seed=5)  # 68 MiB per copy
     streamed = curvkern.ce_hvp(logits, target, u, reduction="sum", out=torch.empty_like(logits), fused="cpp")
-    stored = torch.cat([curvkern.ce_hvp(logits[i:i + 20], target[i:i + 20], u[i:i + 20], reduction="sum", fused="cpp")
-                        for i in range(0, 340, 20)])
+    stored = torch.cat(
+        [
+            curvkern.ce_hvp(logits[i : i + 20], target[i : i + 20], u[i : i + 20], reduction="sum", fused="cpp")
+            for i in range(0, 340, 20)
+        ]
+    )
     assert torch.equal(streamed, stored)
     assert torch.count_nonzero(streamed[7]) == 0 and streamed.abs().sum() > 0

@@ -5,6 +5,7 @@ and ce_hvp with PyTorch's own ``F.cross_entropy`` and its autograd double backwa
 (C equal to a spatial size) are the ones where taking the classes from the wrong dimension gives a number
 instead of an error.
 """
+
 import datetime
 import math
 import socket
@@ -13,12 +14,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from test_cross_entropy import loss_grad_hvp
 
 import curvkern
 import curvkern.ce.function as ce_function
 from curvkern.families import get_family
 from curvkern.integrations import eigenthings as ck_eigenthings
-from test_cross_entropy import loss_grad_hvp
 
 FAMILY = get_family("cross_entropy")
 # Triton's interpreter computes with numpy, which warns on the masked-out lanes of ignored rows.
@@ -112,7 +113,8 @@ def test_uint8_targets(backend, device):
             assert_matches_torch(backend, logits, target, u, reduction, ignore_index=255)
             int64_results, uint8_results = (
                 loss_grad_hvp(ours(backend), logits, labels, u, reduction=reduction, ignore_index=255)
-                for labels in [target, target.to(torch.uint8)])
+                for labels in [target, target.to(torch.uint8)]
+            )
             for a, e in zip(uint8_results, int64_results):
                 assert torch.equal(a, e)
 
@@ -130,17 +132,21 @@ def test_non_contiguous_inputs(backend, device):
         actual = loss_grad_hvp(ours(backend), z, strided_target, w, reduction="none")
         for a, e in zip(actual, expected):
             torch.testing.assert_close(a, e, **FP64)
-        torch.testing.assert_close(curvkern.ce_hvp(z, target.t().contiguous().t(), w, reduction="none", fused=backend),
-                                   expected[2], **FP64)
+        torch.testing.assert_close(
+            curvkern.ce_hvp(z, target.t().contiguous().t(), w, reduction="none", fused=backend), expected[2], **FP64
+        )
     # ``out`` in the logits' (N, C, d) shape, contiguous or not: written in place and returned.
-    for out in [torch.empty(3, 4, 5, dtype=torch.float64, device=device),
-                torch.empty(3, 5, 4, dtype=torch.float64, device=device).transpose(1, 2)]:
+    for out in [
+        torch.empty(3, 4, 5, dtype=torch.float64, device=device),
+        torch.empty(3, 5, 4, dtype=torch.float64, device=device).transpose(1, 2),
+    ]:
         assert curvkern.ce_hvp(logits, target, u, reduction="none", out=out, fused=backend) is out
         torch.testing.assert_close(out, expected[2], **FP64)
 
 
-@pytest.mark.parametrize("shape,target_shape", [((0, 4), (0,)), ((0, 4, 3), (0, 3)), ((2, 4, 0), (2, 0))],
-                         ids=["0,C", "0,C,d1", "N,C,0"])
+@pytest.mark.parametrize(
+    "shape,target_shape", [((0, 4), (0,)), ((0, 4, 3), (0, 3)), ((2, 4, 0), (2, 0))], ids=["0,C", "0,C,d1", "N,C,0"]
+)
 def test_empty(backend, device, shape, target_shape):
     """Nothing to reduce: mean is NaN, sum 0, none empty, gradients and HVPs empty, as PyTorch."""
     logits, target, u = class_dim_problem(shape, target_shape, device=device)
@@ -196,6 +202,7 @@ BAD_ARGUMENTS = {
 @pytest.fixture
 def no_kernel_selected(monkeypatch):
     """Fails a test in which a backend is selected: argument errors must come before any kernel."""
+
     def select(*args, **kwargs):
         raise AssertionError("a backend was selected before the argument check")
 
@@ -282,8 +289,13 @@ def one_rank_mesh():
         pytest.skip("a process group is already initialised in this process")
     from torch.distributed.device_mesh import init_device_mesh
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=30))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{free_port()}",
+        rank=0,
+        world_size=1,
+        timeout=datetime.timedelta(seconds=30),
+    )
     try:
         yield init_device_mesh("cpu", (1,))
     finally:

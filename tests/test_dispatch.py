@@ -1,4 +1,5 @@
 """The one dispatch point: fused= choices, the auto rule, and errors instead of fallbacks."""
+
 import dataclasses
 import re
 import warnings

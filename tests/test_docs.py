@@ -1,5 +1,6 @@
 """The semantics the code follows are written in the repository: every docs/ page that code, tests or the
 README point to exists, and nothing points outside the repository (to specs a user never gets)."""
+
 import re
 import subprocess
 from pathlib import Path
@@ -17,9 +18,12 @@ def tracked_text_files() -> list[Path]:
 
 def test_no_reference_leaves_the_repository():
     outside = re.compile(r"\bshared/(specs|design)")
-    offenders = [f"{path.relative_to(ROOT)}:{number}" for path in tracked_text_files()
-                 for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
-                 if outside.search(line) and path.name != "test_docs.py"]
+    offenders = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in tracked_text_files()
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
+        if outside.search(line) and path.name != "test_docs.py"
+    ]
     assert not offenders, f"references to files users never get: {offenders}"
 
 

@@ -1,4 +1,5 @@
 """curvkern._C end to end: the bandwidth probe op, its fake implementation, both build systems."""
+
 import os
 import platform
 import shutil
@@ -8,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from disassembly import extension_symbols, has_omp_body
 
 from curvkern import bandwidth
-from disassembly import extension_symbols, has_omp_body
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,11 +68,25 @@ def test_kernel_is_cloned_per_isa():
 @pytest.mark.slow  # compiles the whole extension a second time
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
 def test_cmake_builds_the_same_extension(tmp_path):
-    prefix = subprocess.check_output([sys.executable, "-c", "import torch.utils; print(torch.utils.cmake_prefix_path)"], text=True).strip()
+    prefix = subprocess.check_output(
+        [sys.executable, "-c", "import torch.utils; print(torch.utils.cmake_prefix_path)"], text=True
+    ).strip()
     build = tmp_path / "build"
     env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
-    subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), f"-DCMAKE_PREFIX_PATH={prefix}",
-                    f"-DPython3_EXECUTABLE={sys.executable}"], check=True, capture_output=True, env=env)
+    subprocess.run(
+        [
+            "cmake",
+            "-S",
+            str(ROOT),
+            "-B",
+            str(build),
+            f"-DCMAKE_PREFIX_PATH={prefix}",
+            f"-DPython3_EXECUTABLE={sys.executable}",
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
     subprocess.run(["cmake", "--build", str(build)], check=True, capture_output=True, env=env)
     (library,) = build.glob("_C*.so")
     check = (

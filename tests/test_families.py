@@ -5,6 +5,7 @@ every backend that can run here and agrees with the eager reference.
 
 A new family inherits all of these the day its Family entry lands.
 """
+
 import dataclasses
 import inspect
 from pathlib import Path
@@ -72,7 +73,7 @@ def test_the_public_api_takes_its_defaults_from_the_hyperparameter_record(family
         assert parameters[name].default == getattr(defaults, name), name
     if family.kind == OPTIMIZER:
         # The constructor's positional hyperparameters, in the record's order, and nothing else in a group.
-        assert list(parameters)[1:1 + len(names)] == names
+        assert list(parameters)[1 : 1 + len(names)] == names
         optimizer = family.api([torch.zeros(2, requires_grad=True)], fused="eager")
         assert list(optimizer.defaults) == names
         assert optimizer.family == family.name
@@ -94,8 +95,9 @@ def test_the_record_a_step_receives_holds_the_groups_values(family: Family):
     family.hyperparameters.validate(group)
     assert family.hyperparameters.from_group(group, torch.device("cpu")) == defaults
     # A validated group may hold ints and lists; the backends receive floats and tuples.
-    record = family.hyperparameters.from_group({key: loosely_typed(value) for key, value in group.items()},
-                                               torch.device("cpu"))
+    record = family.hyperparameters.from_group(
+        {key: loosely_typed(value) for key, value in group.items()}, torch.device("cpu")
+    )
     for field in dataclasses.fields(record):
         value = getattr(record, field.name)
         assert type(value) is type(getattr(defaults, field.name)), field.name

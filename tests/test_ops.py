@@ -7,15 +7,16 @@ does), test_autograd_registration, test_faketensor (the fake implementations in 
 curvkern/optim/*/triton.py and curvkern/bandwidth.py give the real outputs' shapes, dtypes and strides) and
 test_aot_dispatch_dynamic (the op traces and runs under AOTAutograd with dynamic shapes, as torch.compile uses it).
 """
+
 import inspect
 
 import pytest
 import torch
+from op_samples import SAMPLES, registered_ops, resolve
 
-import curvkern  # noqa: F401  (registers the C++ ops' fake implementations, and the Triton step ops if installed)
+import curvkern
 import curvkern.bandwidth  # noqa: F401  (registers stream_axpy_'s)
 from curvkern._dispatch import cpp_unavailable_reason
-from op_samples import SAMPLES, registered_ops, resolve
 
 pytestmark = pytest.mark.skipif(cpp_unavailable_reason() is not None, reason="curvkern._C is not built")
 
@@ -29,8 +30,11 @@ SKIPPED_CHECKS = {
     "cpu_capabilities": {"test_aot_dispatch_dynamic"},
 }
 
-CASES = [pytest.param(op_name, sample, id=f"{op_name}-{sample.name}")
-         for op_name in sorted(SAMPLES) for sample in SAMPLES[op_name]]
+CASES = [
+    pytest.param(op_name, sample, id=f"{op_name}-{sample.name}")
+    for op_name in sorted(SAMPLES)
+    for sample in SAMPLES[op_name]
+]
 
 
 @pytest.mark.parametrize("op_name,sample", CASES)

@@ -4,31 +4,45 @@ determinism, the ops' errors and their vector math (the ops' registration: opche
 Every backend other than eager that runs here is tested; the goldens and properties of the specs run
 against each backend in test_hysterograd.py and test_biostatis.py.
 """
+
 import platform
 import re
 
 import mpmath
 import pytest
 import torch
+from conftest import SMALL_SHAPES, max_examples
+from disassembly import extension_bodies, extension_symbols, has_omp_body, omp_body
 from hypothesis import given, settings, strategies as st
+from tolerance import (
+    BIOSTATIS_OPS,
+    HYSTEROGRAD_OPS,
+    assert_displacement_close,
+    assert_fused_close,
+    assert_hysterograd_results_close,
+)
 
 from curvkern import available_backends
 from curvkern.families import OPTIMIZER, families_of_kind
-from conftest import SMALL_SHAPES, max_examples
-from disassembly import extension_bodies, extension_symbols, has_omp_body, omp_body
-from tolerance import (BIOSTATIS_OPS, HYSTEROGRAD_OPS, assert_displacement_close, assert_fused_close,
-                       assert_hysterograd_results_close)
 
 OPTIMIZERS = {family.name: family.api for family in families_of_kind(OPTIMIZER)}
 OPS = {"hysterograd": HYSTEROGRAD_OPS, "biostatis": BIOSTATIS_OPS}
 CONFIGS = {
-    "hysterograd": [dict(lr=0.05), dict(lr=0.01, grad_clip=2.5, metric_scale=300.0, beta=0.9),
-                    dict(lr=1.0, stiffening_factor=1.0, initial_temp=0.0, adaptive_threshold=False)],
-    "biostatis": [dict(lr=1e-2), dict(lr=3e-3, weight_decay=0.0, homeo_rate=0.5, energy_target=1e-4),
-                  dict(lr=1e-2, memory_decays=(0.9, 0.99, 0.999), memory_weights=(0.5, 0.3, 0.2), flip_threshold=2.0),
-                  dict(lr=1e-2, memory_decays=(), memory_weights=())],
+    "hysterograd": [
+        dict(lr=0.05),
+        dict(lr=0.01, grad_clip=2.5, metric_scale=300.0, beta=0.9),
+        dict(lr=1.0, stiffening_factor=1.0, initial_temp=0.0, adaptive_threshold=False),
+    ],
+    "biostatis": [
+        dict(lr=1e-2),
+        dict(lr=3e-3, weight_decay=0.0, homeo_rate=0.5, energy_target=1e-4),
+        dict(lr=1e-2, memory_decays=(0.9, 0.99, 0.999), memory_weights=(0.5, 0.3, 0.2), flip_threshold=2.0),
+        dict(lr=1e-2, memory_decays=(), memory_weights=()),
+    ],
 }
-FUSED = [(family, backend) for family in OPTIMIZERS for backend in available_backends(family, "cpu") if backend != "eager"]
+FUSED = [
+    (family, backend) for family in OPTIMIZERS for backend in available_backends(family, "cpu") if backend != "eager"
+]
 CPP = [(family, "cpp") for family in OPTIMIZERS if "cpp" in available_backends(family, "cpu")]
 needs_cpp = pytest.mark.skipif(not CPP, reason="curvkern._C is not built")
 
@@ -42,8 +56,21 @@ def reversed_strides(t):
     return t.permute(order).contiguous().permute(order)
 
 
-def run(family, backend, shapes, dtype, steps, config, seed, groups=1, layout=lambda t: t, grad_layout=lambda t: t,
-        none_rate=0.15, step_results=None, starts=None):
+def run(
+    family,
+    backend,
+    shapes,
+    dtype,
+    steps,
+    config,
+    seed,
+    groups=1,
+    layout=lambda t: t,
+    grad_layout=lambda t: t,
+    none_rate=0.15,
+    step_results=None,
+    starts=None,
+):
     """Parameters after ``steps`` steps from a seeded start, with seeded gradients (some None); what each
     step returned is appended to ``step_results``, and copies of the starting parameters to ``starts``,
     when given."""
@@ -70,9 +97,16 @@ def assert_same_trajectory(family, got, expected, dtype, *, steps, reduction_len
     for index, (a, b) in enumerate(zip(got, expected)):
         assert_fused_close(a, b, dtype=dtype, ops=OPS[family], reduction_length=reduction_length, steps=steps)
         if starts is not None and dtype not in (torch.bfloat16, torch.float16):
-            assert_displacement_close(a, b, starts[index], dtype=dtype, ops=OPS[family],
-                                      reduction_length=reduction_length, steps=steps,
-                                      label=f"displacement of parameter {index}")
+            assert_displacement_close(
+                a,
+                b,
+                starts[index],
+                dtype=dtype,
+                ops=OPS[family],
+                reduction_length=reduction_length,
+                steps=steps,
+                label=f"displacement of parameter {index}",
+            )
 
 
 @pytest.mark.fused_vs_eager
@@ -85,20 +119,24 @@ def test_fused_matches_eager_over_random_models(family, backend, dtype):
     sizes = [s for s in SIZES if s < 1000] if small else SIZES
 
     @settings(max_examples=max_examples(4 if small or dtype != torch.float64 else 8), deadline=None)
-    @given(shapes=st.lists(st.sampled_from(sizes), min_size=1, max_size=4), groups=st.integers(1, 2),
-           config=st.sampled_from(CONFIGS[family]), seed=st.integers(0, 2**16))
+    @given(
+        shapes=st.lists(st.sampled_from(sizes), min_size=1, max_size=4),
+        groups=st.integers(1, 2),
+        config=st.sampled_from(CONFIGS[family]),
+        seed=st.integers(0, 2**16),
+    )
     def check(shapes, groups, config, seed):
         steps = 10 if small else 50 if dtype == torch.float64 else 20
         got_results, expected_results, starts = [], [], []
-        got, _ = run(family, backend, shapes, dtype, steps, config, seed, groups, step_results=got_results,
-                     starts=starts)
+        got, _ = run(
+            family, backend, shapes, dtype, steps, config, seed, groups, step_results=got_results, starts=starts
+        )
         expected, _ = run(family, "eager", shapes, dtype, steps, config, seed, groups, step_results=expected_results)
         if family == "hysterograd":
             for step, (a, b) in enumerate(zip(got_results, expected_results), start=1):
                 if not assert_hysterograd_results_close(a, b, dtype=dtype, reduction_length=sum(shapes), steps=step):
                     return  # a gate on its knife edge: from here the trajectories may rightly part
-        assert_same_trajectory(family, got, expected, dtype, steps=steps, reduction_length=sum(shapes),
-                               starts=starts)
+        assert_same_trajectory(family, got, expected, dtype, steps=steps, reduction_length=sum(shapes), starts=starts)
 
     check()
 
@@ -128,10 +166,13 @@ def test_non_contiguous_parameters_and_gradients(family, backend, layout):
 @pytest.mark.parametrize("family,backend", FUSED)
 def test_group_mixing_dtypes(family, backend):
     """One group holding fp32, bf16 and fp64 tensors: group statistics still span all of them."""
+
     def run_mixed(fused):
         gen = torch.Generator().manual_seed(3)
-        params = [torch.randn(n, generator=gen).to(dtype) for n, dtype in
-                  ((40, torch.float32), (33, torch.bfloat16), (20, torch.float64), (7, torch.float32))]
+        params = [
+            torch.randn(n, generator=gen).to(dtype)
+            for n, dtype in ((40, torch.float32), (33, torch.bfloat16), (20, torch.float64), (7, torch.float32))
+        ]
         opt = OPTIMIZERS[family](params, fused=fused, **CONFIGS[family][0])
         for _ in range(5):
             for p in params:
@@ -157,9 +198,10 @@ def test_results_do_not_depend_on_the_thread_count(family, backend, dtype):
         for n in (1, 2, 3):
             torch.set_num_threads(n)
             params, opt = run(family, backend, shapes, dtype, 5, CONFIGS[family][1], 7)
-            results.append([p.clone() for p in params] + [
-                s for p in params for v in opt.state[p].values() for s in (v if isinstance(v, list) else [v])
-            ])
+            results.append(
+                [p.clone() for p in params]
+                + [s for p in params for v in opt.state[p].values() for s in (v if isinstance(v, list) else [v])]
+            )
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
@@ -186,15 +228,40 @@ def test_ops_reject_bad_inputs_with_clear_errors():
     with pytest.raises(RuntimeError, match="shape"):
         ops.hysterograd_pass_a_(g, [torch.zeros(5)], torch.zeros(()), 0.9, 1e-7, 1.0)
     with pytest.raises(RuntimeError, match="one dtype"):
-        ops.biostatis_sums([torch.randn(3), torch.randn(3, dtype=torch.float64)], [torch.zeros(3)] * 2,
-                           [torch.zeros(3)] * 2, 0.9, 0.999)
+        ops.biostatis_sums(
+            [torch.randn(3), torch.randn(3, dtype=torch.float64)],
+            [torch.zeros(3)] * 2,
+            [torch.zeros(3)] * 2,
+            0.9,
+            0.999,
+        )
     with pytest.raises(RuntimeError, match="float16, bfloat16, float32 or float64"):
         ops.biostatis_sums([torch.ones(3, dtype=torch.int32)], [torch.zeros(3)], [torch.zeros(3)], 0.9, 0.999)
     sums = ops.biostatis_sums(g, [torch.zeros(4)], [torch.zeros(4)], 0.9, 0.999)
     with pytest.raises(RuntimeError, match="memory EMAs"):
-        ops.biostatis_update_(g, g, [torch.zeros(4)], [torch.zeros(4)], [], [torch.tensor(0.0)], sums, sums.sum(0),
-                              torch.tensor(1e-3), 0.9, 0.999, 1e-8, 0.0, 0.03, 0.8, 1e-3, 0.1, [0.9], [1.0], 0.2,
-                              0.05)
+        ops.biostatis_update_(
+            g,
+            g,
+            [torch.zeros(4)],
+            [torch.zeros(4)],
+            [],
+            [torch.tensor(0.0)],
+            sums,
+            sums.sum(0),
+            torch.tensor(1e-3),
+            0.9,
+            0.999,
+            1e-8,
+            0.0,
+            0.03,
+            0.8,
+            1e-3,
+            0.1,
+            [0.9],
+            [1.0],
+            0.2,
+            0.05,
+        )
     with pytest.raises(RuntimeError, match="lr must be a 1-element floating-point CPU tensor"):
         ops.hysterograd_scalars_(*[torch.zeros(())] * 4, torch.tensor([1e-3, 1e-3]), 0.01, 0.9, 0.99, True, None, 1.0)
 
@@ -204,18 +271,27 @@ def test_ops_reject_bad_inputs_with_clear_errors():
 def test_vectorized_tanh_is_accurate(dtype):
     """csrc/vec.h's abs_tanh, read back through Σ|tanh g| of one-element tensors (scalar path) and of one
     long tensor (vector path), against mpmath."""
+
     def abs_tanh_sums(tensors):
         zeros = [torch.zeros_like(t) for t in tensors]
         return torch.ops.curvkern.biostatis_sums(tensors, zeros, zeros, 0.9, 0.999)[:, 2]
 
     mpmath.mp.dps = 40
-    x = torch.cat([torch.linspace(-12, 12, 2001, dtype=torch.float64), torch.logspace(-30, 1.5, 300, dtype=torch.float64),
-                   torch.tensor([0.0, 0.5499, 0.55, 0.5501, 44.0, 90.0, 1e4])]).to(dtype)
+    x = torch.cat(
+        [
+            torch.linspace(-12, 12, 2001, dtype=torch.float64),
+            torch.logspace(-30, 1.5, 300, dtype=torch.float64),
+            torch.tensor([0.0, 0.5499, 0.55, 0.5501, 44.0, 90.0, 1e4]),
+        ]
+    ).to(dtype)
     exact = torch.tensor([abs(float(mpmath.tanh(mpmath.mpf(float(v))))) for v in x], dtype=torch.float64)
     got = abs_tanh_sums([v.reshape(1) for v in x])
     ulp = torch.finfo(dtype).eps
-    error_in_ulps = ((got - exact).abs() / (exact.abs().clamp_min(torch.finfo(dtype).tiny) * ulp))
-    assert error_in_ulps.max() <= (2.5 if dtype == torch.float32 else 2.0), (error_in_ulps.max(), x[error_in_ulps.argmax()])
+    error_in_ulps = (got - exact).abs() / (exact.abs().clamp_min(torch.finfo(dtype).tiny) * ulp)
+    assert error_in_ulps.max() <= (2.5 if dtype == torch.float32 else 2.0), (
+        error_in_ulps.max(),
+        x[error_in_ulps.argmax()],
+    )
     total = abs_tanh_sums([x])[0]
     assert total == pytest.approx(exact.sum().item(), rel=4 * ulp)
     special = abs_tanh_sums([torch.tensor([v], dtype=dtype) for v in (float("nan"), float("inf"))])
@@ -241,7 +317,9 @@ def test_kernels_are_vectorized_in_their_isa_clones():
     assert re.search(r"vdivps\s.*zmm", body("hysterograd_pass_a_f32", "avx512"))
     assert re.search(r"vsqrtps\s.*ymm", body("hysterograd_pass_a_f32", "avx2"))
     assert re.search(r"vdivps\s.*ymm", body("hysterograd_pass_a_f32", "avx2"))
-    assert "zmm" not in body("hysterograd_pass_a_f32", "avx2") and "ymm" not in body("hysterograd_pass_a_f32", "default")
+    assert "zmm" not in body("hysterograd_pass_a_f32", "avx2") and "ymm" not in body(
+        "hysterograd_pass_a_f32", "default"
+    )
     # tanh's polynomial and exp are fused multiply-adds on full vectors.
     assert len(re.findall(r"vfmadd\S*\s.*zmm", body("biostatis_pass_a_f32", "avx512"))) >= 10
     assert len(re.findall(r"vfmadd\S*\s.*ymm", body("biostatis_pass_a_f32", "avx2"))) >= 10

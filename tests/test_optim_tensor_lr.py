@@ -7,11 +7,12 @@ what lets a step captured in a CUDA graph replay with a new lr.
 Every comparison here is bit-exact, legitimately (kind (d) of tests/tolerance.py): both sides run the
 same backend on the same data, and differ only in how lr reaches it.
 """
+
 import pytest
 import torch
+from conftest import backend_cases
 
 from curvkern.families import OPTIMIZER, Family, families_of_kind
-from conftest import backend_cases
 
 # grad_clip small enough to bite (HysteroGrad's −η·k then comes from the fp32 product) and weight decay
 # on (BiostatisV6's 1 − lr·wd): every place lr enters the step.
@@ -21,6 +22,7 @@ LR_EVERYWHERE = {"hysterograd": dict(grad_clip=0.5), "biostatis": dict(weight_de
 def constructor(family: Family):
     def make(params, lr, fused, **kw):
         return family.api(params, lr=lr, fused=fused, **LR_EVERYWHERE[family.name], **kw)
+
     return make
 
 
@@ -115,12 +117,15 @@ def test_a_tensor_lr_survives_the_state_dict(family, fused, device):
 
 
 @pytest.mark.parametrize("family", sorted(OPTIMIZERS))
-@pytest.mark.parametrize("lr, message", [
-    (torch.tensor([0.1, 0.2]), "one floating-point element"),
-    (torch.tensor(1), "one floating-point element"),
-    (torch.tensor(-0.1), r"Invalid lr: -0\.1"),
-    (torch.tensor(float("nan")), "expected a finite number"),
-])
+@pytest.mark.parametrize(
+    "lr, message",
+    [
+        (torch.tensor([0.1, 0.2]), "one floating-point element"),
+        (torch.tensor(1), "one floating-point element"),
+        (torch.tensor(-0.1), r"Invalid lr: -0\.1"),
+        (torch.tensor(float("nan")), "expected a finite number"),
+    ],
+)
 def test_bad_tensor_lr_is_rejected_with_a_clear_message(family, lr, message):
     with pytest.raises(ValueError, match=message):
         OPTIMIZERS[family](make_params("cpu", torch.float32), lr, "eager")

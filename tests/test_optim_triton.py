@@ -5,6 +5,7 @@ Every optimizer test of test_hysterograd.py and test_biostatis.py also runs agai
 CUDA these run on CPU tensors through the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1);
 the GPU-only tests skip.
 """
+
 import importlib
 import inspect
 import json
@@ -15,10 +16,10 @@ import sys
 
 import pytest
 import torch
+from tolerance import BIOSTATIS_OPS, HYSTEROGRAD_OPS, assert_fused_close, numel
 
 from curvkern.families import OPTIMIZER, Family, families_of_kind
 from curvkern.optim import HysteroGrad
-from tolerance import BIOSTATIS_OPS, HYSTEROGRAD_OPS, assert_fused_close, numel
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
@@ -34,6 +35,7 @@ CONFIGS = {"hysterograd": dict(lr=0.05, grad_clip=2.0), "biostatis": dict(lr=0.0
 def constructor(family: Family):
     def make(params, fused, **kw):
         return family.api(params, fused=fused, **CONFIGS[family.name], **kw)
+
     return make
 
 
@@ -128,7 +130,9 @@ def test_low_precision_parameters_match_eager(family, dtype):
     trajectory(family, mine, "triton", steps=4)
     trajectory(family, reference, "eager", steps=4)
     for p, q in zip(mine, reference):
-        assert_fused_close(p.detach(), q.detach(), dtype=dtype, ops=OPS[family], reduction_length=numel(shapes), steps=4)
+        assert_fused_close(
+            p.detach(), q.detach(), dtype=dtype, ops=OPS[family], reduction_length=numel(shapes), steps=4
+        )
 
 
 def test_bf16_store_rounds_to_nearest_even():
@@ -140,11 +144,13 @@ def test_bf16_store_rounds_to_nearest_even():
 
     ties = torch.tensor([0x3F808000, 0x3F818000, 0xBF808000, 0x3F807FFF, 0x3F808001], dtype=torch.int64)
     specials = torch.tensor([float("inf"), -float("inf"), float("nan"), -0.0, 0.0, 3.4028235e38, 1e-40, -1e-45])
-    values = torch.cat([
-        ties.to(torch.int32).view(torch.float32),
-        specials,
-        torch.randn(200, generator=torch.Generator().manual_seed(0)) * 10.0 ** torch.arange(-20, 20, 0.2),
-    ]).to(DEVICE)
+    values = torch.cat(
+        [
+            ties.to(torch.int32).view(torch.float32),
+            specials,
+            torch.randn(200, generator=torch.Generator().manual_seed(0)) * 10.0 ** torch.arange(-20, 20, 0.2),
+        ]
+    ).to(DEVICE)
     stored = torch.empty(len(values), dtype=torch.bfloat16, device=DEVICE)
     store_kernel[(1,)](values, stored, len(values), BLOCK=triton.next_power_of_2(len(values)))
     expected = values.to(torch.bfloat16)
@@ -166,7 +172,14 @@ def test_chunk_offsets_are_64_bit():
 
 
 HYPERPARAMETER_NAMES = {
-    "beta", "metric_coef", "epsilon", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps",
+    "beta",
+    "metric_coef",
+    "epsilon",
+    "beta1",
+    "one_minus_beta1",
+    "beta2",
+    "one_minus_beta2",
+    "eps",
 }
 
 
@@ -322,7 +335,9 @@ def test_a_tensor_of_more_than_2_31_elements():
 def test_capturable_hysterograd_returns_the_statistics_on_the_device(fused, monkeypatch):
     params = make_params([(5,), (2, 3)], torch.float32)
     shadow = [p.detach().clone().requires_grad_(True) for p in params]
-    opt = HysteroGrad([{"params": params[:1]}, {"params": params[1:]}, {"params": []}], lr=0.05, fused=fused, capturable=True)
+    opt = HysteroGrad(
+        [{"params": params[:1]}, {"params": params[1:]}, {"params": []}], lr=0.05, fused=fused, capturable=True
+    )
     reference = HysteroGrad([{"params": shadow[:1]}, {"params": shadow[1:]}, {"params": []}], lr=0.05, fused=fused)
     for step in range(3):
         set_grads(params, step)

@@ -4,6 +4,7 @@ version, forced with CURVKERN_CPU_CAPABILITY, on this CPU.
 Cross-compiling needs Debian's g++-aarch64-linux-gnu (`make cross-compiler` installs it). Without it the
 aarch64 tests skip, except under CI=true, where a check that did not run is a failure.
 """
+
 import ast
 import os
 import re
@@ -17,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.utils.cpp_extension
+from disassembly import count, function_bodies, has_omp_body, omp_body
 
 from curvkern._dispatch import cpp_unavailable_reason, cpu_capabilities
-from disassembly import count, function_bodies, has_omp_body, omp_body
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPABILITY_VARIABLE = "CURVKERN_CPU_CAPABILITY"
@@ -57,8 +58,13 @@ def aarch64_disassembly(tmp_path_factory) -> dict[str, str]:
     objdump = require_tool("aarch64-linux-gnu-objdump")
     out = tmp_path_factory.mktemp("aarch64")
     includes = [ROOT / "csrc", *torch.utils.cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
-    flags = ["-fPIC", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C", *setup_py_compile_args(),
-             *(f"-I{path}" for path in includes)]
+    flags = [
+        "-fPIC",
+        "-DTORCH_API_INCLUDE_EXTENSION_H",
+        "-DTORCH_EXTENSION_NAME=_C",
+        *setup_py_compile_args(),
+        *(f"-I{path}" for path in includes),
+    ]
     sources = sorted((ROOT / "csrc").rglob("*.cpp"))
 
     def compile_one(source: Path) -> Path:
@@ -102,8 +108,13 @@ def test_aarch64_hot_loops_are_neon_vectorized(aarch64_disassembly):
     assert count(neon("fdiv"), biostatis_update) and count(neon("fsqrt"), biostatis_update)
     hvp = omp_body(aarch64_disassembly, "ce_hvp_f32")
     assert count(neon("fmla"), hvp) >= 8  # exp's polynomial
-    for name, code in [("pass_a", hysterograd_a), ("pass_b", hysterograd_b), ("sums", biostatis_sums),
-                       ("update", biostatis_update), ("ce_hvp", hvp)]:
+    for name, code in [
+        ("pass_a", hysterograd_a),
+        ("pass_b", hysterograd_b),
+        ("sums", biostatis_sums),
+        ("update", biostatis_update),
+        ("ce_hvp", hvp),
+    ]:
         assert not re.search(libm, code), f"{name}: a libm call in the loop"
 
 
@@ -142,8 +153,9 @@ torch.save(results, sys.argv[1])
 
 def run_forced(capability: str, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, **{CAPABILITY_VARIABLE: capability})
-    return subprocess.run([sys.executable, "-c", RUN_KERNELS, *args], env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", RUN_KERNELS, *args], env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +198,7 @@ def test_forced_capabilities_compute_the_same_bits(forced_results):
                 continue
             for expected, got in zip(tensors, results[key]):
                 if key.startswith("cross_entropy"):
-                    torch.testing.assert_close(got, expected, msg=lambda m: f"{key}: {m}")
+                    torch.testing.assert_close(got, expected, msg=lambda m, key=key: f"{key}: {m}")
                 else:
                     assert torch.equal(got, expected), (key, results["capability"])
 

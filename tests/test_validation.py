@@ -4,6 +4,7 @@ A state tensor of the wrong size once reached the Triton pointer table and made 
 its end (a segfault, or glibc's ``free(): invalid size``): every backend now refuses it, by name, with
 the optimizer left exactly as it was.
 """
+
 import copy
 import math
 import os
@@ -53,6 +54,7 @@ def stepped(family, backend, steps=2):
 
 def snapshot(params, opt):
     """Everything a step could change, cloned."""
+
     def clone(value):
         if isinstance(value, torch.Tensor):
             return value.clone()
@@ -195,7 +197,7 @@ def test_partial_group_scalars_are_refused():
 
 
 def test_the_check_reads_no_tensor_on_the_host(monkeypatch):
-    params, opt = stepped("biostatis", "eager")
+    _, opt = stepped("biostatis", "eager")
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu"):
         monkeypatch.setattr(torch.Tensor, name, lambda *_: pytest.fail("host read in the check"))
     opt._check_step_inputs()
@@ -349,7 +351,7 @@ def test_a_zero_epsilon_from_a_checkpoint_no_longer_freezes_the_group():
 
 
 def test_load_state_dict_hooks_still_run():
-    params, opt = stepped("hysterograd", "eager", steps=1)
+    _, opt = stepped("hysterograd", "eager", steps=1)
     calls = []
     opt.register_load_state_dict_pre_hook(lambda optimizer, state_dict: calls.append("pre"))
     opt.register_load_state_dict_post_hook(lambda optimizer: calls.append("post"))
@@ -427,8 +429,12 @@ def test_broken_checkpoints_never_crash_any_backend():
     script = os.path.join(os.path.dirname(__file__), "validation_fuzz.py")
     env = dict(os.environ, TRITON_INTERPRET="1")
     backends = sorted(set.intersection(*(set(available_backends(family, "cpu")) for family in OPTIMIZERS)))
-    runs = {backend: subprocess.Popen([sys.executable, script, backend], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True) for backend in backends}
+    runs = {
+        backend: subprocess.Popen(
+            [sys.executable, script, backend], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for backend in backends
+    }
     for backend, process in runs.items():
         stdout, stderr = process.communicate(timeout=600)
         if process.returncode < 0:

@@ -60,10 +60,11 @@ parameter moved (:func:`assert_displacement_close`): measured there, a Biostatis
 1.0e-2, a weight decay 10 % off 2.5–3.9e-3 and a homeostatic rate 10 % off 8e-3, against a bound of
 2.6e-3 and fused-vs-eager differences of 8e-8 (fp32, 20 steps, 16.5 Ki elements).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -105,8 +106,9 @@ def reduction_terms(n: int) -> float:
     return min(max(n - 1, 0), PROBABILISTIC_LAMBDA * math.sqrt(n))
 
 
-def fused_bound(dtype: torch.dtype, *, ops: int, reduction_length: int = 1, steps: int = 1,
-                condition: float = 1.0) -> float:
+def fused_bound(
+    dtype: torch.dtype, *, ops: int, reduction_length: int = 1, steps: int = 1, condition: float = 1.0
+) -> float:
     """Kinds (a) and (c): two implementations of one formula, ``steps`` steps."""
     bound = 2 * max(steps, 1) * rounding_error(dtype, ops=ops, reduction_length=reduction_length, condition=condition)
     return min(bound, FP64_FUSED_CAP) if dtype == torch.float64 else bound
@@ -135,8 +137,9 @@ def _check_non_finite(a: torch.Tensor, b: torch.Tensor, label: str) -> None:
     """NaN and ±inf sit at the same places (they are decisions, not roundings)."""
     assert torch.equal(a.isnan(), b.isnan()), f"{label}NaN at different places: {a} vs {b}"
     infinite = b.isinf()
-    assert torch.equal(a[infinite], b[infinite]) and not a[~infinite & ~b.isnan()].isinf().any(), \
+    assert torch.equal(a[infinite], b[infinite]) and not a[~infinite & ~b.isnan()].isinf().any(), (
         f"{label}infinities differ: {a} vs {b}"
+    )
 
 
 def assert_relative_error(actual, truth, bound: float, *, label: str = "") -> None:
@@ -149,19 +152,37 @@ def assert_relative_error(actual, truth, bound: float, *, label: str = "") -> No
     assert error <= bound, f"{prefix}relative error {error:.3g} > bound {bound:.3g}"
 
 
-def assert_fused_close(actual, expected, *, dtype: torch.dtype, ops: int, reduction_length: int = 1,
-                       steps: int = 1, condition: float = 1.0, label: str = "") -> None:
+def assert_fused_close(
+    actual,
+    expected,
+    *,
+    dtype: torch.dtype,
+    ops: int,
+    reduction_length: int = 1,
+    steps: int = 1,
+    condition: float = 1.0,
+    label: str = "",
+) -> None:
     """Kinds (a) and (c) for tensors or Python floats; bf16/fp16 dispatch to :func:`assert_rounded_close`."""
     if dtype in LOW_PRECISION:
-        assert_rounded_close(actual, expected, storage_dtype=dtype, ops=ops, reduction_length=reduction_length,
-                             steps=steps, label=label)
+        assert_rounded_close(
+            actual, expected, storage_dtype=dtype, ops=ops, reduction_length=reduction_length, steps=steps, label=label
+        )
         return
     bound = fused_bound(dtype, ops=ops, reduction_length=reduction_length, steps=steps, condition=condition)
     assert_relative_error(actual, expected, bound, label=label)
 
 
-def assert_rounded_close(actual, expected, *, storage_dtype: torch.dtype, ops: int, reduction_length: int = 1,
-                         steps: int = 1, label: str = "") -> None:
+def assert_rounded_close(
+    actual,
+    expected,
+    *,
+    storage_dtype: torch.dtype,
+    ops: int,
+    reduction_length: int = 1,
+    steps: int = 1,
+    label: str = "",
+) -> None:
     """Kind (lp): values stored in bf16/fp16 after ``steps`` steps of fp32 math rounded each step."""
     a = _as_float64(actual)
     b = _as_float64(expected).reshape(a.shape)
@@ -175,8 +196,9 @@ def assert_rounded_close(actual, expected, *, storage_dtype: torch.dtype, ops: i
     worst = ((a - b).abs() - allowed).max().item() if a.numel() else 0.0
     assert worst <= 0.0, f"{prefix}apart by more than {steps} {storage_dtype} ulps: {(a - b).abs().max().item():.3g}"
     differing = (a != b).sum().item()
-    assert differing <= max(1, a.numel() / 4), \
+    assert differing <= max(1, a.numel() / 4), (
         f"{prefix}{differing} of {a.numel()} elements differ: a systematic rounding difference"
+    )
 
 
 def gate_is_decided(g_norm: float, barrier: float, bound: float) -> bool:
@@ -186,8 +208,9 @@ def gate_is_decided(g_norm: float, barrier: float, bound: float) -> bool:
     return abs(g_norm - barrier) > bound * max(abs(g_norm), abs(barrier))
 
 
-def assert_hysterograd_results_close(got: Sequence, expected: Sequence, *, dtype: torch.dtype,
-                                     reduction_length: int, steps: int = 1) -> bool:
+def assert_hysterograd_results_close(
+    got: Sequence, expected: Sequence, *, dtype: torch.dtype, reduction_length: int, steps: int = 1
+) -> bool:
     """One step's (status, N̂, h) by the policy; the status only where the gate is decided.
 
     Returns whether the gate was decided (a caller comparing a trajectory stops where it was not).
@@ -195,10 +218,11 @@ def assert_hysterograd_results_close(got: Sequence, expected: Sequence, *, dtype
     status, g_norm, barrier = got
     expected_status, expected_norm, expected_barrier = expected
     bound = fused_bound(math_dtype(dtype), ops=HYSTEROGRAD_OPS, reduction_length=reduction_length, steps=steps)
-    # The group scalars are kept in fp32 whatever the parameters' dtype (docs/hysterograd.md, "fp32 scalars"), and N̂, h are
-    # means over groups: for fp64 parameters their accuracy is fp32's.
-    scalar_bound = max(bound, fused_bound(torch.float32, ops=HYSTEROGRAD_OPS, reduction_length=reduction_length,
-                                          steps=steps))
+    # The group scalars are kept in fp32 whatever the parameters' dtype (docs/hysterograd.md, "fp32 scalars"),
+    # and N̂, h are means over groups: for fp64 parameters their accuracy is fp32's.
+    scalar_bound = max(
+        bound, fused_bound(torch.float32, ops=HYSTEROGRAD_OPS, reduction_length=reduction_length, steps=steps)
+    )
     assert_relative_error(g_norm, expected_norm, scalar_bound, label="N̂")
     assert_relative_error(barrier, expected_barrier, scalar_bound, label="h")
     decided = gate_is_decided(expected_norm, expected_barrier, scalar_bound)
@@ -212,8 +236,9 @@ def numel(shapes: Iterable) -> int:
     return sum(math.prod(s) if isinstance(s, (tuple, list, torch.Size)) else int(s) for s in shapes)
 
 
-def assert_displacement_close(actual, expected, start, *, dtype: torch.dtype, ops: int, reduction_length: int = 1,
-                              steps: int = 1, label: str = "") -> None:
+def assert_displacement_close(
+    actual, expected, start, *, dtype: torch.dtype, ops: int, reduction_length: int = 1, steps: int = 1, label: str = ""
+) -> None:
     """Kind (a) measured against how far the parameters moved, ‖(a−p₀) − (b−p₀)‖ / ‖b−p₀‖, for fp32 and fp64.
 
     Parameters move little in a few steps, so their own norm hides an error of the update: a 10 % wrong

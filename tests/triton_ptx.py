@@ -1,6 +1,7 @@
 """Compile the Triton optimizer kernels for sm_90 without a GPU and print, per kernel, its PTX instruction
 counts as JSON. Run by tests/test_optim_triton.py in a subprocess: the tests themselves run with
 TRITON_INTERPRET=1, under which kernels cannot be compiled."""
+
 import collections
 import inspect
 import json
@@ -16,10 +17,23 @@ from curvkern.optim.biostatis import triton as biostatis
 from curvkern.optim.hysterograd import triton as hysterograd
 
 POINTERS = {  # every other argument is an int, or float64 where annotated so
-    "addresses": "*i64", "chunks": "*i64", "numels": "*i64", "tensor_index": "*i64", "chunk_begin": "*i64",
-    "partials": "*fp64", "sums": "*fp64", "memory": "*fp64", "neg_step_ptr": "*fp64", "stats_ptr": "*fp32",
-    "decay_ptr": "*fp64", "tau_ptr": "*fp64", "ascent_ptr": "*fp64", "sqrt_bc2_ptr": "*fp64", "coef_ptr": "*fp64",
-    "temp_ptr": "*fp32", "energy_ptr": "*fp32",
+    "addresses": "*i64",
+    "chunks": "*i64",
+    "numels": "*i64",
+    "tensor_index": "*i64",
+    "chunk_begin": "*i64",
+    "partials": "*fp64",
+    "sums": "*fp64",
+    "memory": "*fp64",
+    "neg_step_ptr": "*fp64",
+    "stats_ptr": "*fp32",
+    "decay_ptr": "*fp64",
+    "tau_ptr": "*fp64",
+    "ascent_ptr": "*fp64",
+    "sqrt_bc2_ptr": "*fp64",
+    "coef_ptr": "*fp64",
+    "temp_ptr": "*fp32",
+    "energy_ptr": "*fp32",
 }
 
 
@@ -34,10 +48,16 @@ def instruction_counts(kernel, constexprs: dict, fp_fusion: bool = False, pointe
             signature[name] = {**POINTERS, **(pointers or {})}.get(name, "i32")
     compiled = triton.compile(
         ASTSource(kernel, signature, constexprs=constexprs),
-        target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": fp_fusion},
+        target=GPUTarget("cuda", 90, 32),
+        options={"enable_fp_fusion": fp_fusion},
     )
-    return collections.Counter(re.findall(r"\b((?:ld|st)\.global[.\w]*|fma\.\w+\.f\d+|mul\.rn\.f\d+|"
-                                          r"div\.\w+\.f\d+|sqrt\.\w+\.f\d+)", compiled.asm["ptx"]))
+    return collections.Counter(
+        re.findall(
+            r"\b((?:ld|st)\.global[.\w]*|fma\.\w+\.f\d+|mul\.rn\.f\d+|"
+            r"div\.\w+\.f\d+|sqrt\.\w+\.f\d+)",
+            compiled.asm["ptx"],
+        )
+    )
 
 
 def main():
@@ -46,18 +66,24 @@ def main():
     report = {
         "hysterograd_pass_a": instruction_counts(hysterograd._pass_a_kernel, dict(fp32, GRAD_DTYPE=tl.float32)),
         "hysterograd_pass_b": instruction_counts(
-            hysterograd._pass_b_kernel, dict(fp32, PARAM_DTYPE=tl.float32, GRAD_DTYPE=tl.float32)),
+            hysterograd._pass_b_kernel, dict(fp32, PARAM_DTYPE=tl.float32, GRAD_DTYPE=tl.float32)
+        ),
         "hysterograd_pass_b_bf16": instruction_counts(
-            hysterograd._pass_b_kernel, dict(fp32, PARAM_DTYPE=tl.bfloat16, GRAD_DTYPE=tl.bfloat16)),
+            hysterograd._pass_b_kernel, dict(fp32, PARAM_DTYPE=tl.bfloat16, GRAD_DTYPE=tl.bfloat16)
+        ),
         "hysterograd_accumulate": instruction_counts(
-            hysterograd._accumulate_kernel, dict(SCALAR_DTYPE=tl.float32), pointers={"accumulator": "*fp32"}),
+            hysterograd._accumulate_kernel, dict(SCALAR_DTYPE=tl.float32), pointers={"accumulator": "*fp32"}
+        ),
         "biostatis_sums": instruction_counts(biostatis._sums_kernel, dict(fp32, GRAD_DTYPE=tl.float32)),
         "biostatis_update": instruction_counts(biostatis._update_kernel, update),
         "biostatis_update_fused": instruction_counts(biostatis._update_kernel, update, fp_fusion=True),
         "biostatis_update_fp64": instruction_counts(
-            biostatis._update_kernel, dict(update, STATE_DTYPE=tl.float64, PARAM_DTYPE=tl.float64, GRAD_DTYPE=tl.float64)),
+            biostatis._update_kernel,
+            dict(update, STATE_DTYPE=tl.float64, PARAM_DTYPE=tl.float64, GRAD_DTYPE=tl.float64),
+        ),
         "per_tensor_sums": instruction_counts(
-            multi_tensor.per_tensor_sums_kernel, dict(NUM_SUMS=6, SUMS_WIDTH=8, STATE_DTYPE=tl.float32)),
+            multi_tensor.per_tensor_sums_kernel, dict(NUM_SUMS=6, SUMS_WIDTH=8, STATE_DTYPE=tl.float32)
+        ),
     }
     print(json.dumps(report))
 

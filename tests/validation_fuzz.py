@@ -7,6 +7,7 @@ case must end in a clean RuntimeError, ValueError or TypeError, or in a finite s
 legitimately fills in; a failed load must leave the optimizer as it was. A memory error would kill the
 process instead (the caller checks for a signal and for glibc's messages). Prints one line per optimizer.
 """
+
 from __future__ import annotations
 
 import copy
@@ -144,7 +145,7 @@ def run(cls, fused: str) -> tuple[int, int]:
             rejected += 1
             if not loaded:  # a refused load leaves the optimizer as it was
                 torch.testing.assert_close(opt.state_dict(), before, rtol=0, atol=0, msg=case)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise AssertionError(f"{case}: raised {type(exc).__name__}: {exc}") from exc
         else:
             assert loads, f"{case}: loaded and stepped"
@@ -192,5 +193,7 @@ if __name__ == "__main__":
     for optimizer in (HysteroGrad, BiostatisV6):
         reported_case(optimizer, backend)
         rejected, stepped = run(optimizer, backend)
-        print(f"{optimizer.__name__} {backend}: {rejected} refused, {stepped} converted or defaulted and stepped",
-              flush=True)
+        print(
+            f"{optimizer.__name__} {backend}: {rejected} refused, {stepped} converted or defaulted and stepped",
+            flush=True,
+        )

@@ -1,5 +1,6 @@
 """``python -m curvkern.bench`` (or ``curvkern-bench``): measure the bandwidth ceiling, time every case
 of :mod:`curvkern.bench.cases`, print the table, write bench-report.json and bench-report.png."""
+
 from __future__ import annotations
 
 import argparse
@@ -23,14 +24,23 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m curvkern.bench",
         description="Time every curvkern backend against its eager reference and its peer (fused AdamW for the "
-                    "optimizers, PyTorch's own double backward for the cross-entropy kernels).",
+        "optimizers, PyTorch's own double backward for the cross-entropy kernels).",
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the plumbing, measures nothing")
-    parser.add_argument("--out", type=Path, default=Path.cwd(), metavar="DIR",
-                        help="where bench-report.json and bench-report.png go (default: the current directory)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path.cwd(),
+        metavar="DIR",
+        help="where bench-report.json and bench-report.png go (default: the current directory)",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--filter", default="", metavar="SUBSTR",
-                        help="only cases whose name (kernel/backend/shape/dtype) contains SUBSTR")
+    parser.add_argument(
+        "--filter",
+        default="",
+        metavar="SUBSTR",
+        help="only cases whose name (kernel/backend/shape/dtype) contains SUBSTR",
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)

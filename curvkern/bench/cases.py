@@ -6,17 +6,17 @@ their cases from :func:`build_cases`, one kernel per optimizer family of :data:`
 (each with its row in :data:`TRAFFIC`) beside fused AdamW, so a backend registered with
 :mod:`curvkern._dispatch` shows up in both the day it lands.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from curvkern import available_backends
 from curvkern.bandwidth import PROBE_NUMEL
-from curvkern.bench.ce_cases import PEER_BACKENDS as CE_PEER_BACKENDS
-from curvkern.bench.ce_cases import CrossEntropyCase, build_cross_entropy_cases
+from curvkern.bench.ce_cases import PEER_BACKENDS as CE_PEER_BACKENDS, CrossEntropyCase, build_cross_entropy_cases
 from curvkern.families import OPTIMIZER, Family, families_of_kind
 from curvkern.optim._common import state_dtype
 
@@ -61,7 +61,11 @@ class Shape:
 #     cache, so the figures are DRAM bandwidth;
 # (b) 1000 tensors of 1000 elements: per-tensor overheads (launches, Python loops) dominate;
 # (c) (a) in bf16, where curvkern keeps fp32 state and fused AdamW keeps bf16 state.
-DEFAULT_WORKLOADS = ((Shape(40, 2**20), torch.float32), (Shape(1000, 1000), torch.float32), (Shape(40, 2**20), torch.bfloat16))
+DEFAULT_WORKLOADS = (
+    (Shape(40, 2**20), torch.float32),
+    (Shape(1000, 1000), torch.float32),
+    (Shape(40, 2**20), torch.bfloat16),
+)
 # On a GPU (--device cuda) instead, the Triton issue's sizes: 100M fp32 parameters in 200 tensors (DRAM
 # bandwidth) and in 20,000 tensors (per-tensor overheads: the Triton kernels' launches do not grow with
 # the count), and the first in bf16.
@@ -97,13 +101,16 @@ class Kernel:
     def bytes_per_element(self, param_dtype: torch.dtype) -> int:
         reads, writes = TRAFFIC[self.name]
         state_itemsize = self.state_dtype(param_dtype).itemsize
-        return sum(param_dtype.itemsize if array in PARAMETER_DTYPE_ARRAYS else state_itemsize for array in reads + writes)
+        return sum(
+            param_dtype.itemsize if array in PARAMETER_DTYPE_ARRAYS else state_itemsize for array in reads + writes
+        )
 
 
 def _family_kernel(family: Family) -> Kernel:
     """An optimizer family's kernel: its optimizer with the default hyperparameters."""
-    return Kernel(family.name, lambda params, backend: family.api(params, fused=backend), _curvkern_state_dtype,
-                  family.name)
+    return Kernel(
+        family.name, lambda params, backend: family.api(params, fused=backend), _curvkern_state_dtype, family.name
+    )
 
 
 KERNELS = (

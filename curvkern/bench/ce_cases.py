@@ -15,11 +15,12 @@ Baselines (``backend`` in a record):
 Compulsory traffic, in copies of (N, V): ``ce-hvp`` and ``.hvp`` read z and u and write Hu (3); the double
 backward also reads z for the loss and reads z / writes the gradient for the backward (6).
 """
+
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,11 @@ from curvkern.integrations import eigenthings as ck_eigenthings
 
 FAMILY = "cross_entropy"
 COPIES = {"ce-hvp": 3, "ce-double-backward": 6, "ce-eigenthings-hvp": 3}
-PEER_BACKENDS = {"ce-hvp": "torch-eager", "ce-double-backward": "torch-eager", "ce-eigenthings-hvp": "eigenthings-autograd"}
+PEER_BACKENDS = {
+    "ce-hvp": "torch-eager",
+    "ce-double-backward": "torch-eager",
+    "ce-eigenthings-hvp": "eigenthings-autograd",
+}
 IGNORED_FRACTION = 0.05  # labels set to -100, as padding does
 SEQUENCES = 4  # causal-LM batches for .hvp: (SEQUENCES, N / SEQUENCES, V)
 

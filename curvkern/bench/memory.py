@@ -7,10 +7,11 @@ to glibc, which maps it afresh and unmaps it when freed, so the resident set fol
 by page; ``tracemalloc`` sees none of this and the profiler only counts what passes through its hooks.
 Small Python-side allocations land in the figure too, negligible next to an (N, V) tensor.
 """
+
 from __future__ import annotations
 
 import gc
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -25,6 +25,7 @@ PyTorch's eager path cannot be taken for each other.
 Render a pytest-benchmark run: ``python -m curvkern.bench.report --from-pytest-benchmark FILE [--out DIR]``;
 render a report again (one of ``bench/results/``): ``python -m curvkern.bench.report --from-report FILE``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,13 +50,38 @@ SCHEMA = "curvkern-bench-report/1"
 JSON_NAME = "bench-report.json"
 PNG_NAME = "bench-report.png"
 MACHINE_FIELDS = (
-    "date", "cpu_model", "cpu_cores", "torch_threads", "device", "gpu_name", "platform", "python_version",
-    "torch_version", "triton_version", "curvkern_version", "torch_cpu_capability", "curvkern_cpu_capability",
-    "bandwidth_ceiling_gbps", "bandwidth_probe",
+    "date",
+    "cpu_model",
+    "cpu_cores",
+    "torch_threads",
+    "device",
+    "gpu_name",
+    "platform",
+    "python_version",
+    "torch_version",
+    "triton_version",
+    "curvkern_version",
+    "torch_cpu_capability",
+    "curvkern_cpu_capability",
+    "bandwidth_ceiling_gbps",
+    "bandwidth_probe",
 )
 RECORD_FIELDS = (
-    "kernel", "backend", "shape", "dtype", "device", "bytes", "median_s", "min_s", "repeats",
-    "gbps", "fraction_of_ceiling", "speedup_vs_eager", "speedup_vs_peer", "peak_bytes", "input_bytes",
+    "kernel",
+    "backend",
+    "shape",
+    "dtype",
+    "device",
+    "bytes",
+    "median_s",
+    "min_s",
+    "repeats",
+    "gbps",
+    "fraction_of_ceiling",
+    "speedup_vs_eager",
+    "speedup_vs_peer",
+    "peak_bytes",
+    "input_bytes",
 )
 
 # What the table and the chart call each ``backend`` of a record: curvkern's three, then the peers of
@@ -124,12 +150,20 @@ def _curvkern_cpu_capability() -> str | None:
     return None if cpp_unavailable_reason() is not None else cpu_capability()
 
 
-def make_record(case_fields: dict, timing: Timing, peak_bytes: int | None = None, input_bytes: int | None = None) -> dict:
+def make_record(
+    case_fields: dict, timing: Timing, peak_bytes: int | None = None, input_bytes: int | None = None
+) -> dict:
     """A record before :func:`build_report` derives its bandwidth and speedups. ``peak_bytes`` is the
     call's peak allocation beyond its inputs (:mod:`curvkern.bench.memory`); with the inputs counted it
     is ``peak_bytes + input_bytes``."""
-    return {**case_fields, "median_s": timing.median_s, "min_s": timing.min_s, "repeats": timing.repeats,
-            "peak_bytes": peak_bytes, "input_bytes": input_bytes}
+    return {
+        **case_fields,
+        "median_s": timing.median_s,
+        "min_s": timing.min_s,
+        "repeats": timing.repeats,
+        "peak_bytes": peak_bytes,
+        "input_bytes": input_bytes,
+    }
 
 
 def _workload(record: dict) -> tuple:
@@ -151,14 +185,16 @@ def build_report(machine: dict, records: list[dict], source: str) -> dict:
         peer = by_identity.get((*peer_of(record["kernel"]), *_workload(record)))
         record = dict(record)
         peak = {key: record.pop(key) for key in ("peak_bytes", "input_bytes")}  # kept last, as in RECORD_FIELDS
-        completed.append({
-            **record,
-            "gbps": gbps,
-            "fraction_of_ceiling": None if ceiling is None else gbps / ceiling,
-            "speedup_vs_eager": _speedup(eager, record),
-            "speedup_vs_peer": _speedup(peer, record),
-            **peak,
-        })
+        completed.append(
+            {
+                **record,
+                "gbps": gbps,
+                "fraction_of_ceiling": None if ceiling is None else gbps / ceiling,
+                "speedup_vs_eager": _speedup(eager, record),
+                "speedup_vs_peer": _speedup(peer, record),
+                **peak,
+            }
+        )
     return {"schema": SCHEMA, "source": source, "machine": machine, "records": completed}
 
 
@@ -200,8 +236,11 @@ def describe_machine(machine: dict) -> str:
     if machine["gpu_name"]:
         line = f"{machine['gpu_name']}, {line}"
     # Reports written before these were recorded lack them.
-    paths = [f"{who} {machine[key]}" for who, key in (("torch", "torch_cpu_capability"),
-                                                      ("curvkern", "curvkern_cpu_capability")) if machine.get(key)]
+    paths = [
+        f"{who} {machine[key]}"
+        for who, key in (("torch", "torch_cpu_capability"), ("curvkern", "curvkern_cpu_capability"))
+        if machine.get(key)
+    ]
     if paths:
         line += f", CPU code paths {' / '.join(paths)}"
     return line + (f"; {machine['date']}" if machine.get("date") else "")
@@ -284,8 +323,14 @@ def _times_panel(axes, group: list[dict]) -> None:
     times_ms = [1e3 * r["median_s"] for r in group]
     axes.barh(range(len(group)), times_ms, color=[_colour(r["backend"]) for r in group])
     for row, (record, time_ms) in enumerate(zip(group, times_ms)):
-        axes.annotate(f"{_milliseconds(time_ms)} ms  ({record['gbps']:.1f} GB/s)", (time_ms, row),
-                      xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+        axes.annotate(
+            f"{_milliseconds(time_ms)} ms  ({record['gbps']:.1f} GB/s)",
+            (time_ms, row),
+            xytext=(3, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=8,
+        )
     axes.set_xlim(0, 1.45 * max(times_ms))  # room for the labels
     axes.set_yticks(range(len(group)), [_bar_label(r, group) for r in group])
     axes.set_title(_group_title(group), loc="left", fontsize=10, fontweight="bold")
@@ -308,14 +353,21 @@ def _speedups_panel(axes, group: list[dict], limits: tuple[float, float]) -> Non
         speedup = record["speedup_vs_peer"]
         if (record["kernel"], record["backend"]) == peer or speedup is None:
             text = "the peer" if speedup is not None else "peer not measured"
-            axes.annotate(text, (1, row), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8,
-                          style="italic")
+            axes.annotate(
+                text, (1, row), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8, style="italic"
+            )
             continue
         axes.barh(row, abs(speedup - 1), left=min(speedup, 1), color=_colour(record["backend"]))
         faster = speedup >= 1
-        axes.annotate(f"{speedup:.2f}x" if speedup < 10 else f"{speedup:.1f}x", (speedup, row),
-                      xytext=(3 if faster else -3, 0), textcoords="offset points", va="center",
-                      ha="left" if faster else "right", fontsize=8)
+        axes.annotate(
+            f"{speedup:.2f}x" if speedup < 10 else f"{speedup:.1f}x",
+            (speedup, row),
+            xytext=(3 if faster else -3, 0),
+            textcoords="offset points",
+            va="center",
+            ha="left" if faster else "right",
+            fontsize=8,
+        )
     decades = math.log10(limits[1] / limits[0])
     axes.xaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5) if decades <= 2.5 else (1, 3)))
     axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
@@ -366,15 +418,28 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m curvkern.bench.report",
         description="Render a pytest-benchmark JSON of the bench/ suites as the curvkern benchmark report, "
-                    "or render a report again.",
+        "or render a report again.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--from-pytest-benchmark", type=Path, metavar="FILE",
-                        help="the file written by `pytest bench/ --benchmark-json=FILE`")
-    source.add_argument("--from-report", type=Path, metavar="FILE",
-                        help="a bench-report.json (one of bench/results/, say) to print and draw again")
-    parser.add_argument("--out", type=Path, default=Path.cwd(), metavar="DIR",
-                        help="where bench-report.json and bench-report.png go (default: the current directory)")
+    source.add_argument(
+        "--from-pytest-benchmark",
+        type=Path,
+        metavar="FILE",
+        help="the file written by `pytest bench/ --benchmark-json=FILE`",
+    )
+    source.add_argument(
+        "--from-report",
+        type=Path,
+        metavar="FILE",
+        help="a bench-report.json (one of bench/results/, say) to print and draw again",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path.cwd(),
+        metavar="DIR",
+        help="where bench-report.json and bench-report.png go (default: the current directory)",
+    )
     args = parser.parse_args(argv)
     if args.from_report is not None:
         publish(json.loads(args.from_report.read_text()), args.out)

@@ -3,12 +3,13 @@
 The number of repeats follows from a time budget per case, so a 20 ms fused step gets many repeats
 and a 2 s eager reference a few, and the whole default run stays within minutes.
 """
+
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -1,6 +1,7 @@
 """The C++/OpenMP cross-entropy kernels of ``curvkern._C`` (``csrc/ce/cross_entropy.cpp``): thin wrappers
 with the eager reference's signatures (:mod:`curvkern.ce.eager`), and the ops' fake implementations so
 ``torch.compile`` can trace them."""
+
 from __future__ import annotations
 
 import torch
@@ -36,16 +37,30 @@ class CppCrossEntropy:
         return torch.ops.curvkern.cross_entropy_forward(logits, target, h.ignore_index, h.label_smoothing)
 
     @staticmethod
-    def backward(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, grad_scale: torch.Tensor,
-                 hyperparameters: CrossEntropyHyperparameters):
+    def backward(
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        lse: torch.Tensor,
+        grad_scale: torch.Tensor,
+        hyperparameters: CrossEntropyHyperparameters,
+    ):
         h = hyperparameters
-        return torch.ops.curvkern.cross_entropy_backward(logits, target, lse, grad_scale, h.ignore_index,
-                                                         h.label_smoothing)
+        return torch.ops.curvkern.cross_entropy_backward(
+            logits, target, lse, grad_scale, h.ignore_index, h.label_smoothing
+        )
 
     @staticmethod
-    def hvp(logits: torch.Tensor, target: torch.Tensor, u: torch.Tensor, scale: torch.Tensor,
-            hyperparameters: CrossEntropyHyperparameters, shift_period: int, out: torch.Tensor,
-            out_is_callers: bool = False):
+    def hvp(
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        u: torch.Tensor,
+        scale: torch.Tensor,
+        hyperparameters: CrossEntropyHyperparameters,
+        shift_period: int,
+        out: torch.Tensor,
+        out_is_callers: bool = False,
+    ):
         h = hyperparameters
-        return torch.ops.curvkern.cross_entropy_hvp_(logits, target, u, scale, h.ignore_index, h.label_smoothing,
-                                                     shift_period, out_is_callers, out)
+        return torch.ops.curvkern.cross_entropy_hvp_(
+            logits, target, u, scale, h.ignore_index, h.label_smoothing, shift_period, out_is_callers, out
+        )

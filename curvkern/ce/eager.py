@@ -9,6 +9,7 @@ taking the :class:`~curvkern.hyperparameters.CrossEntropyHyperparameters` of the
 - ``backward(logits, target, lse, grad_scale, hyperparameters) -> grad``;
 - ``hvp(logits, target, u, scale, hyperparameters, shift_period, out, out_is_callers) -> dot``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -52,22 +53,37 @@ class EagerCrossEntropy:
         return torch.where(valid, loss, 0.0), lse
 
     @staticmethod
-    def backward(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, grad_scale: torch.Tensor,
-                 hyperparameters: CrossEntropyHyperparameters):
+    def backward(
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        lse: torch.Tensor,
+        grad_scale: torch.Tensor,
+        hyperparameters: CrossEntropyHyperparameters,
+    ):
         ignore_index, label_smoothing = hyperparameters.ignore_index, hyperparameters.label_smoothing
         z = logits.to(lse.dtype)
         valid = target != ignore_index
         grad = torch.exp(z - lse[:, None])
-        grad.scatter_add_(1, torch.where(valid, target, 0)[:, None],
-                          torch.full((z.shape[0], 1), label_smoothing - 1, dtype=z.dtype, device=z.device))
+        grad.scatter_add_(
+            1,
+            torch.where(valid, target, 0)[:, None],
+            torch.full((z.shape[0], 1), label_smoothing - 1, dtype=z.dtype, device=z.device),
+        )
         grad -= label_smoothing / z.shape[1]
         grad *= _rows(grad_scale)
         return torch.where(valid[:, None], grad, 0.0).to(logits.dtype)
 
     @staticmethod
-    def hvp(logits: torch.Tensor, target: torch.Tensor, u: torch.Tensor, scale: torch.Tensor,
-            hyperparameters: CrossEntropyHyperparameters, shift_period: int, out: torch.Tensor,
-            out_is_callers: bool = False):
+    def hvp(
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        u: torch.Tensor,
+        scale: torch.Tensor,
+        hyperparameters: CrossEntropyHyperparameters,
+        shift_period: int,
+        out: torch.Tensor,
+        out_is_callers: bool = False,
+    ):
         ignore_index, label_smoothing = hyperparameters.ignore_index, hyperparameters.label_smoothing
         target = shifted_target(target, ignore_index, shift_period)
         z = logits.to(accumulation_dtype(logits.dtype))

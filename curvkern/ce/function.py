@@ -10,6 +10,7 @@ rows, classes last; the hessian-eigenthings objects enter below that, through
 product: double backward never materialises a softmax of shape (N, V), and also returns the
 gradient with respect to the loss's incoming gradient (docs/cross_entropy.md, "Double backward").
 """
+
 from __future__ import annotations
 
 import math
@@ -73,7 +74,9 @@ def _check_class_dim_arguments(logits: torch.Tensor, target: torch.Tensor) -> No
     messages; what it accepts and curvkern does not (class-probability targets) raises too."""
     _check_not_dtensor(logits=logits, target=target)
     if logits.dim() == 0:
-        raise ValueError("curvkern.cross_entropy: logits must be (C), (N, C) or (N, C, d1, ..., dk), got a 0-dim tensor")
+        raise ValueError(
+            "curvkern.cross_entropy: logits must be (C), (N, C) or (N, C, d1, ..., dk), got a 0-dim tensor"
+        )
     if target.is_floating_point() and target.shape == logits.shape:
         raise NotImplementedError(
             "curvkern.cross_entropy: targets of class probabilities (a floating-point target shaped like the "
@@ -84,11 +87,15 @@ def _check_class_dim_arguments(logits: torch.Tensor, target: torch.Tensor) -> No
     expected = logits.shape[:1] + logits.shape[2:] if logits.dim() >= 2 else torch.Size()
     if target.shape == expected:
         return
-    mismatch = (f"target size {list(expected)} for logits of shape {list(logits.shape)} (classes in dim 1), "
-                f"got {list(target.shape)}")
+    mismatch = (
+        f"target size {list(expected)} for logits of shape {list(logits.shape)} (classes in dim 1), "
+        f"got {list(target.shape)}"
+    )
     if logits.dim() == 2 and target.dim() == 1:
-        raise ValueError(f"Expected input batch_size ({logits.shape[0]}) to match target batch_size "
-                         f"({target.shape[0]}): expected {mismatch}")
+        raise ValueError(
+            f"Expected input batch_size ({logits.shape[0]}) to match target batch_size "
+            f"({target.shape[0]}): expected {mismatch}"
+        )
     if logits.dim() == 1 and target.dim() == 1:  # PyTorch's ValueError here also takes a size-1 target
         raise ValueError(f"For 1D input, the target must be 0-dim: expected {mismatch}")
     raise RuntimeError(f"Expected {mismatch}")
@@ -246,12 +253,19 @@ def cross_entropy(
     if weight is not None:
         raise NotImplementedError("curvkern.cross_entropy: per-class weight is not supported; pass weight=None")
     _check_class_dim_arguments(logits, target)
-    return _cross_entropy_classes_last(_classes_last(logits), _class_indices(target), ignore_index=ignore_index,
-                                       reduction=reduction, label_smoothing=label_smoothing, fused=fused)
+    return _cross_entropy_classes_last(
+        _classes_last(logits),
+        _class_indices(target),
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        fused=fused,
+    )
 
 
-def _cross_entropy_classes_last(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int, reduction: str,
-                                label_smoothing: float, fused: str) -> torch.Tensor:
+def _cross_entropy_classes_last(
+    logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int, reduction: str, label_smoothing: float, fused: str
+) -> torch.Tensor:
     """:func:`cross_entropy` on (…, V) logits (classes last) and (…) int64 targets."""
     _check_arguments(logits, target, reduction, ignore_index)
     if not 0.0 <= label_smoothing <= 1.0:
@@ -299,8 +313,16 @@ def ce_hvp(
     _check_arguments(_classes_last(logits), target, reduction, ignore_index)
     _, kernels = select(FAMILY, fused, logits.device)
     hyperparameters = CrossEntropyHyperparameters(ignore_index=int(ignore_index), reduction=reduction)
-    result = _hvp_into(kernels, _classes_last(logits), target.reshape(-1).contiguous(), _classes_last(u),
-                       hyperparameters, None if out is None else _classes_last(out), shift_period=0, valid_count=None)
+    result = _hvp_into(
+        kernels,
+        _classes_last(logits),
+        target.reshape(-1).contiguous(),
+        _classes_last(u),
+        hyperparameters,
+        None if out is None else _classes_last(out),
+        shift_period=0,
+        valid_count=None,
+    )
     return out if out is not None else _classes_first(result)
 
 
@@ -321,9 +343,19 @@ def _hvp_into(kernels, logits, flat_target, u, hyperparameters, out, shift_perio
     out_rows = _writable_rows(out)
     out_is_callers = out_given and out_rows is not None
     with torch.no_grad():
-        result_rows = out_rows if out_rows is not None else torch.empty(_row_shape(out), dtype=out.dtype, device=out.device)
-        kernels.hvp(_as_rows(logits), flat_target, _as_rows(u), scale, hyperparameters, shift_period, result_rows,
-                    out_is_callers)
+        result_rows = (
+            out_rows if out_rows is not None else torch.empty(_row_shape(out), dtype=out.dtype, device=out.device)
+        )
+        kernels.hvp(
+            _as_rows(logits),
+            flat_target,
+            _as_rows(u),
+            scale,
+            hyperparameters,
+            shift_period,
+            result_rows,
+            out_is_callers,
+        )
         if out_rows is None:  # an ``out`` no (N, V) view can write, e.g. a transposed one
             out.copy_(result_rows.view(out.shape))
     return out

@@ -8,6 +8,7 @@ does not stay in L2, 3 when it does. Labels (and the causal shift) are read in t
 are written as zeros without a single load of the logits or u, offsets are 64-bit, rows may be strided,
 and the reduction scale is read from a device tensor: no host sync anywhere.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -46,8 +47,17 @@ if importlib.util.find_spec("triton") is not None:
         return rows, row_mask, label, live, in_range
 
     @triton.jit
-    def _row_stats(z_ptrs, u_ptrs, live, V, ACC: tl.constexpr, WITH_U: tl.constexpr, SUMS: tl.constexpr,
-                   ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+    def _row_stats(
+        z_ptrs,
+        u_ptrs,
+        live,
+        V,
+        ACC: tl.constexpr,
+        WITH_U: tl.constexpr,
+        SUMS: tl.constexpr,
+        ROWS: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+    ):
         """Sweep 1: online max, Σ e^{z−max}, ⟨e^{z−max}, u⟩, Σz, Σu over [ROWS, V] rows, tile by tile.
 
         ``z_ptrs``/``u_ptrs`` point at column 0 of each row; ``live`` masks the rows to read at all."""
@@ -77,9 +87,22 @@ if importlib.util.find_spec("triton") is not None:
         return running_max, sum_exp, sum_exp_u, sum_z, sum_u
 
     @triton.jit
-    def _forward_kernel(logits_ptr, row_stride, target_ptr, loss_ptr, lse_ptr, N, V, ignore_index,
-                        smoothing_hi, smoothing_lo, ACC: tl.constexpr, SMOOTHING: tl.constexpr,
-                        ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+    def _forward_kernel(
+        logits_ptr,
+        row_stride,
+        target_ptr,
+        loss_ptr,
+        lse_ptr,
+        N,
+        V,
+        ignore_index,
+        smoothing_hi,
+        smoothing_lo,
+        ACC: tl.constexpr,
+        SMOOTHING: tl.constexpr,
+        ROWS: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+    ):
         label_smoothing = _exact_scalar(smoothing_hi, smoothing_lo, ACC)
         rows, row_mask, label, live, in_range = _program_rows(target_ptr, N, V, ignore_index, 0, ROWS, False)
         z_ptrs = logits_ptr + rows * row_stride
@@ -94,9 +117,23 @@ if importlib.util.find_spec("triton") is not None:
         tl.store(lse_ptr + rows, tl.where(live, lse, 0.0), mask=row_mask)
 
     @triton.jit
-    def _backward_kernel(logits_ptr, row_stride, target_ptr, lse_ptr, scale_ptr, scale_stride, grad_ptr, N, V,
-                         ignore_index, smoothing_hi, smoothing_lo, ACC: tl.constexpr, ROWS: tl.constexpr,
-                         BLOCK_V: tl.constexpr):
+    def _backward_kernel(
+        logits_ptr,
+        row_stride,
+        target_ptr,
+        lse_ptr,
+        scale_ptr,
+        scale_stride,
+        grad_ptr,
+        N,
+        V,
+        ignore_index,
+        smoothing_hi,
+        smoothing_lo,
+        ACC: tl.constexpr,
+        ROWS: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+    ):
         label_smoothing = _exact_scalar(smoothing_hi, smoothing_lo, ACC)
         rows, row_mask, label, live, in_range = _program_rows(target_ptr, N, V, ignore_index, 0, ROWS, False)
         lse = tl.load(lse_ptr + rows, mask=live, other=0.0)
@@ -106,25 +143,47 @@ if importlib.util.find_spec("triton") is not None:
         for start in range(0, V, BLOCK_V):
             col = start + cols
             mask = row_mask[:, None] & (col < V)[None, :]
-            z = tl.load(logits_ptr + rows[:, None] * row_stride + col[None, :], mask=mask & live[:, None],
-                        other=0.0).to(ACC)
+            z = tl.load(
+                logits_ptr + rows[:, None] * row_stride + col[None, :], mask=mask & live[:, None], other=0.0
+            ).to(ACC)
             target_part = tl.where(col[None, :] == label[:, None], 1.0 - label_smoothing, 0.0)
             grad = scale[:, None] * (tl.exp(z - lse[:, None]) - label_smoothing / V - target_part)
             grad = tl.where(live[:, None], grad, 0.0)
             tl.store(grad_ptr + rows[:, None] * V + col[None, :], grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit(do_not_specialize=["shift_period"])
-    def _hvp_kernel(logits_ptr, row_stride, target_ptr, u_ptr, u_row_stride, scale_ptr, scale_stride, out_ptr,
-                    out_row_stride, dot_ptr, N, V, ignore_index, smoothing_hi, smoothing_lo, shift_period,
-                    SHIFTED: tl.constexpr, ACC: tl.constexpr, SMOOTHING: tl.constexpr, ROWS: tl.constexpr,
-                    BLOCK_V: tl.constexpr):
+    def _hvp_kernel(
+        logits_ptr,
+        row_stride,
+        target_ptr,
+        u_ptr,
+        u_row_stride,
+        scale_ptr,
+        scale_stride,
+        out_ptr,
+        out_row_stride,
+        dot_ptr,
+        N,
+        V,
+        ignore_index,
+        smoothing_hi,
+        smoothing_lo,
+        shift_period,
+        SHIFTED: tl.constexpr,
+        ACC: tl.constexpr,
+        SMOOTHING: tl.constexpr,
+        ROWS: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+    ):
         label_smoothing = _exact_scalar(smoothing_hi, smoothing_lo, ACC)
-        rows, row_mask, label, live, in_range = _program_rows(target_ptr, N, V, ignore_index, shift_period, ROWS,
-                                                              SHIFTED)
+        rows, row_mask, label, live, in_range = _program_rows(
+            target_ptr, N, V, ignore_index, shift_period, ROWS, SHIFTED
+        )
         z_ptrs = logits_ptr + rows * row_stride
         u_ptrs = u_ptr + rows * u_row_stride
-        running_max, sum_exp, sum_exp_u, _, sum_u = _row_stats(z_ptrs, u_ptrs, live, V, ACC, True, SMOOTHING,
-                                                                ROWS, BLOCK_V)
+        running_max, sum_exp, sum_exp_u, _, sum_u = _row_stats(
+            z_ptrs, u_ptrs, live, V, ACC, True, SMOOTHING, ROWS, BLOCK_V
+        )
         p_dot_u = sum_exp_u / sum_exp
         scale = tl.load(scale_ptr + rows * scale_stride, mask=live, other=0.0).to(ACC)
         weight = tl.where(live, tl.where(in_range, scale / sum_exp, float("nan")), 0.0)
@@ -138,8 +197,9 @@ if importlib.util.find_spec("triton") is not None:
             u = tl.load(u_ptrs[:, None] + col[None, :], mask=read, other=0.0).to(ACC)
             hvp = weight[:, None] * tl.exp(z - running_max[:, None]) * (u - p_dot_u[:, None])
             hvp = tl.where(live[:, None], hvp, 0.0)
-            tl.store(out_ptr + rows[:, None] * out_row_stride + col[None, :], hvp.to(out_ptr.dtype.element_ty),
-                     mask=mask)
+            tl.store(
+                out_ptr + rows[:, None] * out_row_stride + col[None, :], hvp.to(out_ptr.dtype.element_ty), mask=mask
+            )
         u_label = tl.load(u_ptrs + label, mask=live & in_range, other=0.0).to(ACC)
         dot = p_dot_u - (1.0 - label_smoothing) * u_label
         if SMOOTHING:
@@ -185,36 +245,90 @@ class TritonCrossEntropy:
         lse = torch.empty_like(loss)
         if n:
             grid, rows, block_v = _launch_shape(n, v)
-            _forward_kernel[grid](logits, _row_stride(logits), target, loss, lse, n, v, ignore_index,
-                                  *_split(label_smoothing), ACC=_accumulator(logits.dtype), SMOOTHING=label_smoothing != 0,
-                                  ROWS=rows, BLOCK_V=block_v)
+            _forward_kernel[grid](
+                logits,
+                _row_stride(logits),
+                target,
+                loss,
+                lse,
+                n,
+                v,
+                ignore_index,
+                *_split(label_smoothing),
+                ACC=_accumulator(logits.dtype),
+                SMOOTHING=label_smoothing != 0,
+                ROWS=rows,
+                BLOCK_V=block_v,
+            )
         return loss, lse
 
     @staticmethod
-    def backward(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, grad_scale: torch.Tensor,
-                 hyperparameters: CrossEntropyHyperparameters):
+    def backward(
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        lse: torch.Tensor,
+        grad_scale: torch.Tensor,
+        hyperparameters: CrossEntropyHyperparameters,
+    ):
         ignore_index, label_smoothing = hyperparameters.ignore_index, hyperparameters.label_smoothing
         n, v = logits.shape
         grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
         if n:
             grid, rows, block_v = _launch_shape(n, v)
-            _backward_kernel[grid](logits, _row_stride(logits), target, lse, grad_scale,
-                                   0 if grad_scale.dim() == 0 else grad_scale.stride(0), grad, n, v, ignore_index,
-                                   *_split(label_smoothing), ACC=_accumulator(logits.dtype), ROWS=rows, BLOCK_V=block_v)
+            _backward_kernel[grid](
+                logits,
+                _row_stride(logits),
+                target,
+                lse,
+                grad_scale,
+                0 if grad_scale.dim() == 0 else grad_scale.stride(0),
+                grad,
+                n,
+                v,
+                ignore_index,
+                *_split(label_smoothing),
+                ACC=_accumulator(logits.dtype),
+                ROWS=rows,
+                BLOCK_V=block_v,
+            )
         return grad
 
     @staticmethod
-    def hvp(logits: torch.Tensor, target: torch.Tensor, u: torch.Tensor, scale: torch.Tensor,
-            hyperparameters: CrossEntropyHyperparameters, shift_period: int, out: torch.Tensor,
-            out_is_callers: bool = False):
+    def hvp(
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        u: torch.Tensor,
+        scale: torch.Tensor,
+        hyperparameters: CrossEntropyHyperparameters,
+        shift_period: int,
+        out: torch.Tensor,
+        out_is_callers: bool = False,
+    ):
         ignore_index, label_smoothing = hyperparameters.ignore_index, hyperparameters.label_smoothing
         n, v = logits.shape
         dot = torch.empty(n, dtype=accumulation_dtype(logits.dtype), device=logits.device)
         if n:
             grid, rows, block_v = _launch_shape(n, v)
-            _hvp_kernel[grid](logits, _row_stride(logits), target, u, u.stride(0), scale,
-                              0 if scale.dim() == 0 else scale.stride(0), out, _row_stride(out), dot, n, v,
-                              ignore_index, *_split(label_smoothing), shift_period, SHIFTED=shift_period != 0,
-                              ACC=_accumulator(logits.dtype), SMOOTHING=label_smoothing != 0, ROWS=rows,
-                              BLOCK_V=block_v)
+            _hvp_kernel[grid](
+                logits,
+                _row_stride(logits),
+                target,
+                u,
+                u.stride(0),
+                scale,
+                0 if scale.dim() == 0 else scale.stride(0),
+                out,
+                _row_stride(out),
+                dot,
+                n,
+                v,
+                ignore_index,
+                *_split(label_smoothing),
+                shift_period,
+                SHIFTED=shift_period != 0,
+                ACC=_accumulator(logits.dtype),
+                SMOOTHING=label_smoothing != 0,
+                ROWS=rows,
+                BLOCK_V=block_v,
+            )
         return dot

@@ -9,6 +9,7 @@ kernel that reads the logits and ``u`` in place (strided rows, no ``.contiguous(
 labels itself (the causal shift folded in) and writes the full-shape result, ignored rows and the last
 time step as zeros.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -41,37 +42,57 @@ class HFCausalLMLossOfOutput(_LossOfOutput):
         # The labels shifted left with the last step ignored: the logits are used unsliced, as
         # (…, T, V) rows, so no (N, V) copy is made and the last step's gradient is written as zeros.
         shifted = torch.cat([labels[..., 1:], torch.full_like(labels[..., :1], IGNORE_INDEX)], dim=-1)
-        return _cross_entropy_classes_last(logits, shifted, ignore_index=IGNORE_INDEX, reduction="mean",
-                                           label_smoothing=0.0, fused=self.fused)
+        return _cross_entropy_classes_last(
+            logits, shifted, ignore_index=IGNORE_INDEX, reduction="mean", label_smoothing=0.0, fused=self.fused
+        )
 
     def hvp(self, output: torch.Tensor, batch: dict[str, Any], u: torch.Tensor) -> torch.Tensor:
         labels = batch["labels"]
         _check_arguments(output, labels, "mean", IGNORE_INDEX)
         _check_tangent(output, u)
         valid_count = (labels[..., 1:] != IGNORE_INDEX).sum()
-        return _hvp_into(self._kernels(output.device), output, labels.reshape(-1).contiguous(), u, _HYPERPARAMETERS,
-                         None, shift_period=labels.shape[-1], valid_count=valid_count)
+        return _hvp_into(
+            self._kernels(output.device),
+            output,
+            labels.reshape(-1).contiguous(),
+            u,
+            _HYPERPARAMETERS,
+            None,
+            shift_period=labels.shape[-1],
+            valid_count=valid_count,
+        )
 
 
 class CrossEntropyLossOfOutput(_LossOfOutput):
     """Plain cross-entropy: logits (N, V) (or (…, V), classes last) and an ``(x, y)`` batch, mean over valid rows."""
 
     def __call__(self, logits: torch.Tensor, batch: tuple[Any, torch.Tensor]) -> torch.Tensor:
-        return _cross_entropy_classes_last(logits, batch[1], ignore_index=IGNORE_INDEX, reduction="mean",
-                                           label_smoothing=0.0, fused=self.fused)
+        return _cross_entropy_classes_last(
+            logits, batch[1], ignore_index=IGNORE_INDEX, reduction="mean", label_smoothing=0.0, fused=self.fused
+        )
 
     def hvp(self, output: torch.Tensor, batch: tuple[Any, torch.Tensor], u: torch.Tensor) -> torch.Tensor:
         target = batch[1]
         _check_arguments(output, target, "mean", IGNORE_INDEX)
         _check_tangent(output, u)
-        return _hvp_into(self._kernels(output.device), output, target.reshape(-1).contiguous(), u, _HYPERPARAMETERS,
-                         None, shift_period=0, valid_count=None)
+        return _hvp_into(
+            self._kernels(output.device),
+            output,
+            target.reshape(-1).contiguous(),
+            u,
+            _HYPERPARAMETERS,
+            None,
+            shift_period=0,
+            valid_count=None,
+        )
 
 
 def _check_tangent(output: torch.Tensor, u: torch.Tensor) -> None:
     _check_not_dtensor(u=u)
     if u.shape != output.shape or u.device != output.device:
-        raise ValueError(f"u of shape {tuple(u.shape)} on {u.device} for output {tuple(output.shape)} on {output.device}")
+        raise ValueError(
+            f"u of shape {tuple(u.shape)} on {u.device} for output {tuple(output.shape)} on {output.device}"
+        )
     if u.dtype != output.dtype:
         raise ValueError(f"u ({u.dtype}) must have the output's dtype ({output.dtype})")
 

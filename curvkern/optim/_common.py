@@ -1,11 +1,12 @@
 """What both optimizers share: input checks, validation, low-precision policy, the FusedOptimizer base."""
+
 from __future__ import annotations
 
 import copy
 import operator
 from collections import defaultdict
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Iterator, Mapping
 
 import torch
 
@@ -41,8 +42,19 @@ def updated_in_math_dtype(param: torch.Tensor) -> Iterator[torch.Tensor]:
 # Flags every torch.optim optimizer (AdamW, SGD, ...) writes into its param groups and neither curvkern
 # optimizer nor its original has: a checkpoint whose groups hold one is another optimizer's, even before
 # it has any state. Other unknown keys load as they are (users and LR schedulers add keys of their own).
-OTHER_OPTIMIZER_FLAGS = frozenset({"foreach", "maximize", "differentiable", "amsgrad", "momentum", "dampening",
-                                   "nesterov", "centered", "decoupled_weight_decay"})
+OTHER_OPTIMIZER_FLAGS = frozenset(
+    {
+        "foreach",
+        "maximize",
+        "differentiable",
+        "amsgrad",
+        "momentum",
+        "dampening",
+        "nesterov",
+        "centered",
+        "decoupled_weight_decay",
+    }
+)
 
 # The only tensor types whose memory the kernels address directly (a DTensor's data_ptr() is 0).
 PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
@@ -83,8 +95,13 @@ def check_params(name: str, params: list[torch.Tensor], group_index: int | None 
 def _one_device_if_supported(params: list[torch.Tensor]) -> torch.device | None:
     try:
         devices = set(map(_device, params))
-        if (_PLAIN.issuperset(map(type, params)) and _STRIDED.issuperset(map(_layout, params))
-                and not any(map(_nested, params)) and _SUPPORTED.issuperset(map(_dtype, params)) and len(devices) == 1):
+        if (
+            _PLAIN.issuperset(map(type, params))
+            and _STRIDED.issuperset(map(_layout, params))
+            and not any(map(_nested, params))
+            and _SUPPORTED.issuperset(map(_dtype, params))
+            and len(devices) == 1
+        ):
             return devices.pop()
     except Exception:  # noqa: BLE001 (something that is not a tensor: the loop names it)
         pass
@@ -107,8 +124,10 @@ def _check_params_one_by_one(name: str, params: list[torch.Tensor], group_index:
                 f"memory of plain tensors (torch.Tensor, nn.Parameter) only, not of tensor subclasses"
             )
         if p.layout != torch.strided or p.is_nested:
-            raise TypeError(f"{name}: {parameter_name(group_index, index)} has layout {p.layout}; "
-                            f"only dense (strided) parameters are supported")
+            raise TypeError(
+                f"{name}: {parameter_name(group_index, index)} has layout {p.layout}; "
+                f"only dense (strided) parameters are supported"
+            )
         if p.is_complex():
             raise TypeError(f"{name} does not support complex parameters (got one of dtype {p.dtype})")
         if p.dtype not in SUPPORTED_DTYPES:
@@ -140,8 +159,16 @@ def pick(values: list, indices: list[int]) -> list:
     return values if len(indices) == len(values) else [values[i] for i in indices]
 
 
-def check_like(name: str, what: str, group_index: int, indices: list[int], tensors: list,
-               like: list[torch.Tensor] | None, dtypes: list[torch.dtype], device: torch.device) -> None:
+def check_like(
+    name: str,
+    what: str,
+    group_index: int,
+    indices: list[int],
+    tensors: list,
+    like: list[torch.Tensor] | None,
+    dtypes: list[torch.dtype],
+    device: torch.device,
+) -> None:
     """Raise RuntimeError unless each of ``tensors`` is what a kernel reads and writes in its place: a plain,
     dense (strided) tensor of the shape of the tensor at the same position in ``like`` (0-dim where ``like``
     is None) and the dtype at that position in ``dtypes``, on ``device``. ``tensors[k]`` belongs to parameter
@@ -156,19 +183,34 @@ def _all_like(tensors: list, like: list[torch.Tensor] | None, dtypes: list[torch
     try:
         # Tensor.is_same_size rather than shapes: a torch.Size is a tuple, and tuples by the ten thousand
         # wake the garbage collector.
-        if (_PLAIN.issuperset(map(type, tensors)) and _STRIDED.issuperset(map(_layout, tensors))
-                and not any(map(_nested, tensors))
-                and (all(map(torch.Tensor.is_same_size, tensors, like)) if like is not None
-                     else not any(map(torch.Tensor.dim, tensors)))
-                and list(map(_dtype, tensors)) == dtypes and set(map(_device, tensors)) <= {device}):
+        if (
+            _PLAIN.issuperset(map(type, tensors))
+            and _STRIDED.issuperset(map(_layout, tensors))
+            and not any(map(_nested, tensors))
+            and (
+                all(map(torch.Tensor.is_same_size, tensors, like))
+                if like is not None
+                else not any(map(torch.Tensor.dim, tensors))
+            )
+            and list(map(_dtype, tensors)) == dtypes
+            and set(map(_device, tensors)) <= {device}
+        ):
             return True
     except Exception:  # noqa: BLE001 (something that is not a tensor: the loop names it)
         pass
     return False
 
 
-def _check_like_one_by_one(name: str, what: str, group_index: int, indices: list[int], tensors: list,
-                           like: list[torch.Tensor] | None, dtypes: list[torch.dtype], device: torch.device) -> None:
+def _check_like_one_by_one(
+    name: str,
+    what: str,
+    group_index: int,
+    indices: list[int],
+    tensors: list,
+    like: list[torch.Tensor] | None,
+    dtypes: list[torch.dtype],
+    device: torch.device,
+) -> None:
     for k, (param_index, tensor, dtype) in enumerate(zip(indices, tensors, dtypes, strict=True)):
         shape = _SCALAR_SHAPE if like is None else like[k].shape
         if not isinstance(tensor, torch.Tensor):
@@ -188,8 +230,14 @@ def _check_like_one_by_one(name: str, what: str, group_index: int, indices: list
         raise RuntimeError(f"{name}: {what} of {parameter_name(group_index, param_index)} {problem}")
 
 
-def check_state_keys(name: str, group_index: int, indices: list[int], entries: list[Mapping],
-                     required: frozenset[str], allowed: frozenset[str]) -> None:
+def check_state_keys(
+    name: str,
+    group_index: int,
+    indices: list[int],
+    entries: list[Mapping],
+    required: frozenset[str],
+    allowed: frozenset[str],
+) -> None:
     """Raise RuntimeError if a state entry lacks a key of ``required`` or holds one outside ``allowed``.
     ``entries[k]`` is the state of parameter ``indices[k]`` of param group ``group_index``."""
     if all(entry.keys() >= required and entry.keys() <= allowed for entry in entries):
@@ -261,8 +309,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         """A loaded state entry of ``param`` rebuilt in the dtype and on the device the step keeps it."""
         raise NotImplementedError
 
-    def _check_group_state(self, group_index: int, group: dict, state: Mapping[torch.Tensor, dict],
-                           layout: GroupLayout) -> None:
+    def _check_group_state(
+        self, group_index: int, group: dict, state: Mapping[torch.Tensor, dict], layout: GroupLayout
+    ) -> None:
         """Raise RuntimeError unless the state of ``group``'s parameters in ``state`` is complete and
         every tensor in it has the shape, dtype, device and layout the kernels take."""
         raise NotImplementedError
@@ -308,8 +357,16 @@ class FusedOptimizer(torch.optim.Optimizer):
             active = [i for i, grad in enumerate(grads) if grad is not None]
             if len(active) != len(grads):
                 grads = [grads[i] for i in active]
-            check_like(name, "the gradient", group_index, active, grads, pick(params, active),
-                       pick(layout.dtypes, active), layout.device)
+            check_like(
+                name,
+                "the gradient",
+                group_index,
+                active,
+                grads,
+                pick(params, active),
+                pick(layout.dtypes, active),
+                layout.device,
+            )
             self._check_group_state(group_index, group, self.state, layout)
 
     @torch._disable_dynamo
@@ -328,11 +385,15 @@ class FusedOptimizer(torch.optim.Optimizer):
             hook_result = pre_hook(self, state_dict)
             if hook_result is not None:
                 state_dict = hook_result
-        if not isinstance(state_dict.get("state"), Mapping) or not isinstance(state_dict.get("param_groups"), list) or (
-            not all(isinstance(group, Mapping) and "params" in group for group in state_dict["param_groups"])
+        if (
+            not isinstance(state_dict.get("state"), Mapping)
+            or not isinstance(state_dict.get("param_groups"), list)
+            or (not all(isinstance(group, Mapping) and "params" in group for group in state_dict["param_groups"]))
         ):
-            raise ValueError("an optimizer state dict holds 'state' (a dict) and 'param_groups' (a list of dicts "
-                             f"with 'params'), got keys {sorted(map(str, state_dict))}")
+            raise ValueError(
+                "an optimizer state dict holds 'state' (a dict) and 'param_groups' (a list of dicts "
+                f"with 'params'), got keys {sorted(map(str, state_dict))}"
+            )
 
         name = type(self).__name__
         saved_groups = state_dict["param_groups"]
@@ -383,7 +444,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             for key, value in saved.items():
                 try:
                     entry[key] = self._restore_entry(param, key, value)
-                except Exception as exc:  # noqa: BLE001 (say which entry could not be converted)
+                except Exception as exc:
                     raise RuntimeError(f"{name}: cannot load state {key!r} of {where}: {exc}") from exc
             state[param] = entry
         for group_index, group in enumerate(param_groups):

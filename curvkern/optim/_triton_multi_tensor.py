@@ -12,13 +12,14 @@ strides, and a gradient with other strides is copied into the parameter's layout
 parameter with gaps (a slice, an expanded view) is copied to contiguous memory and back, with any state
 that does not match. Offsets are int64 from the table on, so a tensor of more than 2³¹ elements works.
 """
+
 from __future__ import annotations
 
 import itertools
-from collections import OrderedDict
 import operator
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import triton
@@ -56,21 +57,21 @@ def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
 class Bucket:
     """The tensors of a group that share their element types, and their chunks."""
 
-    dtypes: tuple[torch.dtype, ...]   # one per role
-    addresses: torch.Tensor           # int64 [roles, tensors]
-    tensor_index: torch.Tensor        # int64 [tensors]: position in the group
-    numels: torch.Tensor              # int64 [tensors]
-    chunks: torch.Tensor              # int64 [3, chunks]: slot in the bucket, first element, global chunk id
+    dtypes: tuple[torch.dtype, ...]  # one per role
+    addresses: torch.Tensor  # int64 [roles, tensors]
+    tensor_index: torch.Tensor  # int64 [tensors]: position in the group
+    numels: torch.Tensor  # int64 [tensors]
+    chunks: torch.Tensor  # int64 [3, chunks]: slot in the bucket, first element, global chunk id
     num_tensors: int
     num_chunks: int
-    alignment: int                    # 16 when every address is 16-byte aligned (vector loads), else 1
+    alignment: int  # 16 when every address is 16-byte aligned (vector loads), else 1
 
 
 @dataclass
 class ChunkTable:
     buckets: list[Bucket]
     chunk_begin: torch.Tensor  # int64 [tensors + 1]: the group's global chunk ids of each tensor
-    numels: torch.Tensor       # int64 [tensors], in group order
+    numels: torch.Tensor  # int64 [tensors], in group order
     num_tensors: int
     num_chunks: int
 
@@ -116,7 +117,7 @@ def build_table(roles: Sequence[Sequence[torch.Tensor]], device: torch.device, c
     numels = torch.tensor(numel_list, dtype=torch.int64)
     owner, start, chunk_begin = chunk_layout(numel_list, chunk_size)
     addresses = torch.tensor(pointers, dtype=torch.int64).view(len(roles), num_tensors)
-    dtype_rows = list(zip(*(dtypes[i * num_tensors:(i + 1) * num_tensors] for i in range(len(roles)))))
+    dtype_rows = list(zip(*(dtypes[i * num_tensors : (i + 1) * num_tensors] for i in range(len(roles)))))
 
     host_parts, buckets_meta = [], []
     for bucket_dtypes in dict.fromkeys(dtype_rows):  # first-seen order; almost always one
@@ -126,9 +127,11 @@ def build_table(roles: Sequence[Sequence[torch.Tensor]], device: torch.device, c
         slot_of[members] = torch.arange(len(members))
         chunk_ids = torch.nonzero(slot_of[owner] >= 0).flatten()
         chunks = torch.stack([slot_of[owner[chunk_ids]], start[chunk_ids], chunk_ids])
-        member_pointers = pointers if len(member_list) == num_tensors else [
-            pointers[role * num_tensors + i] for role in range(len(roles)) for i in member_list
-        ]
+        member_pointers = (
+            pointers
+            if len(member_list) == num_tensors
+            else [pointers[role * num_tensors + i] for role in range(len(roles)) for i in member_list]
+        )
         aligned = chunk_size % 16 == 0 and not any(map((15).__and__, member_pointers))
         host_parts += [addresses[:, members].flatten(), members, numels[members], chunks.flatten()]
         buckets_meta.append((bucket_dtypes, len(member_list), chunks.shape[1], 16 if aligned else 1))
@@ -143,16 +146,18 @@ def build_table(roles: Sequence[Sequence[torch.Tensor]], device: torch.device, c
     buckets = []
     for bucket_dtypes, bucket_size, num_chunks, alignment in buckets_meta:
         member_addresses, members, member_numels, chunks = (next(pieces) for _ in range(4))
-        buckets.append(Bucket(
-            dtypes=bucket_dtypes,
-            addresses=member_addresses.view(len(roles), bucket_size),
-            tensor_index=members,
-            numels=member_numels,
-            chunks=chunks.view(3, num_chunks),
-            num_tensors=bucket_size,
-            num_chunks=num_chunks,
-            alignment=alignment,
-        ))
+        buckets.append(
+            Bucket(
+                dtypes=bucket_dtypes,
+                addresses=member_addresses.view(len(roles), bucket_size),
+                tensor_index=members,
+                numels=member_numels,
+                chunks=chunks.view(3, num_chunks),
+                num_tensors=bucket_size,
+                num_chunks=num_chunks,
+                alignment=alignment,
+            )
+        )
     table = ChunkTable(buckets, next(pieces), next(pieces), num_tensors, chunk_begin[-1])
     _TABLES[key] = table
     if len(_TABLES) > _MAX_CACHED_TABLES:
@@ -160,8 +165,9 @@ def build_table(roles: Sequence[Sequence[torch.Tensor]], device: torch.device, c
     return table
 
 
-def _check_addressable(roles: Sequence[Sequence[torch.Tensor]], pointers: Sequence[int], numels: Sequence[int],
-                       device: torch.device) -> None:
+def _check_addressable(
+    roles: Sequence[Sequence[torch.Tensor]], pointers: Sequence[int], numels: Sequence[int], device: torch.device
+) -> None:
     """Raise unless every address of the table is safe for the kernels to use.
 
     A kernel reads and writes each tensor of a row for as many elements as the row's parameter (role 0)
@@ -179,8 +185,10 @@ def _check_addressable(roles: Sequence[Sequence[torch.Tensor]], pointers: Sequen
             flat_index = role_index * num_tensors + slot
             where = f"Triton chunk table: tensor {slot} of role {role_index}"
             if type(tensor) not in PLAIN_TENSOR_TYPES:
-                raise TypeError(f"{where} is a {type(tensor).__qualname__}; only plain tensors have an address the "
-                                f"kernels can use (DTensor and other tensor subclasses are not supported)")
+                raise TypeError(
+                    f"{where} is a {type(tensor).__qualname__}; only plain tensors have an address the "
+                    f"kernels can use (DTensor and other tensor subclasses are not supported)"
+                )
             if tensor.layout != torch.strided:
                 raise RuntimeError(f"{where} has layout {tensor.layout}; expected a dense (strided) tensor")
             if tensor.device != device:
@@ -200,8 +208,9 @@ class DenseLayout:
     contiguous (the usual case) this costs one C-level pass and copies nothing.
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
-                 states: Sequence[Sequence[torch.Tensor]]):
+    def __init__(
+        self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], states: Sequence[Sequence[torch.Tensor]]
+    ):
         self._write_back: list[tuple[torch.Tensor, torch.Tensor]] = []
         roles = [params, grads, *states]
         if all(map(torch.Tensor.is_contiguous, itertools.chain.from_iterable(roles))):
@@ -320,8 +329,13 @@ def store_rounded(pointer, value, mask, dtype: tl.constexpr):
 
 @triton.jit
 def per_tensor_sums_kernel(
-    partials, sums, chunk_begin, tensor_index,
-    NUM_SUMS: tl.constexpr, SUMS_WIDTH: tl.constexpr, STATE_DTYPE: tl.constexpr,
+    partials,
+    sums,
+    chunk_begin,
+    tensor_index,
+    NUM_SUMS: tl.constexpr,
+    SUMS_WIDTH: tl.constexpr,
+    STATE_DTYPE: tl.constexpr,
 ):
     """One program per tensor of a bucket: add its chunks' partial sums in chunk order, in the state
     dtype (as the eager reference sums a tensor), and store them widened to float64."""
@@ -343,10 +357,14 @@ def per_tensor_sums(table: ChunkTable, partials: torch.Tensor, num_sums: int, st
     for bucket in table.buckets:
         if bucket.num_tensors:
             launch(
-                per_tensor_sums_kernel, (bucket.num_tensors,),
-                partials, sums, table.chunk_begin, bucket.tensor_index,
-                NUM_SUMS=num_sums, SUMS_WIDTH=triton.next_power_of_2(num_sums),
+                per_tensor_sums_kernel,
+                (bucket.num_tensors,),
+                partials,
+                sums,
+                table.chunk_begin,
+                bucket.tensor_index,
+                NUM_SUMS=num_sums,
+                SUMS_WIDTH=triton.next_power_of_2(num_sums),
                 STATE_DTYPE=TRITON_DTYPES[bucket.dtypes[state_role]],
             )
     return sums
-

@@ -9,6 +9,7 @@ The eager reference's stages as two ops, so that a group is summed as a whole be
 
 A group that mixes parameter dtypes runs one pair of calls per dtype around one shared group sum.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,9 +31,29 @@ def _sums_fake(grads, exp_avgs, exp_avg_sqs, beta1, beta2):
 
 
 @torch.library.register_fake("curvkern::biostatis_update_")
-def _update_fake(params, grads, exp_avgs, exp_avg_sqs, memory_emas, steps, sums, group_sums, lr, beta1, beta2,
-                 eps, weight_decay, homeo_rate, coherence_target, energy_target, lambda_energy, memory_decays,
-                 memory_weights, flip_threshold, ascent_strength):
+def _update_fake(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    memory_emas,
+    steps,
+    sums,
+    group_sums,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    homeo_rate,
+    coherence_target,
+    energy_target,
+    lambda_energy,
+    memory_decays,
+    memory_weights,
+    flip_threshold,
+    ascent_strength,
+):
     torch._check(len(memory_decays) == len(memory_weights), lambda: "one memory weight per memory decay")
     torch._check(len(memory_emas) == len(params) * len(memory_decays), lambda: "one EMA per parameter and memory")
     return sums.new_empty((len(params), _SCALAR_COLUMNS))
@@ -56,12 +77,31 @@ def biostatis_step(
     lr = lr_tensor(h.lr)
     columns = []
     for (b_params, b_grads, b_exp_avgs, b_exp_avg_sqs, b_emas, b_steps, _), b_sums in zip(buckets, sums):
-        columns.append(_ops.biostatis_update_(
-            b_params, b_grads, b_exp_avgs, b_exp_avg_sqs, [ema for emas in b_emas for ema in emas], b_steps,
-            b_sums, group_sums, lr, beta1, beta2, h.eps, h.weight_decay,
-            h.homeo_rate, h.coherence_target, h.energy_target, h.lambda_energy,
-            list(h.memory_decays), list(h.memory_weights), h.flip_threshold, h.ascent_strength,
-        ))
+        columns.append(
+            _ops.biostatis_update_(
+                b_params,
+                b_grads,
+                b_exp_avgs,
+                b_exp_avg_sqs,
+                [ema for emas in b_emas for ema in emas],
+                b_steps,
+                b_sums,
+                group_sums,
+                lr,
+                beta1,
+                beta2,
+                h.eps,
+                h.weight_decay,
+                h.homeo_rate,
+                h.coherence_target,
+                h.energy_target,
+                h.lambda_energy,
+                list(h.memory_decays),
+                list(h.memory_weights),
+                h.flip_threshold,
+                h.ascent_strength,
+            )
+        )
     if len(columns) == 1:
         table = columns[0]
     else:  # back to the parameters' order

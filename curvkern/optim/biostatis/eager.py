@@ -33,9 +33,11 @@ Empty tensors (numel 0): they take part like any other active tensor (state, ste
 nothing to the sums or to the group's element count, and pass B skips them; their per-tensor means
 divide by max(N, 1), so every scalar stays finite (the original gets NaN there and no effect).
 """
+
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -46,16 +48,16 @@ from curvkern.optim._common import lr_as, updated_in_math_dtype
 
 # Hard-coded constants of the original (docs/biostatis.md, "Hyperparameters and constants"); csrc/optim/biostatis.cpp
 # has them too, named kGlobalFactor, ... (tests/test_cpp_constants.py checks that they agree).
-GLOBAL_FACTOR = 0.5          # global gains use ρ/2 and λ/2
-GLOBAL_BLEND = (0.9, 0.1)    # e_G = 0.9·x + 0.1, then clamp
+GLOBAL_FACTOR = 0.5  # global gains use ρ/2 and λ/2
+GLOBAL_BLEND = (0.9, 0.1)  # e_G = 0.9·x + 0.1, then clamp
 GLOBAL_CLAMP = (0.925, 1.075)
 LOCAL_BLEND = (0.8, 0.2)
 LOCAL_CLAMP = (0.85, 1.15)
-ALPHA_GLOBAL = 0.3           # h = 0.3·h_G + 0.7·h_L (likewise e)
+ALPHA_GLOBAL = 0.3  # h = 0.3·h_G + 0.7·h_L (likewise e)
 POLARITY_SCALE = 0.5
 FLOW_WEIGHT = 0.05
 ADAPTIVE_WEIGHT = 0.01
-ASCENT_RATE = 0.02           # δ = 1 − exp(−0.02·t)
+ASCENT_RATE = 0.02  # δ = 1 − exp(−0.02·t)
 IMPORTANCE_EPS = 1e-12
 COSINE_EPS = 1e-8
 
@@ -67,15 +69,15 @@ N_SUMS = 6
 class BiostatisScalars(NamedTuple):
     """Output of the scalar stage: 0-dim group values and 1-dim per-tensor values, float64, on the device."""
 
-    h_global: torch.Tensor    # 0-dim
-    e_global: torch.Tensor    # 0-dim
-    h: torch.Tensor           # per tensor: 0.3·h_G + 0.7·h_L
-    e: torch.Tensor           # per tensor: 0.3·e_G + 0.7·e_L
-    tau: torch.Tensor         # tanh(cos(m', g))
+    h_global: torch.Tensor  # 0-dim
+    e_global: torch.Tensor  # 0-dim
+    h: torch.Tensor  # per tensor: 0.3·h_G + 0.7·h_L
+    e: torch.Tensor  # per tensor: 0.3·e_G + 0.7·e_L
+    tau: torch.Tensor  # tanh(cos(m', g))
     importance: torch.Tensor  # mean|m'| / (mean √v' + 1e-12)
-    ascent: torch.Tensor      # [I < θ]·α_a·δ
-    sqrt_bc2: torch.Tensor    # √(1 − β2^t)
-    coef: torch.Tensor        # −(lr/bc1)·h·e
+    ascent: torch.Tensor  # [I < θ]·α_a·δ
+    sqrt_bc2: torch.Tensor  # √(1 − β2^t)
+    coef: torch.Tensor  # −(lr/bc1)·h·e
 
 
 def _moments(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, beta1: float, beta2: float):
@@ -102,14 +104,16 @@ def biostatis_sums(
     for grad, exp_avg, exp_avg_sq in zip(grads, exp_avgs, exp_avg_sqs, strict=True):
         g = grad.to(exp_avg.dtype)
         m, v = _moments(g, exp_avg, exp_avg_sq, beta1, beta2)
-        row = torch.stack([
-            (g * g).sum(),
-            g.tanh().abs().sum(),
-            (m * g).sum(),
-            (m * m).sum(),
-            m.abs().sum(),
-            v.sqrt().sum(),
-        ])
+        row = torch.stack(
+            [
+                (g * g).sum(),
+                g.tanh().abs().sum(),
+                (m * g).sum(),
+                (m * m).sum(),
+                m.abs().sum(),
+                v.sqrt().sum(),
+            ]
+        )
         rows.append(row.to(torch.float64))
     return torch.stack(rows)
 
@@ -252,14 +256,30 @@ def biostatis_step(
         step.add_(1)
     sums = biostatis_sums(grads, exp_avgs, exp_avg_sqs, betas=h.betas)
     scalars = biostatis_scalars(
-        sums, [p.numel() for p in params], torch.stack(list(state_steps)),
-        lr=h.lr, betas=h.betas, homeo_rate=h.homeo_rate, coherence_target=h.coherence_target,
-        energy_target=h.energy_target, lambda_energy=h.lambda_energy,
-        flip_threshold=h.flip_threshold, ascent_strength=h.ascent_strength,
+        sums,
+        [p.numel() for p in params],
+        torch.stack(list(state_steps)),
+        lr=h.lr,
+        betas=h.betas,
+        homeo_rate=h.homeo_rate,
+        coherence_target=h.coherence_target,
+        energy_target=h.energy_target,
+        lambda_energy=h.lambda_energy,
+        flip_threshold=h.flip_threshold,
+        ascent_strength=h.ascent_strength,
     )
     biostatis_update(
-        params, grads, exp_avgs, exp_avg_sqs, memory_emas, scalars,
-        lr=h.lr, betas=h.betas, eps=h.eps, weight_decay=h.weight_decay,
-        memory_decays=h.memory_decays, memory_weights=h.memory_weights,
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        memory_emas,
+        scalars,
+        lr=h.lr,
+        betas=h.betas,
+        eps=h.eps,
+        weight_decay=h.weight_decay,
+        memory_decays=h.memory_decays,
+        memory_weights=h.memory_weights,
     )
     return scalars

@@ -1,7 +1,9 @@
 """BiostatisV6: hyperparameters, state, grouping, then one backend call per group."""
+
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 
@@ -9,7 +11,13 @@ from curvkern._dispatch import select
 from curvkern.families import BiostatisState
 from curvkern.hyperparameters import BiostatisHyperparameters
 from curvkern.optim._common import (
-    FusedOptimizer, GroupLayout, check_like, check_state_keys, parameter_name, pick, state_dtype,
+    FusedOptimizer,
+    GroupLayout,
+    check_like,
+    check_state_keys,
+    parameter_name,
+    pick,
+    state_dtype,
 )
 
 _NAME = "BiostatisV6"
@@ -144,8 +152,8 @@ class BiostatisV6(FusedOptimizer):
             for param in params:
                 state = self.state[param]
                 if not state:
-                    zeros = lambda: torch.zeros_like(  # noqa: E731
-                        param, dtype=state_dtype(param), memory_format=torch.preserve_format
+                    zeros = functools.partial(
+                        torch.zeros_like, param, dtype=state_dtype(param), memory_format=torch.preserve_format
                     )
                     state["step"] = torch.tensor(0.0, dtype=torch.float32, device=self._step_device(param))
                     state["exp_avg"] = zeros()
@@ -174,8 +182,12 @@ class BiostatisV6(FusedOptimizer):
         elif key in ("exp_avg", "exp_avg_sq") and isinstance(value, torch.Tensor):
             return value.to(device=param.device, dtype=state_dtype(param), copy=True)
         elif key == "memory_emas" and isinstance(value, (list, tuple)):
-            return [ema.to(device=param.device, dtype=state_dtype(param), copy=True)
-                    if isinstance(ema, torch.Tensor) else ema for ema in value]
+            return [
+                ema.to(device=param.device, dtype=state_dtype(param), copy=True)
+                if isinstance(ema, torch.Tensor)
+                else ema
+                for ema in value
+            ]
         return copy.deepcopy(value)  # _check_group_state names what it should be
 
     def _check_group_state(self, group_index: int, group: dict, state, layout: GroupLayout) -> None:
@@ -192,12 +204,28 @@ class BiostatisV6(FusedOptimizer):
         check_state_keys(_NAME, group_index, indices, entries, STATE_KEYS, STATE_KEYS)
         n = len(indices)
         step_device = self._step_device(params[0])  # the group shares one device
-        check_like(_NAME, "state 'step'", group_index, indices, [entry["step"] for entry in entries],
-                   None, [torch.float32] * n, step_device)
+        check_like(
+            _NAME,
+            "state 'step'",
+            group_index,
+            indices,
+            [entry["step"] for entry in entries],
+            None,
+            [torch.float32] * n,
+            step_device,
+        )
         like, dtypes = pick(params, indices), pick(layout.state_dtypes, indices)
         for key in ("exp_avg", "exp_avg_sq"):
-            check_like(_NAME, f"state '{key}'", group_index, indices, [entry[key] for entry in entries],
-                       like, dtypes, layout.device)
+            check_like(
+                _NAME,
+                f"state '{key}'",
+                group_index,
+                indices,
+                [entry[key] for entry in entries],
+                like,
+                dtypes,
+                layout.device,
+            )
         n_memories = len(group["memory_decays"])
         all_emas = [entry["memory_emas"] for entry in entries]
         for index, emas in zip(indices, all_emas):
@@ -208,5 +236,13 @@ class BiostatisV6(FusedOptimizer):
                     + (f" of {len(emas)}" if isinstance(emas, (list, tuple)) else "")
                 )
         for j in range(n_memories):
-            check_like(_NAME, f"state 'memory_emas'[{j}]", group_index, indices, [emas[j] for emas in all_emas],
-                       like, dtypes, layout.device)
+            check_like(
+                _NAME,
+                f"state 'memory_emas'[{j}]",
+                group_index,
+                indices,
+                [emas[j] for emas in all_emas],
+                like,
+                dtypes,
+                layout.device,
+            )

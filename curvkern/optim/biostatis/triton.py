@@ -10,6 +10,7 @@ with ``alpha`` is ``fma(g, α, x)`` and ``addcmul_`` is ``fma(c·g, g, x)``; ``/
 correctly rounded. ``|tanh g|`` is computed in float64 from ``exp`` (Triton has no portable ``tanh``):
 it only enters the Σ|tanh g| sums, within rounding of torch's.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,22 @@ from curvkern.families import BiostatisState
 from curvkern.hyperparameters import BiostatisHyperparameters
 from curvkern.optim._common import lr_as
 from curvkern.optim._triton_multi_tensor import (
-    BLOCK_SIZE, CHUNK_SIZE, TRITON_DTYPES, DenseLayout, build_table, chunk_range, device_scalar, device_vector,
-    div_rn, in_dtype, launch, lr_arguments, per_tensor_sums, sqrt_rn, store_rounded, tensor_pointer,
+    BLOCK_SIZE,
+    CHUNK_SIZE,
+    TRITON_DTYPES,
+    DenseLayout,
+    build_table,
+    chunk_range,
+    device_scalar,
+    device_vector,
+    div_rn,
+    in_dtype,
+    launch,
+    lr_arguments,
+    per_tensor_sums,
+    sqrt_rn,
+    store_rounded,
+    tensor_pointer,
 )
 from curvkern.optim.biostatis.eager import N_SUMS, BiostatisScalars, biostatis_scalars
 
@@ -49,10 +64,21 @@ def _moments(grad_ptr, m_ptr, v_ptr, offsets, mask, b1, c1, b2, c2, STATE_DTYPE:
 
 @triton.jit(do_not_specialize=["num_tensors", "num_chunks"])
 def _sums_kernel(
-    addresses, chunks, numels, partials, num_tensors, num_chunks,
-    beta1: tl.float64, one_minus_beta1: tl.float64, beta2: tl.float64, one_minus_beta2: tl.float64,
-    GRAD_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, ALIGN: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    addresses,
+    chunks,
+    numels,
+    partials,
+    num_tensors,
+    num_chunks,
+    beta1: tl.float64,
+    one_minus_beta1: tl.float64,
+    beta2: tl.float64,
+    one_minus_beta2: tl.float64,
+    GRAD_DTYPE: tl.constexpr,
+    STATE_DTYPE: tl.constexpr,
+    ALIGN: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Pass A, read-only: the chunk's ``[Σg², Σ|tanh g|, Σm'g, Σm'², Σ|m'|, Σ√v']`` in the state dtype."""
     chunk = tl.program_id(0)
@@ -73,7 +99,9 @@ def _sums_kernel(
     full_end = end - (end - start) % BLOCK
     for block in range(start, full_end, BLOCK):
         offsets = tl.max_contiguous(tl.multiple_of(block + tl.arange(0, BLOCK), ALIGN), BLOCK)
-        g, m, v = _moments(grad_ptr, m_ptr, v_ptr, offsets, tl.full([BLOCK], True, tl.int1), b1, c1, b2, c2, STATE_DTYPE)
+        g, m, v = _moments(
+            grad_ptr, m_ptr, v_ptr, offsets, tl.full([BLOCK], True, tl.int1), b1, c1, b2, c2, STATE_DTYPE
+        )
         gg, th, mg, mm, am, sv = gg + g * g, th + _abs_tanh(g), mg + m * g, mm + m * m, am + tl.abs(m), sv + sqrt_rn(v)
     for block in range(full_end, end, BLOCK):
         offsets = tl.max_contiguous(tl.multiple_of(block + tl.arange(0, BLOCK), ALIGN), BLOCK)
@@ -90,9 +118,31 @@ def _sums_kernel(
 
 @triton.jit
 def _update_block(
-    addresses, param_ptr, grad_ptr, m_ptr, v_ptr, memory, num_tensors, slot, offsets, mask,
-    b1, c1, b2, c2, eps_s, decay_s, apply_decay, tau, ascent, sqrt_bc2, coef,
-    PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, NUM_MEMORIES: tl.constexpr, ALIGN: tl.constexpr,
+    addresses,
+    param_ptr,
+    grad_ptr,
+    m_ptr,
+    v_ptr,
+    memory,
+    num_tensors,
+    slot,
+    offsets,
+    mask,
+    b1,
+    c1,
+    b2,
+    c2,
+    eps_s,
+    decay_s,
+    apply_decay,
+    tau,
+    ascent,
+    sqrt_bc2,
+    coef,
+    PARAM_DTYPE: tl.constexpr,
+    STATE_DTYPE: tl.constexpr,
+    NUM_MEMORIES: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     g, m, v = _moments(grad_ptr, m_ptr, v_ptr, offsets, mask, b1, c1, b2, c2, STATE_DTYPE)
     tl.store(m_ptr + offsets, m, mask=mask)
@@ -119,12 +169,31 @@ def _update_block(
 
 @triton.jit(do_not_specialize=["num_tensors", "num_chunks", "apply_decay"])
 def _update_kernel(
-    addresses, chunks, numels, tensor_index, memory, tau_ptr, ascent_ptr, sqrt_bc2_ptr, coef_ptr,
-    num_tensors, num_chunks,
-    beta1: tl.float64, one_minus_beta1: tl.float64, beta2: tl.float64, one_minus_beta2: tl.float64,
-    eps: tl.float64, decay_ptr, apply_decay,
-    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, NUM_MEMORIES: tl.constexpr,
-    ALIGN: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    addresses,
+    chunks,
+    numels,
+    tensor_index,
+    memory,
+    tau_ptr,
+    ascent_ptr,
+    sqrt_bc2_ptr,
+    coef_ptr,
+    num_tensors,
+    num_chunks,
+    beta1: tl.float64,
+    one_minus_beta1: tl.float64,
+    beta2: tl.float64,
+    one_minus_beta2: tl.float64,
+    eps: tl.float64,
+    decay_ptr,
+    apply_decay,
+    PARAM_DTYPE: tl.constexpr,
+    GRAD_DTYPE: tl.constexpr,
+    STATE_DTYPE: tl.constexpr,
+    NUM_MEMORIES: tl.constexpr,
+    ALIGN: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Pass B: m, v and the EMAs written back; p ← p·(1 − lr·wd) (when wd ≠ 0), then p ← p + U·coef."""
     slot, start, end = chunk_range(chunks, numels, num_chunks, tl.program_id(0), CHUNK)
@@ -144,14 +213,62 @@ def _update_kernel(
     full_end = end - (end - start) % BLOCK
     for block in range(start, full_end, BLOCK):
         offsets = tl.max_contiguous(tl.multiple_of(block + tl.arange(0, BLOCK), ALIGN), BLOCK)
-        _update_block(addresses, param_ptr, grad_ptr, m_ptr, v_ptr, memory, num_tensors, slot, offsets,
-                      tl.full([BLOCK], True, tl.int1), b1, c1, b2, c2, eps_s, decay_s, apply_decay,
-                      tau, ascent, sqrt_bc2, coef, PARAM_DTYPE, STATE_DTYPE, NUM_MEMORIES, ALIGN)
+        _update_block(
+            addresses,
+            param_ptr,
+            grad_ptr,
+            m_ptr,
+            v_ptr,
+            memory,
+            num_tensors,
+            slot,
+            offsets,
+            tl.full([BLOCK], True, tl.int1),
+            b1,
+            c1,
+            b2,
+            c2,
+            eps_s,
+            decay_s,
+            apply_decay,
+            tau,
+            ascent,
+            sqrt_bc2,
+            coef,
+            PARAM_DTYPE,
+            STATE_DTYPE,
+            NUM_MEMORIES,
+            ALIGN,
+        )
     for block in range(full_end, end, BLOCK):
         offsets = tl.max_contiguous(tl.multiple_of(block + tl.arange(0, BLOCK), ALIGN), BLOCK)
-        _update_block(addresses, param_ptr, grad_ptr, m_ptr, v_ptr, memory, num_tensors, slot, offsets,
-                      offsets < end, b1, c1, b2, c2, eps_s, decay_s, apply_decay,
-                      tau, ascent, sqrt_bc2, coef, PARAM_DTYPE, STATE_DTYPE, NUM_MEMORIES, ALIGN)
+        _update_block(
+            addresses,
+            param_ptr,
+            grad_ptr,
+            m_ptr,
+            v_ptr,
+            memory,
+            num_tensors,
+            slot,
+            offsets,
+            offsets < end,
+            b1,
+            c1,
+            b2,
+            c2,
+            eps_s,
+            decay_s,
+            apply_decay,
+            tau,
+            ascent,
+            sqrt_bc2,
+            coef,
+            PARAM_DTYPE,
+            STATE_DTYPE,
+            NUM_MEMORIES,
+            ALIGN,
+        )
 
 
 @register("biostatis", "triton")
@@ -171,12 +288,28 @@ def biostatis_step(
     if torch.compiler.is_compiling():
         # An op's schema takes no dataclass and no list of lists: the records' fields, flat, in their order
         # (_step_op rebuilds both).
-        return BiostatisScalars(*torch.ops.curvkern.biostatis_triton_step_(
-            params, grads, exp_avgs, exp_avg_sqs, [ema for emas in memory_emas for ema in emas], state_steps,
-            *lr_arguments(h.lr), *h.betas, h.eps, h.weight_decay, h.homeo_rate, h.coherence_target,
-            h.energy_target, h.lambda_energy, list(h.memory_decays), list(h.memory_weights), h.flip_threshold,
-            h.ascent_strength,
-        ))
+        return BiostatisScalars(
+            *torch.ops.curvkern.biostatis_triton_step_(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                [ema for emas in memory_emas for ema in emas],
+                state_steps,
+                *lr_arguments(h.lr),
+                *h.betas,
+                h.eps,
+                h.weight_decay,
+                h.homeo_rate,
+                h.coherence_target,
+                h.energy_target,
+                h.lambda_energy,
+                list(h.memory_decays),
+                list(h.memory_weights),
+                h.flip_threshold,
+                h.ascent_strength,
+            )
+        )
     device = params[0].device
     torch._foreach_add_(state_steps, 1)
     layout = DenseLayout(params, grads, [exp_avgs, exp_avg_sqs, *zip(*memory_emas)])
@@ -188,19 +321,35 @@ def biostatis_step(
     for bucket in table.buckets:
         if bucket.num_chunks:
             launch(
-                _sums_kernel, (bucket.num_chunks,),
-                bucket.addresses, bucket.chunks, bucket.numels, partials, bucket.num_tensors, bucket.num_chunks,
+                _sums_kernel,
+                (bucket.num_chunks,),
+                bucket.addresses,
+                bucket.chunks,
+                bucket.numels,
+                partials,
+                bucket.num_tensors,
+                bucket.num_chunks,
                 *moments,
-                GRAD_DTYPE=TRITON_DTYPES[bucket.dtypes[GRAD]], STATE_DTYPE=TRITON_DTYPES[bucket.dtypes[EXP_AVG]],
-                ALIGN=bucket.alignment, CHUNK=CHUNK_SIZE, BLOCK=BLOCK_SIZE,
+                GRAD_DTYPE=TRITON_DTYPES[bucket.dtypes[GRAD]],
+                STATE_DTYPE=TRITON_DTYPES[bucket.dtypes[EXP_AVG]],
+                ALIGN=bucket.alignment,
+                CHUNK=CHUNK_SIZE,
+                BLOCK=BLOCK_SIZE,
             )
     sums = per_tensor_sums(table, partials, N_SUMS, EXP_AVG)
 
     scalars = biostatis_scalars(
-        sums, table.numels, torch.stack(list(state_steps)),
-        lr=h.lr, betas=h.betas, homeo_rate=h.homeo_rate, coherence_target=h.coherence_target,
-        energy_target=h.energy_target, lambda_energy=h.lambda_energy,
-        flip_threshold=h.flip_threshold, ascent_strength=h.ascent_strength,
+        sums,
+        table.numels,
+        torch.stack(list(state_steps)),
+        lr=h.lr,
+        betas=h.betas,
+        homeo_rate=h.homeo_rate,
+        coherence_target=h.coherence_target,
+        energy_target=h.energy_target,
+        lambda_energy=h.lambda_energy,
+        flip_threshold=h.flip_threshold,
+        ascent_strength=h.ascent_strength,
     )
 
     # 1 − lr·wd on the device: a tensor lr may change between replays of a captured step.
@@ -209,41 +358,90 @@ def biostatis_step(
     for bucket in table.buckets:
         if bucket.num_chunks:
             launch(
-                _update_kernel, (bucket.num_chunks,),
-                bucket.addresses, bucket.chunks, bucket.numels, bucket.tensor_index, memory,
-                scalars.tau, scalars.ascent, scalars.sqrt_bc2, scalars.coef,
-                bucket.num_tensors, bucket.num_chunks,
-                *moments, h.eps, decay, int(h.weight_decay != 0),
-                PARAM_DTYPE=TRITON_DTYPES[bucket.dtypes[PARAM]], GRAD_DTYPE=TRITON_DTYPES[bucket.dtypes[GRAD]],
-                STATE_DTYPE=TRITON_DTYPES[bucket.dtypes[EXP_AVG]], NUM_MEMORIES=len(h.memory_decays),
-                ALIGN=bucket.alignment, CHUNK=CHUNK_SIZE, BLOCK=BLOCK_SIZE,
+                _update_kernel,
+                (bucket.num_chunks,),
+                bucket.addresses,
+                bucket.chunks,
+                bucket.numels,
+                bucket.tensor_index,
+                memory,
+                scalars.tau,
+                scalars.ascent,
+                scalars.sqrt_bc2,
+                scalars.coef,
+                bucket.num_tensors,
+                bucket.num_chunks,
+                *moments,
+                h.eps,
+                decay,
+                int(h.weight_decay != 0),
+                PARAM_DTYPE=TRITON_DTYPES[bucket.dtypes[PARAM]],
+                GRAD_DTYPE=TRITON_DTYPES[bucket.dtypes[GRAD]],
+                STATE_DTYPE=TRITON_DTYPES[bucket.dtypes[EXP_AVG]],
+                NUM_MEMORIES=len(h.memory_decays),
+                ALIGN=bucket.alignment,
+                CHUNK=CHUNK_SIZE,
+                BLOCK=BLOCK_SIZE,
             )
     layout.finish()
     return scalars
 
 
 @torch.library.custom_op(
-    "curvkern::biostatis_triton_step_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "memory_emas", "steps"),
+    "curvkern::biostatis_triton_step_",
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "memory_emas", "steps"),
 )
 def _step_op(
-    params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor], memory_emas: list[torch.Tensor], steps: list[torch.Tensor],
-    lr_value: float, lr: torch.Tensor | None, beta1: float, beta2: float, eps: float, weight_decay: float,
-    homeo_rate: float, coherence_target: float, energy_target: float, lambda_energy: float,
-    memory_decays: list[float], memory_weights: list[float], flip_threshold: float, ascent_strength: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor, torch.Tensor]:
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    memory_emas: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    lr_value: float,
+    lr: torch.Tensor | None,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    homeo_rate: float,
+    coherence_target: float,
+    energy_target: float,
+    lambda_energy: float,
+    memory_decays: list[float],
+    memory_weights: list[float],
+    flip_threshold: float,
+    ascent_strength: float,
+) -> tuple[
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+]:
     """:func:`biostatis_step` as an op of torch's, for torch.compile: the state record's fields with
     ``memory_emas`` flat, parameter-major (an op takes no list of lists), then the hyperparameter record's
     (``lr`` the tensor lr or None, ``lr_value`` the float lr otherwise; ``betas`` as two floats); returns
     the fields of the :class:`BiostatisScalars`."""
     n = len(memory_decays)  # EMAs per parameter, possibly none
-    state = BiostatisState(exp_avgs, exp_avg_sqs, [memory_emas[i * n:(i + 1) * n] for i in range(len(params))], steps)
+    state = BiostatisState(exp_avgs, exp_avg_sqs, [memory_emas[i * n : (i + 1) * n] for i in range(len(params))], steps)
     hyperparameters = BiostatisHyperparameters(
-        lr=lr_value if lr is None else lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
-        homeo_rate=homeo_rate, coherence_target=coherence_target, energy_target=energy_target,
-        lambda_energy=lambda_energy, memory_decays=tuple(memory_decays), memory_weights=tuple(memory_weights),
-        flip_threshold=flip_threshold, ascent_strength=ascent_strength,
+        lr=lr_value if lr is None else lr,
+        betas=(beta1, beta2),
+        eps=eps,
+        weight_decay=weight_decay,
+        homeo_rate=homeo_rate,
+        coherence_target=coherence_target,
+        energy_target=energy_target,
+        lambda_energy=lambda_energy,
+        memory_decays=tuple(memory_decays),
+        memory_weights=tuple(memory_weights),
+        flip_threshold=flip_threshold,
+        ascent_strength=ascent_strength,
     )
     return tuple(biostatis_step(params, grads, state, hyperparameters))
 

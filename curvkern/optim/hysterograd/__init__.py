@@ -1,4 +1,5 @@
 """HysteroGrad: the optimizer class, and the backends its step runs on (side by side)."""
+
 import importlib.util
 
 from curvkern._dispatch import cpp_unavailable_reason

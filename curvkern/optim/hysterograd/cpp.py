@@ -5,6 +5,7 @@ OpenMP region over the whole group: G updated, Σu² reduced per tensor in a fix
 ``hysterograd_scalars_`` (clip, τ, T, E, barrier and gate) and ``hysterograd_pass_b_`` (one region,
 run only when the gate is open). Their fake implementations below let ``torch.compile`` trace them.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,8 +24,19 @@ def _pass_a_fake(grads, metrics, accumulator, beta, epsilon, metric_scale):
 
 
 @torch.library.register_fake("curvkern::hysterograd_scalars_")
-def _scalars_fake(accumulator, tau, temp, energy, lr, stiffening_factor, beta, cooling_rate,
-                  adaptive_threshold, grad_clip, hysteresis_scale):
+def _scalars_fake(
+    accumulator,
+    tau,
+    temp,
+    energy,
+    lr,
+    stiffening_factor,
+    beta,
+    cooling_rate,
+    adaptive_threshold,
+    grad_clip,
+    hysteresis_scale,
+):
     return accumulator.new_empty(3), accumulator.new_empty((), dtype=torch.float64)
 
 
@@ -48,8 +60,17 @@ def hysterograd_step(
     for _, bucket_grads, bucket_metrics in buckets:
         _ops.hysterograd_pass_a_(bucket_grads, bucket_metrics, accumulator, h.beta, h.epsilon, h.metric_scale)
     stats, neg_step_size = _ops.hysterograd_scalars_(
-        accumulator, tau, temp, energy, lr_tensor(h.lr), h.stiffening_factor, h.beta, h.cooling_rate,
-        h.adaptive_threshold, h.grad_clip, h.hysteresis_scale,
+        accumulator,
+        tau,
+        temp,
+        energy,
+        lr_tensor(h.lr),
+        h.stiffening_factor,
+        h.beta,
+        h.cooling_rate,
+        h.adaptive_threshold,
+        h.grad_clip,
+        h.hysteresis_scale,
     )
     for bucket_params, bucket_grads, bucket_metrics in buckets:
         _ops.hysterograd_pass_b_(bucket_params, bucket_grads, bucket_metrics, stats, neg_step_size, h.epsilon)

@@ -16,6 +16,7 @@ lr may be a 0-dim tensor (on the device, for CUDA graphs): it then acts as the f
 converted wherever the float would be, so both give the same bits.
 bf16/fp16 parameters keep G in fp32 and do all of this in fp32, then round p to nearest even.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,7 +28,7 @@ from curvkern.optim._common import lr_as, updated_in_math_dtype
 
 # Constants of the scalar stage; csrc/optim/hysterograd.cpp has them too, as kClipEps and kEnergyEps
 # (tests/test_cpp_constants.py checks that they agree).
-CLIP_EPS = 1e-6    # k = min(1, C / (N + CLIP_EPS))
+CLIP_EPS = 1e-6  # k = min(1, C / (N + CLIP_EPS))
 ENERGY_EPS = 1e-8  # h = κ·√τ·(1 − clamp(T, 0, 1))·hs·(E + ENERGY_EPS) with adaptive_threshold
 
 
@@ -115,9 +116,17 @@ def hysterograd_step(
     accumulator = torch.zeros((), dtype=tau.dtype, device=tau.device)
     steps = hysterograd_pass_a(grads, metrics, accumulator, beta=h.beta, epsilon=h.epsilon, metric_scale=h.metric_scale)
     g_norm, barrier, liquid, neg_step_size = hysterograd_scalars(
-        accumulator, tau, temp, energy,
-        lr=h.lr, stiffening_factor=h.stiffening_factor, beta=h.beta, cooling_rate=h.cooling_rate,
-        adaptive_threshold=h.adaptive_threshold, grad_clip=h.grad_clip, hysteresis_scale=h.hysteresis_scale,
+        accumulator,
+        tau,
+        temp,
+        energy,
+        lr=h.lr,
+        stiffening_factor=h.stiffening_factor,
+        beta=h.beta,
+        cooling_rate=h.cooling_rate,
+        adaptive_threshold=h.adaptive_threshold,
+        grad_clip=h.grad_clip,
+        hysteresis_scale=h.hysteresis_scale,
     )
     hysterograd_pass_b(params, steps, liquid, neg_step_size)
     return torch.stack([g_norm, barrier, liquid.to(g_norm.dtype)])

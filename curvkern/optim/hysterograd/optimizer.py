@@ -1,4 +1,5 @@
 """HysteroGrad (HIOptimizer): hyperparameters, state, grouping, then one backend call per group."""
+
 from __future__ import annotations
 
 import torch
@@ -137,7 +138,9 @@ class HysteroGrad(FusedOptimizer):
             if "group_tau" not in first_state:
                 scalar_dtype = torch.get_default_dtype()
                 first_state["group_tau"] = torch.tensor(0.0, dtype=scalar_dtype, device=device)
-                first_state["group_temp"] = torch.tensor(float(group["initial_temp"]), dtype=scalar_dtype, device=device)
+                first_state["group_temp"] = torch.tensor(
+                    float(group["initial_temp"]), dtype=scalar_dtype, device=device
+                )
                 first_state["avg_energy"] = torch.tensor(0.0, dtype=scalar_dtype, device=device)
 
             params, grads, metrics = [], [], []
@@ -155,8 +158,9 @@ class HysteroGrad(FusedOptimizer):
                 continue  # the original skips the group: τ, T, E do not advance
 
             _, step_fn = select(self.family, self.fused, device)
-            state = HysteroGradState(metrics, first_state["group_tau"], first_state["group_temp"],
-                                     first_state["avg_energy"])
+            state = HysteroGradState(
+                metrics, first_state["group_tau"], first_state["group_temp"], first_state["avg_energy"]
+            )
             group_stats.append(step_fn(params, grads, state, HysteroGradHyperparameters.from_group(group, device)))
 
         # Skipped groups contribute 0 but still count: the original's means are diluted (docs/hysterograd.md).
@@ -204,14 +208,21 @@ class HysteroGrad(FusedOptimizer):
         with_metric = indices if "G" in first else indices[1:]
         rest = [entries[i] for i in indices[1:]]
         check_state_keys(_NAME, group_index, indices[1:], rest, _G, _G)
-        check_like(_NAME, "state 'G'", group_index, with_metric, [entries[i]["G"] for i in with_metric],
-                   pick(params, with_metric), pick(layout.state_dtypes, with_metric), layout.device)
+        check_like(
+            _NAME,
+            "state 'G'",
+            group_index,
+            with_metric,
+            [entries[i]["G"] for i in with_metric],
+            pick(params, with_metric),
+            pick(layout.state_dtypes, with_metric),
+            layout.device,
+        )
         # One dtype for the three, float32 or float64 (the default dtype when they were created).
         dtypes = {getattr(first[key], "dtype", None) for key in _GROUP_SCALAR_ORDER}
         scalar_dtype = dtypes.pop() if len(dtypes) == 1 and dtypes <= set(_SCALAR_DTYPES) else torch.float32
         for key in _GROUP_SCALAR_ORDER:
-            check_like(_NAME, f"state '{key}'", group_index, [0], [first[key]], None, [scalar_dtype],
-                       layout.device)
+            check_like(_NAME, f"state '{key}'", group_index, [0], [first[key]], None, [scalar_dtype], layout.device)
 
 
 def _stats_on_device(group_stats: list[torch.Tensor], n_groups: int, param_groups: list[dict]):

@@ -15,6 +15,7 @@ is not always correctly rounded, and τ, T, E and the clip factor must match it 
 the gate and gives a frozen group an empty element range: nothing is read or written, so a NaN step
 never reaches a parameter.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,21 @@ from curvkern._dispatch import register
 from curvkern.families import HysteroGradState
 from curvkern.hyperparameters import HysteroGradHyperparameters
 from curvkern.optim._triton_multi_tensor import (
-    BLOCK_SIZE, CHUNK_SIZE, TRITON_DTYPES, DenseLayout, build_table, chunk_range, device_scalar, div_rn, in_dtype,
-    launch, lr_arguments, per_tensor_sums, sqrt_rn, store_rounded, tensor_pointer,
+    BLOCK_SIZE,
+    CHUNK_SIZE,
+    TRITON_DTYPES,
+    DenseLayout,
+    build_table,
+    chunk_range,
+    device_scalar,
+    div_rn,
+    in_dtype,
+    launch,
+    lr_arguments,
+    per_tensor_sums,
+    sqrt_rn,
+    store_rounded,
+    tensor_pointer,
 )
 from curvkern.optim.hysterograd.eager import hysterograd_scalars
 
@@ -45,10 +59,20 @@ def _pass_a_block(grad_ptr, metric_ptr, offsets, mask, beta_s, coef_s, eps_s, ST
 
 @triton.jit(do_not_specialize=["num_tensors", "num_chunks"])
 def _pass_a_kernel(
-    addresses, chunks, numels, partials, num_tensors, num_chunks,
-    beta: tl.float64, metric_coef: tl.float64, epsilon: tl.float64,
-    GRAD_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, ALIGN: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    addresses,
+    chunks,
+    numels,
+    partials,
+    num_tensors,
+    num_chunks,
+    beta: tl.float64,
+    metric_coef: tl.float64,
+    epsilon: tl.float64,
+    GRAD_DTYPE: tl.constexpr,
+    STATE_DTYPE: tl.constexpr,
+    ALIGN: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """G ← fma((1−β)·s·g, g, G·β) in place; the chunk's Σu² (state dtype) into ``partials``."""
     chunk = tl.program_id(0)
@@ -83,8 +107,17 @@ def _accumulate_kernel(sums, num_tensors, accumulator, SCALAR_DTYPE: tl.constexp
 
 
 @triton.jit
-def _pass_b_block(param_ptr, grad_ptr, metric_ptr, offsets, mask, eps_s, neg_step,
-                  PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr):
+def _pass_b_block(
+    param_ptr,
+    grad_ptr,
+    metric_ptr,
+    offsets,
+    mask,
+    eps_s,
+    neg_step,
+    PARAM_DTYPE: tl.constexpr,
+    STATE_DTYPE: tl.constexpr,
+):
     g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(STATE_DTYPE)
     u = div_rn(g, sqrt_rn(tl.load(metric_ptr + offsets, mask=mask, other=0.0)) + eps_s)
     p = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(STATE_DTYPE)
@@ -93,10 +126,20 @@ def _pass_b_block(param_ptr, grad_ptr, metric_ptr, offsets, mask, eps_s, neg_ste
 
 @triton.jit(do_not_specialize=["num_tensors", "num_chunks"])
 def _pass_b_kernel(
-    addresses, chunks, numels, stats_ptr, neg_step_ptr, num_tensors, num_chunks,
+    addresses,
+    chunks,
+    numels,
+    stats_ptr,
+    neg_step_ptr,
+    num_tensors,
+    num_chunks,
     epsilon: tl.float64,
-    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, ALIGN: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    PARAM_DTYPE: tl.constexpr,
+    GRAD_DTYPE: tl.constexpr,
+    STATE_DTYPE: tl.constexpr,
+    ALIGN: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """p ← p + u·(−η·k) where the gate is open; nothing is read or written where it is closed."""
     liquid = tl.load(stats_ptr + 2) != 0
@@ -110,11 +153,22 @@ def _pass_b_kernel(
     full_end = end - (end - start) % BLOCK
     for block in range(start, full_end, BLOCK):
         offsets = tl.max_contiguous(tl.multiple_of(block + tl.arange(0, BLOCK), ALIGN), BLOCK)
-        _pass_b_block(param_ptr, grad_ptr, metric_ptr, offsets, tl.full([BLOCK], True, tl.int1), eps_s, neg_step,
-                      PARAM_DTYPE, STATE_DTYPE)
+        _pass_b_block(
+            param_ptr,
+            grad_ptr,
+            metric_ptr,
+            offsets,
+            tl.full([BLOCK], True, tl.int1),
+            eps_s,
+            neg_step,
+            PARAM_DTYPE,
+            STATE_DTYPE,
+        )
     for block in range(full_end, end, BLOCK):
         offsets = tl.max_contiguous(tl.multiple_of(block + tl.arange(0, BLOCK), ALIGN), BLOCK)
-        _pass_b_block(param_ptr, grad_ptr, metric_ptr, offsets, offsets < end, eps_s, neg_step, PARAM_DTYPE, STATE_DTYPE)
+        _pass_b_block(
+            param_ptr, grad_ptr, metric_ptr, offsets, offsets < end, eps_s, neg_step, PARAM_DTYPE, STATE_DTYPE
+        )
 
 
 @register("hysterograd", "triton")
@@ -134,8 +188,21 @@ def hysterograd_step(
     if torch.compiler.is_compiling():
         # An op's schema takes no dataclass: the records' fields, flat, in their order (_step_op rebuilds both).
         return torch.ops.curvkern.hysterograd_triton_step_(
-            params, grads, metrics, tau, temp, energy, *lr_arguments(h.lr), h.stiffening_factor, h.beta,
-            h.epsilon, h.cooling_rate, h.initial_temp, h.metric_scale, h.adaptive_threshold, h.grad_clip,
+            params,
+            grads,
+            metrics,
+            tau,
+            temp,
+            energy,
+            *lr_arguments(h.lr),
+            h.stiffening_factor,
+            h.beta,
+            h.epsilon,
+            h.cooling_rate,
+            h.initial_temp,
+            h.metric_scale,
+            h.adaptive_threshold,
+            h.grad_clip,
             h.hysteresis_scale,
         )
     device = tau.device
@@ -146,20 +213,39 @@ def hysterograd_step(
     for bucket in table.buckets:
         if bucket.num_chunks:
             launch(
-                _pass_a_kernel, (bucket.num_chunks,),
-                bucket.addresses, bucket.chunks, bucket.numels, partials, bucket.num_tensors, bucket.num_chunks,
-                h.beta, (1 - h.beta) * h.metric_scale, h.epsilon,
-                GRAD_DTYPE=TRITON_DTYPES[bucket.dtypes[GRAD]], STATE_DTYPE=TRITON_DTYPES[bucket.dtypes[METRIC]],
-                ALIGN=bucket.alignment, CHUNK=CHUNK_SIZE, BLOCK=BLOCK_SIZE,
+                _pass_a_kernel,
+                (bucket.num_chunks,),
+                bucket.addresses,
+                bucket.chunks,
+                bucket.numels,
+                partials,
+                bucket.num_tensors,
+                bucket.num_chunks,
+                h.beta,
+                (1 - h.beta) * h.metric_scale,
+                h.epsilon,
+                GRAD_DTYPE=TRITON_DTYPES[bucket.dtypes[GRAD]],
+                STATE_DTYPE=TRITON_DTYPES[bucket.dtypes[METRIC]],
+                ALIGN=bucket.alignment,
+                CHUNK=CHUNK_SIZE,
+                BLOCK=BLOCK_SIZE,
             )
     sums = per_tensor_sums(table, partials, 1, METRIC)
 
     accumulator = torch.empty((), dtype=tau.dtype, device=device)
     launch(_accumulate_kernel, (1,), sums, table.num_tensors, accumulator, SCALAR_DTYPE=TRITON_DTYPES[tau.dtype])
     g_norm, barrier, liquid, neg_step_size = hysterograd_scalars(
-        accumulator, tau, temp, energy,
-        lr=h.lr, stiffening_factor=h.stiffening_factor, beta=h.beta, cooling_rate=h.cooling_rate,
-        adaptive_threshold=h.adaptive_threshold, grad_clip=h.grad_clip, hysteresis_scale=h.hysteresis_scale,
+        accumulator,
+        tau,
+        temp,
+        energy,
+        lr=h.lr,
+        stiffening_factor=h.stiffening_factor,
+        beta=h.beta,
+        cooling_rate=h.cooling_rate,
+        adaptive_threshold=h.adaptive_threshold,
+        grad_clip=h.grad_clip,
+        hysteresis_scale=h.hysteresis_scale,
     )
     stats = torch.stack([g_norm, barrier, liquid.to(g_norm.dtype)])
     neg_step_size = device_scalar(neg_step_size, device)
@@ -167,32 +253,63 @@ def hysterograd_step(
     for bucket in table.buckets:
         if bucket.num_chunks:
             launch(
-                _pass_b_kernel, (bucket.num_chunks,),
-                bucket.addresses, bucket.chunks, bucket.numels, stats, neg_step_size,
-                bucket.num_tensors, bucket.num_chunks, h.epsilon,
-                PARAM_DTYPE=TRITON_DTYPES[bucket.dtypes[PARAM]], GRAD_DTYPE=TRITON_DTYPES[bucket.dtypes[GRAD]],
-                STATE_DTYPE=TRITON_DTYPES[bucket.dtypes[METRIC]], ALIGN=bucket.alignment,
-                CHUNK=CHUNK_SIZE, BLOCK=BLOCK_SIZE,
+                _pass_b_kernel,
+                (bucket.num_chunks,),
+                bucket.addresses,
+                bucket.chunks,
+                bucket.numels,
+                stats,
+                neg_step_size,
+                bucket.num_tensors,
+                bucket.num_chunks,
+                h.epsilon,
+                PARAM_DTYPE=TRITON_DTYPES[bucket.dtypes[PARAM]],
+                GRAD_DTYPE=TRITON_DTYPES[bucket.dtypes[GRAD]],
+                STATE_DTYPE=TRITON_DTYPES[bucket.dtypes[METRIC]],
+                ALIGN=bucket.alignment,
+                CHUNK=CHUNK_SIZE,
+                BLOCK=BLOCK_SIZE,
             )
     layout.finish()
     return stats
 
 
 @torch.library.custom_op(
-    "curvkern::hysterograd_triton_step_", mutates_args=("params", "metrics", "tau", "temp", "energy"),
+    "curvkern::hysterograd_triton_step_",
+    mutates_args=("params", "metrics", "tau", "temp", "energy"),
 )
 def _step_op(
-    params: list[torch.Tensor], grads: list[torch.Tensor], metrics: list[torch.Tensor],
-    tau: torch.Tensor, temp: torch.Tensor, energy: torch.Tensor, lr_value: float, lr: torch.Tensor | None,
-    stiffening_factor: float, beta: float, epsilon: float, cooling_rate: float, initial_temp: float,
-    metric_scale: float, adaptive_threshold: bool, grad_clip: float | None, hysteresis_scale: float,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    metrics: list[torch.Tensor],
+    tau: torch.Tensor,
+    temp: torch.Tensor,
+    energy: torch.Tensor,
+    lr_value: float,
+    lr: torch.Tensor | None,
+    stiffening_factor: float,
+    beta: float,
+    epsilon: float,
+    cooling_rate: float,
+    initial_temp: float,
+    metric_scale: float,
+    adaptive_threshold: bool,
+    grad_clip: float | None,
+    hysteresis_scale: float,
 ) -> torch.Tensor:
     """:func:`hysterograd_step` as an op of torch's, for torch.compile: the state record's fields, then the
     hyperparameter record's (``lr`` the tensor lr or None, ``lr_value`` the float lr otherwise)."""
     hyperparameters = HysteroGradHyperparameters(
-        lr=lr_value if lr is None else lr, stiffening_factor=stiffening_factor, beta=beta, epsilon=epsilon,
-        cooling_rate=cooling_rate, initial_temp=initial_temp, metric_scale=metric_scale,
-        adaptive_threshold=adaptive_threshold, grad_clip=grad_clip, hysteresis_scale=hysteresis_scale,
+        lr=lr_value if lr is None else lr,
+        stiffening_factor=stiffening_factor,
+        beta=beta,
+        epsilon=epsilon,
+        cooling_rate=cooling_rate,
+        initial_temp=initial_temp,
+        metric_scale=metric_scale,
+        adaptive_threshold=adaptive_threshold,
+        grad_clip=grad_clip,
+        hysteresis_scale=hysteresis_scale,
     )
     return hysterograd_step(params, grads, HysteroGradState(metrics, tau, temp, energy), hyperparameters)
 
