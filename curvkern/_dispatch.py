@@ -100,7 +100,10 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     if _triton_installed is _NOT_LOOKED_UP:
         _triton_installed = importlib.util.find_spec("triton") is not None
     if not _triton_installed:
-        return "Triton is not installed (pip install triton)"
+        needs_interpreter = (
+            " and, for CPU tensors, TRITON_INTERPRET=1 (the interpreter)" if device.type == "cpu" else ""
+        )
+        return f"Triton is not installed (pip install triton){needs_interpreter}"
     if device.type == "cuda":
         return None
     if device.type == "cpu" and triton_interpreted():

@@ -131,6 +131,15 @@ def test_triton_needs_cuda_or_the_interpreter(monkeypatch):
     assert _dispatch.triton_unavailable_reason(torch.device("cpu")) is None
 
 
+def test_without_triton_a_cpu_tensor_is_told_both_requirements(monkeypatch):
+    """One message with everything a CPU user needs: installing Triton, then the interpreter."""
+    monkeypatch.setattr(_dispatch, "_triton_installed", False)
+    cpu_reason = _dispatch.triton_unavailable_reason(torch.device("cpu"))
+    assert "pip install triton" in cpu_reason and "TRITON_INTERPRET=1" in cpu_reason
+    cuda_reason = _dispatch.triton_unavailable_reason(torch.device("cuda"))
+    assert "pip install triton" in cuda_reason and "TRITON_INTERPRET" not in cuda_reason
+
+
 def test_eager_is_always_available():
     for family in FAMILIES:
         assert _dispatch.available_backends(family, "cpu")[0] == "eager"
