@@ -205,6 +205,12 @@ def _sums(case: OptimizerCase):
     return make_args
 
 
+def _biostatis_settings(memory_decays, memory_weights):
+    """The BiostatisV6 ops' settings after lr, in schema order: betas, eps, weight_decay, homeo_rate,
+    coherence_target, energy_target, lambda_energy, the memories, flip_threshold, ascent_strength."""
+    return (0.9, 0.999, 1e-8, 0.01, 0.03, 0.8, 1e-3, 0.1, list(memory_decays), list(memory_weights), 0.2, 0.05)
+
+
 def _update(case: OptimizerCase, memory_decays=(0.9, 0.99), memory_weights=(0.6, 0.4), step_dtype=fp32):
     def make_args():
         gen = _generator()
@@ -229,18 +235,7 @@ def _update(case: OptimizerCase, memory_decays=(0.9, 0.99), memory_weights=(0.6,
             sums,
             sums.sum(0),
             _lr64(),
-            0.9,
-            0.999,
-            1e-8,
-            0.01,
-            0.03,
-            0.8,
-            1e-3,
-            0.1,
-            list(memory_decays),
-            list(memory_weights),
-            0.2,
-            0.05,
+            *_biostatis_settings(memory_decays, memory_weights),
         )
 
     return make_args
@@ -333,18 +328,7 @@ def _biostatis_triton_step(case: OptimizerCase, tensor_lr=False, memory_decays=(
             emas,
             steps,
             *_lr_arguments(tensor_lr),
-            0.9,
-            0.999,
-            1e-8,
-            0.01,
-            0.03,
-            0.8,
-            1e-3,
-            0.1,
-            list(memory_decays),
-            list(memory_weights),
-            0.2,
-            0.05,
+            *_biostatis_settings(memory_decays, memory_weights),
         )
 
     return make_args
