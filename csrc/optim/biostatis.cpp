@@ -1,8 +1,9 @@
 // BiostatisV6 on the CPU, in the passes of docs/biostatis.md ("The fused kernels"):
 //
 // 1. biostatis_sums runs pass A, one region over all tensors reading (g, m, v): per tensor Σg², Σ|tanh g|,
-//    Σm'g, Σm'², Σ|m'| and Σ√v' of the gradient and the updated moments. tanh's arithmetic hides under
-//    the three streams. The group gains need every tensor's sums before any parameter moves.
+//    Σm'g, Σm'², Σ|m'| and Σ√v' of the gradient and the updated moments. The group gains need every
+//    tensor's sums before any parameter moves. Its arithmetic (|tanh|'s division, √v') costs about as
+//    long as its three streams on AVX2 (docs/benchmarks.md, "per instruction-set path").
 // 2. biostatis_update_ runs the scalar stage (float64, as eager), then pass B, one region writing m, v,
 //    the EMAs and p. It walks the work units from last to first, so it starts on the (g, m, v) that
 //    pass A read last, which may still be in the last-level cache.
