@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -143,6 +144,51 @@ CURVKERN_INLINE void stream_in_blocks(int64_t n, Prefetch&& prefetch, Body&& bod
   for (int l = 0; i + l < n; ++l) body(i + l, l);
 }
 
+// stream_and_sum for a body with a cheap form that holds for some inputs only (BiostatisV6's |tanh g|,
+// a short polynomial while every |g| is small): each stage, and the tail, calls
+// body(i, acc, l, std::true_type{}) for its elements where cheap_form_holds(begin, length) is true of
+// elements [begin, begin + length), and body(i, acc, l, std::false_type{}) otherwise. The choice depends on
+// the stage's elements only, not on the ISA or the thread count: every version still computes the same bits.
+template <int kGroupLanes, int kWidth, typename S, typename Prefetch, typename CheapFormHolds, typename Body>
+CURVKERN_INLINE void stream_and_sum_in_two_forms(int64_t n, LaneSums<kWidth, S>& sums, Prefetch&& prefetch,
+                                                 CheapFormHolds&& cheap_form_holds, Body&& body) {
+  static_assert(kGroupLanes > 0 && kLanes % kGroupLanes == 0, "a lane group must divide kLanes");
+  constexpr int64_t kStage = kStageBlocks * kLanes;
+  auto stage = [&](int64_t base, auto form) CURVKERN_INLINE_LAMBDA {
+    for (int group = 0; group < kLanes; group += kGroupLanes) {
+      S acc[kWidth][kGroupLanes] = {};  // the stage's first additions: staged is 0 after each flush
+      for (int64_t block = base + group; block < base + kStage; block += kLanes) {
+#pragma omp simd
+        for (int l = 0; l < kGroupLanes; ++l) body(block + l, acc, l, form);
+      }
+      for (int k = 0; k < kWidth; ++k) {
+        for (int l = 0; l < kGroupLanes; ++l) sums.staged[k][group + l] = acc[k][l];
+      }
+    }
+  };
+  auto tail = [&](int64_t base, auto form) CURVKERN_INLINE_LAMBDA {
+    stream_in_blocks(
+        n - base, [&](int64_t ahead) CURVKERN_INLINE_LAMBDA { prefetch(base + ahead); },
+        [&](int64_t i, int l) CURVKERN_INLINE_LAMBDA { body(base + i, sums.staged, l, form); });
+  };
+  int64_t base = 0;
+  for (; base + kStage <= n; base += kStage) {
+    for (int64_t block = 0; block < kStage; block += kLanes) prefetch(base + block + kPrefetchElements);
+    if (cheap_form_holds(base, kStage)) {
+      stage(base, std::true_type{});
+    } else {
+      stage(base, std::false_type{});
+    }
+    sums.flush();
+  }
+  if (cheap_form_holds(base, n - base)) {
+    tail(base, std::true_type{});
+  } else {
+    tail(base, std::false_type{});
+  }
+  sums.flush();
+}
+
 // stream_in_blocks over [0, n) for a body that adds element i into lane l of an accumulator array,
 // body(i, acc, l) with acc[k][l] (sum k), flushed to float64 every stage.
 // kGroupLanes (a divisor of kLanes) is how many lanes one vector register of the calling ISA holds:
@@ -152,27 +198,9 @@ CURVKERN_INLINE void stream_in_blocks(int64_t n, Prefetch&& prefetch, Body&& bod
 // every block. Every lane still adds its elements in the same order: the same bits for any group width.
 template <int kGroupLanes, int kWidth, typename S, typename Prefetch, typename Body>
 CURVKERN_INLINE void stream_and_sum(int64_t n, LaneSums<kWidth, S>& sums, Prefetch&& prefetch, Body&& body) {
-  static_assert(kGroupLanes > 0 && kLanes % kGroupLanes == 0, "a lane group must divide kLanes");
-  constexpr int64_t kStage = kStageBlocks * kLanes;
-  int64_t base = 0;
-  for (; base + kStage <= n; base += kStage) {
-    for (int64_t block = 0; block < kStage; block += kLanes) prefetch(base + block + kPrefetchElements);
-    for (int group = 0; group < kLanes; group += kGroupLanes) {
-      S acc[kWidth][kGroupLanes] = {};  // the stage's first additions: staged is 0 after each flush
-      for (int64_t block = base + group; block < base + kStage; block += kLanes) {
-#pragma omp simd
-        for (int l = 0; l < kGroupLanes; ++l) body(block + l, acc, l);
-      }
-      for (int k = 0; k < kWidth; ++k) {
-        for (int l = 0; l < kGroupLanes; ++l) sums.staged[k][group + l] = acc[k][l];
-      }
-    }
-    sums.flush();
-  }
-  stream_in_blocks(
-      n - base, [&](int64_t ahead) CURVKERN_INLINE_LAMBDA { prefetch(base + ahead); },
-      [&](int64_t i, int l) CURVKERN_INLINE_LAMBDA { body(base + i, sums.staged, l); });
-  sums.flush();
+  stream_and_sum_in_two_forms<kGroupLanes>(
+      n, sums, prefetch, [](int64_t, int64_t) CURVKERN_INLINE_LAMBDA { return false; },
+      [&](int64_t i, auto& acc, int l, auto) CURVKERN_INLINE_LAMBDA { body(i, acc, l); });
 }
 
 // The one dtype a list of parameters (or gradients) shares; one the kernels are built for.

@@ -5,6 +5,7 @@ Every backend other than eager that runs here is tested; the goldens and propert
 against each backend in test_hysterograd.py and test_biostatis.py.
 """
 
+import math
 import platform
 import re
 
@@ -17,9 +18,13 @@ from hypothesis import given, settings, strategies as st
 from tolerance import (
     BIOSTATIS_OPS,
     HYSTEROGRAD_OPS,
+    TRANSCENDENTAL_OPS,
     assert_displacement_close,
     assert_fused_close,
     assert_hysterograd_results_close,
+    assert_relative_error,
+    math_dtype,
+    truth_bound,
 )
 
 from curvkern import available_backends
@@ -266,36 +271,73 @@ def test_ops_reject_bad_inputs_with_clear_errors():
         ops.hysterograd_scalars_(*[torch.zeros(())] * 4, torch.tensor([1e-3, 1e-3]), 0.01, 0.9, 0.99, True, None, 1.0)
 
 
+def _abs_tanh_sums(tensors):
+    """Σ|tanh g| of each tensor, from pass A (biostatis_sums with zero moments)."""
+    zeros = [torch.zeros_like(t, dtype=math_dtype(t.dtype)) for t in tensors]
+    return torch.ops.curvkern.biostatis_sums(tensors, zeros, zeros, 0.9, 0.999)[:, 2]
+
+
+# Below this |g| pass A may take |tanh g|'s short polynomial (csrc/vec.h, kAbsTanhSmallBound).
+ABS_TANH_SMALL_BOUND = {torch.float32: 0.5, torch.float64: 0.55}
+
+
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_vectorized_tanh_is_accurate(dtype):
-    """csrc/vec.h's abs_tanh, read back through Σ|tanh g| of one-element tensors (scalar path) and of one
-    long tensor (vector path), against mpmath."""
-
-    def abs_tanh_sums(tensors):
-        zeros = [torch.zeros_like(t) for t in tensors]
-        return torch.ops.curvkern.biostatis_sums(tensors, zeros, zeros, 0.9, 0.999)[:, 2]
-
+    """csrc/vec.h's |tanh| in both forms pass A uses, read back through Σ|tanh g| and against mpmath:
+    - the short polynomial, which a stage (or tail) whose gradients are all below its bound takes: x alone
+      in a one-element tensor;
+    - the full function, which every other stage takes: x alone for |x| ≥ the bound, and below it x beside
+      an element of 1.0, to the precision of the pair's sum (rounded to x's dtype: |tanh x| + tanh 1 within
+      the two values' errors plus the sum's rounding);
+    - one long tensor mixing both."""
     mpmath.mp.dps = 40
+    bound = ABS_TANH_SMALL_BOUND[dtype]
     x = torch.cat(
         [
             torch.linspace(-12, 12, 2001, dtype=torch.float64),
+            torch.linspace(-0.55, 0.55, 1001, dtype=torch.float64),
             torch.logspace(-30, 1.5, 300, dtype=torch.float64),
-            torch.tensor([0.0, 0.5499, 0.55, 0.5501, 44.0, 90.0, 1e4]),
+            torch.tensor([0.0, 0.4999, 0.5, 0.5001, 0.5499, 0.55, 0.5501, 44.0, 90.0, 1e4]),
         ]
     ).to(dtype)
     exact = torch.tensor([abs(float(mpmath.tanh(mpmath.mpf(float(v))))) for v in x], dtype=torch.float64)
-    got = abs_tanh_sums([v.reshape(1) for v in x])
     ulp = torch.finfo(dtype).eps
-    error_in_ulps = (got - exact).abs() / (exact.abs().clamp_min(torch.finfo(dtype).tiny) * ulp)
-    assert error_in_ulps.max() <= (2.5 if dtype == torch.float32 else 2.0), (
-        error_in_ulps.max(),
-        x[error_in_ulps.argmax()],
-    )
-    total = abs_tanh_sums([x])[0]
+
+    def worst_ulps(got, want):
+        return ((got - want).abs() / (want.abs().clamp_min(torch.finfo(dtype).tiny) * ulp)).max().item()
+
+    small = x.abs() < bound
+    assert small.sum() > 500 and (~small).sum() > 500  # both forms are read alone
+    limit = 2.5 if dtype == torch.float32 else 2.0
+    assert worst_ulps(_abs_tanh_sums([v.reshape(1) for v in x]), exact) <= limit
+    one = torch.ones(1, dtype=dtype)
+    beside_one = _abs_tanh_sums([torch.cat([v.reshape(1), one]) for v in x[small]])
+    assert worst_ulps(beside_one, exact[small] + math.tanh(1.0)) <= 2 * limit + 0.5
+    total = _abs_tanh_sums([x])[0]
     assert total == pytest.approx(exact.sum().item(), rel=4 * ulp)
-    special = abs_tanh_sums([torch.tensor([v], dtype=dtype) for v in (float("nan"), float("inf"))])
+    special = _abs_tanh_sums([torch.tensor([v], dtype=dtype) for v in (float("nan"), float("inf"))])
     assert special[0].isnan() and special[1] == 1.0
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("position", [0, 100, 255, 256, 290])
+@pytest.mark.parametrize("odd", [float("inf"), -float("inf"), float("nan"), 2.0, -3.0])
+def test_a_stage_with_one_large_gradient_takes_the_full_tanh(dtype, position, odd):
+    """One element outside the polynomial's bound (±inf, NaN, 2, −3) among small gradients, in a full stage
+    of 256 elements or in the tail: its stage must take the full function (the polynomial gives NaN for an
+    infinity and −6.0 for 2)."""
+    g = torch.full((300,), 0.01, dtype=dtype)
+    g[position] = odd
+    got = _abs_tanh_sums([g])[0].item()
+    small = 299 * math.tanh(float(torch.tensor(0.01, dtype=dtype)))
+    if math.isnan(odd):
+        assert math.isnan(got)
+    else:
+        want = small + abs(math.tanh(float(torch.tensor(odd, dtype=dtype))))
+        bound = truth_bound(math_dtype(dtype), ops=TRANSCENDENTAL_OPS, reduction_length=g.numel())
+        assert_relative_error(got, want, bound)
 
 
 @needs_cpp

@@ -2,8 +2,10 @@
 //
 // 1. biostatis_sums runs pass A, one region over all tensors reading (g, m, v): per tensor Σg², Σ|tanh g|,
 //    Σm'g, Σm'², Σ|m'| and Σ√v' of the gradient and the updated moments. The group gains need every
-//    tensor's sums before any parameter moves. Its arithmetic (|tanh|'s division, √v') costs about as
-//    long as its three streams on AVX2 (docs/benchmarks.md, "per instruction-set path").
+//    tensor's sums before any parameter moves. |tanh g| is a short polynomial in every stage of 256
+//    gradients below 0.5 in magnitude (nearly all of them in training), the full function elsewhere: with
+//    the full function everywhere, pass A's arithmetic took as long as its three streams on AVX2
+//    (docs/benchmarks.md, "per instruction-set path").
 // 2. biostatis_update_ runs the scalar stage (float64, as eager), then pass B, one region writing m, v,
 //    the EMAs and p. It walks the work units from last to first, so it starts on the (g, m, v) that
 //    pass A read last, which may still be in the last-level cache.
@@ -78,20 +80,30 @@ struct Plan {
   std::vector<S> tau, ascent, sqrt_bc2, coef;               // per tensor, rounded to S where they meet tensors
 };
 
+// Whether every |x| of x[0, n) is below `bound` (a NaN is not).
+template <typename P, typename S>
+CURVKERN_INLINE bool magnitudes_below(const P* x, int64_t n, S bound) {
+  int outside = 0;
+#pragma omp simd reduction(| : outside)
+  for (int64_t i = 0; i < n; ++i) outside |= !(std::fabs(load(x, i)) < bound);
+  return outside == 0;
+}
+
 // All six sums of one segment: the gradient's and those of the updated moments m', v' (not written),
-// kGroupLanes lanes at a time (stream_and_sum).
+// kGroupLanes lanes at a time (stream_and_sum). |tanh g| takes its short polynomial in the stages whose
+// gradients are all below its bound (vec::abs_tanh_small), the full function in the others.
 template <int kGroupLanes, typename P, typename S>
 CURVKERN_INLINE void pass_a_segment(const P* grad, const S* exp_avg, const S* exp_avg_sq, int64_t n, S beta1,
                                     S one_minus_beta1, S beta2, S one_minus_beta2, double* out) {
   LaneSums<kSums, S> sums;
-  auto add = [&](int64_t i, auto& acc, int l) CURVKERN_INLINE_LAMBDA {
+  auto add = [&](int64_t i, auto& acc, int l, auto small_gradients) CURVKERN_INLINE_LAMBDA {
     const S g = load(grad, i);
     const S m = std::fma(g, one_minus_beta1, exp_avg[i] * beta1);
     const S v = std::fma(one_minus_beta2 * g, g, exp_avg_sq[i] * beta2);
     // Products fused into their sums: a lane's order of additions is not eager's anyway, and an fma
     // is one rounding closer to the exact sum, and one instruction and one latency shorter.
     acc[kSumGG][l] = std::fma(g, g, acc[kSumGG][l]);
-    acc[kSumTanh][l] += vec::abs_tanh(g);
+    acc[kSumTanh][l] += small_gradients ? vec::abs_tanh_small(g) : vec::abs_tanh(g);
     acc[kSumMG][l] = std::fma(m, g, acc[kSumMG][l]);
     acc[kSumMM][l] = std::fma(m, m, acc[kSumMM][l]);
     acc[kSumAbsM][l] += std::fabs(m);
@@ -102,7 +114,10 @@ CURVKERN_INLINE void pass_a_segment(const P* grad, const S* exp_avg, const S* ex
     prefetch_read(exp_avg + ahead);
     prefetch_read(exp_avg_sq + ahead);
   };
-  stream_and_sum<kGroupLanes>(n, sums, prefetch, add);
+  auto small_gradients = [&](int64_t begin, int64_t length) CURVKERN_INLINE_LAMBDA {
+    return magnitudes_below(grad + begin, length, vec::kAbsTanhSmallBound<S>);
+  };
+  stream_and_sum_in_two_forms<kGroupLanes>(n, sums, prefetch, small_gradients, add);
   sums.fold(out);
 }
 
