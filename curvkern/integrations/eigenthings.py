@@ -8,6 +8,15 @@ backward. ``.hvp(output, batch, u)`` is the closed-form protocol of hessian-eige
 kernel that reads the logits and ``u`` in place (strided rows, no ``.contiguous()`` copies), reads the
 labels itself (the causal shift folded in) and writes the full-shape result, ignored rows and the last
 time step as zeros.
+
+Data parallelism: hessian-eigenthings' ``DDPHessianOperator`` averages the ranks' HVPs, so with each rank's
+loss a mean over its own valid tokens it computes the mean of per-rank means, which is not the Hessian of
+the whole batch when the ranks hold different numbers of valid tokens. Built with ``process_group=`` (a
+``torch.distributed`` group, e.g. ``dist.group.WORLD``), a loss object takes the mean over the valid tokens
+of every rank of that group instead: the loss and ``.hvp`` are the local sums times world_size / (valid
+tokens in the group), the count summed with one ``all_reduce`` per call, so the operator's average over the
+ranks is the single-process mean over their union. Every rank must then call the loss object (or
+``.hvp``) the same number of times, as the operator does.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from curvkern._dispatch import check_fused, select
 from curvkern.ce.function import FAMILY, _check_arguments, _check_not_dtensor, _cross_entropy_classes_last, _hvp_into
@@ -26,11 +36,34 @@ _HYPERPARAMETERS = CrossEntropyHyperparameters(ignore_index=IGNORE_INDEX, reduct
 
 
 class _LossOfOutput:
-    def __init__(self, fused: str) -> None:
+    def __init__(self, fused: str = "auto", process_group: dist.ProcessGroup | None = None) -> None:
         self.fused = check_fused(fused)
+        if process_group is not None and not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("process_group= needs an initialized torch.distributed default process group")
+        self.process_group = process_group
 
     def _kernels(self, device: torch.device):
         return select(FAMILY, self.fused, device)[1]
+
+    def _mean_count(self, valid_count: torch.Tensor) -> torch.Tensor:
+        """What the mean divides by: this rank's valid tokens, or with ``process_group`` the group's valid
+        tokens over its world size (so the ranks' average of the results is the mean over all of them)."""
+        if self.process_group is None:
+            return valid_count
+        total = valid_count.to(torch.int64).clone()
+        dist.all_reduce(total, group=self.process_group)
+        return total.double() / dist.get_world_size(self.process_group)
+
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor, valid_count: torch.Tensor) -> torch.Tensor:
+        if self.process_group is None:
+            reduction = "mean"
+        else:
+            reduction = "sum"
+            scale = torch.reciprocal(self._mean_count(valid_count)).to(logits.dtype)
+        loss = _cross_entropy_classes_last(
+            logits, target, ignore_index=IGNORE_INDEX, reduction=reduction, label_smoothing=0.0, fused=self.fused
+        )
+        return loss if self.process_group is None else loss * scale
 
 
 class HFCausalLMLossOfOutput(_LossOfOutput):
@@ -42,9 +75,7 @@ class HFCausalLMLossOfOutput(_LossOfOutput):
         # The labels shifted left with the last step ignored: the logits are used unsliced, as
         # (…, T, V) rows, so no (N, V) copy is made and the last step's gradient is written as zeros.
         shifted = torch.cat([labels[..., 1:], torch.full_like(labels[..., :1], IGNORE_INDEX)], dim=-1)
-        return _cross_entropy_classes_last(
-            logits, shifted, ignore_index=IGNORE_INDEX, reduction="mean", label_smoothing=0.0, fused=self.fused
-        )
+        return self._loss(logits, shifted, (shifted != IGNORE_INDEX).sum())
 
     def hvp(self, output: torch.Tensor, batch: dict[str, Any], u: torch.Tensor) -> torch.Tensor:
         labels = batch["labels"]
@@ -59,7 +90,7 @@ class HFCausalLMLossOfOutput(_LossOfOutput):
             _HYPERPARAMETERS,
             None,
             shift_period=labels.shape[-1],
-            valid_count=valid_count,
+            valid_count=self._mean_count(valid_count),
         )
 
 
@@ -67,9 +98,7 @@ class CrossEntropyLossOfOutput(_LossOfOutput):
     """Plain cross-entropy: logits (N, V) (or (…, V), classes last) and an ``(x, y)`` batch, mean over valid rows."""
 
     def __call__(self, logits: torch.Tensor, batch: tuple[Any, torch.Tensor]) -> torch.Tensor:
-        return _cross_entropy_classes_last(
-            logits, batch[1], ignore_index=IGNORE_INDEX, reduction="mean", label_smoothing=0.0, fused=self.fused
-        )
+        return self._loss(logits, batch[1], (batch[1] != IGNORE_INDEX).sum())
 
     def hvp(self, output: torch.Tensor, batch: tuple[Any, torch.Tensor], u: torch.Tensor) -> torch.Tensor:
         target = batch[1]
@@ -83,7 +112,7 @@ class CrossEntropyLossOfOutput(_LossOfOutput):
             _HYPERPARAMETERS,
             None,
             shift_period=0,
-            valid_count=None,
+            valid_count=None if self.process_group is None else self._mean_count((target != IGNORE_INDEX).sum()),
         )
 
 
@@ -97,11 +126,21 @@ def _check_tangent(output: torch.Tensor, u: torch.Tensor) -> None:
         raise ValueError(f"u ({u.dtype}) must have the output's dtype ({output.dtype})")
 
 
-def hf_lm_loss_of_output(fused: str = "auto") -> HFCausalLMLossOfOutput:
-    """Drop-in for ``hessian_eigenthings.hf_lm_loss_of_output()`` with curvkern's kernels and ``.hvp``."""
-    return HFCausalLMLossOfOutput(fused)
+def hf_lm_loss_of_output(
+    fused: str = "auto", *, process_group: dist.ProcessGroup | None = None
+) -> HFCausalLMLossOfOutput:
+    """Drop-in for ``hessian_eigenthings.hf_lm_loss_of_output()`` with curvkern's kernels and ``.hvp``.
+
+    ``process_group``: None (default) takes the mean over this process's valid tokens; a group takes it over
+    the valid tokens of all its ranks, for ``DDPHessianOperator`` (see the module docstring). Raises
+    RuntimeError if a group is given before ``torch.distributed`` is initialized.
+    """
+    return HFCausalLMLossOfOutput(fused, process_group)
 
 
-def cross_entropy_loss_of_output(fused: str = "auto") -> CrossEntropyLossOfOutput:
-    """``loss_of_output_fn`` for (N, V) logits and ``(x, y)`` batches, with ``.hvp``."""
-    return CrossEntropyLossOfOutput(fused)
+def cross_entropy_loss_of_output(
+    fused: str = "auto", *, process_group: dist.ProcessGroup | None = None
+) -> CrossEntropyLossOfOutput:
+    """``loss_of_output_fn`` for (N, V) logits and ``(x, y)`` batches, with ``.hvp``; ``process_group`` as
+    in :func:`hf_lm_loss_of_output`."""
+    return CrossEntropyLossOfOutput(fused, process_group)

@@ -1,0 +1,138 @@
+"""hessian-eigenthings' DDPHessianOperator with curvkern's loss objects on 2 gloo ranks (127.0.0.1) whose
+batches hold different numbers of valid tokens: with ``process_group=`` the matvec equals one process's
+over the union of the batches (fp64, 1e-12), and ``.hvp``'s rows are the union's rows times the world size.
+Without it the operator averages per-rank means, which differ: the comparison has teeth."""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from test_cross_entropy import TinyCausalLM
+from test_cross_entropy_shapes import free_port
+
+from curvkern import available_backends
+from curvkern.families import get_family
+from curvkern.integrations import eigenthings as ck_eigenthings
+
+he = pytest.importorskip("hessian_eigenthings")
+
+FAMILY = get_family("cross_entropy")
+WORLD_SIZE = 2
+TIMEOUT_S = 120
+FP64 = dict(rtol=1e-12, atol=1e-14)
+
+
+def rank_batches() -> list[dict[str, torch.Tensor]]:
+    """One (3, 5) batch per rank; after the causal shift rank 0 has 11 valid tokens and rank 1 has 4."""
+    gen = torch.Generator().manual_seed(1)
+    batches = []
+    for masked in ([(0, 2), (2, 4)], [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 4), (2, 1), (2, 2)]):
+        ids = torch.randint(0, 13, (3, 5), generator=gen)
+        labels = ids.clone()
+        for row, column in masked:
+            labels[row, column] = -100
+        batches.append({"input_ids": ids, "labels": labels})
+    return batches
+
+
+def union(batches):
+    return {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
+
+
+def model_and_vector():
+    torch.manual_seed(0)
+    model = TinyCausalLM().double()
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    return model, v
+
+
+def _rank_main(rank: int, port: int, out_dir: str, backends: list[str]) -> None:
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=datetime.timedelta(seconds=TIMEOUT_S),
+    )
+    try:
+        torch.set_num_threads(1)
+        model, v = model_and_vector()
+        batch = rank_batches()[rank]
+        forward = he.hf_lm_forward()
+        logits = forward(model, batch).detach()
+        u = torch.randn(logits.shape, dtype=logits.dtype, generator=torch.Generator().manual_seed(2 + rank))
+        results = {}
+        for backend in backends:
+            for grouped in (True, False):
+                loss = ck_eigenthings.hf_lm_loss_of_output(
+                    fused=backend, process_group=dist.group.WORLD if grouped else None
+                )
+                operator = he.DDPHessianOperator(model, [batch], lambda m, b, loss=loss: loss(forward(m, b), b))
+                results[backend, grouped, "matvec"] = operator.matvec(v)
+                results[backend, grouped, "hvp"] = loss.hvp(logits, batch, u)
+        torch.save({"u": u, "results": results}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    out_dir = str(tmp_path_factory.mktemp("ranks"))
+    backends = available_backends(FAMILY.name, "cpu")
+    context = multiprocessing.get_context("spawn")
+    port = free_port()
+    ranks = [context.Process(target=_rank_main, args=(r, port, out_dir, backends)) for r in range(WORLD_SIZE)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(TIMEOUT_S)
+    for process in ranks:
+        if process.is_alive():
+            process.kill()
+    assert [process.exitcode for process in ranks] == [0] * WORLD_SIZE, "a rank failed or timed out"
+    return backends, [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD_SIZE)]
+
+
+def test_uneven_valid_tokens_give_one_process_matvec(two_rank_results):
+    backends, ranks = two_rank_results
+    model, v = model_and_vector()
+    forward = he.hf_lm_forward()
+    torch_loss = he.hf_lm_loss_of_output()
+    expected = he.HessianOperator(model, [union(rank_batches())], lambda m, b: torch_loss(forward(m, b), b)).matvec(v)
+    assert expected.norm() > 0
+    for backend in backends:
+        for rank in ranks:
+            torch.testing.assert_close(rank["results"][backend, True, "matvec"], expected, **FP64)
+        # Per-rank means averaged: not the union's Hessian when the counts differ.
+        local = ranks[0]["results"][backend, False, "matvec"]
+        assert (local - expected).norm() > 1e-3 * expected.norm(), backend
+
+
+def test_uneven_valid_tokens_give_one_process_hvp_rows(two_rank_results):
+    """``.hvp`` on each rank, averaged over the ranks as DDPHessianOperator averages, row by row: the
+    union's ``.hvp`` rows (the rows of one rank's batch are independent of the others')."""
+    backends, ranks = two_rank_results
+    model, _ = model_and_vector()
+    batch = union(rank_batches())
+    logits = he.hf_lm_forward()(model, batch).detach()
+    u = torch.cat([rank["u"] for rank in ranks])
+    for backend in backends:
+        expected = ck_eigenthings.hf_lm_loss_of_output(fused=backend).hvp(logits, batch, u)
+        got = torch.cat([rank["results"][backend, True, "hvp"] for rank in ranks]) / WORLD_SIZE
+        torch.testing.assert_close(got, expected, **FP64)
+        local = torch.cat([rank["results"][backend, False, "hvp"] for rank in ranks]) / WORLD_SIZE
+        assert (local - expected).norm() > 1e-3 * expected.norm(), backend
+
+
+def test_process_group_needs_initialized_distributed():
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("a default process group exists in this process")
+    with pytest.raises(RuntimeError, match=r"initialized torch\.distributed"):
+        ck_eigenthings.cross_entropy_loss_of_output(process_group=object())
