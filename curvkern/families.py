@@ -47,6 +47,11 @@ class OptimizerStep(Protocol[StateT, HyperparametersT, StatsT]):
     - ``hyperparameters``: the family's record, built from the param group for this step; its ``lr`` is
       a float or a 0-dim tensor on the parameters' device.
 
+    - ``reduce_partials``: None, or (with the optimizer's ``process_group``) a function the step calls once,
+      between pass A and the scalar stage, on the group's partials (HysteroGrad: the 0-dim Σu²;
+      BiostatisV6: the float64 ``[7]`` column sums, element count first), and whose result, the sum over
+      the ranks, the scalar stage then reads. The lists may then be empty: the rank still joins the sum.
+
     Updates ``params`` and ``state`` in place and returns the family's per-group statistics as device
     tensors (HysteroGrad: ``[N̂, h, gate]`` in the group scalars' dtype; BiostatisV6:
     ``BiostatisScalars``, float64). It reads nothing back to the host, so a whole step can be captured
@@ -56,7 +61,12 @@ class OptimizerStep(Protocol[StateT, HyperparametersT, StatsT]):
     """
 
     def __call__(
-        self, params: list[torch.Tensor], grads: list[torch.Tensor], state: StateT, hyperparameters: HyperparametersT
+        self,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        state: StateT,
+        hyperparameters: HyperparametersT,
+        reduce_partials: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> StatsT: ...
 
 

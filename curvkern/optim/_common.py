@@ -9,9 +9,11 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 
 from curvkern._dispatch import check_fused, is_dtensor, select
 from curvkern.families import get_family
+from curvkern.optim._distributed import GroupReduction, check_process_group
 
 # Parameters in these dtypes keep fp32 optimizer state and do their math in fp32; the result is
 # written back to the parameter rounded to nearest even (a deliberate deviation from the originals,
@@ -260,7 +262,9 @@ def by_dtype(params: list[torch.Tensor], *companions: list) -> list[tuple[list, 
     A fused kernel streams one dtype at a time; a group that mixes dtypes (fp32 norms beside bf16
     weights) runs one call per dtype, in order of first appearance.
     """
-    if len({p.dtype for p in params}) <= 1:
+    if not params:
+        return []
+    if len({p.dtype for p in params}) == 1:
         return [(params, *companions)]
     buckets: dict[torch.dtype, list[int]] = {}
     for i, p in enumerate(params):
@@ -296,9 +300,26 @@ class FusedOptimizer(torch.optim.Optimizer):
     family: str  # the kernel family's name in curvkern.families.FAMILIES
     capturable: bool  # set by each optimizer's constructor
 
-    def __init__(self, params, defaults: dict, fused: str):
+    def __init__(self, params, defaults: dict, fused: str, process_group: dist.ProcessGroup | None = None):
         self.fused = check_fused(fused)
+        name = type(self).__name__
+        check_process_group(process_group, name)
+        if process_group is not None and self.capturable:
+            raise ValueError(f"{name}: capturable=True cannot be combined with process_group (a step then reads flags)")
+        # Like fused, an attribute: state_dict() does not carry it.
+        self.process_group = process_group
+        self._reduction = GroupReduction(process_group) if process_group is not None else None
         super().__init__(params, defaults)
+
+    def _groups_that_step(self) -> list[bool]:
+        """Per param group, whether it steps: it has a gradient here, or with ``process_group`` on any rank
+        of the group (the ranks must then all join its collective). One small collective per step."""
+        local = [any(p.grad is not None for p in group["params"]) for group in self.param_groups]
+        return local if self._reduction is None else self._reduction.any_rank(local)
+
+    def _group_device(self, group: dict) -> torch.device:
+        """The group's parameters' device; a rank that holds none of them joins the collective's device."""
+        return group["params"][0].device if group["params"] else self._reduction.device
 
     def _validate_group(self, group: dict) -> None:
         """Raise ValueError, naming the hyperparameter, unless ``group``'s are valid: the check of the

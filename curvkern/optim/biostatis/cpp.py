@@ -12,13 +12,15 @@ A group that mixes parameter dtypes runs one pair of calls per dtype around one 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from curvkern._dispatch import register
 from curvkern.families import BiostatisState
 from curvkern.hyperparameters import BiostatisHyperparameters
 from curvkern.optim._common import by_dtype, lr_tensor
-from curvkern.optim.biostatis.eager import BiostatisScalars
+from curvkern.optim.biostatis.eager import BiostatisScalars, biostatis_step as eager_biostatis_step
 
 _ops = torch.ops.curvkern
 _SCALAR_COLUMNS = 9  # h_G, e_G, h, e, τ, I, ascent, √bc2, coef
@@ -65,8 +67,11 @@ def biostatis_step(
     grads: list[torch.Tensor],
     state: BiostatisState,
     hyperparameters: BiostatisHyperparameters,
+    reduce_partials: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> BiostatisScalars:
     """One group's step, same contract as the eager ``biostatis_step``."""
+    if not params:  # a rank holding none of the group's gradients: no kernel to run, it joins the sum
+        return eager_biostatis_step(params, grads, state, hyperparameters, reduce_partials)
     exp_avgs, exp_avg_sqs, memory_emas, state_steps = state
     h = hyperparameters
     positions = list(range(len(params)))
@@ -74,6 +79,8 @@ def biostatis_step(
     beta1, beta2 = h.betas
     sums = [_ops.biostatis_sums(bucket[1], bucket[2], bucket[3], beta1, beta2) for bucket in buckets]
     group_sums = (sums[0] if len(sums) == 1 else torch.cat(sums)).sum(0)
+    if reduce_partials is not None:
+        group_sums = reduce_partials(group_sums)
     lr = lr_tensor(h.lr)
     columns = []
     for (b_params, b_grads, b_exp_avgs, b_exp_avg_sqs, b_emas, b_steps, _), b_sums in zip(buckets, sums):

@@ -36,7 +36,7 @@ divide by max(N, 1), so every scalar stays finite (the original gets NaN there a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -100,6 +100,8 @@ def biostatis_sums(
     is not written. Empty tensors give zero sums.
     """
     beta1, beta2 = betas
+    if not grads:
+        return torch.zeros((0, N_SUMS), dtype=torch.float64)
     rows = []
     for grad, exp_avg, exp_avg_sq in zip(grads, exp_avgs, exp_avg_sqs, strict=True):
         g = grad.to(exp_avg.dtype)
@@ -116,6 +118,13 @@ def biostatis_sums(
         )
         rows.append(row.to(torch.float64))
     return torch.stack(rows)
+
+
+def group_column_sums(sums: torch.Tensor, numels: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """The group's ``[ΣN, ΣS_gg, ΣS_th, ΣS_mg, ΣS_mm, ΣS_am, ΣS_sv]`` (float64): what the group gains read,
+    and what ``process_group=`` sums over the ranks."""
+    n = torch.as_tensor(numels, dtype=torch.float64).to(sums.device, non_blocking=True)
+    return torch.cat([n.sum().reshape(1), sums.to(torch.float64).sum(0)])
 
 
 def _tanh_default_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -141,12 +150,14 @@ def biostatis_scalars(
     lambda_energy: float,
     flip_threshold: float,
     ascent_strength: float,
+    group_sums: torch.Tensor | None = None,
 ) -> BiostatisScalars:
     """Scalar stage: gains and coefficients from pass A's sums, the element counts and the steps.
 
     ``sums`` is pass A's ``[n, 6]`` (for a sharded tensor: already all-reduced), ``numels`` the
     tensors' element counts, ``steps`` their (already incremented) step counts. Group means are
-    count-weighted: ``E_G = ΣS_gg / ΣN``.
+    count-weighted: ``E_G = ΣS_gg / ΣN``, from ``group_sums`` (:func:`group_column_sums` of these
+    tensors, or summed over a process group's ranks) when given.
     """
     f64 = torch.float64
     sums = sums.to(f64)
@@ -156,11 +167,14 @@ def biostatis_scalars(
     n = torch.as_tensor(numels, dtype=f64).to(device, non_blocking=True)
     t = steps.to(dtype=f64).to(device, non_blocking=True)
     gg, th, mg, mm, am, sv = sums.unbind(1)
+    if group_sums is None:
+        group_sums = group_column_sums(sums, n)
+    group_sums = group_sums.to(device=device, dtype=f64)
 
     # Global sensors and gains (per group).
-    n_group = n.sum().clamp_min(1.0)
-    energy_g = gg.sum() / n_group
-    coherence_g = th.sum() / n_group
+    n_group = group_sums[0].clamp_min(1.0)
+    energy_g = group_sums[1 + S_GG] / n_group
+    coherence_g = group_sums[1 + S_TH] / n_group
     h_global = 1.0 - GLOBAL_FACTOR * homeo_rate * _tanh_default_dtype(coherence_g - coherence_target)
     e_global = 1 + GLOBAL_FACTOR * lambda_energy * (energy_target - energy_g)
     e_global = _clip(GLOBAL_BLEND[0] * e_global + GLOBAL_BLEND[1], *GLOBAL_CLAMP)
@@ -192,6 +206,11 @@ def biostatis_scalars(
     step_size = (lr64 if isinstance(lr64, torch.Tensor) else torch.full_like(bc1, lr64)) / bc1
     coef = -step_size * h * e
     return BiostatisScalars(h_global, e_global, h, e, tau, importance, ascent, bc2.sqrt(), coef)
+
+
+def stacked_steps(state_steps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The tensors' step counts as one 1-dim tensor (empty for no tensors: a rank that only joins the sum)."""
+    return torch.stack(list(state_steps)) if state_steps else torch.zeros(0, dtype=torch.float32)
 
 
 def biostatis_update(
@@ -247,6 +266,7 @@ def biostatis_step(
     grads: list[torch.Tensor],
     state: BiostatisState,
     hyperparameters: BiostatisHyperparameters,
+    reduce_partials: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> BiostatisScalars:
     """One group's step over its active tensors (the contract: :class:`curvkern.families.OptimizerStep`);
     increments each 0-dim step count."""
@@ -255,10 +275,14 @@ def biostatis_step(
     for step in state_steps:
         step.add_(1)
     sums = biostatis_sums(grads, exp_avgs, exp_avg_sqs, betas=h.betas)
+    numels = [p.numel() for p in params]
+    group_sums = group_column_sums(sums, numels)
+    if reduce_partials is not None:
+        group_sums = reduce_partials(group_sums)
     scalars = biostatis_scalars(
         sums,
-        [p.numel() for p in params],
-        torch.stack(list(state_steps)),
+        numels,
+        stacked_steps(state_steps),
         lr=h.lr,
         betas=h.betas,
         homeo_rate=h.homeo_rate,
@@ -267,6 +291,7 @@ def biostatis_step(
         lambda_energy=h.lambda_energy,
         flip_threshold=h.flip_threshold,
         ascent_strength=h.ascent_strength,
+        group_sums=group_sums,
     )
     biostatis_update(
         params,

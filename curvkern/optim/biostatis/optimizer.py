@@ -6,6 +6,7 @@ import copy
 import functools
 
 import torch
+import torch.distributed as dist
 
 from curvkern._dispatch import select
 from curvkern.families import BiostatisState
@@ -75,6 +76,13 @@ class BiostatisV6(FusedOptimizer):
     - empty parameters get state and step counts like any other but add nothing to the group
       sums or element count, and are not updated.
 
+    ``process_group`` (a ``torch.distributed.ProcessGroup``, default None): for set-ups where each rank steps
+    whole tensors of every group (``ZeroRedundancyOptimizer``, through ``functools.partial`` since ZeRO takes
+    ``process_group=`` itself), the group statistics are summed over its ranks, so the step equals one
+    process's; every rank must step. None never communicates (right under DDP). An attribute like ``fused``,
+    not saved in ``state_dict()``. Raises RuntimeError before ``torch.distributed`` is initialized, and
+    ValueError with ``capturable=True`` (docs/distributed.md).
+
     Checks: DTensor parameters (FSDP2, tensor parallel) and other tensor subclasses raise TypeError
     at construction; ``step()`` raises RuntimeError, naming the group, parameter and state key, before
     any group moves, if a gradient or state tensor does not match its parameter (shape, dtype, device,
@@ -104,6 +112,7 @@ class BiostatisV6(FusedOptimizer):
         *,
         fused: str = "auto",
         capturable: bool = False,
+        process_group: dist.ProcessGroup | None = None,
     ):
         self.capturable = capturable
         defaults = dict(
@@ -120,7 +129,7 @@ class BiostatisV6(FusedOptimizer):
             flip_threshold=flip_threshold,
             ascent_strength=ascent_strength,
         )
-        super().__init__(params, defaults, fused)
+        super().__init__(params, defaults, fused, process_group)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -136,16 +145,16 @@ class BiostatisV6(FusedOptimizer):
                 loss = closure()
 
         self._check_step_inputs()  # every group, before the first one moves
-        for group in self.param_groups:
+        for group, steps_now in zip(self.param_groups, self._groups_that_step(), strict=True):
+            if not steps_now:
+                continue  # as the original: no decay, no state, no step counts
             params, grads = [], []
             for param in group["params"]:
                 grad = param.grad
                 if grad is not None:
                     params.append(param)
                     grads.append(grad)
-            if not params:
-                continue  # as the original: no decay, no state, no step counts
-            device = params[0].device
+            device = self._group_device(group)
 
             n_memories = len(group["memory_decays"])
             exp_avgs, exp_avg_sqs, memory_emas, state_steps = [], [], [], []
@@ -166,7 +175,7 @@ class BiostatisV6(FusedOptimizer):
 
             _, step_fn = select(self.family, self.fused, device)
             state = BiostatisState(exp_avgs, exp_avg_sqs, memory_emas, state_steps)
-            step_fn(params, grads, state, BiostatisHyperparameters.from_group(group, device))
+            step_fn(params, grads, state, BiostatisHyperparameters.from_group(group, device), self._reduction)
         return loss
 
     def _step_device(self, param: torch.Tensor) -> torch.device:

@@ -13,6 +13,8 @@ it only enters the Σ|tanh g| sums, within rounding of torch's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -21,6 +23,7 @@ from curvkern._dispatch import register
 from curvkern.families import BiostatisState
 from curvkern.hyperparameters import BiostatisHyperparameters
 from curvkern.optim._common import lr_as
+from curvkern.optim._distributed import refuse_reduction_under_compile
 from curvkern.optim._triton_multi_tensor import (
     BLOCK_SIZE,
     CHUNK_SIZE,
@@ -39,7 +42,13 @@ from curvkern.optim._triton_multi_tensor import (
     store_rounded,
     tensor_pointer,
 )
-from curvkern.optim.biostatis.eager import N_SUMS, BiostatisScalars, biostatis_scalars
+from curvkern.optim.biostatis.eager import (
+    N_SUMS,
+    BiostatisScalars,
+    biostatis_scalars,
+    biostatis_step as eager_biostatis_step,
+    group_column_sums,
+)
 
 # Roles in the chunk table (rows of its address table), the memory EMAs from FIRST_EMA on; constexpr,
 # because the kernels index the address table with them too.
@@ -277,6 +286,7 @@ def biostatis_step(
     grads: list[torch.Tensor],
     state: BiostatisState,
     hyperparameters: BiostatisHyperparameters,
+    reduce_partials: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> BiostatisScalars:
     """One group's step, as the eager ``biostatis_step``; increments each step count.
 
@@ -286,6 +296,7 @@ def biostatis_step(
     exp_avgs, exp_avg_sqs, memory_emas, state_steps = state
     h = hyperparameters
     if torch.compiler.is_compiling():
+        refuse_reduction_under_compile(reduce_partials, "BiostatisV6")
         # An op's schema takes no dataclass and no list of lists: the records' fields, flat, in their order
         # (_step_op rebuilds both).
         return BiostatisScalars(
@@ -310,6 +321,8 @@ def biostatis_step(
                 h.ascent_strength,
             )
         )
+    if not params:  # a rank holding none of the group's gradients: no kernel to run, it joins the sum
+        return eager_biostatis_step(params, grads, state, h, reduce_partials)
     device = params[0].device
     torch._foreach_add_(state_steps, 1)
     layout = DenseLayout(params, grads, [exp_avgs, exp_avg_sqs, *zip(*memory_emas)])
@@ -337,6 +350,9 @@ def biostatis_step(
                 BLOCK=BLOCK_SIZE,
             )
     sums = per_tensor_sums(table, partials, N_SUMS, EXP_AVG)
+    group_sums = group_column_sums(sums, table.numels)
+    if reduce_partials is not None:
+        group_sums = reduce_partials(group_sums)
 
     scalars = biostatis_scalars(
         sums,
@@ -350,6 +366,7 @@ def biostatis_step(
         lambda_energy=h.lambda_energy,
         flip_threshold=h.flip_threshold,
         ascent_strength=h.ascent_strength,
+        group_sums=group_sums,
     )
 
     # 1 − lr·wd on the device: a tensor lr may change between replays of a captured step.

@@ -8,6 +8,8 @@ run only when the gate is open). Their fake implementations below let ``torch.co
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from curvkern._dispatch import register
@@ -51,6 +53,7 @@ def hysterograd_step(
     grads: list[torch.Tensor],
     state: HysteroGradState,
     hyperparameters: HysteroGradHyperparameters,
+    reduce_partials: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One group's step, same contract as the eager ``hysterograd_step``: returns ``[N̂, h, gate]``."""
     metrics, tau, temp, energy = state
@@ -59,6 +62,8 @@ def hysterograd_step(
     buckets = by_dtype(params, grads, metrics)
     for _, bucket_grads, bucket_metrics in buckets:
         _ops.hysterograd_pass_a_(bucket_grads, bucket_metrics, accumulator, h.beta, h.epsilon, h.metric_scale)
+    if reduce_partials is not None:
+        accumulator = reduce_partials(accumulator)
     stats, neg_step_size = _ops.hysterograd_scalars_(
         accumulator,
         tau,

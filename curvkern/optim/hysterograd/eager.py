@@ -19,6 +19,8 @@ bf16/fp16 parameters keep G in fp32 and do all of this in fp32, then round p to 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from curvkern._dispatch import register
@@ -108,6 +110,7 @@ def hysterograd_step(
     grads: list[torch.Tensor],
     state: HysteroGradState,
     hyperparameters: HysteroGradHyperparameters,
+    reduce_partials: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One group's step (the contract: :class:`curvkern.families.OptimizerStep`). Returns ``[N̂, h, gate]``
     as one device tensor in the group scalars' dtype."""
@@ -115,6 +118,8 @@ def hysterograd_step(
     h = hyperparameters
     accumulator = torch.zeros((), dtype=tau.dtype, device=tau.device)
     steps = hysterograd_pass_a(grads, metrics, accumulator, beta=h.beta, epsilon=h.epsilon, metric_scale=h.metric_scale)
+    if reduce_partials is not None:
+        accumulator = reduce_partials(accumulator)
     g_norm, barrier, liquid, neg_step_size = hysterograd_scalars(
         accumulator,
         tau,

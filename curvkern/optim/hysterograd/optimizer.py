@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from curvkern._dispatch import select
 from curvkern.families import HysteroGradState
@@ -60,6 +61,13 @@ class HysteroGrad(FusedOptimizer):
     nearest even on store (the original keeps a bf16 ``G``); sparse gradients, complex parameters
     and a group spread over several devices raise.
 
+    ``process_group`` (a ``torch.distributed.ProcessGroup``, default None): for set-ups where each rank steps
+    whole tensors of every group (``ZeroRedundancyOptimizer``, through ``functools.partial`` since ZeRO takes
+    ``process_group=`` itself), the group statistics are summed over its ranks, so the step equals one
+    process's; every rank must step. None never communicates (right under DDP). An attribute like ``fused``,
+    not saved in ``state_dict()``. Raises RuntimeError before ``torch.distributed`` is initialized, and
+    ValueError with ``capturable=True`` (docs/distributed.md).
+
     Checks: DTensor parameters (FSDP2, tensor parallel) and other tensor subclasses raise TypeError
     at construction; ``step()`` raises RuntimeError, naming the group, parameter and state key, before
     any group moves, if a gradient or state tensor does not match its parameter (shape, dtype, device,
@@ -86,9 +94,12 @@ class HysteroGrad(FusedOptimizer):
         *,
         fused: str = "auto",
         capturable: bool = False,
+        process_group: dist.ProcessGroup | None = None,
     ):
         self.last_loss = None
         self.capturable = capturable
+        # The group scalars of param groups this rank holds no parameter of (process_group): nowhere else to go.
+        self._shareless_group_scalars: dict[int, dict[str, torch.Tensor]] = {}
         defaults = dict(
             lr=lr,
             stiffening_factor=stiffening_factor,
@@ -101,13 +112,16 @@ class HysteroGrad(FusedOptimizer):
             grad_clip=grad_clip,
             hysteresis_scale=hysteresis_scale,
         )
-        super().__init__(params, defaults, fused)
+        super().__init__(params, defaults, fused, process_group)
 
     def shock(self, factor: float = 0.5) -> None:
         """Scale τ by ``factor`` and raise T to at least 0.2 in every group that has stepped."""
         require_range("factor", factor, 0)
-        for group in self.param_groups:
-            scalars = self.state.get(group["params"][0], {}) if group["params"] else {}
+        for index, group in enumerate(self.param_groups):
+            if group["params"]:
+                scalars = self.state.get(group["params"][0], {})
+            else:  # a group this rank holds no parameter of (process_group)
+                scalars = self._shareless_group_scalars.get(index, {})
             if "group_tau" in scalars:
                 scalars["group_tau"].mul_(factor)
                 scalars["group_temp"].clamp_(min=0.2)
@@ -130,18 +144,23 @@ class HysteroGrad(FusedOptimizer):
 
         self._check_step_inputs()  # every group, before the first one moves
         group_stats = []
-        for group in self.param_groups:
-            if not group["params"]:
+        for index, (group, steps_now) in enumerate(zip(self.param_groups, self._groups_that_step(), strict=True)):
+            if group["params"]:
+                first_state = self.state[group["params"][0]]
+            elif steps_now:
+                first_state = self._shareless_group_scalars.setdefault(index, {})
+            else:
                 continue
-            device = group["params"][0].device
-            first_state = self.state[group["params"][0]]
-            if "group_tau" not in first_state:
+            device = self._group_device(group)
+            if "group_tau" not in first_state:  # as the original, also in a group without gradients
                 scalar_dtype = torch.get_default_dtype()
                 first_state["group_tau"] = torch.tensor(0.0, dtype=scalar_dtype, device=device)
                 first_state["group_temp"] = torch.tensor(
                     float(group["initial_temp"]), dtype=scalar_dtype, device=device
                 )
                 first_state["avg_energy"] = torch.tensor(0.0, dtype=scalar_dtype, device=device)
+            if not steps_now:
+                continue  # the original skips the group: τ, T, E do not advance
 
             params, grads, metrics = [], [], []
             for param in group["params"]:
@@ -154,14 +173,13 @@ class HysteroGrad(FusedOptimizer):
                 params.append(param)
                 grads.append(grad)
                 metrics.append(state["G"])
-            if not params:
-                continue  # the original skips the group: τ, T, E do not advance
 
             _, step_fn = select(self.family, self.fused, device)
             state = HysteroGradState(
                 metrics, first_state["group_tau"], first_state["group_temp"], first_state["avg_energy"]
             )
-            group_stats.append(step_fn(params, grads, state, HysteroGradHyperparameters.from_group(group, device)))
+            hyperparameters = HysteroGradHyperparameters.from_group(group, device)
+            group_stats.append(step_fn(params, grads, state, hyperparameters, self._reduction))
 
         # Skipped groups contribute 0 but still count: the original's means are diluted (docs/hysterograd.md).
         n_groups = len(self.param_groups)

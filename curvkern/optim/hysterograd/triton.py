@@ -18,6 +18,8 @@ never reaches a parameter.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -25,6 +27,7 @@ import triton.language as tl
 from curvkern._dispatch import register
 from curvkern.families import HysteroGradState
 from curvkern.hyperparameters import HysteroGradHyperparameters
+from curvkern.optim._distributed import refuse_reduction_under_compile
 from curvkern.optim._triton_multi_tensor import (
     BLOCK_SIZE,
     CHUNK_SIZE,
@@ -42,7 +45,7 @@ from curvkern.optim._triton_multi_tensor import (
     store_rounded,
     tensor_pointer,
 )
-from curvkern.optim.hysterograd.eager import hysterograd_scalars
+from curvkern.optim.hysterograd.eager import hysterograd_scalars, hysterograd_step as eager_hysterograd_step
 
 # Roles in the chunk table; constexpr, because the kernels index the address table with them too.
 PARAM, GRAD, METRIC = (tl.constexpr(role) for role in range(3))
@@ -177,6 +180,7 @@ def hysterograd_step(
     grads: list[torch.Tensor],
     state: HysteroGradState,
     hyperparameters: HysteroGradHyperparameters,
+    reduce_partials: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One group's step, as the eager ``hysterograd_step``. Returns ``[N̂, h, gate]`` on the device.
 
@@ -186,6 +190,7 @@ def hysterograd_step(
     metrics, tau, temp, energy = state
     h = hyperparameters
     if torch.compiler.is_compiling():
+        refuse_reduction_under_compile(reduce_partials, "HysteroGrad")
         # An op's schema takes no dataclass: the records' fields, flat, in their order (_step_op rebuilds both).
         return torch.ops.curvkern.hysterograd_triton_step_(
             params,
@@ -205,6 +210,8 @@ def hysterograd_step(
             h.grad_clip,
             h.hysteresis_scale,
         )
+    if not params:  # a rank holding none of the group's gradients: no kernel to run, it joins the sum
+        return eager_hysterograd_step(params, grads, state, h, reduce_partials)
     device = tau.device
     layout = DenseLayout(params, grads, [metrics])
     table = build_table(layout.roles, device, CHUNK_SIZE)
@@ -234,6 +241,8 @@ def hysterograd_step(
 
     accumulator = torch.empty((), dtype=tau.dtype, device=device)
     launch(_accumulate_kernel, (1,), sums, table.num_tensors, accumulator, SCALAR_DTYPE=TRITON_DTYPES[tau.dtype])
+    if reduce_partials is not None:
+        accumulator = reduce_partials(accumulator)
     g_norm, barrier, liquid, neg_step_size = hysterograd_scalars(
         accumulator,
         tau,

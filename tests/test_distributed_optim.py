@@ -1,0 +1,208 @@
+"""The optimizers under torch.distributed's ZeroRedundancyOptimizer on 2 gloo ranks (127.0.0.1): each rank
+steps whole tensors of every param group, and ``process_group=`` sums the group statistics over the ranks.
+Equal to one process holding every tensor after 10 steps (fp64 ≤ 1e-12, fp32 within the tolerance policy),
+HysteroGrad's returned tuple identical on every rank, for every CPU backend. The partition leaves one rank
+without any tensor of a group, and one tensor goes without a gradient for a step; without ``process_group``
+the results differ (the statistics stay local), so the comparison has teeth."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from test_cross_entropy_shapes import free_port
+from tolerance import BIOSTATIS_OPS, HYSTEROGRAD_OPS, assert_fused_close
+from torch.distributed.optim import ZeroRedundancyOptimizer
+
+from curvkern import available_backends
+from curvkern.optim import BiostatisV6, HysteroGrad
+
+WORLD_SIZE = 2
+STEPS = 10
+TIMEOUT_S = 240
+# ZeroRedundancyOptimizer's partition (largest first, to the rank with fewer elements so far): group 0's
+# tensors 0 and 3 on rank 0, 1 and 2 on rank 1; group 1's one tensor on rank 0, so rank 1 holds no tensor
+# of group 1.
+SHAPES = ([(6, 5), (29,), (3, 4), (5,)], [(7,)])
+# (step, group, tensor) without a gradient: at step 3 one of rank 1's tensors; at step 5 group 1 on every
+# rank (the group is skipped everywhere); at step 7 all of rank 1's share of group 0 (it must still step).
+NO_GRAD_AT = {(3, 0, 1), (5, 1, 0), (7, 0, 1), (7, 0, 2)}
+OPTIMIZERS = {
+    "HysteroGrad": (HysteroGrad, dict(lr=0.02, grad_clip=1.0), HYSTEROGRAD_OPS),
+    "BiostatisV6": (BiostatisV6, dict(lr=0.01, weight_decay=0.01), BIOSTATIS_OPS),
+}
+DTYPES = (torch.float64, torch.float32)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    """HysteroGrad keeps its group scalars (Σu², τ, T, E) in the default dtype, as the original: fp64 runs
+    make it fp64, so that the whole step is fp64."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
+def make_params(dtype):
+    gen = torch.Generator().manual_seed(0)
+    return [
+        [torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).requires_grad_() for shape in group]
+        for group in SHAPES
+    ]
+
+
+def set_grads(params, step: int) -> None:
+    gen = torch.Generator().manual_seed(100 + step)
+    for g, group in enumerate(params):
+        for t, p in enumerate(group):
+            grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * (0.5 + g)
+            p.grad = None if (step, g, t) in NO_GRAD_AT else grad
+
+
+def run(optimizer, params) -> list:
+    """STEPS steps; HysteroGrad is shocked once half-way (every rank's group scalars, held or not)."""
+    returned = []
+    for step in range(STEPS):
+        set_grads(params, step)
+        returned.append(optimizer.step())
+        local = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer's own optimizer
+        if step == STEPS // 2 and hasattr(local, "shock"):
+            local.shock(0.5)
+    return returned
+
+
+def cases(backends):
+    return [(name, backend, dtype) for name in OPTIMIZERS for backend in backends for dtype in DTYPES]
+
+
+def _rank_main(rank: int, port: int, out_dir: str, backends: list[str]) -> None:
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=datetime.timedelta(seconds=TIMEOUT_S),
+    )
+    try:
+        torch.set_num_threads(1)
+        results = {}
+        for name, backend, dtype in cases(backends):
+            cls, hyperparameters, _ = OPTIMIZERS[name]
+            for grouped in (True, False):
+                params = make_params(dtype)
+                group = dist.group.WORLD if grouped else None
+                zero = ZeroRedundancyOptimizer(
+                    [{"params": group_params} for group_params in params],
+                    optimizer_class=functools.partial(cls, fused=backend, process_group=group),
+                    **hyperparameters,
+                )
+                with default_dtype(dtype):
+                    returned = run(zero, params)
+                results[name, backend, dtype, grouped] = ([p.detach() for g in params for p in g], returned)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    out_dir = str(tmp_path_factory.mktemp("ranks"))
+    backends = available_backends("hysterograd", "cpu")
+    context = multiprocessing.get_context("spawn")
+    port = free_port()
+    processes = [context.Process(target=_rank_main, args=(r, port, out_dir, backends)) for r in range(WORLD_SIZE)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(TIMEOUT_S)
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+    assert [process.exitcode for process in processes] == [0] * WORLD_SIZE, "a rank failed or timed out"
+    return backends, [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD_SIZE)]
+
+
+def one_process(name: str, backend: str, dtype: torch.dtype):
+    cls, hyperparameters, _ = OPTIMIZERS[name]
+    params = make_params(dtype)
+    optimizer = cls([{"params": g} for g in params], fused=backend, **hyperparameters)
+    with default_dtype(dtype):
+        returned = run(optimizer, params)
+    return [p.detach() for g in params for p in g], returned
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_zero_with_process_group_equals_one_process(ranks, name):
+    backends, per_rank = ranks
+    _, _, ops = OPTIMIZERS[name]
+    for backend in backends:
+        for dtype in DTYPES:
+            expected_params, expected_returned = one_process(name, backend, dtype)
+            for rank in per_rank:
+                params, returned = rank[name, backend, dtype, True]
+                for got, want in zip(params, expected_params, strict=True):
+                    assert_fused_close(
+                        got, want, dtype=dtype, ops=ops, reduction_length=sum(p.numel() for p in params), steps=STEPS
+                    )
+                if name == "HysteroGrad":
+                    assert returned == per_rank[0][name, backend, dtype, True][1]  # identical on every rank
+                    for (status, g_norm, h), (want_status, want_g_norm, want_h) in zip(returned, expected_returned):
+                        assert status == want_status
+                        assert_fused_close([g_norm, h], [want_g_norm, want_h], dtype=dtype, ops=ops, steps=STEPS)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_zero_without_process_group_is_not_one_process(ranks, name):
+    backends, per_rank = ranks
+    for backend in backends:
+        expected_params, _ = one_process(name, backend, torch.float64)
+        params, _ = per_rank[0][name, backend, torch.float64, False]
+        worst = max(((got - want).norm() / want.norm()).item() for got, want in zip(params, expected_params))
+        assert worst > 1e-9, (backend, worst)
+
+
+def test_process_group_is_checked():
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("a default process group exists in this process")
+    p = torch.zeros(2, requires_grad=True)
+    for cls in (HysteroGrad, BiostatisV6):
+        with pytest.raises(RuntimeError, match=r"initialized torch\.distributed"):
+            cls([p], process_group=object())
+
+
+def test_zero_example_runs_under_torchrun():
+    """examples/zero_optimizers.py, as docs/distributed.md tells users to run it: every rank prints the same."""
+    root = Path(__file__).resolve().parents[1]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(WORLD_SIZE),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        str(root / "examples" / "zero_optimizers.py"),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # The ranks share one stdout: their lines may interleave, so read the records, not the lines.
+    records = re.findall(r"rank (\d): (\w+) loss ([\d.]+)", done.stdout)
+    by_rank = {rank: sorted(record[1:] for record in records if record[0] == rank) for rank in ("0", "1")}
+    assert len(by_rank["0"]) == 2 and by_rank["0"] == by_rank["1"], done.stdout
