@@ -17,13 +17,13 @@ from curvkern.optim import BiostatisV6, HysteroGrad
 
 
 def main() -> None:
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo")  # before the optimizers: dist.group.WORLD is None until then
     rank = dist.get_rank()
-    torch.manual_seed(0)  # the same model on every rank
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
     data = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
     target = torch.randn(64, 4, generator=torch.Generator().manual_seed(2))
     for optimizer_class in (HysteroGrad, BiostatisV6):
+        torch.manual_seed(0)  # a fresh model for each optimizer, the same on every rank
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
         optimizer = ZeroRedundancyOptimizer(
             model.parameters(),
             optimizer_class=functools.partial(optimizer_class, process_group=dist.group.WORLD),

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from curvkern._dispatch import check_fused, select
 from curvkern.ce.function import FAMILY, _check_arguments, _check_not_dtensor, _cross_entropy_classes_last, _hvp_into
 from curvkern.hyperparameters import CrossEntropyHyperparameters
+from curvkern.optim._distributed import check_process_group
 
 IGNORE_INDEX = -100
 # What hessian-eigenthings' losses compute: the mean over the valid rows, no label smoothing.
@@ -38,8 +39,7 @@ _HYPERPARAMETERS = CrossEntropyHyperparameters(ignore_index=IGNORE_INDEX, reduct
 class _LossOfOutput:
     def __init__(self, fused: str = "auto", process_group: dist.ProcessGroup | None = None) -> None:
         self.fused = check_fused(fused)
-        if process_group is not None and not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("process_group= needs an initialized torch.distributed default process group")
+        check_process_group(process_group, type(self).__name__)
         self.process_group = process_group
 
     def _kernels(self, device: torch.device):
@@ -132,8 +132,9 @@ def hf_lm_loss_of_output(
     """Drop-in for ``hessian_eigenthings.hf_lm_loss_of_output()`` with curvkern's kernels and ``.hvp``.
 
     ``process_group``: None (default) takes the mean over this process's valid tokens; a group takes it over
-    the valid tokens of all its ranks, for ``DDPHessianOperator`` (see the module docstring). Raises
-    RuntimeError if a group is given before ``torch.distributed`` is initialized.
+    the valid tokens of all its ranks, for ``DDPHessianOperator`` (see the module docstring). Build it after
+    ``init_process_group``: before, ``dist.group.WORLD`` is None. Raises TypeError for anything but a
+    ``ProcessGroup`` or None, RuntimeError for a group whose default group was destroyed.
     """
     return HFCausalLMLossOfOutput(fused, process_group)
 

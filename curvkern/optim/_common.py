@@ -315,7 +315,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Per param group, whether it steps: it has a gradient here, or with ``process_group`` on any rank
         of the group (the ranks must then all join its collective). One small collective per step."""
         local = [any(p.grad is not None for p in group["params"]) for group in self.param_groups]
-        return local if self._reduction is None else self._reduction.any_rank(local)
+        if self._reduction is None:
+            return local
+        if self.capturable:  # set after construction, where it is checked
+            raise ValueError(f"{type(self).__name__}: capturable=True cannot be combined with process_group")
+        return self._reduction.any_rank(local)
 
     def _group_device(self, group: dict) -> torch.device:
         """The group's parameters' device; a rank that holds none of them joins the collective's device."""

@@ -12,16 +12,21 @@ import torch
 import torch.distributed as dist
 
 
-def check_process_group(process_group: object, optimizer: str) -> None:
-    """Raise unless ``process_group`` is None or a group of an initialized ``torch.distributed``."""
+def check_process_group(process_group: object, owner: str) -> None:
+    """Raise unless ``process_group`` is None or a group of an initialized ``torch.distributed``: TypeError for
+    anything else, RuntimeError for a group whose default group is gone (``destroy_process_group``).
+
+    None means "no communication". Before ``init_process_group``, ``dist.group.WORLD`` *is* None, so an
+    object built then with ``process_group=dist.group.WORLD`` would never communicate: build it after.
+    """
     if process_group is None:
         return
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(f"{optimizer}: process_group= needs an initialized torch.distributed default group")
-    if not isinstance(process_group, dist.ProcessGroup):
+    if not dist.is_available() or not isinstance(process_group, dist.ProcessGroup):
         raise TypeError(
-            f"{optimizer}: process_group must be a torch.distributed.ProcessGroup or None, got {process_group!r}"
+            f"{owner}: process_group must be a torch.distributed.ProcessGroup or None, got {process_group!r}"
         )
+    if not dist.is_initialized():
+        raise RuntimeError(f"{owner}: process_group= needs an initialized torch.distributed default group")
 
 
 def collective_device(process_group: dist.ProcessGroup) -> torch.device:

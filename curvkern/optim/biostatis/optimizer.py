@@ -80,8 +80,9 @@ class BiostatisV6(FusedOptimizer):
     whole tensors of every group (``ZeroRedundancyOptimizer``, through ``functools.partial`` since ZeRO takes
     ``process_group=`` itself), the group statistics are summed over its ranks, so the step equals one
     process's; every rank must step. None never communicates (right under DDP). An attribute like ``fused``,
-    not saved in ``state_dict()``. Raises RuntimeError before ``torch.distributed`` is initialized, and
-    ValueError with ``capturable=True`` (docs/distributed.md).
+    not saved in ``state_dict()``. Build the optimizer after ``init_process_group`` (``dist.group.WORLD`` is
+    None before). Raises TypeError for anything but a ``ProcessGroup`` or None, RuntimeError for a group whose
+    default group was destroyed, ValueError with ``capturable=True`` (docs/distributed.md).
 
     Checks: DTensor parameters (FSDP2, tensor parallel) and other tensor subclasses raise TypeError
     at construction; ``step()`` raises RuntimeError, naming the group, parameter and state key, before
