@@ -8,12 +8,12 @@ instead of an error.
 
 import datetime
 import math
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from multiprocess_ranks import free_port
 from test_cross_entropy import loss_grad_hvp
 
 import curvkern
@@ -272,12 +272,6 @@ def test_eigenthings_objects_keep_classes_last(backend, device):
 
 
 # --- DTensor ------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

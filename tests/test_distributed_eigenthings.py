@@ -5,15 +5,11 @@ Without it the operator averages per-rank means, which differ: the comparison ha
 
 from __future__ import annotations
 
-import datetime
-import multiprocessing
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
+from multiprocess_ranks import init_gloo, rank_output, run_ranks
 from test_cross_entropy import TinyCausalLM
-from test_cross_entropy_shapes import free_port
 
 from curvkern import available_backends
 from curvkern.families import get_family
@@ -52,13 +48,7 @@ def model_and_vector():
 
 
 def _rank_main(rank: int, port: int, out_dir: str, backends: list[str]) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=datetime.timedelta(seconds=TIMEOUT_S),
-    )
+    init_gloo(rank, WORLD_SIZE, port, TIMEOUT_S)
     try:
         torch.set_num_threads(1)
         model, v = model_and_vector()
@@ -75,29 +65,16 @@ def _rank_main(rank: int, port: int, out_dir: str, backends: list[str]) -> None:
                 operator = he.DDPHessianOperator(model, [batch], lambda m, b, loss=loss: loss(forward(m, b), b))
                 results[backend, grouped, "matvec"] = operator.matvec(v)
                 results[backend, grouped, "hvp"] = loss.hvp(logits, batch, u)
-        torch.save({"u": u, "results": results}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save({"u": u, "results": results}, rank_output(out_dir, rank))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    out_dir = str(tmp_path_factory.mktemp("ranks"))
     backends = available_backends(FAMILY.name, "cpu")
-    context = multiprocessing.get_context("spawn")
-    port = free_port()
-    ranks = [context.Process(target=_rank_main, args=(r, port, out_dir, backends)) for r in range(WORLD_SIZE)]
-    for process in ranks:
-        process.start()
-    for process in ranks:
-        process.join(TIMEOUT_S)
-    for process in ranks:
-        if process.is_alive():
-            process.kill()
-    assert [process.exitcode for process in ranks] == [0] * WORLD_SIZE, "a rank failed or timed out"
-    return backends, [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD_SIZE)]
+    out_dir = str(tmp_path_factory.mktemp("ranks"))
+    return backends, run_ranks(_rank_main, WORLD_SIZE, TIMEOUT_S, out_dir, backends)
 
 
 def test_uneven_valid_tokens_give_one_process_matvec(two_rank_results):

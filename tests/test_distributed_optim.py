@@ -8,10 +8,7 @@ the results differ (the statistics stay local), so the comparison has teeth."""
 from __future__ import annotations
 
 import contextlib
-import datetime
 import functools
-import multiprocessing
-import os
 import re
 import subprocess
 import sys
@@ -20,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from test_cross_entropy_shapes import free_port
+from multiprocess_ranks import free_port, init_gloo, rank_output, run_ranks
 from tolerance import BIOSTATIS_OPS, HYSTEROGRAD_OPS, assert_fused_close
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -89,13 +86,7 @@ def cases(backends):
 
 
 def _rank_main(rank: int, port: int, out_dir: str, backends: list[str]) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=datetime.timedelta(seconds=TIMEOUT_S),
-    )
+    init_gloo(rank, WORLD_SIZE, port, TIMEOUT_S)
     try:
         torch.set_num_threads(1)
         results = {}
@@ -114,7 +105,7 @@ def _rank_main(rank: int, port: int, out_dir: str, backends: list[str]) -> None:
                 results[name, backend, dtype, grouped] = ([p.detach() for g in params for p in g], returned)
         for name in OPTIMIZERS:
             results[name, "resumed"] = resumed_from_checkpoint(name)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(results, rank_output(out_dir, rank))
     finally:
         dist.destroy_process_group()
 
@@ -154,22 +145,9 @@ def resumed_from_checkpoint(name: str) -> list[float]:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    out_dir = str(tmp_path_factory.mktemp("ranks"))
     backends = available_backends("hysterograd", "cpu")
-    context = multiprocessing.get_context("spawn")
-    port = free_port()
-    processes = [context.Process(target=_rank_main, args=(r, port, out_dir, backends)) for r in range(WORLD_SIZE)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(TIMEOUT_S)
-    for process in processes:
-        if process.is_alive():
-            process.kill()
-    assert [process.exitcode for process in processes] == [0] * WORLD_SIZE, "a rank failed or timed out"
-    return backends, [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD_SIZE)]
+    out_dir = str(tmp_path_factory.mktemp("ranks"))
+    return backends, run_ranks(_rank_main, WORLD_SIZE, TIMEOUT_S, out_dir, backends)
 
 
 def one_process(name: str, backend: str, dtype: torch.dtype):

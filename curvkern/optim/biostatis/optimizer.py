@@ -76,13 +76,13 @@ class BiostatisV6(FusedOptimizer):
     - empty parameters get state and step counts like any other but add nothing to the group
       sums or element count, and are not updated.
 
-    ``process_group`` (a ``torch.distributed.ProcessGroup``, default None): for set-ups where each rank steps
-    whole tensors of every group (``ZeroRedundancyOptimizer``, through ``functools.partial`` since ZeRO takes
-    ``process_group=`` itself), the group statistics are summed over its ranks, so the step equals one
-    process's; every rank must step. None never communicates (right under DDP). An attribute like ``fused``,
-    not saved in ``state_dict()``. Build the optimizer after ``init_process_group`` (``dist.group.WORLD`` is
-    None before). Raises TypeError for anything but a ``ProcessGroup`` or None, RuntimeError for a group whose
-    default group was destroyed, ValueError with ``capturable=True`` (docs/distributed.md).
+    ``process_group`` (default None): a ``torch.distributed.ProcessGroup`` over which the group energy and
+    coherence (the column sums Σg², Σ|tanh g|, … and the element count) are summed when each rank steps
+    whole tensors, as under ``ZeroRedundancyOptimizer`` (give it through ``functools.partial``); the
+    per-tensor statistics stay local. The step then equals one process's. None, right under DDP, never
+    communicates. Like ``fused`` it is not in ``state_dict()``. Build after ``init_process_group``, where
+    ``dist.group.WORLD`` stops being None. Raises TypeError (not a group), RuntimeError (default group
+    destroyed), ValueError (with ``capturable=True``); see docs/distributed.md.
 
     Checks: DTensor parameters (FSDP2, tensor parallel) and other tensor subclasses raise TypeError
     at construction; ``step()`` raises RuntimeError, naming the group, parameter and state key, before

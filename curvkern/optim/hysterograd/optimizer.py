@@ -61,13 +61,13 @@ class HysteroGrad(FusedOptimizer):
     nearest even on store (the original keeps a bf16 ``G``); sparse gradients, complex parameters
     and a group spread over several devices raise.
 
-    ``process_group`` (a ``torch.distributed.ProcessGroup``, default None): for set-ups where each rank steps
-    whole tensors of every group (``ZeroRedundancyOptimizer``, through ``functools.partial`` since ZeRO takes
-    ``process_group=`` itself), the group statistics are summed over its ranks, so the step equals one
-    process's; every rank must step. None never communicates (right under DDP). An attribute like ``fused``,
-    not saved in ``state_dict()``. Build the optimizer after ``init_process_group`` (``dist.group.WORLD`` is
-    None before). Raises TypeError for anything but a ``ProcessGroup`` or None, RuntimeError for a group whose
-    default group was destroyed, ValueError with ``capturable=True`` (docs/distributed.md).
+    ``process_group`` (a ``torch.distributed.ProcessGroup``, default None) is for ``ZeroRedundancyOptimizer``
+    (pass it through ``functools.partial``): each rank steps whole tensors, and each group's Σu², behind
+    N̂, the clip and the gate, is summed over the ranks, so every rank steps and returns as one process
+    would. None never communicates, as DDP needs. Not saved in ``state_dict()``; create the optimizer after
+    ``init_process_group`` (``dist.group.WORLD`` is None before). TypeError for anything but a group or
+    None, RuntimeError once its default group is destroyed, ValueError with ``capturable=True``
+    (docs/distributed.md).
 
     Checks: DTensor parameters (FSDP2, tensor parallel) and other tensor subclasses raise TypeError
     at construction; ``step()`` raises RuntimeError, naming the group, parameter and state key, before
