@@ -226,3 +226,23 @@ def test_zero_example_runs_under_torchrun():
     records = re.findall(r"rank (\d): (\w+) loss ([\d.]+)", done.stdout)
     by_rank = {rank: sorted(record[1:] for record in records if record[0] == rank) for rank in ("0", "1")}
     assert len(by_rank["0"]) == 2 and by_rank["0"] == by_rank["1"], done.stdout
+
+
+def test_capturable_with_process_group_raises():
+    """At construction, and at step() when ``capturable`` is set afterwards (1-rank gloo group in-process)."""
+    if not dist.is_available() or not dist.is_gloo_available() or dist.is_initialized():
+        pytest.skip("needs gloo and no default process group in this process")
+    init_gloo(0, 1, free_port(), TIMEOUT_S)
+    try:
+        for cls in (HysteroGrad, BiostatisV6):
+            p = torch.zeros(3, requires_grad=True)
+            with pytest.raises(ValueError, match="capturable=True cannot be combined with process_group"):
+                cls([p], capturable=True, process_group=dist.group.WORLD)
+            optimizer = cls([p], process_group=dist.group.WORLD)
+            p.grad = torch.ones(3)
+            optimizer.step()
+            optimizer.capturable = True
+            with pytest.raises(ValueError, match="capturable=True cannot be combined with process_group"):
+                optimizer.step()
+    finally:
+        dist.destroy_process_group()

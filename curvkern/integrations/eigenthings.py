@@ -55,15 +55,16 @@ class _LossOfOutput:
         return total.double() / dist.get_world_size(self.process_group)
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor, valid_count: torch.Tensor) -> torch.Tensor:
-        if self.process_group is None:
-            reduction = "mean"
-        else:
-            reduction = "sum"
-            scale = torch.reciprocal(self._mean_count(valid_count)).to(logits.dtype)
+        local = self.process_group is None
         loss = _cross_entropy_classes_last(
-            logits, target, ignore_index=IGNORE_INDEX, reduction=reduction, label_smoothing=0.0, fused=self.fused
+            logits,
+            target,
+            ignore_index=IGNORE_INDEX,
+            reduction="mean" if local else "sum",
+            label_smoothing=0.0,
+            fused=self.fused,
         )
-        return loss if self.process_group is None else loss * scale
+        return loss if local else loss * torch.reciprocal(self._mean_count(valid_count)).to(logits.dtype)
 
 
 class HFCausalLMLossOfOutput(_LossOfOutput):

@@ -302,14 +302,21 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, defaults: dict, fused: str, process_group: dist.ProcessGroup | None = None):
         self.fused = check_fused(fused)
-        name = type(self).__name__
-        check_process_group(process_group, name)
-        if process_group is not None and self.capturable:
-            raise ValueError(f"{name}: capturable=True cannot be combined with process_group (a step then reads flags)")
+        check_process_group(process_group, type(self).__name__)
         # Like fused, an attribute: state_dict() does not carry it.
         self.process_group = process_group
         self._reduction = GroupReduction(process_group) if process_group is not None else None
+        self._refuse_capturable_with_process_group()
         super().__init__(params, defaults)
+
+    def _refuse_capturable_with_process_group(self) -> None:
+        """A step with ``process_group`` reads the groups' activity flags on the host, which a captured step
+        cannot: raise ValueError, at construction and again at each step (``capturable`` may be set later)."""
+        if self._reduction is not None and self.capturable:
+            raise ValueError(
+                f"{type(self).__name__}: capturable=True cannot be combined with process_group "
+                "(a step then reads flags)"
+            )
 
     def _groups_that_step(self) -> list[bool]:
         """Per param group, whether it steps: it has a gradient here, or with ``process_group`` on any rank
@@ -317,8 +324,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         local = [any(p.grad is not None for p in group["params"]) for group in self.param_groups]
         if self._reduction is None:
             return local
-        if self.capturable:  # set after construction, where it is checked
-            raise ValueError(f"{type(self).__name__}: capturable=True cannot be combined with process_group")
+        self._refuse_capturable_with_process_group()
         return self._reduction.any_rank(local)
 
     def _group_device(self, group: dict) -> torch.device:
