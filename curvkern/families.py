@@ -20,11 +20,14 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 import torch
 
 from curvkern.hyperparameters import BiostatisHyperparameters, CrossEntropyHyperparameters, HysteroGradHyperparameters
+
+if TYPE_CHECKING:
+    from curvkern.optim._distributed import GroupReduction
 
 BACKENDS = ("eager", "cpp", "triton")
 OPTIMIZER = "optimizer"
@@ -47,10 +50,13 @@ class OptimizerStep(Protocol[StateT, HyperparametersT, StatsT]):
     - ``hyperparameters``: the family's record, built from the param group for this step; its ``lr`` is
       a float or a 0-dim tensor on the parameters' device.
 
-    - ``reduce_partials``: None, or (with the optimizer's ``process_group``) a function the step calls once,
-      between pass A and the scalar stage, on the group's partials (HysteroGrad: the 0-dim Σu²;
-      BiostatisV6: the float64 ``[7]`` column sums, element count first), and whose result, the sum over
-      the ranks, the scalar stage then reads. The lists may then be empty: the rank still joins the sum.
+    - ``reduce_partials``: None, or (with the optimizer's ``process_group``, or for a group of DTensor
+      parameters, whose local shards the lists then hold) a
+      :class:`~curvkern.optim._distributed.GroupReduction` the step calls once, between pass A and the
+      scalar stage; the scalar stage reads what it returns, summed over the ranks. HysteroGrad calls it on
+      the 0-dim Σu², taken over the tensors its ``counted`` marks (all when None); BiostatisV6 calls its
+      ``tensor_and_group_sums`` on the float64 ``[n, 7]`` rows (element count, then the six sums). The lists
+      may be empty: the rank still joins the sum.
 
     Updates ``params`` and ``state`` in place and returns the family's per-group statistics as device
     tensors (HysteroGrad: ``[N̂, h, gate]`` in the group scalars' dtype; BiostatisV6:
@@ -66,7 +72,7 @@ class OptimizerStep(Protocol[StateT, HyperparametersT, StatsT]):
         grads: list[torch.Tensor],
         state: StateT,
         hyperparameters: HyperparametersT,
-        reduce_partials: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        reduce_partials: GroupReduction | None = None,
     ) -> StatsT: ...
 
 

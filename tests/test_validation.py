@@ -377,16 +377,18 @@ def one_rank_mesh():
 
 
 @pytest.mark.parametrize("family,backend", CASES, ids=CASE_IDS)
-def test_a_dtensor_parameter_is_refused_with_what_is_supported(family, backend, one_rank_mesh):
+def test_a_dtensor_group_steps_and_a_mixed_group_is_refused(family, backend, one_rank_mesh):
+    """DTensor groups step their local shards (tests/test_distributed_dtensor_optim.py checks the numbers);
+    a group mixing DTensors and plain tensors has no one reduction: TypeError, and the optimizer unchanged."""
     from torch.distributed.tensor import distribute_tensor
 
     sharded = torch.nn.Parameter(distribute_tensor(torch.zeros(4), one_rank_mesh))
-    pattern = r"parameter 0 in param group 0 is a DTensor.*not supported yet.*DDP.*per-rank param groups"
-    with pytest.raises(TypeError, match=pattern):
-        OPTIMIZERS[family]([sharded], fused=backend)
+    sharded.grad = distribute_tensor(torch.ones(4), one_rank_mesh)
+    OPTIMIZERS[family]([sharded], fused=backend).step()
+    assert sharded.to_local().ne(0).all()
     _, opt = make(family, backend)
-    with pytest.raises(TypeError, match=r"param group 2 is a DTensor"):
-        opt.add_param_group({"params": [sharded]})
+    with pytest.raises(TypeError, match=r"param group 2 mixes DTensor and plain parameters \(parameter 1 is"):
+        opt.add_param_group({"params": [sharded, torch.zeros(2, requires_grad=True)]})
     assert len(opt.param_groups) == 2
 
 

@@ -507,8 +507,9 @@ at::Tensor biostatis_update_(at::TensorList params, at::TensorList grads, at::Te
   const at::Tensor sum_table = sums.contiguous();
   const double* rows = sum_table.const_data_ptr<double>();
   for (int64_t t = 0; t < n; ++t) {
-    TORCH_CHECK(rows[t * kSumColumns + kColNumel] == static_cast<double>(params[t].numel()), op, ": sums row ", t,
-                " does not belong to parameter ", t);
+    // A sharded tensor's row is summed over its shards (docs/distributed.md): it counts at least the local ones.
+    TORCH_CHECK(rows[t * kSumColumns + kColNumel] >= static_cast<double>(params[t].numel()), op, ": sums row ", t,
+                " counts fewer elements than parameter ", t, " holds: it does not belong to it");
   }
   std::vector<double> step_counts(n);
   for (int64_t t = 0; t < n; ++t) step_counts[t] = advance_step(steps[t], op);

@@ -13,7 +13,17 @@ import torch.distributed as dist
 
 from curvkern._dispatch import check_fused, is_dtensor, select
 from curvkern.families import get_family
-from curvkern.optim._distributed import GroupReduction, check_process_group
+from curvkern.optim._distributed import (
+    GroupReduction,
+    ShardReduction,
+    check_process_group,
+    counts_here,
+    local_gradients,
+    local_state_entry,
+    local_tensors,
+    mesh_group,
+    sharded_group_mesh,
+)
 
 # Parameters in these dtypes keep fp32 optimizer state and do their math in fp32; the result is
 # written back to the parameter rounded to nearest even (a deliberate deviation from the originals,
@@ -82,8 +92,9 @@ def parameter_name(group_index: int | None, param_index: int) -> str:
 def check_params(name: str, params: list[torch.Tensor], group_index: int | None = None) -> torch.device | None:
     """Reject what no backend supports; return the one device the tensors share (None if empty).
 
-    Raises TypeError for a tensor subclass (a DTensor: FSDP2, tensor parallel), a sparse or other
-    non-strided layout, a complex or non-floating dtype; RuntimeError for a group on several devices.
+    Raises TypeError for a tensor subclass, a sparse or other non-strided layout, a complex or non-floating
+    dtype; RuntimeError for a group on several devices. DTensor parameters are checked here as their local
+    shards (:meth:`FusedOptimizer.add_param_group` unwraps them).
     """
     if not params:
         return None
@@ -114,16 +125,10 @@ def _check_params_one_by_one(name: str, params: list[torch.Tensor], group_index:
     device = None
     for index, p in enumerate(params):
         if type(p) not in _PLAIN:
-            where = parameter_name(group_index, index)
-            if is_dtensor(p):
-                raise TypeError(
-                    f"{name}: {where} is a DTensor; DTensor parameters (FSDP2's fully_shard, tensor parallel) "
-                    f"are not supported yet. Supported: plain tensors, on one device per param group, which "
-                    f"covers DDP (every rank steps its whole replica) and per-rank param groups"
-                )
             raise TypeError(
-                f"{name}: {where} is a {type(p).__module__}.{type(p).__qualname__}; the kernels address the "
-                f"memory of plain tensors (torch.Tensor, nn.Parameter) only, not of tensor subclasses"
+                f"{name}: {parameter_name(group_index, index)} is a {type(p).__module__}.{type(p).__qualname__}; "
+                f"the kernels address the memory of plain tensors (torch.Tensor, nn.Parameter, and the local "
+                f"shards of DTensors) only, not of other tensor subclasses"
             )
         if p.layout != torch.strided or p.is_nested:
             raise TypeError(
@@ -327,6 +332,30 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._refuse_capturable_with_process_group()
         return self._reduction.any_rank(local)
 
+    def _run_step(self, step_fn, params: list, grads: list, state: tuple, hyperparameters):
+        """``step_fn`` of the selected backend on one group's active tensors. A group of DTensors steps their local
+        shards, with a :class:`ShardReduction` over its mesh summing each tensor's partials over its shards."""
+        reduction = self._reduction
+        if params and is_dtensor(params[0]):
+            reduction = ShardReduction(mesh_group(params[0].device_mesh), list(map(counts_here, params)))
+            params, grads = local_tensors(params), local_tensors(grads)
+            state = type(state)(*map(local_tensors, state))
+        return step_fn(params, grads, state, hyperparameters, reduction)
+
+    def _local_view(self, group_index: int, group: dict, state: Mapping) -> tuple[dict, Mapping]:
+        """``group`` and ``state`` as the kernels see them: for a group of DTensors, the local shards of its
+        parameters and of their state (checked to be laid out like the parameters), else unchanged."""
+        params = group["params"]
+        if not params or not is_dtensor(params[0]):
+            return group, state
+        name = type(self).__name__
+        local_state = {
+            param.to_local(): local_state_entry(name, parameter_name(group_index, index), param, state[param])
+            for index, param in enumerate(params)
+            if param in state
+        }
+        return {**group, "params": local_tensors(params)}, local_state
+
     def _group_device(self, group: dict) -> torch.device:
         """The group's parameters' device; a rank that holds none of them joins the collective's device."""
         return group["params"][0].device if group["params"] else self._reduction.device
@@ -350,9 +379,18 @@ class FusedOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        name, group_index = type(self).__name__, len(self.param_groups) - 1
         try:
             self._validate_group(group)
-            device = check_params(type(self).__name__, group["params"], len(self.param_groups) - 1)
+            mesh = sharded_group_mesh(name, group["params"], group_index)
+            if mesh is not None:
+                if self._reduction is not None:
+                    raise ValueError(
+                        f"{name}: process_group is for ranks that hold whole tensors (ZeRO); param group "
+                        f"{group_index} holds DTensors, whose statistics are summed over their own device mesh"
+                    )
+                mesh_group(mesh)  # a mesh the sums cannot run over fails here
+            device = check_params(name, local_tensors(group["params"]), group_index)
             if device is not None:
                 select(self.family, self.fused, device)  # an explicit backend that cannot run fails here
         except Exception:
@@ -383,8 +421,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         name = type(self).__name__
         for group_index, group in enumerate(self.param_groups):
             params = group["params"]
-            layout = GroupLayout(params, check_params(name, params, group_index))
             grads = [p.grad for p in params] if torch.compiler.is_compiling() else list(map(_grad, params))
+            state = self.state
+            if params and is_dtensor(params[0]):
+                grads = local_gradients(name, group_index, params, grads)
+                group, state = self._local_view(group_index, group, state)
+                params = group["params"]
+            layout = GroupLayout(params, check_params(name, params, group_index))
             active = [i for i, grad in enumerate(grads) if grad is not None]
             if len(active) != len(grads):
                 grads = [grads[i] for i in active]
@@ -398,7 +441,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 pick(layout.dtypes, active),
                 layout.device,
             )
-            self._check_group_state(group_index, group, self.state, layout)
+            self._check_group_state(group_index, group, state, layout)
 
     @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict) -> None:
@@ -479,9 +522,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"{name}: cannot load state {key!r} of {where}: {exc}") from exc
             state[param] = entry
         for group_index, group in enumerate(param_groups):
-            params = group["params"]
+            local_group, local_state = self._local_view(group_index, group, state)
+            params = local_group["params"]
             layout = GroupLayout(params, params[0].device if params else None)
-            self._check_group_state(group_index, group, state, layout)
+            self._check_group_state(group_index, local_group, local_state, layout)
 
         self.state, self.param_groups = state, param_groups
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():

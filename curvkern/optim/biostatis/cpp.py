@@ -12,14 +12,13 @@ A group that mixes parameter dtypes runs one pair of calls per dtype around one 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from curvkern._dispatch import register
 from curvkern.families import BiostatisState
 from curvkern.hyperparameters import BiostatisHyperparameters
 from curvkern.optim._common import by_dtype, lr_tensor
+from curvkern.optim._distributed import GroupReduction
 from curvkern.optim.biostatis.eager import BiostatisScalars, biostatis_step as eager_biostatis_step
 
 _ops = torch.ops.curvkern
@@ -67,7 +66,7 @@ def biostatis_step(
     grads: list[torch.Tensor],
     state: BiostatisState,
     hyperparameters: BiostatisHyperparameters,
-    reduce_partials: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    reduce_partials: GroupReduction | None = None,
 ) -> BiostatisScalars:
     """One group's step, same contract as the eager ``biostatis_step``."""
     if not params:  # a rank holding none of the group's gradients: no kernel to run, it joins the sum
@@ -78,9 +77,14 @@ def biostatis_step(
     buckets = by_dtype(params, grads, exp_avgs, exp_avg_sqs, memory_emas, state_steps, positions)
     beta1, beta2 = h.betas
     sums = [_ops.biostatis_sums(bucket[1], bucket[2], bucket[3], beta1, beta2) for bucket in buckets]
-    group_sums = (sums[0] if len(sums) == 1 else torch.cat(sums)).sum(0)
-    if reduce_partials is not None:
-        group_sums = reduce_partials(group_sums)
+    rows = sums[0] if len(sums) == 1 else torch.cat(sums)  # in bucket order
+    if reduce_partials is None:
+        group_sums = rows.sum(0)
+    else:
+        order = [i for bucket in buckets for i in bucket[-1]]
+        in_order = rows if order == positions else torch.empty_like(rows).index_copy_(0, torch.tensor(order), rows)
+        in_order, group_sums = reduce_partials.tensor_and_group_sums(in_order)
+        sums = [in_order[bucket[-1]] for bucket in buckets]
     lr = lr_tensor(h.lr)
     columns = []
     for (b_params, b_grads, b_exp_avgs, b_exp_avg_sqs, b_emas, b_steps, _), b_sums in zip(buckets, sums):

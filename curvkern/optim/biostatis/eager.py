@@ -36,7 +36,7 @@ divide by max(N, 1), so every scalar stays finite (the original gets NaN there a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -45,6 +45,7 @@ from curvkern._dispatch import register
 from curvkern.families import BiostatisState
 from curvkern.hyperparameters import BiostatisHyperparameters
 from curvkern.optim._common import lr_as, updated_in_math_dtype
+from curvkern.optim._distributed import GroupReduction
 
 # Hard-coded constants of the original (docs/biostatis.md, "Hyperparameters and constants"); csrc/optim/biostatis.cpp
 # has them too, named kGlobalFactor, ... (tests/test_cpp_constants.py checks that they agree).
@@ -120,11 +121,24 @@ def biostatis_sums(
     return torch.stack(rows)
 
 
-def group_column_sums(sums: torch.Tensor, numels: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    """The group's ``[ΣN, ΣS_gg, ΣS_th, ΣS_mg, ΣS_mm, ΣS_am, ΣS_sv]`` (float64): what the group gains read,
-    and what ``process_group=`` sums over the ranks."""
+def statistics_rows(sums: torch.Tensor, numels: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """``[n, 7]`` float64: each tensor's element count, then its six sums (the rows C++'s pass A returns)."""
     n = torch.as_tensor(numels, dtype=torch.float64).to(sums.device, non_blocking=True)
-    return torch.cat([n.sum().reshape(1), sums.to(torch.float64).sum(0)])
+    return torch.cat([n.reshape(-1, 1), sums.to(torch.float64)], dim=1)
+
+
+def group_statistics(
+    sums: torch.Tensor, numels: Sequence[int] | torch.Tensor, reduce_partials: GroupReduction | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the scalar stage reads: the per-tensor sums ``[n, 6]``, the element counts ``[n]`` and the group's
+    ``[ΣN, ΣS_gg, ΣS_th, ΣS_mg, ΣS_mm, ΣS_am, ΣS_sv]`` (float64), this rank's own or summed over the ranks by
+    ``reduce_partials`` (the group columns under ``process_group=``, every row for DTensor shards)."""
+    rows = statistics_rows(sums, numels)
+    if reduce_partials is None:
+        group_sums = rows.sum(0)
+    else:
+        rows, group_sums = reduce_partials.tensor_and_group_sums(rows)
+    return rows[:, 1:], rows[:, 0], group_sums
 
 
 def _tanh_default_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -156,8 +170,7 @@ def biostatis_scalars(
 
     ``sums`` is pass A's ``[n, 6]`` (for a sharded tensor: already all-reduced), ``numels`` the
     tensors' element counts, ``steps`` their (already incremented) step counts. Group means are
-    count-weighted: ``E_G = ΣS_gg / ΣN``, from ``group_sums`` (:func:`group_column_sums` of these
-    tensors, or summed over a process group's ranks) when given.
+    count-weighted: ``E_G = ΣS_gg / ΣN``, from ``group_sums`` (:func:`group_statistics`) when given.
     """
     f64 = torch.float64
     sums = sums.to(f64)
@@ -168,7 +181,7 @@ def biostatis_scalars(
     t = steps.to(dtype=f64).to(device, non_blocking=True)
     gg, th, mg, mm, am, sv = sums.unbind(1)
     if group_sums is None:
-        group_sums = group_column_sums(sums, n)
+        group_sums = statistics_rows(sums, n).sum(0)
     group_sums = group_sums.to(device=device, dtype=f64)
 
     # Global sensors and gains (per group).
@@ -266,7 +279,7 @@ def biostatis_step(
     grads: list[torch.Tensor],
     state: BiostatisState,
     hyperparameters: BiostatisHyperparameters,
-    reduce_partials: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    reduce_partials: GroupReduction | None = None,
 ) -> BiostatisScalars:
     """One group's step over its active tensors (the contract: :class:`curvkern.families.OptimizerStep`);
     increments each 0-dim step count."""
@@ -275,10 +288,7 @@ def biostatis_step(
     for step in state_steps:
         step.add_(1)
     sums = biostatis_sums(grads, exp_avgs, exp_avg_sqs, betas=h.betas)
-    numels = [p.numel() for p in params]
-    group_sums = group_column_sums(sums, numels)
-    if reduce_partials is not None:
-        group_sums = reduce_partials(group_sums)
+    sums, numels, group_sums = group_statistics(sums, [p.numel() for p in params], reduce_partials)
     scalars = biostatis_scalars(
         sums,
         numels,

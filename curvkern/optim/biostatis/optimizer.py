@@ -20,6 +20,7 @@ from curvkern.optim._common import (
     pick,
     state_dtype,
 )
+from curvkern.optim._distributed import state_like
 
 _NAME = "BiostatisV6"
 _DEFAULTS = BiostatisHyperparameters()
@@ -84,7 +85,12 @@ class BiostatisV6(FusedOptimizer):
     ``dist.group.WORLD`` stops being None. Raises TypeError (not a group), RuntimeError (default group
     destroyed), ValueError (with ``capturable=True``); see docs/distributed.md.
 
-    Checks: DTensor parameters (FSDP2, tensor parallel) and other tensor subclasses raise TypeError
+    DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism, hybrid meshes) step as their local shards,
+    every statistic summed over the mesh dimensions each tensor is sharded on (one ``all_gather`` per group
+    and step), so the result is one process's; their state is DTensor, for torch.distributed.checkpoint.
+    A group that mixes DTensors and plain tensors raises TypeError (docs/distributed.md).
+
+    Checks: tensor subclasses other than DTensor raise TypeError
     at construction; ``step()`` raises RuntimeError, naming the group, parameter and state key, before
     any group moves, if a gradient or state tensor does not match its parameter (shape, dtype, device,
     dense layout), a step count is not a 0-dim float32 tensor where the mode keeps it, or a state
@@ -176,7 +182,7 @@ class BiostatisV6(FusedOptimizer):
 
             _, step_fn = select(self.family, self.fused, device)
             state = BiostatisState(exp_avgs, exp_avg_sqs, memory_emas, state_steps)
-            step_fn(params, grads, state, BiostatisHyperparameters.from_group(group, device), self._reduction)
+            self._run_step(step_fn, params, grads, state, BiostatisHyperparameters.from_group(group, device))
         return loss
 
     def _step_device(self, param: torch.Tensor) -> torch.device:
@@ -190,14 +196,10 @@ class BiostatisV6(FusedOptimizer):
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return torch.tensor(float(value), dtype=torch.float32, device=self._step_device(param))
         elif key in ("exp_avg", "exp_avg_sq") and isinstance(value, torch.Tensor):
-            return value.to(device=param.device, dtype=state_dtype(param), copy=True)
+            return state_like(param, value, state_dtype(param))
         elif key == "memory_emas" and isinstance(value, (list, tuple)):
-            return [
-                ema.to(device=param.device, dtype=state_dtype(param), copy=True)
-                if isinstance(ema, torch.Tensor)
-                else ema
-                for ema in value
-            ]
+            dtype = state_dtype(param)
+            return [state_like(param, ema, dtype) if isinstance(ema, torch.Tensor) else ema for ema in value]
         return copy.deepcopy(value)  # _check_group_state names what it should be
 
     def _check_group_state(self, group_index: int, group: dict, state, layout: GroupLayout) -> None:

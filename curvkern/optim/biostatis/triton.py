@@ -13,8 +13,6 @@ it only enters the Σ|tanh g| sums, within rounding of torch's.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import triton
 import triton.language as tl
@@ -23,7 +21,7 @@ from curvkern._dispatch import register
 from curvkern.families import BiostatisState
 from curvkern.hyperparameters import BiostatisHyperparameters
 from curvkern.optim._common import lr_as
-from curvkern.optim._distributed import refuse_reduction_under_compile
+from curvkern.optim._distributed import GroupReduction, refuse_reduction_under_compile
 from curvkern.optim._triton_multi_tensor import (
     BLOCK_SIZE,
     CHUNK_SIZE,
@@ -47,7 +45,7 @@ from curvkern.optim.biostatis.eager import (
     BiostatisScalars,
     biostatis_scalars,
     biostatis_step as eager_biostatis_step,
-    group_column_sums,
+    group_statistics,
 )
 
 # Roles in the chunk table (rows of its address table), the memory EMAs from FIRST_EMA on; constexpr,
@@ -286,7 +284,7 @@ def biostatis_step(
     grads: list[torch.Tensor],
     state: BiostatisState,
     hyperparameters: BiostatisHyperparameters,
-    reduce_partials: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    reduce_partials: GroupReduction | None = None,
 ) -> BiostatisScalars:
     """One group's step, as the eager ``biostatis_step``; increments each step count.
 
@@ -349,14 +347,12 @@ def biostatis_step(
                 CHUNK=CHUNK_SIZE,
                 BLOCK=BLOCK_SIZE,
             )
-    sums = per_tensor_sums(table, partials, N_SUMS, EXP_AVG)
-    group_sums = group_column_sums(sums, table.numels)
-    if reduce_partials is not None:
-        group_sums = reduce_partials(group_sums)
-
+    sums, numels, group_sums = group_statistics(
+        per_tensor_sums(table, partials, N_SUMS, EXP_AVG), table.numels, reduce_partials
+    )
     scalars = biostatis_scalars(
         sums,
-        table.numels,
+        numels,
         torch.stack(list(state_steps)),
         lr=h.lr,
         betas=h.betas,

@@ -8,14 +8,13 @@ run only when the gate is open). Their fake implementations below let ``torch.co
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from curvkern._dispatch import register
 from curvkern.families import HysteroGradState
 from curvkern.hyperparameters import HysteroGradHyperparameters
-from curvkern.optim._common import by_dtype, lr_tensor
+from curvkern.optim._common import by_dtype, lr_tensor, pick
+from curvkern.optim._distributed import GroupReduction
 
 _ops = torch.ops.curvkern
 
@@ -53,15 +52,24 @@ def hysterograd_step(
     grads: list[torch.Tensor],
     state: HysteroGradState,
     hyperparameters: HysteroGradHyperparameters,
-    reduce_partials: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    reduce_partials: GroupReduction | None = None,
 ) -> torch.Tensor:
     """One group's step, same contract as the eager ``hysterograd_step``: returns ``[N̂, h, gate]``."""
     metrics, tau, temp, energy = state
     h = hyperparameters
     accumulator = torch.zeros((), dtype=tau.dtype)
-    buckets = by_dtype(params, grads, metrics)
-    for _, bucket_grads, bucket_metrics in buckets:
-        _ops.hysterograd_pass_a_(bucket_grads, bucket_metrics, accumulator, h.beta, h.epsilon, h.metric_scale)
+    counted = reduce_partials.counted if reduce_partials is not None else None
+    if counted is None or all(counted):
+        sums_into = [(accumulator, grads, metrics)]
+    else:  # shards another rank also holds: their metrics move, their Σu² goes to a scratch accumulator
+        kept = [i for i, count in enumerate(counted) if count]
+        left_out = [i for i, count in enumerate(counted) if not count]
+        scratch = torch.zeros_like(accumulator)
+        sums_into = [(accumulator, pick(grads, kept), pick(metrics, kept))]
+        sums_into.append((scratch, pick(grads, left_out), pick(metrics, left_out)))
+    for into, some_grads, some_metrics in sums_into:
+        for bucket_grads, bucket_metrics in by_dtype(some_grads, some_metrics):
+            _ops.hysterograd_pass_a_(bucket_grads, bucket_metrics, into, h.beta, h.epsilon, h.metric_scale)
     if reduce_partials is not None:
         accumulator = reduce_partials(accumulator)
     stats, neg_step_size = _ops.hysterograd_scalars_(
@@ -77,6 +85,6 @@ def hysterograd_step(
         h.grad_clip,
         h.hysteresis_scale,
     )
-    for bucket_params, bucket_grads, bucket_metrics in buckets:
+    for bucket_params, bucket_grads, bucket_metrics in by_dtype(params, grads, metrics):
         _ops.hysterograd_pass_b_(bucket_params, bucket_grads, bucket_metrics, stats, neg_step_size, h.epsilon)
     return stats

@@ -19,7 +19,7 @@ bf16/fp16 parameters keep G in fp32 and do all of this in fp32, then round p to 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 
 import torch
 
@@ -27,6 +27,7 @@ from curvkern._dispatch import register
 from curvkern.families import HysteroGradState
 from curvkern.hyperparameters import HysteroGradHyperparameters
 from curvkern.optim._common import lr_as, updated_in_math_dtype
+from curvkern.optim._distributed import GroupReduction
 
 # Constants of the scalar stage; csrc/optim/hysterograd.cpp has them too, as kClipEps and kEnergyEps
 # (tests/test_cpp_constants.py checks that they agree).
@@ -42,14 +43,19 @@ def hysterograd_pass_a(
     beta: float,
     epsilon: float,
     metric_scale: float,
+    counted: Sequence[bool] | None = None,
 ) -> list[torch.Tensor]:
-    """Update each metric G in place, add Σu² of the group into ``accumulator``; return the u."""
+    """Update each metric G in place, add Σu² of the group into ``accumulator``; return the u.
+
+    ``counted`` (per tensor, default all): whose Σu² enters the accumulator; a DTensor's shard that another rank
+    also holds is left out (:class:`~curvkern.optim._distributed.ShardReduction`)."""
     steps = []
-    for grad, metric in zip(grads, metrics):
+    for index, (grad, metric) in enumerate(zip(grads, metrics)):
         grad = grad.to(metric.dtype)
         metric.mul_(beta).addcmul_(grad, grad, value=(1 - beta) * metric_scale)
         step = grad / (metric.sqrt() + epsilon)
-        accumulator += step.pow(2).sum()
+        if counted is None or counted[index]:
+            accumulator += step.pow(2).sum()
         steps.append(step)
     return steps
 
@@ -110,14 +116,17 @@ def hysterograd_step(
     grads: list[torch.Tensor],
     state: HysteroGradState,
     hyperparameters: HysteroGradHyperparameters,
-    reduce_partials: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    reduce_partials: GroupReduction | None = None,
 ) -> torch.Tensor:
     """One group's step (the contract: :class:`curvkern.families.OptimizerStep`). Returns ``[N̂, h, gate]``
     as one device tensor in the group scalars' dtype."""
     metrics, tau, temp, energy = state
     h = hyperparameters
     accumulator = torch.zeros((), dtype=tau.dtype, device=tau.device)
-    steps = hysterograd_pass_a(grads, metrics, accumulator, beta=h.beta, epsilon=h.epsilon, metric_scale=h.metric_scale)
+    counted = reduce_partials.counted if reduce_partials is not None else None
+    steps = hysterograd_pass_a(
+        grads, metrics, accumulator, beta=h.beta, epsilon=h.epsilon, metric_scale=h.metric_scale, counted=counted
+    )
     if reduce_partials is not None:
         accumulator = reduce_partials(accumulator)
     g_norm, barrier, liquid, neg_step_size = hysterograd_scalars(

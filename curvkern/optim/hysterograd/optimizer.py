@@ -9,6 +9,7 @@ from curvkern._dispatch import select
 from curvkern.families import HysteroGradState
 from curvkern.hyperparameters import HysteroGradHyperparameters, require_range
 from curvkern.optim._common import FusedOptimizer, GroupLayout, check_like, check_state_keys, pick, state_dtype
+from curvkern.optim._distributed import state_like
 
 _NAME = "HysteroGrad"
 _DEFAULTS = HysteroGradHyperparameters()
@@ -69,7 +70,12 @@ class HysteroGrad(FusedOptimizer):
     None, RuntimeError once its default group is destroyed, ValueError with ``capturable=True``
     (docs/distributed.md).
 
-    Checks: DTensor parameters (FSDP2, tensor parallel) and other tensor subclasses raise TypeError
+    DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism, hybrid meshes) step as their local shards,
+    every statistic summed over the mesh dimensions each tensor is sharded on (one ``all_gather`` per group
+    and step), so the result is one process's; their state is DTensor, for torch.distributed.checkpoint.
+    A group that mixes DTensors and plain tensors raises TypeError (docs/distributed.md).
+
+    Checks: tensor subclasses other than DTensor raise TypeError
     at construction; ``step()`` raises RuntimeError, naming the group, parameter and state key, before
     any group moves, if a gradient or state tensor does not match its parameter (shape, dtype, device,
     dense layout) or a state entry lacks a key; ``load_state_dict`` checks the same, validates the
@@ -180,7 +186,7 @@ class HysteroGrad(FusedOptimizer):
                 metrics, first_state["group_tau"], first_state["group_temp"], first_state["avg_energy"]
             )
             hyperparameters = HysteroGradHyperparameters.from_group(group, device)
-            group_stats.append(step_fn(params, grads, state, hyperparameters, self._reduction))
+            group_stats.append(self._run_step(step_fn, params, grads, state, hyperparameters))
 
         # Skipped groups contribute 0 but still count: the original's means are diluted (docs/hysterograd.md).
         n_groups = len(self.param_groups)
@@ -199,7 +205,7 @@ class HysteroGrad(FusedOptimizer):
         if not isinstance(value, torch.Tensor):
             return value  # _check_group_state names what it should be
         if key == "G":
-            return value.to(device=param.device, dtype=state_dtype(param), copy=True)
+            return state_like(param, value, state_dtype(param))
         if key in _GROUP_SCALARS and value.numel() == 1:
             # Checkpoints of the original hold an int64 temperature when initial_temp was an int.
             dtype = value.dtype if value.dtype in _SCALAR_DTYPES else torch.get_default_dtype()

@@ -18,8 +18,6 @@ never reaches a parameter.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import triton
 import triton.language as tl
@@ -27,7 +25,7 @@ import triton.language as tl
 from curvkern._dispatch import register
 from curvkern.families import HysteroGradState
 from curvkern.hyperparameters import HysteroGradHyperparameters
-from curvkern.optim._distributed import refuse_reduction_under_compile
+from curvkern.optim._distributed import GroupReduction, refuse_reduction_under_compile
 from curvkern.optim._triton_multi_tensor import (
     BLOCK_SIZE,
     CHUNK_SIZE,
@@ -180,7 +178,7 @@ def hysterograd_step(
     grads: list[torch.Tensor],
     state: HysteroGradState,
     hyperparameters: HysteroGradHyperparameters,
-    reduce_partials: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    reduce_partials: GroupReduction | None = None,
 ) -> torch.Tensor:
     """One group's step, as the eager ``hysterograd_step``. Returns ``[N̂, h, gate]`` on the device.
 
@@ -238,6 +236,9 @@ def hysterograd_step(
                 BLOCK=BLOCK_SIZE,
             )
     sums = per_tensor_sums(table, partials, 1, METRIC)
+    counted = reduce_partials.counted if reduce_partials is not None else None
+    if counted is not None:  # a DTensor's shard another rank also holds adds nothing here
+        sums = torch.where(torch.tensor(counted, device=device).reshape(-1, 1), sums, torch.zeros_like(sums))
 
     accumulator = torch.empty((), dtype=tau.dtype, device=device)
     launch(_accumulate_kernel, (1,), sums, table.num_tensors, accumulator, SCALAR_DTYPE=TRITON_DTYPES[tau.dtype])
