@@ -521,6 +521,32 @@ def test_cpp_ops_reject_bad_inputs():
     assert loss[1:3].isnan().all() and loss[[0, 3]].isfinite().all()
 
 
+def test_shard_kernels_reject_bad_inputs(backend, device):
+    """The vocabulary-parallel shard kernels check shapes, dtypes and the shard's place before any work:
+    a Python exception (ValueError, or RuntimeError from the C++ ops), never a launch on bad input."""
+    kernels = curvkern._dispatch.select(FAMILY.name, backend, device)[1]
+    h = FAMILY.hyperparameters(label_smoothing=0.1)
+    logits, target, u = (t.to(device) for t in make_problem(4, 5))
+    lse, scale, out = torch.zeros(4, dtype=torch.float64, device=device), torch.tensor(1.0, device=device), u.clone()
+    bad = (ValueError, RuntimeError)
+    with pytest.raises(bad, match="does not fit"):
+        kernels.partial_stats(logits, target, None, 3, 7, h)  # columns 3..8 of 7
+    with pytest.raises(bad, match="u"):
+        kernels.partial_stats(logits, target, u[:3], 0, 5, h)
+    with pytest.raises(bad, match="target"):
+        kernels.partial_stats(logits, target.int(), u, 0, 5, h)
+    with pytest.raises(bad, match="lse"):
+        kernels.shard_backward(logits, target, lse.float(), scale.double(), 0, 5, h)
+    with pytest.raises(bad, match="scale"):
+        kernels.shard_backward(logits, target, lse, scale, 0, 5, h)  # an fp32 scale for fp64 logits
+    with pytest.raises(bad, match="p_dot_u"):
+        kernels.shard_hvp(logits, target, u, lse, lse[:2], scale.double(), 5, h, out)
+    with pytest.raises(bad, match="out"):
+        kernels.shard_hvp(logits, target, u, lse, lse, scale.double(), 5, h, out.float())
+    with pytest.raises(bad, match="dense last dimension"):
+        kernels.partial_stats(logits.t().contiguous().t(), target, None, 0, 5, h)
+
+
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="ISA versions exist on x86-64 only")
 def test_cpp_kernels_are_cloned_and_vectorized_per_isa():
     """Each parallel region exists as an avx512 (x86-64-v4), an avx2 (AVX2 + FMA) and a baseline version

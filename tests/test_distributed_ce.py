@@ -40,6 +40,7 @@ PROBLEMS = (
     ("spatial-V5", (2, 5, 3), (2,), {0: 0, 1: 4, 3: 2}),  # (N, C, d): class dim 1 is not the last
     ("one-class", (4, 1), (3,), {}),  # V = 1: rank 1's shard is empty
     ("single-row", (9,), (), {}),  # (C) logits, a 0-dim target
+    ("no-rows", (0, 5), (), {}),  # an empty batch: no collective on any rank; mean is NaN, as in one process
 )
 
 
@@ -60,11 +61,18 @@ def make_problem(shape, ignored, labels, dtype, seed):
     return logits, target, u, grad_loss
 
 
+# Every reduction and label smoothing on the first two problems; the edge cases with two of them (the time
+# goes to Triton's interpreter).
+EDGE_SETTINGS = (("mean", 0.1), ("none", 0.0))
+
+
 def cases(backends):
-    for name, shape, ignored, labels in PROBLEMS:
+    for index, (name, shape, ignored, labels) in enumerate(PROBLEMS):
         for dtype in DTYPES:
             for reduction in REDUCTIONS:
                 for smoothing in (0.0, 0.1):
+                    if index >= 2 and (reduction, smoothing) not in EDGE_SETTINGS:
+                        continue
                     for backend in backends:
                         yield (name, dtype, reduction, smoothing, backend), (shape, ignored, labels)
 
@@ -219,7 +227,7 @@ def assert_equal_to_one_process(got, expected, dtype, num_classes, label, scale=
     for name, a, b in zip(NAMES, got, expected):
         assert a.dtype == b.dtype and a.shape == b.shape, (label, name)
         if dtype == torch.float64:
-            torch.testing.assert_close(a, b, rtol=FP64_RTOL, atol=1e-15, msg=f"{label} {name}")
+            torch.testing.assert_close(a, b, rtol=FP64_RTOL, atol=1e-15, equal_nan=True, msg=f"{label} {name}")
         elif num_classes == 1:
             # One class: p = 1, so the loss (with label smoothing too), the gradient and the HVP are 0 up to
             # rounding, and a relative error means nothing: bound the difference by the logits' scale.
@@ -244,13 +252,13 @@ def check_ranks(ranks, backends, full):
         for rank in ranks:
             got, placements = rank[key]
             kappa = dot_condition(logits, target, u, reduction, smoothing)
-            scale = logits.abs().max().item()
+            scale = logits.abs().amax().item() if logits.numel() else 1.0
             assert_equal_to_one_process(got, expected, dtype, logits.shape[class_dim], key, scale, kappa)
             if logits.shape[class_dim] > 1:
                 worst[dtype] = max([worst[dtype]] + [relative_error(a, b) for a, b in zip(got, expected)])
             assert placements[0] == placements[3] == ("Replicate()",), key
             assert placements[1] == placements[2] == placements[4] == (f"Shard(dim={class_dim})",), key
-        if logits.shape[class_dim] > 1:  # one class: p = 1 and the Hessian is 0
+        if logits.shape[class_dim] > 1 and logits.numel():  # one class: p = 1 and the Hessian is 0
             assert expected[2].norm() > 0, key
     return worst
 
