@@ -421,7 +421,7 @@ def _dtensor_kernels(logits, target, reduction: str, ignore_index: int, fused: s
     target = vocab_parallel.local_target(target, logits, who)
     _check_class_dim_arguments(logits, target)
     target = _class_indices(target)
-    device = logits.to_local().device
+    device = logits.device  # a DTensor's: its local shard's device
     _check_row_arguments(_global_rows_shape(logits), logits.dtype, device, target, reduction, ignore_index)
     _, kernels = select(FAMILY, fused, device)
     if layout.shard is not None:
