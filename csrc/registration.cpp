@@ -47,6 +47,15 @@ TORCH_LIBRARY(curvkern, m) {
   m.def(
       "cross_entropy_hvp_(Tensor logits, Tensor target, Tensor u, Tensor scale, int ignore_index, "
       "float label_smoothing, int shift_period, bool stream_out, Tensor(a!) out) -> Tensor");
+  m.def(
+      "cross_entropy_partial_stats(Tensor logits, Tensor target, Tensor? u, int ignore_index, float label_smoothing, "
+      "int class_offset, int num_classes) -> Tensor");
+  m.def(
+      "cross_entropy_shard_backward(Tensor logits, Tensor target, Tensor lse, Tensor grad_scale, int ignore_index, "
+      "float label_smoothing, int class_offset, int num_classes) -> Tensor");
+  m.def(
+      "cross_entropy_shard_hvp_(Tensor logits, Tensor target, Tensor u, Tensor lse, Tensor p_dot_u, Tensor scale, "
+      "int ignore_index, int num_classes, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(curvkern, CPU, m) {
@@ -59,4 +68,7 @@ TORCH_LIBRARY_IMPL(curvkern, CPU, m) {
   m.impl("cross_entropy_forward", &curvkern::cross_entropy_forward);
   m.impl("cross_entropy_backward", &curvkern::cross_entropy_backward);
   m.impl("cross_entropy_hvp_", &curvkern::cross_entropy_hvp_);
+  m.impl("cross_entropy_partial_stats", &curvkern::cross_entropy_partial_stats);
+  m.impl("cross_entropy_shard_backward", &curvkern::cross_entropy_shard_backward);
+  m.impl("cross_entropy_shard_hvp_", &curvkern::cross_entropy_shard_hvp_);
 }

@@ -77,8 +77,11 @@ class OptimizerStep(Protocol[StateT, HyperparametersT, StatsT]):
 
 
 class LossKernels(Protocol[HyperparametersT]):
-    """What each backend of a loss family registers: a class whose three static methods are kernels on
-    (N, V) rows, V classes last.
+    """What each backend of a loss family registers: a class whose static methods are kernels on
+    (N, V) rows, V classes last: ``forward``, ``backward`` and ``hvp`` for whole rows, and
+    ``partial_stats``, ``shard_backward`` and ``shard_hvp`` for rows whose V classes are one shard
+    (columns ``class_offset`` to ``class_offset + V`` of ``num_classes``) of a vocabulary-parallel row,
+    the row statistics reduced across the shards between them (``curvkern/ce/vocab_parallel.py``).
 
     For every method: ``logits`` is (N, V) of float32, float64, bfloat16 or float16 with a dense last
     dimension (stride 1; rows at any stride); ``target`` is (N,) int64, contiguous, of class indices in
@@ -130,6 +133,65 @@ class LossKernels(Protocol[HyperparametersT]):
         ``out_is_callers`` says ``out`` is a buffer the caller passed in rather than one just allocated
         (the C++ kernel then writes large float32 results with streaming stores).
         """
+        ...
+
+    @staticmethod
+    def partial_stats(
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        u: torch.Tensor | None,
+        class_offset: int,
+        num_classes: int,
+        hyperparameters: HyperparametersT,
+    ) -> torch.Tensor:
+        """This shard's part of each row's statistics, (N, 5) contiguous in acc; with w = ``u`` when given
+        (same layout as the logits) and w = the logits otherwise, the columns are
+
+        0. m, the shard's max logit (−inf for an empty shard);
+        1. Σ_j e^{z_j − m} (shifted by 0 where m = −inf);
+        2. Σ_j e^{z_j − m}·u_j, or 0 without ``u``;
+        3. w at the row's label where the label falls in this shard (``class_offset`` ≤ y <
+           ``class_offset + V``), 0 where it falls in another shard, NaN where it is outside
+           [0, ``num_classes``);
+        4. Σ_j w_j when ``hyperparameters.label_smoothing`` ≠ 0, else 0.
+
+        Ignored rows are all 0 and are not read. Raises (ValueError on the Python backends, RuntimeError
+        from the C++ op) for tensors of the wrong shape, dtype or device, and for a shard that does not
+        fit in ``num_classes``."""
+        ...
+
+    @staticmethod
+    def shard_backward(
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        lse: torch.Tensor,
+        grad_scale: torch.Tensor,
+        class_offset: int,
+        num_classes: int,
+        hyperparameters: HyperparametersT,
+    ) -> torch.Tensor:
+        """:meth:`backward` on one shard, given the whole row's log-sum-exp ``lse`` ((N,) acc):
+        ``grad_scale_r · (e^{z − lse_r} − q_r)`` over this shard's classes, with q's label term where the
+        label falls in this shard and α / ``num_classes`` everywhere; (N, V) contiguous, 0 on ignored rows,
+        NaN on rows whose label is outside [0, ``num_classes``). Raises as :meth:`partial_stats`."""
+        ...
+
+    @staticmethod
+    def shard_hvp(
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        u: torch.Tensor,
+        lse: torch.Tensor,
+        p_dot_u: torch.Tensor,
+        scale: torch.Tensor,
+        num_classes: int,
+        hyperparameters: HyperparametersT,
+        out: torch.Tensor,
+    ) -> None:
+        """:meth:`hvp`'s write on one shard, given the whole row's ``lse`` and ⟨p, u⟩ (``p_dot_u``), both
+        (N,) acc: ``out = scale_r · e^{z − lse_r} ⊙ (u_r − ⟨p_r, u_r⟩)``, 0 on ignored rows (not read),
+        NaN on rows whose label is outside [0, ``num_classes``). ``u`` and ``out`` as in :meth:`hvp`.
+        Raises as :meth:`partial_stats`."""
         ...
 
 

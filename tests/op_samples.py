@@ -477,6 +477,59 @@ CROSS_ENTROPY_HVP_SAMPLES = (
     + [Sample("fp32-u-broadcast", _hvp(CE_CASES[0], False, broadcast_u=True))]
 )
 
+# The case's columns as the shard at offset 3 of a row 5 classes wider: the labels (in [0, V)) below 3 fall
+# in another shard, the others in this one.
+SHARD_OFFSET = 3
+
+
+def _shard_total(case: CrossEntropyCase) -> int:
+    return case.classes + 5
+
+
+def _partial_stats(case: CrossEntropyCase, with_u: bool, label_smoothing=0.1):
+    def make_args():
+        logits, target, u = case.problem()
+        return logits, target, u if with_u else None, -100, label_smoothing, SHARD_OFFSET, _shard_total(case)
+
+    return make_args
+
+
+def _shard_backward(case: CrossEntropyCase, per_row_scale: bool):
+    def make_args():
+        logits, target, _ = case.problem()
+        lse = torch.logsumexp(logits.to(_accumulation_dtype(case.dtype)), dim=1) + 1.0
+        return logits, target, lse, case.scale(per_row_scale), -100, 0.1, SHARD_OFFSET, _shard_total(case)
+
+    return make_args
+
+
+def _shard_hvp(case: CrossEntropyCase, per_row_scale: bool):
+    def make_args():
+        logits, target, u = case.problem()
+        acc = _accumulation_dtype(case.dtype)
+        lse = torch.logsumexp(logits.to(acc), dim=1) + 1.0
+        p_dot_u = torch.rand(case.rows, generator=_generator(2), dtype=acc)
+        return logits, target, u, lse, p_dot_u, case.scale(per_row_scale), -100, _shard_total(case), case.out(logits)
+
+    return make_args
+
+
+CROSS_ENTROPY_PARTIAL_STATS_SAMPLES = [
+    Sample(f"{case.name}-{'u' if with_u else 'logits'}", _partial_stats(case, with_u))
+    for case in CE_CASES
+    for with_u in (False, True)
+] + [Sample("fp64-u-no-smoothing", _partial_stats(CE_CASES[1], True, label_smoothing=0.0))]
+CROSS_ENTROPY_SHARD_BACKWARD_SAMPLES = [
+    Sample(f"{case.name}-{_scale_name(per_row)}", _shard_backward(case, per_row))
+    for case in CE_CASES
+    for per_row in (False, True)
+]
+CROSS_ENTROPY_SHARD_HVP_SAMPLES = [
+    Sample(f"{case.name}-{_scale_name(per_row)}", _shard_hvp(case, per_row))
+    for case in CE_CASES
+    for per_row in (False, True)
+]
+
 
 # --- no tensors ------------------------------------------------------------------------------------------
 
@@ -495,6 +548,9 @@ SAMPLES: dict[str, list[Sample]] = {
     "cross_entropy_forward": CROSS_ENTROPY_FORWARD_SAMPLES,
     "cross_entropy_backward": CROSS_ENTROPY_BACKWARD_SAMPLES,
     "cross_entropy_hvp_": CROSS_ENTROPY_HVP_SAMPLES,
+    "cross_entropy_partial_stats": CROSS_ENTROPY_PARTIAL_STATS_SAMPLES,
+    "cross_entropy_shard_backward": CROSS_ENTROPY_SHARD_BACKWARD_SAMPLES,
+    "cross_entropy_shard_hvp_": CROSS_ENTROPY_SHARD_HVP_SAMPLES,
 }
 if TRITON_INSTALLED:
     SAMPLES |= {

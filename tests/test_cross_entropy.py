@@ -521,6 +521,32 @@ def test_cpp_ops_reject_bad_inputs():
     assert loss[1:3].isnan().all() and loss[[0, 3]].isfinite().all()
 
 
+def test_shard_kernels_reject_bad_inputs(backend, device):
+    """The vocabulary-parallel shard kernels check shapes, dtypes and the shard's place before any work:
+    a Python exception (ValueError, or RuntimeError from the C++ ops), never a launch on bad input."""
+    kernels = curvkern._dispatch.select(FAMILY.name, backend, device)[1]
+    h = FAMILY.hyperparameters(label_smoothing=0.1)
+    logits, target, u = (t.to(device) for t in make_problem(4, 5))
+    lse, scale, out = torch.zeros(4, dtype=torch.float64, device=device), torch.tensor(1.0, device=device), u.clone()
+    bad = (ValueError, RuntimeError)
+    with pytest.raises(bad, match="does not fit"):
+        kernels.partial_stats(logits, target, None, 3, 7, h)  # columns 3..8 of 7
+    with pytest.raises(bad, match="u"):
+        kernels.partial_stats(logits, target, u[:3], 0, 5, h)
+    with pytest.raises(bad, match="target"):
+        kernels.partial_stats(logits, target.int(), u, 0, 5, h)
+    with pytest.raises(bad, match="lse"):
+        kernels.shard_backward(logits, target, lse.float(), scale.double(), 0, 5, h)
+    with pytest.raises(bad, match="scale"):
+        kernels.shard_backward(logits, target, lse, scale, 0, 5, h)  # an fp32 scale for fp64 logits
+    with pytest.raises(bad, match="p_dot_u"):
+        kernels.shard_hvp(logits, target, u, lse, lse[:2], scale.double(), 5, h, out)
+    with pytest.raises(bad, match="out"):
+        kernels.shard_hvp(logits, target, u, lse, lse, scale.double(), 5, h, out.float())
+    with pytest.raises(bad, match="dense last dimension"):
+        kernels.partial_stats(logits.t().contiguous().t(), target, None, 0, 5, h)
+
+
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="ISA versions exist on x86-64 only")
 def test_cpp_kernels_are_cloned_and_vectorized_per_isa():
     """Each parallel region exists as an avx512 (x86-64-v4), an avx2 (AVX2 + FMA) and a baseline version
@@ -542,7 +568,7 @@ def test_cpp_kernels_are_cloned_and_vectorized_per_isa():
 
 
 def compile_for_sm90(dtype: str) -> None:
-    """Compile the three Triton kernels for ``dtype`` logits ahead of time for sm_90, to PTX and through
+    """Compile the Triton kernels for ``dtype`` logits ahead of time for sm_90, to PTX and through
     ptxas (run in a process without TRITON_INTERPRET, where ``triton.jit`` gives compilable functions)."""
     from triton import compile as triton_compile
     from triton.backends.compiler import GPUTarget
@@ -554,7 +580,15 @@ def compile_for_sm90(dtype: str) -> None:
     acc = ce_triton.tl.float64 if dtype == "fp64" else ce_triton.tl.float32
     logits, common = (
         f"*{dtype}",
-        {"N": "i64", "V": "i32", "ignore_index": "i32", "smoothing_hi": "fp32", "smoothing_lo": "fp32"},
+        {
+            "N": "i64",
+            "V": "i32",
+            "class_offset": "i64",
+            "num_classes": "i64",
+            "ignore_index": "i32",
+            "smoothing_hi": "fp32",
+            "smoothing_lo": "fp32",
+        },
     )
     kernels = [
         (
@@ -598,6 +632,35 @@ def compile_for_sm90(dtype: str) -> None:
             },
             {"SHIFTED": True, "ACC": acc, "SMOOTHING": True, "ROWS": 1, "BLOCK_V": 4096},
         ),
+        (
+            ce_triton._stats_kernel,
+            {
+                "logits_ptr": logits,
+                "row_stride": "i64",
+                "target_ptr": "*i64",
+                "u_ptr": logits,
+                "u_row_stride": "i64",
+                "stats_ptr": accumulator,
+            },
+            {"ACC": acc, "WITH_U": True, "SMOOTHING": True, "ROWS": 1, "BLOCK_V": 4096},
+        ),
+        (
+            ce_triton._shard_hvp_kernel,
+            {
+                "logits_ptr": logits,
+                "row_stride": "i64",
+                "target_ptr": "*i64",
+                "u_ptr": logits,
+                "u_row_stride": "i64",
+                "lse_ptr": accumulator,
+                "p_dot_u_ptr": accumulator,
+                "scale_ptr": accumulator,
+                "scale_stride": "i64",
+                "out_ptr": logits,
+                "out_row_stride": "i64",
+            },
+            {"ACC": acc, "ROWS": 4, "BLOCK_V": 1024},
+        ),
     ]
     for kernel, pointers, constants in kernels:
         signature = {**pointers, **common, **{name: "constexpr" for name in constants}}
@@ -614,6 +677,8 @@ def test_triton_kernels_compile_for_a_gpu_target(dtype):
     """The interpreter accepts code the Triton compiler rejects: without a GPU, compile for one."""
     pytest.importorskip("triton")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    # The child runs from tests/: put this checkout first, not whichever curvkern the environment installed.
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     script = f"import test_cross_entropy as t; t.compile_for_sm90({dtype!r})"
     completed = subprocess.run(
         [sys.executable, "-c", script], cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=300

@@ -296,8 +296,9 @@ def one_rank_mesh():
         dist.destroy_process_group()
 
 
-def test_dtensor_arguments_raise(backend, device, one_rank_mesh):
-    """Vocabulary-parallel (class-sharded) logits would need a cross-rank reduction: not supported yet."""
+def test_dtensor_arguments_on_one_rank(backend, device, one_rank_mesh):
+    """On a 1-rank mesh class-sharded logits hold the whole vocabulary: the plain results, as DTensors (more
+    ranks: tests/test_distributed_ce.py). The hessian-eigenthings loss objects take plain tensors only."""
     if device != "cpu":
         pytest.skip("the test's process group and mesh are on CPU")
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
@@ -305,13 +306,15 @@ def test_dtensor_arguments_raise(backend, device, one_rank_mesh):
     logits, target, u = class_dim_problem((6, 5), (6,), device=device)
     sharded = distribute_tensor(logits, one_rank_mesh, [Shard(1)])
     replicated_u = distribute_tensor(u, one_rank_mesh, [Replicate()])
-    message = r"DTensor.*supported.*DistributedDataParallel.*not supported yet"
-    with pytest.raises(NotImplementedError, match=message):
-        curvkern.cross_entropy(sharded, target, fused=backend)
-    with pytest.raises(NotImplementedError, match=message):
-        curvkern.ce_hvp(sharded, target, u, fused=backend)
-    with pytest.raises(NotImplementedError, match=message):
+    loss = curvkern.cross_entropy(sharded, target, fused=backend)
+    torch.testing.assert_close(loss.full_tensor(), curvkern.cross_entropy(logits, target, fused=backend), **FP64)
+    hvp = curvkern.ce_hvp(sharded, target, distribute_tensor(u, one_rank_mesh, [Shard(1)]), fused=backend)
+    torch.testing.assert_close(hvp.full_tensor(), curvkern.ce_hvp(logits, target, u, fused=backend), **FP64)
+    with pytest.raises(ValueError, match="u has placements"):
+        curvkern.ce_hvp(sharded, target, replicated_u, fused=backend)
+    with pytest.raises(NotImplementedError, match="need DTensor logits"):
         curvkern.ce_hvp(logits, target, replicated_u, fused=backend)
+    message = r"DTensor.*takes plain torch\.Tensor.*DistributedDataParallel.*curvkern\.cross_entropy"
     sequences = sharded.redistribute(one_rank_mesh, [Replicate()]).view(2, 3, 5)
     labels = {"labels": target.view(2, 3)}
     causal = ck_eigenthings.hf_lm_loss_of_output(fused=backend)

@@ -169,7 +169,9 @@ CURVKERN_INLINE void write_nan(T* out, int64_t v) {
   for (int64_t j = 0; j < v; ++j) out[j] = T(std::numeric_limits<float>::quiet_NaN());
 }
 
-// What every kernel needs to find row r: base pointers, strides, sizes, the label rule.
+// What every kernel needs to find row r: base pointers, strides, sizes, the label rule. The row's classes
+// may be one shard of a vocabulary-parallel row: columns class_offset .. class_offset + classes of
+// total_classes (0 and classes for a whole row).
 template <typename T>
 struct Problem {
   const T* logits;
@@ -177,6 +179,7 @@ struct Problem {
   const int64_t* target;
   int64_t rows, classes, ignore_index, shift_period;
   at::opmath_type<T> label_smoothing;
+  int64_t class_offset, total_classes;
 
   // The label of row r, or ignore_index: target[r], or target[r + 1] under the causal shift (the last
   // time step of each sequence has none).
@@ -185,7 +188,9 @@ struct Problem {
     return (r + 1) % shift_period == 0 ? ignore_index : target[r + 1];
   }
   CURVKERN_INLINE const T* row(int64_t r) const { return logits + r * logits_row_stride; }
-  CURVKERN_INLINE bool in_range(int64_t y) const { return y >= 0 && y < classes; }
+  CURVKERN_INLINE bool in_range(int64_t y) const { return y >= 0 && y < total_classes; }
+  // Whether label y falls in this shard's columns.
+  CURVKERN_INLINE bool in_shard(int64_t y) const { return y >= class_offset && y - class_offset < classes; }
 };
 
 // Each kernel's arguments: the problem, and per row its outputs (in at::opmath_type<T>, or T for the
@@ -204,6 +209,27 @@ struct BackwardArgs {
   const at::opmath_type<T>* grad_scale;
   int64_t grad_scale_stride;  // 0: one scale for every row
   T* grad;
+};
+
+template <typename T>
+struct StatsArgs {
+  Problem<T> problem;
+  const T* u;  // nullptr: the statistics of the logits alone
+  int64_t u_row_stride;
+  at::opmath_type<T>* stats;  // (rows, kStatsColumns)
+};
+
+template <typename T>
+struct ShardHvpArgs {
+  Problem<T> problem;
+  const T* u;
+  int64_t u_row_stride;
+  const at::opmath_type<T>* lse;
+  const at::opmath_type<T>* p_dot_u;
+  const at::opmath_type<T>* scale;
+  int64_t scale_stride;
+  T* out;
+  int64_t out_row_stride;
 };
 
 template <typename T>
@@ -264,14 +290,84 @@ CURVKERN_INLINE void backward_row(const BackwardArgs<T>& args, int64_t r) {
   const T* z = p.row(r);
   const A scale = args.grad_scale[r * args.grad_scale_stride];
   const A row_lse = args.lse[r];
-  const A uniform = p.label_smoothing / A(p.classes);
+  const A uniform = p.label_smoothing / A(p.total_classes);
   for (int64_t start = 0; start < p.classes; start += kBlock) {
     const int64_t end = std::min(start + kBlock, p.classes);
     prefetch_next_block<false>(z, z, start + kBlock, p.classes);
 #pragma omp simd
     for (int64_t j = start; j < end; ++j) store(out, j, scale * (vec::exp(load(z, j) - row_lse) - uniform));
   }
-  store(out, y, scale * (vec::exp(load(z, y) - row_lse) - uniform - (A(1) - p.label_smoothing)));
+  if (!p.in_shard(y)) return;
+  const int64_t j = y - p.class_offset;
+  store(out, j, scale * (vec::exp(load(z, j) - row_lse) - uniform - (A(1) - p.label_smoothing)));
+}
+
+// Columns of a shard's row statistics (curvkern.families.LossKernels.partial_stats): max, sum of e^{z-max},
+// <e^{z-max}, u>, w at the label (w = u, or z without u), sum of w (label smoothing only).
+constexpr int64_t kStatsColumns = 5;
+
+// One row's statistics over this shard; scratch (scratch_size(classes) elements) is used with u only.
+template <typename T>
+CURVKERN_INLINE void stats_row(const StatsArgs<T>& args, int64_t r, at::opmath_type<T>* scratch) {
+  using A = at::opmath_type<T>;
+  const Problem<T>& p = args.problem;
+  A* out = args.stats + r * kStatsColumns;
+  const int64_t y = p.label(r);
+  if (y == p.ignore_index) {
+    for (int64_t c = 0; c < kStatsColumns; ++c) out[c] = A(0);
+    return;
+  }
+  const T* z = p.row(r);
+  const T* u_row = args.u == nullptr ? nullptr : args.u + r * args.u_row_stride;
+  const bool smoothing = p.label_smoothing != A(0);
+  RowStats<A> stats;
+  if (u_row != nullptr) {
+    A* shifts = scratch + p.classes;
+    stats = smoothing ? stats_sweep<true, true>(z, u_row, p.classes, scratch, shifts)
+                      : stats_sweep<true, false>(z, u_row, p.classes, scratch, shifts);
+  } else {
+    stats = smoothing ? stats_sweep<false, true>(z, z, p.classes, nullptr, nullptr)
+                      : stats_sweep<false, false>(z, z, p.classes, nullptr, nullptr);
+  }
+  const T* w = u_row != nullptr ? u_row : z;
+  A at_label = A(0);
+  if (!p.in_range(y)) {
+    at_label = std::numeric_limits<A>::quiet_NaN();
+  } else if (p.in_shard(y)) {
+    at_label = load(w, y - p.class_offset);
+  }
+  out[0] = stats.max;
+  out[1] = stats.sum_exp;
+  out[2] = stats.sum_exp_u;
+  out[3] = at_label;
+  out[4] = u_row != nullptr ? stats.sum_u : stats.sum_z;
+}
+
+// One row of a shard's HVP given the whole row's lse and <p, u>: scale * e^{z - lse} * (u - <p, u>).
+template <typename T>
+CURVKERN_INLINE void shard_hvp_row(const ShardHvpArgs<T>& args, int64_t r) {
+  using A = at::opmath_type<T>;
+  const Problem<T>& p = args.problem;
+  T* out_row = args.out + r * args.out_row_stride;
+  const int64_t y = p.label(r);
+  if (y == p.ignore_index) {
+    write_zeros(out_row, p.classes);
+    return;
+  }
+  if (!p.in_range(y)) {
+    write_nan(out_row, p.classes);
+    return;
+  }
+  const T* z = p.row(r);
+  const T* u_row = args.u + r * args.u_row_stride;
+  const A scale = args.scale[r * args.scale_stride], row_lse = args.lse[r], p_dot_u = args.p_dot_u[r];
+  for (int64_t start = 0; start < p.classes; start += kBlock) {
+    const int64_t end = std::min(start + kBlock, p.classes);
+    prefetch_next_block<true>(z, u_row, start + kBlock, p.classes);
+#pragma omp simd
+    for (int64_t j = start; j < end; ++j)
+      store(out_row, j, scale * vec::exp(load(z, j) - row_lse) * (load(u_row, j) - p_dot_u));
+  }
 }
 
 // Sweep 2 of an HVP row: u is still in cache, p_j = e_j e^{shift - max} / sum from the kept e_j, and
@@ -336,29 +432,43 @@ CURVKERN_INLINE void hvp_row(const HvpArgs<T>& args, int64_t r, at::opmath_type<
 // defines ce_forward_<dtype>_<isa>, ce_backward_<dtype>_<isa> and ce_hvp_<dtype>_<isa> for every dtype and
 // ISA, each one region over the rows, and per dtype run_forward, run_backward and run_hvp, which run the
 // active ISA's. The HVP's region gives each thread its scratch row.
-#define CURVKERN_CE_REGIONS(isa, target, T, dtype)                                      \
-  target void ce_forward_##dtype##_##isa(const ForwardArgs<T>& args) {                  \
-    _Pragma("omp parallel for schedule(static) num_threads(at::get_num_threads())")     \
-    for (int64_t r = 0; r < args.problem.rows; ++r) forward_row(args, r);               \
-  }                                                                                     \
-  target void ce_backward_##dtype##_##isa(const BackwardArgs<T>& args) {                \
-    _Pragma("omp parallel for schedule(static) num_threads(at::get_num_threads())")     \
-    for (int64_t r = 0; r < args.problem.rows; ++r) backward_row(args, r);              \
-  }                                                                                     \
-  target void ce_hvp_##dtype##_##isa(const HvpArgs<T>& args) {                          \
-    _Pragma("omp parallel num_threads(at::get_num_threads())")                          \
-    {                                                                                   \
-      std::vector<at::opmath_type<T>> scratch(scratch_size(args.problem.classes));      \
-      _Pragma("omp for schedule(static)")                                               \
-      for (int64_t r = 0; r < args.problem.rows; ++r) hvp_row(args, r, scratch.data()); \
-      if (args.stream_output) drain_streaming_stores();                                 \
-    }                                                                                   \
+#define CURVKERN_CE_REGIONS(isa, target, T, dtype)                                              \
+  target void ce_forward_##dtype##_##isa(const ForwardArgs<T>& args) {                          \
+    _Pragma("omp parallel for schedule(static) num_threads(at::get_num_threads())")             \
+    for (int64_t r = 0; r < args.problem.rows; ++r) forward_row(args, r);                       \
+  }                                                                                             \
+  target void ce_backward_##dtype##_##isa(const BackwardArgs<T>& args) {                        \
+    _Pragma("omp parallel for schedule(static) num_threads(at::get_num_threads())")             \
+    for (int64_t r = 0; r < args.problem.rows; ++r) backward_row(args, r);                      \
+  }                                                                                             \
+  target void ce_hvp_##dtype##_##isa(const HvpArgs<T>& args) {                                  \
+    _Pragma("omp parallel num_threads(at::get_num_threads())")                                  \
+    {                                                                                           \
+      std::vector<at::opmath_type<T>> scratch(scratch_size(args.problem.classes));              \
+      _Pragma("omp for schedule(static)")                                                       \
+      for (int64_t r = 0; r < args.problem.rows; ++r) hvp_row(args, r, scratch.data());         \
+      if (args.stream_output) drain_streaming_stores();                                         \
+    }                                                                                           \
+  }                                                                                             \
+  target void ce_stats_##dtype##_##isa(const StatsArgs<T>& args) {                              \
+    _Pragma("omp parallel num_threads(at::get_num_threads())")                                  \
+    {                                                                                           \
+      std::vector<at::opmath_type<T>> scratch(args.u ? scratch_size(args.problem.classes) : 0); \
+      _Pragma("omp for schedule(static)")                                                       \
+      for (int64_t r = 0; r < args.problem.rows; ++r) stats_row(args, r, scratch.data());       \
+    }                                                                                           \
+  }                                                                                             \
+  target void ce_shard_hvp_##dtype##_##isa(const ShardHvpArgs<T>& args) {                       \
+    _Pragma("omp parallel for schedule(static) num_threads(at::get_num_threads())")             \
+    for (int64_t r = 0; r < args.problem.rows; ++r) shard_hvp_row(args, r);                     \
   }
 #define CURVKERN_CE_KERNELS(T, dtype)                                                                     \
   CURVKERN_FOR_EACH_ISA(CURVKERN_CE_REGIONS, T, dtype)                                                    \
   void run_forward(const ForwardArgs<T>& args) { CURVKERN_CALL_ACTIVE_ISA(ce_forward_##dtype, args); }    \
   void run_backward(const BackwardArgs<T>& args) { CURVKERN_CALL_ACTIVE_ISA(ce_backward_##dtype, args); } \
-  void run_hvp(const HvpArgs<T>& args) { CURVKERN_CALL_ACTIVE_ISA(ce_hvp_##dtype, args); }
+  void run_hvp(const HvpArgs<T>& args) { CURVKERN_CALL_ACTIVE_ISA(ce_hvp_##dtype, args); }                \
+  void run_stats(const StatsArgs<T>& args) { CURVKERN_CALL_ACTIVE_ISA(ce_stats_##dtype, args); }          \
+  void run_shard_hvp(const ShardHvpArgs<T>& args) { CURVKERN_CALL_ACTIVE_ISA(ce_shard_hvp_##dtype, args); }
 
 CURVKERN_FOR_EACH_DTYPE(CURVKERN_CE_KERNELS)
 #undef CURVKERN_CE_KERNELS
@@ -395,7 +505,29 @@ Problem<T> make_problem(const char* op, const at::Tensor& logits, const at::Tens
                     logits.size(1),
                     ignore_index,
                     shift_period,
-                    static_cast<at::opmath_type<T>>(label_smoothing)};
+                    static_cast<at::opmath_type<T>>(label_smoothing),
+                    0,
+                    logits.size(1)};
+}
+
+// make_problem for a shard: columns class_offset .. class_offset + V of num_classes.
+template <typename T>
+Problem<T> make_shard_problem(const char* op, const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index,
+                              double label_smoothing, int64_t class_offset, int64_t num_classes) {
+  Problem<T> problem = make_problem<T>(op, logits, target, ignore_index, label_smoothing, 0);
+  TORCH_CHECK(class_offset >= 0 && class_offset + logits.size(1) <= num_classes, op, ": a shard of ", logits.size(1),
+              " classes at offset ", class_offset, " does not fit in num_classes=", num_classes);
+  problem.class_offset = class_offset;
+  problem.total_classes = num_classes;
+  return problem;
+}
+
+// A contiguous (N,) tensor in the accumulation dtype (a row statistic).
+void check_row_statistic(const char* op, const char* name, const at::Tensor& tensor, const at::Tensor& logits) {
+  TORCH_CHECK(tensor.scalar_type() == opmath_dtype(logits.scalar_type()) && tensor.dim() == 1 &&
+                  tensor.size(0) == logits.size(0) && tensor.is_contiguous() && tensor.device().is_cpu(),
+              op, ": ", name, " must be a contiguous ", opmath_dtype(logits.scalar_type()), " CPU tensor of shape (",
+              logits.size(0), "), got ", tensor.scalar_type(), " of shape ", tensor.sizes());
 }
 
 // A 0-dim or (N,) scale in the accumulation dtype; returns its element stride (0 when shared by all rows).
@@ -434,10 +566,7 @@ at::Tensor cross_entropy_backward(const at::Tensor& logits, const at::Tensor& ta
     using T = typename decltype(tag)::type;
     using A = at::opmath_type<T>;
     const Problem<T> problem = make_problem<T>(op, logits, target, ignore_index, label_smoothing, 0);
-    TORCH_CHECK(lse.scalar_type() == opmath_dtype(logits.scalar_type()) && lse.dim() == 1 &&
-                    lse.size(0) == logits.size(0) && lse.is_contiguous() && lse.device().is_cpu(),
-                op, ": lse must be a contiguous ", opmath_dtype(logits.scalar_type()), " CPU tensor of shape (",
-                logits.size(0), ")");
+    check_row_statistic(op, "lse", lse, logits);
     const int64_t scale_stride = check_scale(op, "grad_scale", grad_scale, logits);
     run_backward(BackwardArgs<T>{problem, lse.const_data_ptr<A>(), grad_scale.const_data_ptr<A>(), scale_stride,
                                  grad.data_ptr<T>()});
@@ -469,6 +598,67 @@ at::Tensor cross_entropy_hvp_(const at::Tensor& logits, const at::Tensor& target
                        .stream_output = stream_out && streams_output<T>(problem.rows, problem.classes)});
   });
   return dot;
+}
+
+at::Tensor cross_entropy_partial_stats(const at::Tensor& logits, const at::Tensor& target,
+                                       const std::optional<at::Tensor>& u, int64_t ignore_index, double label_smoothing,
+                                       int64_t class_offset, int64_t num_classes) {
+  const char* op = "curvkern::cross_entropy_partial_stats";
+  at::Tensor stats =
+      at::empty({logits.size(0), kStatsColumns}, logits.options().dtype(opmath_dtype(logits.scalar_type())));
+  with_dtype(logits.scalar_type(), op, "logits", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = at::opmath_type<T>;
+    const Problem<T> problem =
+        make_shard_problem<T>(op, logits, target, ignore_index, label_smoothing, class_offset, num_classes);
+    if (u.has_value()) check_rows(op, "u", *u, logits);
+    run_stats(StatsArgs<T>{problem, u.has_value() ? u->const_data_ptr<T>() : nullptr, u.has_value() ? u->stride(0) : 0,
+                           stats.data_ptr<A>()});
+  });
+  return stats;
+}
+
+at::Tensor cross_entropy_shard_backward(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& lse,
+                                        const at::Tensor& grad_scale, int64_t ignore_index, double label_smoothing,
+                                        int64_t class_offset, int64_t num_classes) {
+  const char* op = "curvkern::cross_entropy_shard_backward";
+  at::Tensor grad = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  with_dtype(logits.scalar_type(), op, "logits", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = at::opmath_type<T>;
+    const Problem<T> problem =
+        make_shard_problem<T>(op, logits, target, ignore_index, label_smoothing, class_offset, num_classes);
+    check_row_statistic(op, "lse", lse, logits);
+    const int64_t scale_stride = check_scale(op, "grad_scale", grad_scale, logits);
+    run_backward(BackwardArgs<T>{problem, lse.const_data_ptr<A>(), grad_scale.const_data_ptr<A>(), scale_stride,
+                                 grad.data_ptr<T>()});
+  });
+  return grad;
+}
+
+void cross_entropy_shard_hvp_(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& u,
+                              const at::Tensor& lse, const at::Tensor& p_dot_u, const at::Tensor& scale,
+                              int64_t ignore_index, int64_t num_classes, at::Tensor& out) {
+  const char* op = "curvkern::cross_entropy_shard_hvp_";
+  with_dtype(logits.scalar_type(), op, "logits", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = at::opmath_type<T>;
+    const Problem<T> problem = make_shard_problem<T>(op, logits, target, ignore_index, 0.0, 0, num_classes);
+    check_rows(op, "u", u, logits);
+    check_rows(op, "out", out, logits);
+    check_row_statistic(op, "lse", lse, logits);
+    check_row_statistic(op, "p_dot_u", p_dot_u, logits);
+    const int64_t scale_stride = check_scale(op, "scale", scale, logits);
+    run_shard_hvp(ShardHvpArgs<T>{.problem = problem,
+                                  .u = u.const_data_ptr<T>(),
+                                  .u_row_stride = u.stride(0),
+                                  .lse = lse.const_data_ptr<A>(),
+                                  .p_dot_u = p_dot_u.const_data_ptr<A>(),
+                                  .scale = scale.const_data_ptr<A>(),
+                                  .scale_stride = scale_stride,
+                                  .out = out.data_ptr<T>(),
+                                  .out_row_stride = out.size(0) > 1 ? out.stride(0) : out.size(1)});
+  });
 }
 
 }  // namespace curvkern

@@ -1,6 +1,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <tuple>
 
 namespace curvkern {
@@ -19,5 +20,18 @@ at::Tensor cross_entropy_backward(const at::Tensor& logits, const at::Tensor& ta
 at::Tensor cross_entropy_hvp_(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& u,
                               const at::Tensor& scale, int64_t ignore_index, double label_smoothing,
                               int64_t shift_period, bool stream_out, at::Tensor& out);
+
+// A shard of vocabulary-parallel rows (columns class_offset .. class_offset + V of num_classes), as
+// curvkern.families.LossKernels states: this shard's part of each row's statistics, (N, 5) in the
+// accumulation dtype; the gradient given the whole rows' lse; the HVP given their lse and <p, u>.
+at::Tensor cross_entropy_partial_stats(const at::Tensor& logits, const at::Tensor& target,
+                                       const std::optional<at::Tensor>& u, int64_t ignore_index, double label_smoothing,
+                                       int64_t class_offset, int64_t num_classes);
+at::Tensor cross_entropy_shard_backward(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& lse,
+                                        const at::Tensor& grad_scale, int64_t ignore_index, double label_smoothing,
+                                        int64_t class_offset, int64_t num_classes);
+void cross_entropy_shard_hvp_(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& u,
+                              const at::Tensor& lse, const at::Tensor& p_dot_u, const at::Tensor& scale,
+                              int64_t ignore_index, int64_t num_classes, at::Tensor& out);
 
 }  // namespace curvkern

@@ -26,6 +26,18 @@ if cpp_unavailable_reason() is None:
         torch._check(u.shape == logits.shape and out.shape == logits.shape, lambda: "u and out must match the logits")
         return logits.new_empty(logits.shape[0], dtype=accumulation_dtype(logits.dtype))
 
+    @torch.library.register_fake("curvkern::cross_entropy_partial_stats")
+    def _partial_stats_fake(logits, target, u, ignore_index, label_smoothing, class_offset, num_classes):
+        return logits.new_empty((logits.shape[0], 5), dtype=accumulation_dtype(logits.dtype))
+
+    @torch.library.register_fake("curvkern::cross_entropy_shard_backward")
+    def _shard_backward_fake(logits, target, lse, grad_scale, ignore_index, label_smoothing, class_offset, num_classes):
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("curvkern::cross_entropy_shard_hvp_")
+    def _shard_hvp_fake(logits, target, u, lse, p_dot_u, scale, ignore_index, num_classes, out):
+        torch._check(u.shape == logits.shape and out.shape == logits.shape, lambda: "u and out must match the logits")
+
 
 @register("cross_entropy", "cpp")
 class CppCrossEntropy:
@@ -63,4 +75,49 @@ class CppCrossEntropy:
         h = hyperparameters
         return torch.ops.curvkern.cross_entropy_hvp_(
             logits, target, u, scale, h.ignore_index, h.label_smoothing, shift_period, out_is_callers, out
+        )
+
+    @staticmethod
+    def partial_stats(
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        u: torch.Tensor | None,
+        class_offset: int,
+        num_classes: int,
+        hyperparameters: CrossEntropyHyperparameters,
+    ):
+        h = hyperparameters
+        return torch.ops.curvkern.cross_entropy_partial_stats(
+            logits, target, u, h.ignore_index, h.label_smoothing, class_offset, num_classes
+        )
+
+    @staticmethod
+    def shard_backward(
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        lse: torch.Tensor,
+        grad_scale: torch.Tensor,
+        class_offset: int,
+        num_classes: int,
+        hyperparameters: CrossEntropyHyperparameters,
+    ):
+        h = hyperparameters
+        return torch.ops.curvkern.cross_entropy_shard_backward(
+            logits, target, lse, grad_scale, h.ignore_index, h.label_smoothing, class_offset, num_classes
+        )
+
+    @staticmethod
+    def shard_hvp(
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        u: torch.Tensor,
+        lse: torch.Tensor,
+        p_dot_u: torch.Tensor,
+        scale: torch.Tensor,
+        num_classes: int,
+        hyperparameters: CrossEntropyHyperparameters,
+        out: torch.Tensor,
+    ):
+        torch.ops.curvkern.cross_entropy_shard_hvp_(
+            logits, target, u, lse, p_dot_u, scale, hyperparameters.ignore_index, num_classes, out
         )

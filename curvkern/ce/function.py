@@ -18,6 +18,7 @@ import math
 import torch
 
 from curvkern._dispatch import is_dtensor, select
+from curvkern.ce import vocab_parallel
 from curvkern.ce.eager import accumulation_dtype
 from curvkern.hyperparameters import CrossEntropyHyperparameters
 
@@ -34,45 +35,53 @@ THIRD_DERIVATIVE_ERROR = (
 
 
 def _check_not_dtensor(**tensors: torch.Tensor) -> None:
-    """DTensor arguments raise: the kernels see one process's local rows, so a sharded (e.g. vocabulary-
-    parallel) DTensor would give a wrong loss without a cross-rank reduction, which is not written yet."""
+    """DTensor arguments raise where only plain tensors are taken (the hessian-eigenthings loss objects,
+    the classes-last internal paths): their kernels would see one process's local rows as whole rows."""
     for name, tensor in tensors.items():
         if is_dtensor(tensor):
             raise NotImplementedError(
-                f"curvkern.cross_entropy: {name} is a DTensor ({tensor.placements}); supported are plain "
-                "torch.Tensor arguments, which includes DistributedDataParallel (each rank passes its local "
-                "batch). DTensor and vocabulary-parallel (class-sharded) logits are not supported yet; "
-                "gather them with .full_tensor() first"
+                f"curvkern.cross_entropy: {name} is a DTensor ({tensor.placements}); this entry point takes plain "
+                "torch.Tensor arguments, which includes DistributedDataParallel (each rank passes its local batch). "
+                "DTensor logits sharded on the class dimension (vocabulary-parallel) or replicated are taken by "
+                "curvkern.cross_entropy and curvkern.ce_hvp"
             )
 
 
 def _check_arguments(logits: torch.Tensor, target: torch.Tensor, reduction: str, ignore_index: int) -> None:
     """Checks on classes-last arguments: (…, V) logits and (…) int64 targets."""
     _check_not_dtensor(logits=logits, target=target)
+    _check_row_arguments(logits.shape, logits.dtype, logits.device, target, reduction, ignore_index)
+
+
+def _check_row_arguments(
+    shape: torch.Size, dtype: torch.dtype, device: torch.device, target: torch.Tensor, reduction: str, ignore_index: int
+) -> None:
+    """:func:`_check_arguments` on the logits' (…, V) global shape, dtype and device (a DTensor's are
+    its global shape and its local shard's dtype and device)."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"{reduction!r} is not a valid value for reduction; expected one of {REDUCTIONS}")
-    if logits.dtype not in LOGIT_DTYPES:
-        raise TypeError(f"curvkern.cross_entropy: logits must be one of {LOGIT_DTYPES}, got {logits.dtype}")
-    if logits.dim() == 0:
+    if dtype not in LOGIT_DTYPES:
+        raise TypeError(f"curvkern.cross_entropy: logits must be one of {LOGIT_DTYPES}, got {dtype}")
+    if len(shape) == 0:
         raise ValueError("curvkern.cross_entropy: logits must have a class dimension, got a 0-dim tensor")
     if target.dtype != torch.int64:
         raise RuntimeError(f"expected target dtype to be Long (class indices), got {target.dtype}")
-    if target.shape != logits.shape[:-1]:
+    if target.shape != shape[:-1]:
         raise ValueError(
-            f"Expected target size {tuple(logits.shape[:-1])} for logits of shape {tuple(logits.shape)} "
+            f"Expected target size {tuple(shape[:-1])} for logits of shape {tuple(shape)} "
             f"(classes last), got {tuple(target.shape)}"
         )
-    if target.device != logits.device:
-        raise RuntimeError(f"logits on {logits.device} and target on {target.device}: expected one device")
-    if logits.shape[-1] == 0 and target.numel() > 0:
+    if target.device != device:
+        raise RuntimeError(f"logits on {device} and target on {target.device}: expected one device")
+    if shape[-1] == 0 and target.numel() > 0:
         raise ValueError("curvkern.cross_entropy: logits have no classes (C = 0)")
-    _check_target_range(target, logits.shape[-1], ignore_index)
+    _check_target_range(target, shape[-1], ignore_index)
 
 
 def _check_class_dim_arguments(logits: torch.Tensor, target: torch.Tensor) -> None:
     """F.cross_entropy's shape and dtype rules for (C), (N, C) or (N, C, d1, …, dk) logits, with its
-    messages; what it accepts and curvkern does not (class-probability targets) raises too."""
-    _check_not_dtensor(logits=logits, target=target)
+    messages; what it accepts and curvkern does not (class-probability targets) raises too. ``logits`` may
+    be a DTensor (its global shape is checked)."""
     if logits.dim() == 0:
         raise ValueError(
             "curvkern.cross_entropy: logits must be (C), (N, C) or (N, C, d1, ..., dk), got a 0-dim tensor"
@@ -247,11 +256,23 @@ def cross_entropy(
     not int64/uint8, ``label_smoothing`` outside [0, 1] or tensors on two devices; ``TypeError`` for
     logits of another dtype; ``IndexError`` for a target outside [0, C) on CPU tensors (on a GPU that
     element's loss is NaN instead: the check would cost a host sync); ``NotImplementedError`` for what
-    F.cross_entropy takes and curvkern does not: ``weight``, class-probability (floating-point) targets
-    and DTensor arguments (plain tensors, DistributedDataParallel included, are supported).
+    F.cross_entropy takes and curvkern does not: ``weight`` and class-probability (floating-point) targets.
+
+    DTensor logits (vocabulary parallelism; docs/cross_entropy.md, "Vocabulary-parallel logits"): sharded
+    on the class dimension (``Shard(1)``, ``Shard(0)`` for (C) logits) on one mesh dimension and Replicate on
+    the others, or replicated; ``target`` a plain tensor or a replicated DTensor holding every row's label.
+    The row statistics are reduced over the class shards with one ``all_gather`` on that mesh dimension's
+    process group (every rank of it must call); the loss is a DTensor with Replicate placements, and its
+    gradient (and the double backward's HVP) a DTensor with the logits' placements, each rank writing its
+    shard. Other layouts (``Partial``, a Shard of another dimension, the class dimension sharded over
+    several mesh dimensions, a sharded target) raise ``NotImplementedError`` naming the placements.
     """
     if weight is not None:
         raise NotImplementedError("curvkern.cross_entropy: per-class weight is not supported; pass weight=None")
+    if is_dtensor(logits) or is_dtensor(target):
+        return _dtensor_cross_entropy(
+            logits, target, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, fused=fused
+        )
     _check_class_dim_arguments(logits, target)
     return _cross_entropy_classes_last(
         _classes_last(logits),
@@ -298,10 +319,24 @@ def ce_hvp(
     fp32/bf16/fp16 in fp32; the result has the logits' dtype and is written into ``out`` when given.
     Not differentiable.
 
-    Raises as :func:`cross_entropy` does, and ``ValueError`` when ``u`` or ``out`` does not match the logits.
+    DTensor logits as in :func:`cross_entropy`; ``u`` and ``out`` are then DTensors with the logits' mesh
+    and placements, and the result is one too.
+
+    Raises as :func:`cross_entropy` does, and ``ValueError`` when ``u`` or ``out`` does not match the logits
+    (for DTensor logits: is not a DTensor with their placements).
     """
+    if any(is_dtensor(tensor) for tensor in (logits, target, u, out)):
+        return _dtensor_ce_hvp(logits, target, u, ignore_index=ignore_index, reduction=reduction, out=out, fused=fused)
     _check_class_dim_arguments(logits, target)
-    _check_not_dtensor(u=u, out=out)
+    _check_hvp_tensors(logits, u, out)
+    target = _class_indices(target)
+    _check_arguments(_classes_last(logits), target, reduction, ignore_index)
+    _, kernels = select(FAMILY, fused, logits.device)
+    return _class_dim_hvp(kernels, logits, target, u, ignore_index=ignore_index, reduction=reduction, out=out)
+
+
+def _check_hvp_tensors(logits: torch.Tensor, u: torch.Tensor, out: torch.Tensor | None) -> None:
+    """``u`` and ``out`` must have the logits' (global) shape, dtype and device: ValueError otherwise."""
     if u.shape != logits.shape or u.dtype != logits.dtype or u.device != logits.device:
         raise ValueError(
             f"u must match the logits' shape, dtype and device: got {tuple(u.shape)} {u.dtype} on {u.device} "
@@ -309,9 +344,10 @@ def ce_hvp(
         )
     if out is not None and (out.shape != logits.shape or out.dtype != logits.dtype or out.device != logits.device):
         raise ValueError(f"out must match the logits' shape, dtype and device, got {tuple(out.shape)} {out.dtype}")
-    target = _class_indices(target)
-    _check_arguments(_classes_last(logits), target, reduction, ignore_index)
-    _, kernels = select(FAMILY, fused, logits.device)
+
+
+def _class_dim_hvp(kernels, logits, target, u, *, ignore_index, reduction, out):
+    """:func:`ce_hvp` on checked plain tensors (classes in dim 1) and int64 targets."""
     hyperparameters = CrossEntropyHyperparameters(ignore_index=int(ignore_index), reduction=reduction)
     result = _hvp_into(
         kernels,
@@ -359,3 +395,69 @@ def _hvp_into(kernels, logits, flat_target, u, hyperparameters, out, shift_perio
         if out_rows is None:  # an ``out`` no (N, V) view can write, e.g. a transposed one
             out.copy_(result_rows.view(out.shape))
     return out
+
+
+def _class_dim(logits) -> int:
+    return 0 if logits.dim() == 1 else 1
+
+
+def _global_rows_shape(logits) -> torch.Size:
+    """The (…, V) classes-last shape of (C), (N, C) or (N, C, d1, …, dk) logits, from their global shape."""
+    shape = list(logits.shape)
+    return torch.Size(shape[:1] + shape[2:] + shape[1:2] if len(shape) > 2 else shape)
+
+
+def _dtensor_kernels(logits, target, reduction: str, ignore_index: int, fused: str, who: str):
+    """For DTensor ``logits``: their layout, the whole target on this rank (int64, checked against the
+    global shape) and the kernels, wrapped to reduce over the class shards when the classes are sharded."""
+    if not is_dtensor(logits):
+        raise NotImplementedError(
+            f"{who}: DTensor arguments need DTensor logits (sharded on the class dimension or replicated); "
+            "got plain logits"
+        )
+    if logits.dim() == 0:
+        raise ValueError(f"{who}: logits must be (C), (N, C) or (N, C, d1, ..., dk), got a 0-dim tensor")
+    layout = vocab_parallel.layout_of(logits, _class_dim(logits), who)
+    target = vocab_parallel.local_target(target, logits, who)
+    _check_class_dim_arguments(logits, target)
+    target = _class_indices(target)
+    device = logits.device  # a DTensor's: its local shard's device
+    _check_row_arguments(_global_rows_shape(logits), logits.dtype, device, target, reduction, ignore_index)
+    _, kernels = select(FAMILY, fused, device)
+    if layout.shard is not None:
+        kernels = vocab_parallel.ShardedKernels(kernels, layout.shard)
+    return layout, target, kernels
+
+
+def _dtensor_cross_entropy(logits, target, *, ignore_index, reduction, label_smoothing, fused):
+    """:func:`cross_entropy` on DTensor logits: the same autograd functions on this rank's shard, with the
+    kernels reducing over the class shards; a Replicate loss, gradients with the logits' placements."""
+    layout, target, kernels = _dtensor_kernels(logits, target, reduction, ignore_index, fused, "curvkern.cross_entropy")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    hyperparameters = CrossEntropyHyperparameters(int(ignore_index), float(label_smoothing), reduction)
+    # to_local() is differentiable: the gradient of the shard comes back as a DTensor with the placements.
+    rows = _as_rows(_classes_last(logits.to_local()))
+    loss = _CrossEntropy.apply(rows, target.reshape(-1).contiguous(), kernels, hyperparameters)
+    return vocab_parallel.replicated(loss.view(target.shape) if reduction == "none" else loss, layout)
+
+
+def _dtensor_ce_hvp(logits, target, u, *, ignore_index, reduction, out, fused):
+    """:func:`ce_hvp` on DTensor logits, ``u`` and ``out`` with the logits' placements."""
+    who = "curvkern.ce_hvp"
+    _, target, kernels = _dtensor_kernels(logits, target, reduction, ignore_index, fused, who)
+    vocab_parallel.check_same_layout("u", u, logits, who)
+    if out is not None:
+        vocab_parallel.check_same_layout("out", out, logits, who)
+    _check_hvp_tensors(logits, u, out)
+    with torch.no_grad():
+        result = _class_dim_hvp(
+            kernels,
+            logits.to_local(),
+            target,
+            u.to_local(),
+            ignore_index=ignore_index,
+            reduction=reduction,
+            out=None if out is None else out.to_local(),
+        )
+    return out if out is not None else vocab_parallel.like_logits(result, logits)

@@ -17,7 +17,7 @@ import struct
 import torch
 
 from curvkern._dispatch import register
-from curvkern.ce.eager import accumulation_dtype
+from curvkern.ce.eager import accumulation_dtype, check_shard_inputs
 from curvkern.hyperparameters import CrossEntropyHyperparameters
 
 if importlib.util.find_spec("triton") is not None:
@@ -127,6 +127,8 @@ if importlib.util.find_spec("triton") is not None:
         grad_ptr,
         N,
         V,
+        class_offset,
+        num_classes,
         ignore_index,
         smoothing_hi,
         smoothing_lo,
@@ -134,8 +136,10 @@ if importlib.util.find_spec("triton") is not None:
         ROWS: tl.constexpr,
         BLOCK_V: tl.constexpr,
     ):
+        """The gradient over V columns starting at ``class_offset`` of ``num_classes`` (a vocabulary shard;
+        0 and V for whole rows)."""
         label_smoothing = _exact_scalar(smoothing_hi, smoothing_lo, ACC)
-        rows, row_mask, label, live, in_range = _program_rows(target_ptr, N, V, ignore_index, 0, ROWS, False)
+        rows, row_mask, label, live, in_range = _program_rows(target_ptr, N, num_classes, ignore_index, 0, ROWS, False)
         lse = tl.load(lse_ptr + rows, mask=live, other=0.0)
         scale = tl.load(scale_ptr + rows * scale_stride, mask=live, other=0.0)
         scale = tl.where(live, tl.where(in_range, scale, float("nan")), 0.0)
@@ -146,8 +150,8 @@ if importlib.util.find_spec("triton") is not None:
             z = tl.load(
                 logits_ptr + rows[:, None] * row_stride + col[None, :], mask=mask & live[:, None], other=0.0
             ).to(ACC)
-            target_part = tl.where(col[None, :] == label[:, None], 1.0 - label_smoothing, 0.0)
-            grad = scale[:, None] * (tl.exp(z - lse[:, None]) - label_smoothing / V - target_part)
+            target_part = tl.where((col + class_offset)[None, :] == label[:, None], 1.0 - label_smoothing, 0.0)
+            grad = scale[:, None] * (tl.exp(z - lse[:, None]) - label_smoothing / num_classes - target_part)
             grad = tl.where(live[:, None], grad, 0.0)
             tl.store(grad_ptr + rows[:, None] * V + col[None, :], grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
@@ -206,6 +210,86 @@ if importlib.util.find_spec("triton") is not None:
             dot -= label_smoothing / V * sum_u
         dot = tl.where(in_range, dot, float("nan"))
         tl.store(dot_ptr + rows, tl.where(live, dot, 0.0), mask=row_mask)
+
+    @triton.jit
+    def _stats_kernel(
+        logits_ptr,
+        row_stride,
+        target_ptr,
+        u_ptr,
+        u_row_stride,
+        stats_ptr,
+        N,
+        V,
+        class_offset,
+        num_classes,
+        ignore_index,
+        ACC: tl.constexpr,
+        WITH_U: tl.constexpr,
+        SMOOTHING: tl.constexpr,
+        ROWS: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+    ):
+        """A shard's part of each row's statistics (``LossKernels.partial_stats``): sweep 1 of the HVP
+        (of the forward without u), and w (u, or z without u) at the label where the label is in this shard."""
+        rows, row_mask, label, live, in_range = _program_rows(target_ptr, N, num_classes, ignore_index, 0, ROWS, False)
+        z_ptrs = logits_ptr + rows * row_stride
+        u_ptrs = u_ptr + rows * u_row_stride
+        running_max, sum_exp, sum_exp_u, sum_z, sum_u = _row_stats(
+            z_ptrs, u_ptrs, live, V, ACC, WITH_U, SMOOTHING, ROWS, BLOCK_V
+        )
+        column = label - class_offset
+        in_shard = live & (column >= 0) & (column < V)
+        w_ptrs = u_ptrs if WITH_U else z_ptrs
+        at_label = tl.load(w_ptrs + column, mask=in_shard, other=0.0).to(ACC)
+        at_label = tl.where(in_range, at_label, float("nan"))
+        total = sum_u if WITH_U else sum_z
+        out = stats_ptr + rows * 5
+        tl.store(out, tl.where(live, running_max, 0.0), mask=row_mask)
+        tl.store(out + 1, tl.where(live, sum_exp, 0.0), mask=row_mask)
+        tl.store(out + 2, tl.where(live, sum_exp_u, 0.0), mask=row_mask)
+        tl.store(out + 3, tl.where(live, at_label, 0.0), mask=row_mask)
+        tl.store(out + 4, tl.where(live, total, 0.0), mask=row_mask)
+
+    @triton.jit
+    def _shard_hvp_kernel(
+        logits_ptr,
+        row_stride,
+        target_ptr,
+        u_ptr,
+        u_row_stride,
+        lse_ptr,
+        p_dot_u_ptr,
+        scale_ptr,
+        scale_stride,
+        out_ptr,
+        out_row_stride,
+        N,
+        V,
+        num_classes,
+        ignore_index,
+        ACC: tl.constexpr,
+        ROWS: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+    ):
+        """A shard's HVP given the whole rows' lse and ⟨p, u⟩: scale · e^{z − lse} ⊙ (u − ⟨p, u⟩)."""
+        rows, row_mask, _, live, in_range = _program_rows(target_ptr, N, num_classes, ignore_index, 0, ROWS, False)
+        lse = tl.load(lse_ptr + rows, mask=live, other=0.0)
+        p_dot_u = tl.load(p_dot_u_ptr + rows, mask=live, other=0.0)
+        scale = tl.load(scale_ptr + rows * scale_stride, mask=live, other=0.0).to(ACC)
+        scale = tl.where(live, tl.where(in_range, scale, float("nan")), 0.0)
+        cols = tl.arange(0, BLOCK_V)
+        for start in range(0, V, BLOCK_V):
+            col = start + cols
+            mask = row_mask[:, None] & (col < V)[None, :]
+            read = mask & live[:, None]
+            z = tl.load(logits_ptr + rows[:, None] * row_stride + col[None, :], mask=read, other=0.0).to(ACC)
+            u = tl.load(u_ptr + rows[:, None] * u_row_stride + col[None, :], mask=read, other=0.0).to(ACC)
+            hvp = scale[:, None] * tl.exp(z - lse[:, None]) * (u - p_dot_u[:, None])
+            hvp = tl.where(live[:, None], hvp, 0.0)
+            tl.store(
+                out_ptr + rows[:, None] * out_row_stride + col[None, :], hvp.to(out_ptr.dtype.element_ty), mask=mask
+            )
 
 
 # Tile width: a power of two, at most MAX_BLOCK_V columns; rows per program fill a TILE-element tile.
@@ -285,6 +369,8 @@ class TritonCrossEntropy:
                 grad,
                 n,
                 v,
+                0,
+                v,
                 ignore_index,
                 *_split(label_smoothing),
                 ACC=_accumulator(logits.dtype),
@@ -332,3 +418,119 @@ class TritonCrossEntropy:
                 BLOCK_V=block_v,
             )
         return dot
+
+    @staticmethod
+    def partial_stats(
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        u: torch.Tensor | None,
+        class_offset: int,
+        num_classes: int,
+        hyperparameters: CrossEntropyHyperparameters,
+    ):
+        check_shard_inputs("partial_stats", logits, target, class_offset, num_classes, {"u": u}, {})
+        n, v = logits.shape
+        stats = torch.empty((n, 5), dtype=accumulation_dtype(logits.dtype), device=logits.device)
+        if n:
+            grid, rows, block_v = _launch_shape(n, v)
+            _stats_kernel[grid](
+                logits,
+                _row_stride(logits),
+                target,
+                logits if u is None else u,
+                _row_stride(logits if u is None else u),
+                stats,
+                n,
+                v,
+                class_offset,
+                num_classes,
+                hyperparameters.ignore_index,
+                ACC=_accumulator(logits.dtype),
+                WITH_U=u is not None,
+                SMOOTHING=hyperparameters.label_smoothing != 0,
+                ROWS=rows,
+                BLOCK_V=block_v,
+            )
+        return stats
+
+    @staticmethod
+    def shard_backward(
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        lse: torch.Tensor,
+        grad_scale: torch.Tensor,
+        class_offset: int,
+        num_classes: int,
+        hyperparameters: CrossEntropyHyperparameters,
+    ):
+        check_shard_inputs(
+            "shard_backward", logits, target, class_offset, num_classes, {}, {"lse": lse, "grad_scale": grad_scale}
+        )
+        n, v = logits.shape
+        grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
+        if n:
+            grid, rows, block_v = _launch_shape(n, v)
+            _backward_kernel[grid](
+                logits,
+                _row_stride(logits),
+                target,
+                lse,
+                grad_scale,
+                0 if grad_scale.dim() == 0 else grad_scale.stride(0),
+                grad,
+                n,
+                v,
+                class_offset,
+                num_classes,
+                hyperparameters.ignore_index,
+                *_split(hyperparameters.label_smoothing),
+                ACC=_accumulator(logits.dtype),
+                ROWS=rows,
+                BLOCK_V=block_v,
+            )
+        return grad
+
+    @staticmethod
+    def shard_hvp(
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        u: torch.Tensor,
+        lse: torch.Tensor,
+        p_dot_u: torch.Tensor,
+        scale: torch.Tensor,
+        num_classes: int,
+        hyperparameters: CrossEntropyHyperparameters,
+        out: torch.Tensor,
+    ):
+        check_shard_inputs(
+            "shard_hvp",
+            logits,
+            target,
+            0,
+            num_classes,
+            {"u": u, "out": out},
+            {"lse": lse, "p_dot_u": p_dot_u, "scale": scale},
+        )
+        n, v = logits.shape
+        if n:
+            grid, rows, block_v = _launch_shape(n, v)
+            _shard_hvp_kernel[grid](
+                logits,
+                _row_stride(logits),
+                target,
+                u,
+                u.stride(0),
+                lse,
+                p_dot_u,
+                scale,
+                0 if scale.dim() == 0 else scale.stride(0),
+                out,
+                _row_stride(out),
+                n,
+                v,
+                num_classes,
+                hyperparameters.ignore_index,
+                ACC=_accumulator(logits.dtype),
+                ROWS=rows,
+                BLOCK_V=block_v,
+            )
