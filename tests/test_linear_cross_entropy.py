@@ -8,6 +8,7 @@ runs over several row and class tiles, with V not a multiple of the class tile.
 
 import datetime
 import math
+import warnings
 
 import pytest
 import torch
@@ -25,8 +26,11 @@ from tolerance import (
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import curvkern
+from curvkern import _dispatch
+from curvkern.families import get_family
 from curvkern.linear_ce import eager
 
+FAMILY = get_family("linear_cross_entropy")
 REDUCTIONS = ["mean", "sum", "none"]
 SMALL_N_TILE, SMALL_V_TILE = 4, 8  # N = 10 rows: three row tiles; V = 13: two class tiles, the last partial
 
@@ -432,15 +436,29 @@ def test_low_precision_against_an_fp64_ground_truth(dtype):
 # --- Backends and input validation ------------------------------------------------------------------------
 
 
-def test_auto_and_eager_run_the_reference_and_the_kernels_to_come_raise():
+def test_fused_goes_through_the_one_dispatch_point_and_never_falls_back(monkeypatch):
+    """``fused=`` is chosen by curvkern._dispatch.select like every family's: "auto" runs what the registry
+    picks on the device, an explicit backend without a kernel raises NotImplementedError, one that cannot run
+    here RuntimeError; none of them silently runs another backend."""
     hidden, weight, bias, target = make_problem()
-    expected = ours(hidden, weight, target, bias, fused="eager")
-    assert torch.equal(ours(hidden, weight, target, bias, fused="auto"), expected)
-    for fused in ("cpp", "triton"):
-        with pytest.raises(NotImplementedError, match=rf"fused='{fused}' is not implemented yet"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "auto" warns once where it runs the eager reference
+        chosen, _ = _dispatch.select(FAMILY.name, "auto", hidden.device)
+        assert torch.equal(
+            ours(hidden, weight, target, bias, fused="auto"), ours(hidden, weight, target, bias, fused=chosen)
+        )
+    monkeypatch.setattr(_dispatch, "triton_unavailable_reason", lambda device: None)
+    for fused in [b for b in _dispatch.BACKENDS if b not in FAMILY.backends]:
+        with pytest.raises(NotImplementedError, match=rf"linear_cross_entropy: fused='{fused}' has no kernel"):
             ours(hidden, weight, target, bias, fused=fused)
-        with pytest.raises(NotImplementedError, match="not implemented yet"):
+        with pytest.raises(NotImplementedError, match="has no kernel"):
             curvkern.linear_ce_ggn_vp(hidden, weight, target, hidden, bias=bias, fused=fused)
+    monkeypatch.setattr(_dispatch, "triton_unavailable_reason", lambda device: "Triton is not installed")
+    with pytest.raises(RuntimeError, match="fused='triton' cannot run: Triton is not installed"):
+        ours(hidden, weight, target, bias, fused="triton")
+    meta = [x.to("meta") for x in (hidden, weight, bias, target)]
+    with pytest.raises(RuntimeError, match="fused='cpp' runs on CPU tensors"):
+        ours(meta[0], meta[1], meta[3], meta[2], fused="cpp")
     with pytest.raises(ValueError, match="fused must be one of"):
         ours(hidden, weight, target, bias, fused="cuda")
 

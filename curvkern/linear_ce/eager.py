@@ -24,6 +24,7 @@ from collections.abc import Iterator
 
 import torch
 
+from curvkern._dispatch import register
 from curvkern.hyperparameters import CrossEntropyHyperparameters
 
 # Rows and classes per logits tile. Module constants read at every call, so tests can make them small.
@@ -104,8 +105,10 @@ def _subtract_target(tile: torch.Tensor, target, valid, columns: slice, label_sm
     return tile
 
 
+@register("linear_cross_entropy", "eager")
 class EagerLinearCrossEntropy:
-    """The reference kernels of ``curvkern.linear_cross_entropy`` and ``curvkern.linear_ce_ggn_vp``."""
+    """The reference kernels of ``curvkern.linear_cross_entropy`` and ``curvkern.linear_ce_ggn_vp``; the
+    contract is :class:`curvkern.families.LinearLossKernels`."""
 
     @staticmethod
     def forward(

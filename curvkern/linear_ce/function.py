@@ -1,5 +1,6 @@
 """``linear_cross_entropy`` and ``linear_ce_ggn_vp``: argument checks, the reduction scale on the device, the
-backend choice, and the two autograd functions whose forward and backward are each one tiled kernel.
+backend choice (:func:`curvkern._dispatch.select`, family ``"linear_cross_entropy"``), and the two autograd
+functions whose forward and backward are each one tiled kernel.
 
 ``_LinearCrossEntropy`` saves hidden, weight, bias, the targets and the per-row log-sum-exp (N numbers),
 never the logits. Its backward is ``_LinearCrossEntropyBackward``, itself an autograd function whose
@@ -11,10 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from curvkern._dispatch import check_fused, is_dtensor
+from curvkern._dispatch import is_dtensor, select
 from curvkern.hyperparameters import CrossEntropyHyperparameters
-from curvkern.linear_ce.eager import EagerLinearCrossEntropy, accumulation_dtype
+from curvkern.linear_ce.eager import accumulation_dtype
 
+FAMILY = "linear_cross_entropy"
 _DEFAULTS = CrossEntropyHyperparameters()
 REDUCTIONS = ("mean", "sum", "none")
 INPUT_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -22,20 +24,6 @@ THIRD_DERIVATIVE_ERROR = (
     "curvkern.linear_cross_entropy: third derivatives are not implemented; the Hessian-vector product of the "
     "double backward cannot be differentiated again"
 )
-
-
-def select_kernels(fused: str, device: torch.device) -> type:
-    """The kernels for ``fused``: today the eager reference for ``"auto"`` and ``"eager"`` on any device.
-
-    Raises ValueError for a value not among curvkern's ``fused=`` choices and NotImplementedError for
-    ``"cpp"`` and ``"triton"``, whose kernels are not written yet (they never silently run eager)."""
-    fused = check_fused(fused)
-    if fused in ("auto", "eager"):
-        return EagerLinearCrossEntropy
-    raise NotImplementedError(
-        f"curvkern.linear_cross_entropy: fused={fused!r} is not implemented yet (on {torch.device(device)}); "
-        "only the eager reference exists, C++ and Triton kernels are planned. Use fused='auto' or 'eager'"
-    )
 
 
 def _check_not_dtensor(**tensors: torch.Tensor | None) -> None:
@@ -200,18 +188,22 @@ def linear_cross_entropy(
     FusedLinearCrossEntropy and Apple's Cut Cross-Entropy (Wijmans et al., 2025); the double backward is
     Pearlmutter's R-operator (1994).
 
-    ``fused``: ``"auto"`` and ``"eager"`` run the eager reference; ``"cpp"`` and ``"triton"`` raise
-    NotImplementedError (not written yet).
+    ``fused``: chosen by curvkern's one dispatch point (:mod:`curvkern._dispatch`, family
+    ``"linear_cross_entropy"``): ``"eager"`` runs the reference; ``"auto"`` the backend the registry prefers
+    on the device, or the eager reference with a one-time RuntimeWarning saying why; an explicit backend that
+    cannot run raises (never a silent fallback).
 
     Raises, before any work: ``ValueError`` for a bad ``reduction``, 0-dim hidden, a weight, bias or target
     of the wrong shape, or V = 0 with rows; ``TypeError`` for a dtype other than fp32/fp64/bf16 or
     mixed dtypes; ``RuntimeError`` for a non-int64 target, ``label_smoothing`` outside [0, 1] or tensors
     on two devices; ``IndexError`` for a target outside [0, V) on CPU (on a GPU that row's loss is NaN
-    instead: the check would cost a host sync); ``NotImplementedError`` for DTensor arguments and
-    ``fused="cpp"``/``"triton"``; a third derivative raises RuntimeError when attempted.
+    instead: the check would cost a host sync); ``NotImplementedError`` for DTensor arguments and a
+    ``fused`` backend without a kernel for this family, ``RuntimeError`` for one that cannot run on these
+    tensors (``"cpp"`` off the CPU, ``"triton"`` without CUDA or Triton); a third derivative raises
+    RuntimeError when attempted.
     """
     _check_arguments(hidden, weight, target, bias, reduction, ignore_index, label_smoothing)
-    kernels = select_kernels(fused, hidden.device)
+    _, kernels = select(FAMILY, fused, hidden.device)  # called here, so "auto"'s warning names the caller
     hyperparameters = CrossEntropyHyperparameters(int(ignore_index), float(label_smoothing), reduction)
     rows = hidden.reshape(-1, hidden.shape[-1])
     loss = _LinearCrossEntropy.apply(rows, weight, bias, target.reshape(-1), kernels, hyperparameters)
@@ -279,7 +271,7 @@ def linear_ce_ggn_vp(
             raise ValueError(
                 f"curvkern.linear_ce_ggn_vp: {name} holds {tangent.shape[0]} tangents, d_hidden {tangents}"
             )
-    kernels = select_kernels(fused, hidden.device)
+    _, kernels = select(FAMILY, fused, hidden.device)
     hyperparameters = CrossEntropyHyperparameters(int(ignore_index), float(label_smoothing), reduction)
     features = hidden.shape[-1]
     flat_target = target.reshape(-1)
