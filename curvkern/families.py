@@ -134,7 +134,7 @@ class LinearLossKernels(Protocol[HyperparametersT]):
     the logits z = hidden·weightᵀ + bias of N rows and V classes, which they compute tile by tile and never
     hold whole (no tensor of N·V elements).
 
-    For every method: ``hidden`` is (N, d), ``weight`` (V, d), ``bias`` (V) or None, all contiguous, of one
+    For every method: ``hidden`` is (N, d), ``weight`` (V, d), ``bias`` (V) or None, any strides, of one
     dtype (float32, float64 or bfloat16) on one device; ``target`` is (N,) int64, contiguous, of class
     indices in [0, V) or ``hyperparameters.ignore_index``. "acc" is the accumulation dtype: float64 for
     float64 inputs, float32 otherwise; products and sums are formed in it and results rounded once. Scales
@@ -374,7 +374,7 @@ FAMILIES: dict[str, Family] = {
                 ("smoothed sum", dict(reduction="sum", label_smoothing=0.1)),
                 ("per element", dict(reduction="none")),
             ),
-            backends=("eager",),
+            backends=("eager", "cpp"),
         ),
     )
 }

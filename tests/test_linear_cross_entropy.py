@@ -1,4 +1,5 @@
-"""curvkern.linear_cross_entropy and linear_ce_ggn_vp (the eager reference) against PyTorch on materialised logits.
+"""curvkern.linear_cross_entropy and linear_ce_ggn_vp, on every registered CPU backend (the eager reference and the
+C++ kernels), against PyTorch on materialised logits.
 
 Ground truth is ``F.cross_entropy(hidden @ weight.T + bias, ...)`` and its autograd double backward in fp64
 (kind (a) of tests/tolerance.py: 1e-12), ``torch.func`` for the Gauss-Newton product, and an fp64 ground
@@ -7,6 +8,7 @@ runs over several row and class tiles, with V not a multiple of the class tile.
 """
 
 import datetime
+import functools
 import math
 import warnings
 
@@ -23,22 +25,26 @@ from tolerance import (
     relative_error,
     unit_roundoff,
 )
+from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import curvkern
 from curvkern import _dispatch
 from curvkern.families import get_family
-from curvkern.linear_ce import eager
+from curvkern.linear_ce import cpp, eager
 
 FAMILY = get_family("linear_cross_entropy")
+BACKENDS = _dispatch.available_backends(FAMILY.name, "cpu")
+ON_EACH_BACKEND = pytest.mark.parametrize("backend", BACKENDS)
 REDUCTIONS = ["mean", "sum", "none"]
 SMALL_N_TILE, SMALL_V_TILE = 4, 8  # N = 10 rows: three row tiles; V = 13: two class tiles, the last partial
 
 
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
-    monkeypatch.setattr(eager, "N_TILE", SMALL_N_TILE)
-    monkeypatch.setattr(eager, "V_TILE", SMALL_V_TILE)
+    for module in (eager, cpp):
+        monkeypatch.setattr(module, "N_TILE", SMALL_N_TILE)
+        monkeypatch.setattr(module, "V_TILE", SMALL_V_TILE)
 
 
 def make_problem(leading=(10,), d=6, v=13, *, bias=True, ignore=(1, 7), dtype=torch.float64, seed=0):
@@ -62,6 +68,11 @@ def torch_loss(hidden, weight, target, bias=None, **kwargs):
 
 def ours(hidden, weight, target, bias=None, **kwargs):
     return curvkern.linear_cross_entropy(hidden, weight, target, bias, **kwargs)
+
+
+def on(backend):
+    """:func:`ours` on ``backend``."""
+    return functools.partial(ours, fused=backend)
 
 
 def derivatives(loss_fn, hidden, weight, target, bias, tangents, grad_loss, **kwargs):
@@ -107,23 +118,25 @@ def labels_for(bias):
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.15])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no bias"])
 @pytest.mark.parametrize("leading", [(10,), (2, 5)], ids=["rows", "leading dims"])
-def test_loss_gradients_and_hvp_match_pytorch_fp64(reduction, label_smoothing, with_bias, leading):
+@ON_EACH_BACKEND
+def test_loss_gradients_and_hvp_match_pytorch_fp64(reduction, label_smoothing, with_bias, leading, backend):
     hidden, weight, bias, target = make_problem(leading, bias=with_bias)
     tangents = tangents_for(hidden, weight, bias)
     grad_loss = grad_loss_for(target, reduction)
     kwargs = dict(reduction=reduction, label_smoothing=label_smoothing)
-    got = derivatives(ours, hidden, weight, target, bias, tangents, grad_loss, **kwargs)
+    got = derivatives(on(backend), hidden, weight, target, bias, tangents, grad_loss, **kwargs)
     expected = derivatives(torch_loss, hidden, weight, target, bias, tangents, grad_loss, **kwargs)
     assert_fp64_close(got, expected, labels_for(bias))
 
 
 @pytest.mark.parametrize("differentiated", ["hidden", "weight"])
-def test_double_backward_of_one_gradient_includes_its_cross_term(differentiated):
+@ON_EACH_BACKEND
+def test_double_backward_of_one_gradient_includes_its_cross_term(differentiated, backend):
     """Differentiating only grad_hidden (or grad_weight) gives the double backward None tangents for the others;
     the result to the other input is then its cross term alone (plus the Gauss-Newton part through z)."""
     hidden, weight, bias, target = make_problem()
     results = []
-    for loss_fn in (ours, torch_loss):
+    for loss_fn in (on(backend), torch_loss):
         inputs = [x.detach().clone().requires_grad_(True) for x in (hidden, weight, bias)]
         grads = torch.autograd.grad(loss_fn(inputs[0], inputs[1], target, inputs[2]), inputs, create_graph=True)
         chosen = grads[0] if differentiated == "hidden" else grads[1]
@@ -134,7 +147,8 @@ def test_double_backward_of_one_gradient_includes_its_cross_term(differentiated)
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("case", ["no rows", "every row ignored"])
-def test_empty_and_fully_ignored_batches_match_pytorch(reduction, case):
+@ON_EACH_BACKEND
+def test_empty_and_fully_ignored_batches_match_pytorch(reduction, case, backend):
     """mean over zero valid rows is 0/0 = NaN, as in PyTorch; the gradients and HVP are 0 there."""
     if case == "no rows":
         hidden, weight, bias, target = make_problem((0,), ignore=())
@@ -142,28 +156,31 @@ def test_empty_and_fully_ignored_batches_match_pytorch(reduction, case):
         hidden, weight, bias, target = make_problem((6,), ignore=range(6))
     tangents = tangents_for(hidden, weight, bias)
     grad_loss = grad_loss_for(target, reduction)
-    got = derivatives(ours, hidden, weight, target, bias, tangents, grad_loss, reduction=reduction)
+    got = derivatives(on(backend), hidden, weight, target, bias, tangents, grad_loss, reduction=reduction)
     expected = derivatives(torch_loss, hidden, weight, target, bias, tangents, grad_loss, reduction=reduction)
     for a, b, label in zip(got, expected, LABELS, strict=True):
         torch.testing.assert_close(a, b, equal_nan=True, rtol=0, atol=0, msg=label)
     assert bool(got[0].isnan().any()) == (reduction == "mean")
 
 
-def test_gradcheck_and_gradgradcheck():
+@ON_EACH_BACKEND
+def test_gradcheck_and_gradgradcheck(backend):
     hidden, weight, bias, target = make_problem((5,), d=3, v=9, ignore=(2,))
     inputs = tuple(x.clone().requires_grad_(True) for x in (hidden, weight, bias))
 
     def loss(h, w, b):
-        return curvkern.linear_cross_entropy(h, w, target, b, reduction="sum", label_smoothing=0.1)
+        return curvkern.linear_cross_entropy(h, w, target, b, reduction="sum", label_smoothing=0.1, fused=backend)
 
     assert torch.autograd.gradcheck(loss, inputs)
     assert torch.autograd.gradgradcheck(loss, inputs)
 
 
-def test_a_third_derivative_raises():
+@ON_EACH_BACKEND
+def test_a_third_derivative_raises(backend):
     hidden, weight, bias, target = make_problem()
     inputs = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
-    grads = torch.autograd.grad(ours(inputs[0], inputs[1], target, inputs[2]), inputs, create_graph=True)
+    loss = ours(inputs[0], inputs[1], target, inputs[2], fused=backend)
+    grads = torch.autograd.grad(loss, inputs, create_graph=True)
     hvp = torch.autograd.grad(grads, inputs, [torch.ones_like(g) for g in grads], create_graph=True)
     with pytest.raises(RuntimeError, match="third derivatives are not implemented"):
         sum((x * x).sum() for x in hvp).backward()
@@ -207,13 +224,23 @@ GGN_CASES = [
 @pytest.mark.parametrize(
     "parts,with_bias", GGN_CASES, ids=[f"{p} ({'bias' if b else 'no bias'})" for p, b in GGN_CASES]
 )
-def test_ggn_vp_matches_torch_func(reduction, parts, with_bias):
+@ON_EACH_BACKEND
+def test_ggn_vp_matches_torch_func(reduction, parts, with_bias, backend):
     hidden, weight, bias, target = make_problem((2, 5), bias=with_bias)
     d_hidden, d_weight, d_bias = tangents_for(hidden, weight, bias if bias is not None else weight[:, 0])
     d_weight = d_weight if "weight" in parts else None
     d_bias = d_bias if "bias" in parts else None
     got = curvkern.linear_ce_ggn_vp(
-        hidden, weight, target, d_hidden, d_weight, d_bias, bias=bias, reduction=reduction, label_smoothing=0.2
+        hidden,
+        weight,
+        target,
+        d_hidden,
+        d_weight,
+        d_bias,
+        bias=bias,
+        reduction=reduction,
+        label_smoothing=0.2,
+        fused=backend,
     )
     expected = torch_ggn_vp(hidden, weight, target, d_hidden, d_weight, d_bias, bias, reduction)
     assert (got[2] is None) == (bias is None)
@@ -225,14 +252,15 @@ def test_ggn_vp_matches_torch_func(reduction, parts, with_bias):
 
 
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no bias"])
-def test_k_tangents_at_once_equal_k_separate_calls(with_bias):
+@ON_EACH_BACKEND
+def test_k_tangents_at_once_equal_k_separate_calls(with_bias, backend):
     hidden, weight, bias, target = make_problem((2, 5), bias=with_bias)
     k = 3
     gen = torch.Generator().manual_seed(2)
     d_hidden = torch.randn(k, *hidden.shape, generator=gen, dtype=torch.float64)
     d_weight = torch.randn(k, *weight.shape, generator=gen, dtype=torch.float64)
     d_bias = torch.randn(k, weight.shape[0], generator=gen, dtype=torch.float64) if with_bias else None
-    batched = curvkern.linear_ce_ggn_vp(hidden, weight, target, d_hidden, d_weight, d_bias, bias=bias)
+    batched = curvkern.linear_ce_ggn_vp(hidden, weight, target, d_hidden, d_weight, d_bias, bias=bias, fused=backend)
     assert batched[0].shape == (k, *hidden.shape) and batched[1].shape == (k, *weight.shape)
     for index in range(k):
         single = curvkern.linear_ce_ggn_vp(
@@ -243,6 +271,7 @@ def test_k_tangents_at_once_equal_k_separate_calls(with_bias):
             d_weight[index],
             None if d_bias is None else d_bias[index],
             bias=bias,
+            fused=backend,
         )
         for a, b, label in zip(batched, single, ["hidden", "weight", "bias"]):
             if b is None:
@@ -252,14 +281,16 @@ def test_k_tangents_at_once_equal_k_separate_calls(with_bias):
 
 
 def test_each_logits_tile_is_computed_once_for_all_k_tangents(monkeypatch):
-    """Two sweeps over the tiles, whatever K: the logits matmuls counted for K = 1 and K = 4 are equal."""
+    """Two sweeps over the tiles, whatever K: the logits matmuls counted for K = 1 and K = 4 are equal (the eager
+    reference's; the C++ kernel has the same loop structure, csrc/linear_ce/linear_cross_entropy.cpp)."""
     hidden, weight, bias, target = make_problem()
     calls = []
     monkeypatch.setattr(eager, "_logits_tile", lambda *tiles: calls.append(1) or eager_logits_tile(*tiles))
     counts = []
     for k in (1, 4):
         calls.clear()
-        curvkern.linear_ce_ggn_vp(hidden, weight, target, torch.ones(k, *hidden.shape, dtype=hidden.dtype), bias=bias)
+        d_hidden = torch.ones(k, *hidden.shape, dtype=hidden.dtype)
+        curvkern.linear_ce_ggn_vp(hidden, weight, target, d_hidden, bias=bias, fused="eager")
         counts.append(len(calls))
     tiles = math.ceil(10 / SMALL_N_TILE) * math.ceil(13 / SMALL_V_TILE)
     assert counts == [2 * tiles, 2 * tiles]
@@ -286,41 +317,69 @@ class LargestAllocation(TorchDispatchMode):
         return out
 
 
-def largest_allocations(n=48, d=4, v=40, k=2):
-    """The largest tensor each phase creates: forward, backward, double backward, Gauss-Newton product.
-    d < N and d < V, so that no input or result (N·d, V·d, K·V·d) reaches N·V elements."""
+class LargestProfiledAllocation:
+    """Records the largest allocation any ATen op makes while active, the ATen calls inside a C++ op included
+    (which a dispatch mode does not see): the profiler's per-op memory net of its children, in fp64 elements.
+    An op's temporary freed before it returns nets to 0 there; its allocation is still an op's of its own."""
+
+    def __enter__(self):
+        self.profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self.profiler.__enter__()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.profiler.__exit__(*exc_info)
+        largest_bytes = max((event.self_cpu_memory_usage for event in self.profiler.events()), default=0)
+        self.largest = largest_bytes // torch.tensor([], dtype=torch.float64).element_size()
+
+
+RECORDERS = {"dispatch mode": LargestAllocation, "profiler": LargestProfiledAllocation}
+# A dispatch mode sees the tensors the eager reference's ATen ops create, but of a C++ op only its outputs.
+MEMORY_CASES = [("dispatch mode", "eager")] + [("profiler", backend) for backend in BACKENDS]
+ON_EACH_MEMORY_CASE = pytest.mark.parametrize(
+    "recorder,backend", MEMORY_CASES, ids=[f"{r}-{b}" for r, b in MEMORY_CASES]
+)
+
+
+def largest_allocations(recorder, backend, n=48, d=4, v=40, k=2):
+    """The largest tensor each phase creates on ``backend`` as ``recorder`` sees it: forward, backward, double
+    backward, Gauss-Newton product. d < N and d < V, so that no input or result (N·d, V·d, K·V·d) reaches N·V
+    elements."""
     hidden, weight, bias, target = make_problem((n,), d=d, v=v, ignore=(3,))
     inputs = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
     phases = {}
-    with LargestAllocation() as mode:
-        loss = ours(inputs[0], inputs[1], target, inputs[2], label_smoothing=0.1)
+    with RECORDERS[recorder]() as mode:
+        loss = ours(inputs[0], inputs[1], target, inputs[2], label_smoothing=0.1, fused=backend)
     phases["forward"] = mode.largest
-    with LargestAllocation() as mode:
+    with RECORDERS[recorder]() as mode:
         grads = torch.autograd.grad(loss, inputs, create_graph=True)
     phases["backward"] = mode.largest
     tangents = [torch.ones_like(g) for g in grads]
-    with LargestAllocation() as mode:
+    with RECORDERS[recorder]() as mode:
         torch.autograd.grad(grads, inputs, tangents)
     phases["double backward"] = mode.largest
     d_hidden = torch.ones(k, n, d, dtype=hidden.dtype)
-    with LargestAllocation() as mode:
-        curvkern.linear_ce_ggn_vp(hidden, weight, target, d_hidden, bias=bias)
+    with RECORDERS[recorder]() as mode:
+        curvkern.linear_ce_ggn_vp(hidden, weight, target, d_hidden, bias=bias, fused=backend)
     phases["ggn_vp"] = mode.largest
     assert max(n * d, v * d * k) < n * v
     return phases, n * v
 
 
-def test_no_tensor_of_n_times_v_elements_is_allocated():
-    phases, n_times_v = largest_allocations()
+@ON_EACH_MEMORY_CASE
+def test_no_tensor_of_n_times_v_elements_is_allocated(recorder, backend):
+    phases, n_times_v = largest_allocations(recorder, backend)
     # The largest is a tile: K·N_TILE·V_TILE for the K-tangent Gauss-Newton tiles, N_TILE·V_TILE otherwise.
     assert all(0 < largest < n_times_v for largest in phases.values()), (phases, n_times_v)
 
 
-def test_the_memory_test_sees_a_whole_logits_tile(monkeypatch):
+@ON_EACH_MEMORY_CASE
+def test_the_memory_test_sees_a_whole_logits_tile(monkeypatch, recorder, backend):
     """The check above can fail: with one tile covering all N·V logits, every phase allocates N·V elements."""
-    monkeypatch.setattr(eager, "N_TILE", 1 << 20)
-    monkeypatch.setattr(eager, "V_TILE", 1 << 20)
-    phases, n_times_v = largest_allocations()
+    for module in (eager, cpp):
+        monkeypatch.setattr(module, "N_TILE", 1 << 20)
+        monkeypatch.setattr(module, "V_TILE", 1 << 20)
+    phases, n_times_v = largest_allocations(recorder, backend)
     assert all(largest >= n_times_v for largest in phases.values()), (phases, n_times_v)
 
 
@@ -404,12 +463,20 @@ def ground_truth_and_bounds(hidden, weight, bias, target, tangents, label_smooth
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_low_precision_against_an_fp64_ground_truth(dtype):
+@ON_EACH_BACKEND
+def test_low_precision_against_an_fp64_ground_truth(dtype, backend):
     hidden, weight, bias, target = make_problem(dtype=dtype)
     tangents = tangents_for(hidden, weight, bias)
     label_smoothing = 0.1
     got = derivatives(
-        ours, hidden, weight, target, bias, tangents, torch.tensor(1.0, dtype=dtype), label_smoothing=label_smoothing
+        on(backend),
+        hidden,
+        weight,
+        target,
+        bias,
+        tangents,
+        torch.tensor(1.0, dtype=dtype),
+        label_smoothing=label_smoothing,
     )
     as_fp64 = [x.double() for x in (hidden, weight, bias, target)]
     truth = ground_truth_and_bounds(*as_fp64[:3], target, [t.double() for t in tangents], label_smoothing)
@@ -430,7 +497,7 @@ def test_low_precision_against_an_fp64_ground_truth(dtype):
         assert result.dtype == dtype, label
         errors[label] = relative_error(result, value)
         assert_relative_error(result, value, bound + unit_roundoff(dtype), label=f"{dtype} {label}")
-    print(dtype, {label: f"{e:.2e}" for label, e in errors.items()})
+    print(backend, dtype, {label: f"{e:.2e}" for label, e in errors.items()})
 
 
 # --- Backends and input validation ------------------------------------------------------------------------
