@@ -627,3 +627,66 @@ def test_dtensor_arguments_raise(one_rank_mesh):
         ours(replicated_hidden, weight, target, bias)
     with pytest.raises(NotImplementedError, match=message):
         curvkern.linear_ce_ggn_vp(hidden, weight, target, replicated_hidden, bias=bias)
+
+
+def cpp_bad_calls():
+    """Calls of the C++ ops that must raise RuntimeError, never crash: (label, op, arguments, message)."""
+    hidden, weight, bias, target = make_problem()
+    lse, scale = torch.zeros(10, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    common = (-100, 0.0, 4, 8)
+    forward, backward = "linear_cross_entropy_forward", "linear_cross_entropy_backward"
+    hvp, ggn = "linear_cross_entropy_hvp", "linear_ce_ggn_vp"
+    return [
+        ("1-D hidden", forward, (hidden[0], weight, bias, target[:1], *common), "hidden must be 2-D"),
+        ("fp16", forward, (hidden.half(), weight.half(), None, target, *common), "float32, float64 or bfloat16"),
+        ("weight features", forward, (hidden, weight[:, :-1], bias, target, *common), "weight must have shape"),
+        ("weight dtype", forward, (hidden, weight.float(), bias, target, *common), "weight must have hidden's dtype"),
+        ("bias shape", forward, (hidden, weight, bias[:-1], target, *common), "bias must have shape"),
+        ("target int32", forward, (hidden, weight, bias, target.int(), *common), "target must be an int64"),
+        ("target rows", forward, (hidden, weight, bias, target[:-1], *common), r"target must be .* shape \(10\)"),
+        ("tile 0", forward, (hidden, weight, bias, target, -100, 0.0, 0, 8), "n_tile and v_tile must be positive"),
+        ("smoothing", forward, (hidden, weight, bias, target, -100, 2.0, 4, 8), r"label_smoothing must be in \[0, 1\]"),
+        ("lse dtype", backward, (hidden, weight, bias, target, lse.float(), scale, *common), "lse must be a Double"),
+        ("lse rows", backward, (hidden, weight, bias, target, lse[:-1], scale, *common), r"lse must have shape \(10\)"),
+        ("scale shape", backward, (hidden, weight, bias, target, lse, lse[None], *common), "grad_scale must be 0-dim"),
+        (
+            "v_bias without bias",
+            hvp,
+            (hidden, weight, None, target, lse, scale, None, None, bias, *common),
+            "v_bias was given but bias is None",
+        ),
+        (
+            "v_weight shape",
+            hvp,
+            (hidden, weight, bias, target, lse, scale, None, weight.T, None, *common),
+            "v_weight must have shape",
+        ),
+        ("2-D d_hidden", ggn, (hidden, weight, bias, target, scale, hidden, None, None, -100, 4, 8), "must be 3-D"),
+        (
+            "d_weight tangents",
+            ggn,
+            (hidden, weight, bias, target, scale, hidden[None], weight.expand(2, -1, -1), None, -100, 4, 8),
+            "d_weight must have shape",
+        ),
+    ]
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="curvkern._C is not built")
+@pytest.mark.parametrize("label,op,arguments,message", cpp_bad_calls(), ids=[c[0] for c in cpp_bad_calls()])
+def test_the_cpp_ops_check_their_inputs(label, op, arguments, message):
+    with pytest.raises(RuntimeError, match=message):
+        getattr(torch.ops.curvkern, op)(*arguments)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="curvkern._C is not built")
+def test_cpp_on_default_tiles_and_threads_matches_pytorch_fp64(monkeypatch):
+    """Larger tiles than the fixture's (64 × 256), rows over several threads, V and N several tiles each."""
+    monkeypatch.setattr(cpp, "N_TILE", 64)
+    monkeypatch.setattr(cpp, "V_TILE", 256)
+    hidden, weight, bias, target = make_problem((150,), d=16, v=600, ignore=(5, 99))
+    tangents = tangents_for(hidden, weight, bias)
+    grad_loss = grad_loss_for(target, "mean")
+    kwargs = dict(label_smoothing=0.05)
+    got = derivatives(on("cpp"), hidden, weight, target, bias, tangents, grad_loss, **kwargs)
+    expected = derivatives(torch_loss, hidden, weight, target, bias, tangents, grad_loss, **kwargs)
+    assert_fp64_close(got, expected, LABELS)
