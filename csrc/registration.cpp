@@ -1,12 +1,14 @@
 // The curvkern operator library: schemas and their CPU kernels.
 // Fake (meta) implementations are registered in Python next to each op's wrapper
-// (curvkern/bandwidth.py, curvkern/optim/<family>/cpp.py, curvkern/ce/cpp.py), so torch.compile can trace every op.
+// (curvkern/bandwidth.py, curvkern/optim/<family>/cpp.py, curvkern/ce/cpp.py, curvkern/linear_ce/cpp.py), so
+// torch.compile can trace every op.
 #include <Python.h>
 #include <torch/library.h>
 
 #include "bandwidth.h"
 #include "ce/cross_entropy.h"
 #include "cpu_dispatch.h"
+#include "linear_ce/linear_cross_entropy.h"
 #include "optim/biostatis.h"
 #include "optim/hysterograd.h"
 
@@ -56,6 +58,20 @@ TORCH_LIBRARY(curvkern, m) {
   m.def(
       "cross_entropy_shard_hvp_(Tensor logits, Tensor target, Tensor u, Tensor lse, Tensor p_dot_u, Tensor scale, "
       "int ignore_index, int num_classes, Tensor(a!) out) -> ()");
+  m.def(
+      "linear_cross_entropy_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, int ignore_index, "
+      "float label_smoothing, int n_tile, int v_tile) -> (Tensor, Tensor)");
+  m.def(
+      "linear_cross_entropy_backward(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor lse, "
+      "Tensor grad_scale, int ignore_index, float label_smoothing, int n_tile, int v_tile) -> (Tensor, Tensor, "
+      "Tensor)");
+  m.def(
+      "linear_cross_entropy_hvp(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor lse, "
+      "Tensor grad_scale, Tensor? v_hidden, Tensor? v_weight, Tensor? v_bias, int ignore_index, "
+      "float label_smoothing, int n_tile, int v_tile) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "linear_ce_ggn_vp(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor scale, Tensor d_hidden, "
+      "Tensor? d_weight, Tensor? d_bias, int ignore_index, int n_tile, int v_tile) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(curvkern, CPU, m) {
@@ -71,4 +87,8 @@ TORCH_LIBRARY_IMPL(curvkern, CPU, m) {
   m.impl("cross_entropy_partial_stats", &curvkern::cross_entropy_partial_stats);
   m.impl("cross_entropy_shard_backward", &curvkern::cross_entropy_shard_backward);
   m.impl("cross_entropy_shard_hvp_", &curvkern::cross_entropy_shard_hvp_);
+  m.impl("linear_cross_entropy_forward", &curvkern::linear_cross_entropy_forward);
+  m.impl("linear_cross_entropy_backward", &curvkern::linear_cross_entropy_backward);
+  m.impl("linear_cross_entropy_hvp", &curvkern::linear_cross_entropy_hvp);
+  m.impl("linear_ce_ggn_vp", &curvkern::linear_ce_ggn_vp);
 }

@@ -1,10 +1,11 @@
 """The kernel families: what each kind of family promises its callers, and the one registry of families.
 
 A kernel family is one computation with the same semantics on every backend: an optimizer's step
-(``"hysterograd"``, ``"biostatis"``) or a loss with its derivatives (``"cross_entropy"``). Each backend
-registers its implementation with :func:`curvkern._dispatch.register`, and every implementation of a
-family satisfies its kind's Protocol (:class:`OptimizerStep`, :class:`LossKernels`), taking the family's
-hyperparameter record (:mod:`curvkern.hyperparameters`).
+(``"hysterograd"``, ``"biostatis"``), a loss with its derivatives (``"cross_entropy"``) or a loss of a
+linear layer's output with its derivatives (``"linear_cross_entropy"``). Each backend registers its
+implementation with :func:`curvkern._dispatch.register`, and every implementation of a family satisfies its
+kind's Protocol (:class:`OptimizerStep`, :class:`LossKernels`, :class:`LinearLossKernels`), taking the
+family's hyperparameter record (:mod:`curvkern.hyperparameters`).
 
 :data:`FAMILIES` is the one list of families: the dispatch refuses a name not in it
 (:func:`get_family` raises ValueError naming the known ones), and the tests, the benchmarks and the main
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 BACKENDS = ("eager", "cpp", "triton")
 OPTIMIZER = "optimizer"
 LOSS = "loss"
+LINEAR_LOSS = "linear_loss"
 
 StateT = TypeVar("StateT", contravariant=True)
 HyperparametersT = TypeVar("HyperparametersT", contravariant=True)
@@ -195,7 +197,85 @@ class LossKernels(Protocol[HyperparametersT]):
         ...
 
 
-PROTOCOLS: dict[str, type] = {OPTIMIZER: OptimizerStep, LOSS: LossKernels}
+class LinearLossKernels(Protocol[HyperparametersT]):
+    """What each backend of a linear-loss family registers: a class whose four static methods are kernels on
+    the logits z = hidden·weightᵀ + bias of N rows and V classes, which they compute tile by tile and never
+    hold whole (no tensor of N·V elements).
+
+    For every method: ``hidden`` is (N, d), ``weight`` (V, d), ``bias`` (V) or None, any strides, of one
+    dtype (float32, float64 or bfloat16) on one device; ``target`` is (N,) int64, contiguous, of class
+    indices in [0, V) or ``hyperparameters.ignore_index``. "acc" is the accumulation dtype: float64 for
+    float64 inputs, float32 otherwise; products and sums are formed in it and results rounded once. Scales
+    are 0-dim or (N,) acc device tensors (the reduction's weight; ``hyperparameters.reduction`` is not the
+    kernels' business), and a row whose target is the ignore index counts with scale 0. No kernel reads a
+    number back to the host. q_r = (1 − α)·e_y + α/V is the smoothed target, p_r = softmax(z_r).
+    """
+
+    @staticmethod
+    def forward(
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        target: torch.Tensor,
+        hyperparameters: HyperparametersT,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss_rows, lse)``, both (N,) in acc: ℓ_r (0 on ignored rows, NaN for a label outside [0, V))
+        and log Σ_j exp z_rj."""
+        ...
+
+    @staticmethod
+    def backward(
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        target: torch.Tensor,
+        lse: torch.Tensor,
+        grad_scale: torch.Tensor,
+        hyperparameters: HyperparametersT,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """With g_z = s_r·(p_r − q_r) (s = ``grad_scale``, ``lse`` forward's): ``(g_z·W, g_zᵀ·h, Σ_r g_z)`` of
+        the shapes and dtype of hidden, weight and bias (None when bias is None)."""
+        ...
+
+    @staticmethod
+    def hvp(
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        target: torch.Tensor,
+        lse: torch.Tensor,
+        grad_scale: torch.Tensor,
+        v_hidden: torch.Tensor | None,
+        v_weight: torch.Tensor | None,
+        v_bias: torch.Tensor | None,
+        hyperparameters: HyperparametersT,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The double backward along the tangents (of hidden's, weight's and bias's shapes and dtype; None
+        is 0): with u = v_h·Wᵀ + h·v_Wᵀ + v_b and (H u)_r = s_r·p_r ⊙ (u_r − ⟨p_r, u_r⟩), returns
+        ``((H u)·W + g_z·v_W, (H u)ᵀ·h + g_zᵀ·v_h, Σ_r (H u)_r, dot)`` (the third None without bias) in the
+        inputs' dtype, and ``dot`` (N,) in acc: ⟨p_r − q_r, u_r⟩, 0 on ignored rows."""
+        ...
+
+    @staticmethod
+    def ggn_vp(
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        target: torch.Tensor,
+        scale: torch.Tensor,
+        d_hidden: torch.Tensor,
+        d_weight: torch.Tensor | None,
+        d_bias: torch.Tensor | None,
+        hyperparameters: HyperparametersT,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The Gauss-Newton product Jᵀ H_z J for K tangents: ``d_hidden`` (K, N, d), ``d_weight`` (K, V, d)
+        or None, ``d_bias`` (K, V) or None, in the inputs' dtype. With u_k = J·v_k and (H u)_r =
+        s_r·p_r ⊙ (u_r − ⟨p_r, u_r⟩), returns ((H u)·W (K, N, d), (H u)ᵀ·h (K, V, d), Σ_r (H u)_r (K, V),
+        the last None without bias), in the inputs' dtype. Label smoothing does not enter it."""
+        ...
+
+
+PROTOCOLS: dict[str, type] = {OPTIMIZER: OptimizerStep, LOSS: LossKernels, LINEAR_LOSS: LinearLossKernels}
 
 
 class HysteroGradState(NamedTuple):
@@ -228,8 +308,9 @@ class Sample:
 
     For an optimizer, ``args`` is ``(params,)``, each parameter with its ``.grad`` set: the call builds
     the optimizer, and each ``step()`` runs the kernels. For a loss, ``args`` is ``(logits, target)``
-    with ``F.cross_entropy``'s shapes and the logits requiring grad: the call returns the loss,
-    differentiable twice.
+    with ``F.cross_entropy``'s shapes and the logits requiring grad; for a linear loss ``(hidden, weight,
+    target)``, hidden and weight requiring grad. Either call returns the loss, differentiable twice in the
+    arguments that require grad.
     """
 
     label: str
@@ -243,7 +324,7 @@ class Family:
     its sample calls."""
 
     name: str  # the dispatch's key, e.g. "hysterograd"
-    kind: str  # OPTIMIZER or LOSS: which Protocol of PROTOCOLS its backends satisfy
+    kind: str  # OPTIMIZER, LOSS or LINEAR_LOSS: which Protocol of PROTOCOLS its backends satisfy
     hyperparameters: type  # the record every backend receives (curvkern.hyperparameters)
     docs: str  # the page that defines its semantics, from the repository root
     public: str  # the dotted name of its public class or function, e.g. "curvkern.optim.HysteroGrad"
@@ -292,6 +373,17 @@ def _logits_and_targets(device: torch.device, dtype: torch.dtype) -> tuple[torch
     return logits, target
 
 
+def _hidden_weight_and_targets(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """hidden (3, 2, 4) and weight (5, 4), both requiring grad, and (3, 2) targets, one of them the default
+    ignore index: what ``curvkern.linear_cross_entropy`` takes."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 2, 4, generator=generator, dtype=torch.float64)
+    weight = 1.5 * torch.randn(5, 4, generator=generator, dtype=torch.float64)
+    target = torch.randint(0, 5, (3, 2), generator=generator).to(device)
+    target[1, 0] = CrossEntropyHyperparameters.ignore_index
+    return hidden.to(device, dtype).requires_grad_(True), weight.to(device, dtype).requires_grad_(True), target
+
+
 FAMILIES: dict[str, Family] = {
     family.name: family
     for family in (
@@ -338,6 +430,20 @@ FAMILIES: dict[str, Family] = {
                 ("per element", dict(reduction="none")),
             ),
         ),
+        Family(
+            name="linear_cross_entropy",
+            kind=LINEAR_LOSS,
+            hyperparameters=CrossEntropyHyperparameters,
+            docs="docs/linear_cross_entropy.md",
+            public="curvkern.linear_cross_entropy",
+            sample_inputs=_hidden_weight_and_targets,
+            sample_hyperparameters=(
+                ("defaults", {}),
+                ("smoothed sum", dict(reduction="sum", label_smoothing=0.1)),
+                ("per element", dict(reduction="none")),
+            ),
+            backends=("eager", "cpp"),
+        ),
     )
 }
 
@@ -351,7 +457,7 @@ def get_family(name: str) -> Family:
 
 
 def families_of_kind(kind: str) -> list[Family]:
-    """The families of ``kind`` (OPTIMIZER or LOSS), in registry order; ValueError for another kind."""
+    """The families of ``kind`` (OPTIMIZER, LOSS or LINEAR_LOSS), in registry order; ValueError for another kind."""
     if kind not in PROTOCOLS:
         raise ValueError(f"unknown kind of kernel family {kind!r}; expected one of {sorted(PROTOCOLS)}")
     return [family for family in FAMILIES.values() if family.kind == kind]

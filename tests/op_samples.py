@@ -531,6 +531,120 @@ CROSS_ENTROPY_SHARD_HVP_SAMPLES = [
 ]
 
 
+# --- linear cross-entropy ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinearCrossEntropyCase:
+    """hidden (rows, d), weight (V, d) stored as ``layout`` makes it, bias or none; tiles of 3 × 4 (several of
+    each, the last partial) unless ``rows`` is 0."""
+
+    name: str
+    dtype: torch.dtype
+    rows: int = 7
+    with_bias: bool = True
+    layout: Callable[[torch.Tensor], torch.Tensor] = _contiguous
+    d: int = 5
+    classes: int = 11
+
+    def problem(self, gen):
+        hidden = torch.randn(self.rows, self.d, generator=gen, dtype=fp64).to(self.dtype)
+        weight = self.layout(torch.randn(self.classes, self.d, generator=gen, dtype=fp64).to(self.dtype))
+        bias = torch.randn(self.classes, generator=gen, dtype=fp64).to(self.dtype) if self.with_bias else None
+        target = torch.randint(0, self.classes, (self.rows,), generator=gen)
+        if self.rows:
+            target[1] = -100
+        return hidden, weight, bias, target
+
+    def rows_vector(self, gen):
+        return torch.rand(self.rows, generator=gen, dtype=fp64).to(_accumulation_dtype(self.dtype))
+
+    def scale(self, gen, per_row: bool):
+        return self.rows_vector(gen) if per_row else torch.tensor(0.3, dtype=_accumulation_dtype(self.dtype))
+
+
+LINEAR_CE_CASES = [
+    LinearCrossEntropyCase("fp32", fp32),
+    LinearCrossEntropyCase("fp64", fp64),
+    LinearCrossEntropyCase("bf16", bf16),
+    LinearCrossEntropyCase("fp32-no-bias-weight-column-major", fp32, with_bias=False, layout=_column_major),
+    LinearCrossEntropyCase("fp64-weight-strided", fp64, layout=_every_other),
+    LinearCrossEntropyCase("fp32-no-rows", fp32, rows=0),
+]
+LINEAR_CE_TILES = (3, 4)
+
+
+def _linear_forward(case: LinearCrossEntropyCase):
+    def make_args():
+        return (*case.problem(_generator()), -100, 0.1, *LINEAR_CE_TILES)
+
+    return make_args
+
+
+def _linear_backward(case: LinearCrossEntropyCase, per_row: bool):
+    def make_args():
+        gen = _generator()
+        return (*case.problem(gen), case.rows_vector(gen), case.scale(gen, per_row), -100, 0.1, *LINEAR_CE_TILES)
+
+    return make_args
+
+
+def _linear_hvp(case: LinearCrossEntropyCase, per_row: bool, parts=("hidden", "weight", "bias")):
+    def make_args():
+        gen = _generator()
+        hidden, weight, bias, target = case.problem(gen)
+        tangents = [
+            torch.randn(x.shape, generator=gen, dtype=fp64).to(case.dtype) if x is not None and name in parts else None
+            for name, x in zip(("hidden", "weight", "bias"), (hidden, weight, bias))
+        ]
+        lse, scale = case.rows_vector(gen), case.scale(gen, per_row)
+        return (hidden, weight, bias, target, lse, scale, *tangents, -100, 0.1, *LINEAR_CE_TILES)
+
+    return make_args
+
+
+def _linear_ggn_vp(case: LinearCrossEntropyCase, per_row: bool, tangents=2, parts=("weight", "bias")):
+    def make_args():
+        gen = _generator()
+        hidden, weight, bias, target = case.problem(gen)
+
+        def tangent(x, name):
+            if x is None or name not in parts:
+                return None
+            return torch.randn(tangents, *x.shape, generator=gen, dtype=fp64).to(case.dtype)
+
+        d_hidden = torch.randn(tangents, *hidden.shape, generator=gen, dtype=fp64).to(case.dtype)
+        scale = case.scale(gen, per_row)
+        d_weight, d_bias = tangent(weight, "weight"), tangent(bias, "bias")
+        return (hidden, weight, bias, target, scale, d_hidden, d_weight, d_bias, -100, *LINEAR_CE_TILES)
+
+    return make_args
+
+
+LINEAR_CROSS_ENTROPY_FORWARD_SAMPLES = [Sample(case.name, _linear_forward(case)) for case in LINEAR_CE_CASES]
+LINEAR_CROSS_ENTROPY_BACKWARD_SAMPLES = [
+    Sample(f"{case.name}-{_scale_name(per_row)}", _linear_backward(case, per_row))
+    for case in LINEAR_CE_CASES
+    for per_row in (False, True)
+]
+LINEAR_CROSS_ENTROPY_HVP_SAMPLES = [
+    Sample(f"{case.name}-{_scale_name(per_row)}", _linear_hvp(case, per_row))
+    for case in LINEAR_CE_CASES
+    for per_row in (False, True)
+] + [
+    Sample("fp64-v-hidden-only", _linear_hvp(LINEAR_CE_CASES[1], True, parts=("hidden",))),
+    Sample("fp32-v-bias-only", _linear_hvp(LINEAR_CE_CASES[0], False, parts=("bias",))),
+]
+LINEAR_CE_GGN_VP_SAMPLES = [
+    Sample(f"{case.name}-{_scale_name(per_row)}", _linear_ggn_vp(case, per_row))
+    for case in LINEAR_CE_CASES
+    for per_row in (False, True)
+] + [
+    Sample("fp64-d-hidden-only-k-1", _linear_ggn_vp(LINEAR_CE_CASES[1], False, tangents=1, parts=())),
+    Sample("fp32-k-0", _linear_ggn_vp(LINEAR_CE_CASES[0], True, tangents=0)),
+]
+
+
 # --- no tensors ------------------------------------------------------------------------------------------
 
 NO_ARGUMENTS = [Sample("no-arguments", lambda: ())]
@@ -551,6 +665,10 @@ SAMPLES: dict[str, list[Sample]] = {
     "cross_entropy_partial_stats": CROSS_ENTROPY_PARTIAL_STATS_SAMPLES,
     "cross_entropy_shard_backward": CROSS_ENTROPY_SHARD_BACKWARD_SAMPLES,
     "cross_entropy_shard_hvp_": CROSS_ENTROPY_SHARD_HVP_SAMPLES,
+    "linear_cross_entropy_forward": LINEAR_CROSS_ENTROPY_FORWARD_SAMPLES,
+    "linear_cross_entropy_backward": LINEAR_CROSS_ENTROPY_BACKWARD_SAMPLES,
+    "linear_cross_entropy_hvp": LINEAR_CROSS_ENTROPY_HVP_SAMPLES,
+    "linear_ce_ggn_vp": LINEAR_CE_GGN_VP_SAMPLES,
 }
 if TRITON_INSTALLED:
     SAMPLES |= {

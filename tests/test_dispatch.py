@@ -65,6 +65,7 @@ def test_an_unknown_kind_of_family_raises():
         families.families_of_kind("metric")
     assert [f.name for f in families.families_of_kind(families.OPTIMIZER)] == ["hysterograd", "biostatis"]
     assert [f.name for f in families.families_of_kind(families.LOSS)] == ["cross_entropy"]
+    assert [f.name for f in families.families_of_kind(families.LINEAR_LOSS)] == ["linear_cross_entropy"]
 
 
 def test_extension_is_built_here():

@@ -16,7 +16,7 @@ from conftest import backend_cases
 from tolerance import FP64_FUSED_CAP, assert_relative_error
 
 from curvkern import _dispatch
-from curvkern.families import FAMILIES, LOSS, OPTIMIZER, PROTOCOLS, Family, get_family
+from curvkern.families import FAMILIES, LINEAR_LOSS, LOSS, OPTIMIZER, PROTOCOLS, Family, get_family
 
 ROOT = Path(__file__).resolve().parents[1]
 # Triton's interpreter computes with numpy, which warns on the masked-out lanes of ignored rows.
@@ -60,7 +60,7 @@ def test_every_registered_implementation_satisfies_its_familys_protocol(family_n
 
 
 def test_each_kind_has_a_protocol_and_every_family_a_known_kind():
-    assert set(PROTOCOLS) == {OPTIMIZER, LOSS}
+    assert set(PROTOCOLS) == {OPTIMIZER, LOSS, LINEAR_LOSS}
     assert all(family.kind in PROTOCOLS and family.name == key for key, family in FAMILIES.items())
 
 
@@ -116,19 +116,21 @@ def test_the_docs_page_and_the_public_api_exist(family: Family):
 
 def outcome(family: Family, sample, fused: str) -> list[torch.Tensor]:
     """What a sample's call computes on ``fused``: the parameters after two steps (an optimizer), or the
-    loss, its gradient and the double backward along a fixed tangent (a loss)."""
+    loss, its gradients to the arguments that require grad (the logits; hidden and weight) and the double
+    backward along fixed tangents (a loss of either kind)."""
     if family.kind == OPTIMIZER:
         (params,) = sample.args
         optimizer = family.api(*sample.args, fused=fused, **sample.kwargs)
         optimizer.step()
         optimizer.step()
         return [p.detach() for p in params]
-    logits, _ = sample.args
+    inputs = [arg for arg in sample.args if isinstance(arg, torch.Tensor) and arg.requires_grad]
+    assert inputs, f"{family.name}: a loss sample needs an argument that requires grad"
     loss = family.api(*sample.args, fused=fused, **sample.kwargs)
-    (grad,) = torch.autograd.grad(loss.sum(), logits, create_graph=True)
-    tangent = torch.linspace(-1, 1, logits.numel(), dtype=logits.dtype, device=logits.device).view_as(logits)
-    (hvp,) = torch.autograd.grad(grad, logits, tangent)
-    return [loss.detach(), grad.detach(), hvp]
+    grads = torch.autograd.grad(loss.sum(), inputs, create_graph=True)
+    tangents = [torch.linspace(-1, 1, x.numel(), dtype=x.dtype, device=x.device).view_as(x) for x in inputs]
+    hvps = torch.autograd.grad(grads, inputs, tangents)
+    return [loss.detach(), *(grad.detach() for grad in grads), *hvps]
 
 
 @ALL_FAMILIES

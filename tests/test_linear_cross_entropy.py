@@ -1,0 +1,692 @@
+"""curvkern.linear_cross_entropy and linear_ce_ggn_vp, on every registered CPU backend (the eager reference and the
+C++ kernels), against PyTorch on materialised logits.
+
+Ground truth is ``F.cross_entropy(hidden @ weight.T + bias, ...)`` and its autograd double backward in fp64
+(kind (a) of tests/tolerance.py: 1e-12), ``torch.func`` for the Gauss-Newton product, and an fp64 ground
+truth on the same rounded inputs for fp32 and bf16 (kind (b)). Tiles are made small so that every sweep
+runs over several row and class tiles, with V not a multiple of the class tile.
+"""
+
+import datetime
+import functools
+import math
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from multiprocess_ranks import free_port
+from tolerance import (
+    FP64_FUSED_CAP,
+    TRANSCENDENTAL_OPS,
+    assert_relative_error,
+    reduction_terms,
+    relative_error,
+    unit_roundoff,
+)
+from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import curvkern
+from curvkern import _dispatch
+from curvkern.families import get_family
+from curvkern.linear_ce import cpp, eager
+
+FAMILY = get_family("linear_cross_entropy")
+BACKENDS = _dispatch.available_backends(FAMILY.name, "cpu")
+ON_EACH_BACKEND = pytest.mark.parametrize("backend", BACKENDS)
+REDUCTIONS = ["mean", "sum", "none"]
+SMALL_N_TILE, SMALL_V_TILE = 4, 8  # N = 10 rows: three row tiles; V = 13: two class tiles, the last partial
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    for module in (eager, cpp):
+        monkeypatch.setattr(module, "N_TILE", SMALL_N_TILE)
+        monkeypatch.setattr(module, "V_TILE", SMALL_V_TILE)
+
+
+def make_problem(leading=(10,), d=6, v=13, *, bias=True, ignore=(1, 7), dtype=torch.float64, seed=0):
+    """hidden (*leading, d), weight (v, d), bias (v) or None, target (*leading) with ``ignore`` (flat row
+    indices) set to the ignore index; logits of spread about 3."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*leading, d, generator=gen, dtype=torch.float64)
+    weight = torch.randn(v, d, generator=gen, dtype=torch.float64) * (3 / math.sqrt(d))
+    bias_tensor = torch.randn(v, generator=gen, dtype=torch.float64) if bias else None
+    target = torch.randint(0, v, leading, generator=gen)
+    target.view(-1)[list(ignore)] = -100
+    cast = [x if x is None else x.to(dtype) for x in (hidden, weight, bias_tensor)]
+    return (*cast, target)
+
+
+def torch_loss(hidden, weight, target, bias=None, **kwargs):
+    logits = hidden @ weight.T + (0 if bias is None else bias)
+    loss = F.cross_entropy(logits.reshape(-1, weight.shape[0]), target.reshape(-1), **kwargs)
+    return loss.view(target.shape) if kwargs.get("reduction") == "none" else loss
+
+
+def ours(hidden, weight, target, bias=None, **kwargs):
+    return curvkern.linear_cross_entropy(hidden, weight, target, bias, **kwargs)
+
+
+def on(backend):
+    """:func:`ours` on ``backend``."""
+    return functools.partial(ours, fused=backend)
+
+
+def derivatives(loss_fn, hidden, weight, target, bias, tangents, grad_loss, **kwargs):
+    """Loss; gradients to (hidden, weight[, bias]); the double backward along ``tangents`` to those and to
+    the incoming gradient ``grad_loss``."""
+    inputs = [x.detach().clone().requires_grad_(True) for x in (hidden, weight, bias) if x is not None]
+    loss = loss_fn(*inputs[:2], target, inputs[2] if bias is not None else None, **kwargs)
+    grad_loss = grad_loss.detach().clone().requires_grad_(True)
+    grads = torch.autograd.grad(loss, inputs, grad_loss, create_graph=True)
+    second = torch.autograd.grad(grads, [*inputs, grad_loss], tangents)
+    return [loss.detach(), *(g.detach() for g in grads), *second]
+
+
+def tangents_for(hidden, weight, bias, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.dtype)
+        for x in (hidden, weight, bias)
+        if x is not None
+    ]
+
+
+def grad_loss_for(target, reduction, dtype=torch.float64):
+    if reduction == "none":
+        return torch.linspace(-1.5, 2.0, target.numel(), dtype=torch.float64).view(target.shape).to(dtype)
+    return torch.tensor(0.7, dtype=dtype)
+
+
+def assert_fp64_close(got, expected, labels):
+    for a, b, label in zip(got, expected, labels, strict=True):
+        assert a.shape == b.shape, (label, a.shape, b.shape)
+        assert_relative_error(a, b, FP64_FUSED_CAP, label=label)
+
+
+LABELS = ["loss", "grad hidden", "grad weight", "grad bias", "hvp hidden", "hvp weight", "hvp bias", "grad grad_loss"]
+
+
+def labels_for(bias):
+    return LABELS if bias is not None else [x for x in LABELS if "bias" not in x]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.15])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no bias"])
+@pytest.mark.parametrize("leading", [(10,), (2, 5)], ids=["rows", "leading dims"])
+@ON_EACH_BACKEND
+def test_loss_gradients_and_hvp_match_pytorch_fp64(reduction, label_smoothing, with_bias, leading, backend):
+    hidden, weight, bias, target = make_problem(leading, bias=with_bias)
+    tangents = tangents_for(hidden, weight, bias)
+    grad_loss = grad_loss_for(target, reduction)
+    kwargs = dict(reduction=reduction, label_smoothing=label_smoothing)
+    got = derivatives(on(backend), hidden, weight, target, bias, tangents, grad_loss, **kwargs)
+    expected = derivatives(torch_loss, hidden, weight, target, bias, tangents, grad_loss, **kwargs)
+    assert_fp64_close(got, expected, labels_for(bias))
+
+
+@pytest.mark.parametrize("differentiated", ["hidden", "weight"])
+@ON_EACH_BACKEND
+def test_double_backward_of_one_gradient_includes_its_cross_term(differentiated, backend):
+    """Differentiating only grad_hidden (or grad_weight) gives the double backward None tangents for the others;
+    the result to the other input is then its cross term alone (plus the Gauss-Newton part through z)."""
+    hidden, weight, bias, target = make_problem()
+    results = []
+    for loss_fn in (on(backend), torch_loss):
+        inputs = [x.detach().clone().requires_grad_(True) for x in (hidden, weight, bias)]
+        grads = torch.autograd.grad(loss_fn(inputs[0], inputs[1], target, inputs[2]), inputs, create_graph=True)
+        chosen = grads[0] if differentiated == "hidden" else grads[1]
+        tangent = torch.linspace(-1, 1, chosen.numel(), dtype=torch.float64).view_as(chosen)
+        results.append(torch.autograd.grad(chosen, inputs, tangent))
+    assert_fp64_close(results[0], results[1], ["to hidden", "to weight", "to bias"])
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("case", ["no rows", "every row ignored"])
+@ON_EACH_BACKEND
+def test_empty_and_fully_ignored_batches_match_pytorch(reduction, case, backend):
+    """mean over zero valid rows is 0/0 = NaN, as in PyTorch; the gradients and HVP are 0 there."""
+    if case == "no rows":
+        hidden, weight, bias, target = make_problem((0,), ignore=())
+    else:
+        hidden, weight, bias, target = make_problem((6,), ignore=range(6))
+    tangents = tangents_for(hidden, weight, bias)
+    grad_loss = grad_loss_for(target, reduction)
+    got = derivatives(on(backend), hidden, weight, target, bias, tangents, grad_loss, reduction=reduction)
+    expected = derivatives(torch_loss, hidden, weight, target, bias, tangents, grad_loss, reduction=reduction)
+    for a, b, label in zip(got, expected, LABELS, strict=True):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=0, atol=0, msg=label)
+    assert bool(got[0].isnan().any()) == (reduction == "mean")
+
+
+@ON_EACH_BACKEND
+def test_gradcheck_and_gradgradcheck(backend):
+    hidden, weight, bias, target = make_problem((5,), d=3, v=9, ignore=(2,))
+    inputs = tuple(x.clone().requires_grad_(True) for x in (hidden, weight, bias))
+
+    def loss(h, w, b):
+        return curvkern.linear_cross_entropy(h, w, target, b, reduction="sum", label_smoothing=0.1, fused=backend)
+
+    assert torch.autograd.gradcheck(loss, inputs)
+    assert torch.autograd.gradgradcheck(loss, inputs)
+
+
+@ON_EACH_BACKEND
+def test_a_third_derivative_raises(backend):
+    hidden, weight, bias, target = make_problem()
+    inputs = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
+    loss = ours(inputs[0], inputs[1], target, inputs[2], fused=backend)
+    grads = torch.autograd.grad(loss, inputs, create_graph=True)
+    hvp = torch.autograd.grad(grads, inputs, [torch.ones_like(g) for g in grads], create_graph=True)
+    with pytest.raises(RuntimeError, match="third derivatives are not implemented"):
+        sum((x * x).sum() for x in hvp).backward()
+    plain = torch.autograd.grad(grads, inputs, [torch.ones_like(g) for g in grads], retain_graph=True)
+    assert all(not x.requires_grad and torch.equal(x, y.detach()) for x, y in zip(plain, hvp))
+
+
+# --- Gauss-Newton product ---------------------------------------------------------------------------------
+
+
+def torch_ggn_vp(hidden, weight, target, d_hidden, d_weight, d_bias, bias, reduction):
+    """Jᵀ H_z J v through materialised logits: jvp of the logits function, the cross-entropy's Hessian
+    along it (forward-over-reverse), and the vjp of the logits function."""
+    primals = (hidden, weight, bias if bias is not None else torch.zeros(weight.shape[0], dtype=hidden.dtype))
+    zero_if_none = [torch.zeros_like(p) if t is None else t for p, t in zip(primals, (d_hidden, d_weight, d_bias))]
+
+    def logits_of(h, w, b):
+        return h @ w.T + b
+
+    def loss_of_logits(z):
+        return F.cross_entropy(z.reshape(-1, weight.shape[0]), target.reshape(-1), reduction=reduction).sum()
+
+    logits, tangent = torch.func.jvp(logits_of, primals, tuple(zero_if_none))
+    _, hessian_tangent = torch.func.jvp(torch.func.grad(loss_of_logits), (logits,), (tangent,))
+    _, pullback = torch.func.vjp(logits_of, *primals)
+    prod_hidden, prod_weight, prod_bias = pullback(hessian_tangent)
+    return prod_hidden, prod_weight, prod_bias if bias is not None else None
+
+
+GGN_CASES = [
+    ("hidden", True),
+    ("hidden weight", True),
+    ("hidden weight bias", True),
+    ("hidden bias", True),
+    ("hidden", False),
+    ("hidden weight", False),
+]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize(
+    "parts,with_bias", GGN_CASES, ids=[f"{p} ({'bias' if b else 'no bias'})" for p, b in GGN_CASES]
+)
+@ON_EACH_BACKEND
+def test_ggn_vp_matches_torch_func(reduction, parts, with_bias, backend):
+    hidden, weight, bias, target = make_problem((2, 5), bias=with_bias)
+    d_hidden, d_weight, d_bias = tangents_for(hidden, weight, bias if bias is not None else weight[:, 0])
+    d_weight = d_weight if "weight" in parts else None
+    d_bias = d_bias if "bias" in parts else None
+    got = curvkern.linear_ce_ggn_vp(
+        hidden,
+        weight,
+        target,
+        d_hidden,
+        d_weight,
+        d_bias,
+        bias=bias,
+        reduction=reduction,
+        label_smoothing=0.2,
+        fused=backend,
+    )
+    expected = torch_ggn_vp(hidden, weight, target, d_hidden, d_weight, d_bias, bias, reduction)
+    assert (got[2] is None) == (bias is None)
+    assert_fp64_close(
+        [x for x in got if x is not None],
+        [x for x in expected if x is not None],
+        ["hidden", "weight", "bias"][: 2 + (bias is not None)],
+    )
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no bias"])
+@ON_EACH_BACKEND
+def test_k_tangents_at_once_equal_k_separate_calls(with_bias, backend):
+    hidden, weight, bias, target = make_problem((2, 5), bias=with_bias)
+    k = 3
+    gen = torch.Generator().manual_seed(2)
+    d_hidden = torch.randn(k, *hidden.shape, generator=gen, dtype=torch.float64)
+    d_weight = torch.randn(k, *weight.shape, generator=gen, dtype=torch.float64)
+    d_bias = torch.randn(k, weight.shape[0], generator=gen, dtype=torch.float64) if with_bias else None
+    batched = curvkern.linear_ce_ggn_vp(hidden, weight, target, d_hidden, d_weight, d_bias, bias=bias, fused=backend)
+    assert batched[0].shape == (k, *hidden.shape) and batched[1].shape == (k, *weight.shape)
+    for index in range(k):
+        single = curvkern.linear_ce_ggn_vp(
+            hidden,
+            weight,
+            target,
+            d_hidden[index],
+            d_weight[index],
+            None if d_bias is None else d_bias[index],
+            bias=bias,
+            fused=backend,
+        )
+        for a, b, label in zip(batched, single, ["hidden", "weight", "bias"]):
+            if b is None:
+                assert a is None
+                continue
+            assert_relative_error(a[index], b, FP64_FUSED_CAP, label=f"tangent {index} {label}")
+
+
+def test_each_logits_tile_is_computed_once_for_all_k_tangents(monkeypatch):
+    """Two sweeps over the tiles, whatever K: the logits matmuls counted for K = 1 and K = 4 are equal (the eager
+    reference's; the C++ kernel has the same loop structure, csrc/linear_ce/linear_cross_entropy.cpp)."""
+    hidden, weight, bias, target = make_problem()
+    calls = []
+    monkeypatch.setattr(eager, "_logits_tile", lambda *tiles: calls.append(1) or eager_logits_tile(*tiles))
+    counts = []
+    for k in (1, 4):
+        calls.clear()
+        d_hidden = torch.ones(k, *hidden.shape, dtype=hidden.dtype)
+        curvkern.linear_ce_ggn_vp(hidden, weight, target, d_hidden, bias=bias, fused="eager")
+        counts.append(len(calls))
+    tiles = math.ceil(10 / SMALL_N_TILE) * math.ceil(13 / SMALL_V_TILE)
+    assert counts == [2 * tiles, 2 * tiles]
+
+
+eager_logits_tile = eager._logits_tile
+
+
+# --- Memory: no (N, V) tensor -----------------------------------------------------------------------------
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the element count of every tensor any ATen op returns while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in torch.utils._pytree.tree_leaves(out):
+            if isinstance(value, torch.Tensor):
+                self.largest = max(self.largest, value.numel())
+        return out
+
+
+class LargestProfiledAllocation:
+    """Records the largest allocation any ATen op makes while active, the ATen calls inside a C++ op included
+    (which a dispatch mode does not see): the profiler's per-op memory net of its children, in fp64 elements.
+    An op's temporary freed before it returns nets to 0 there; its allocation is still an op's of its own."""
+
+    def __enter__(self):
+        self.profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self.profiler.__enter__()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.profiler.__exit__(*exc_info)
+        largest_bytes = max((event.self_cpu_memory_usage for event in self.profiler.events()), default=0)
+        self.largest = largest_bytes // torch.tensor([], dtype=torch.float64).element_size()
+
+
+RECORDERS = {"dispatch mode": LargestAllocation, "profiler": LargestProfiledAllocation}
+# A dispatch mode sees the tensors the eager reference's ATen ops create, but of a C++ op only its outputs.
+MEMORY_CASES = [("dispatch mode", "eager")] + [("profiler", backend) for backend in BACKENDS]
+ON_EACH_MEMORY_CASE = pytest.mark.parametrize(
+    "recorder,backend", MEMORY_CASES, ids=[f"{r}-{b}" for r, b in MEMORY_CASES]
+)
+
+
+def largest_allocations(recorder, backend, n=48, d=4, v=40, k=2):
+    """The largest tensor each phase creates on ``backend`` as ``recorder`` sees it: forward, backward, double
+    backward, Gauss-Newton product. d < N and d < V, so that no input or result (N·d, V·d, K·V·d) reaches N·V
+    elements."""
+    hidden, weight, bias, target = make_problem((n,), d=d, v=v, ignore=(3,))
+    inputs = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
+    phases = {}
+    with RECORDERS[recorder]() as mode:
+        loss = ours(inputs[0], inputs[1], target, inputs[2], label_smoothing=0.1, fused=backend)
+    phases["forward"] = mode.largest
+    with RECORDERS[recorder]() as mode:
+        grads = torch.autograd.grad(loss, inputs, create_graph=True)
+    phases["backward"] = mode.largest
+    tangents = [torch.ones_like(g) for g in grads]
+    with RECORDERS[recorder]() as mode:
+        torch.autograd.grad(grads, inputs, tangents)
+    phases["double backward"] = mode.largest
+    d_hidden = torch.ones(k, n, d, dtype=hidden.dtype)
+    with RECORDERS[recorder]() as mode:
+        curvkern.linear_ce_ggn_vp(hidden, weight, target, d_hidden, bias=bias, fused=backend)
+    phases["ggn_vp"] = mode.largest
+    assert max(n * d, v * d * k) < n * v
+    return phases, n * v
+
+
+@ON_EACH_MEMORY_CASE
+def test_no_tensor_of_n_times_v_elements_is_allocated(recorder, backend):
+    phases, n_times_v = largest_allocations(recorder, backend)
+    # The largest is a tile: K·N_TILE·V_TILE for the K-tangent Gauss-Newton tiles, N_TILE·V_TILE otherwise.
+    assert all(0 < largest < n_times_v for largest in phases.values()), (phases, n_times_v)
+
+
+@ON_EACH_MEMORY_CASE
+def test_the_memory_test_sees_a_whole_logits_tile(monkeypatch, recorder, backend):
+    """The check above can fail: with one tile covering all N·V logits, every phase allocates N·V elements."""
+    for module in (eager, cpp):
+        monkeypatch.setattr(module, "N_TILE", 1 << 20)
+        monkeypatch.setattr(module, "V_TILE", 1 << 20)
+    phases, n_times_v = largest_allocations(recorder, backend)
+    assert all(largest >= n_times_v for largest in phases.values()), (phases, n_times_v)
+
+
+# --- fp32 and bf16 against an fp64 ground truth -----------------------------------------------------------
+
+
+def sum_of_products_bound(terms, length: int) -> float:
+    """Normwise relative error bound of R = Σ_k A_k·B_k (materialised, fp64) whose factors A_k carry the
+    absolute errors E_k elementwise and whose products sum ``length`` terms in fp32:
+    (‖Σ E_k·|B_k|‖ + r(length)·u·‖Σ |A_k|·|B_k|‖) / ‖R‖."""
+    result = sum(a @ b for _, a, b in terms).norm().item()
+    propagated = sum(e @ b.abs() for e, _, b in terms).norm().item()
+    rounding = (
+        reduction_terms(length)
+        * unit_roundoff(torch.float32)
+        * sum(a.abs() @ b.abs() for _, a, b in terms).norm().item()
+    )
+    return (propagated + rounding) / result
+
+
+def ground_truth_and_bounds(hidden, weight, bias, target, tangents, label_smoothing):
+    """fp64 loss (mean), gradients and HVP from materialised logits, and kind (b)'s bound for each, from the
+    eager reference's operations (fp32 math, one store into the result's dtype, added by the caller).
+
+    A logit is a d-term dot product plus the bias: absolute error δz = (r(d) + 1)·u·a, a = max over the
+    logits of Σ_i |h_i w_i| + |b|. exp turns δz into a relative error of p, and lse carries δz and the sum of
+    V exps once more: p is good to ε_p = 2δz + (r(V) + 2·TRANSCENDENTAL_OPS + 4)·u relatively (the 4: the
+    subtraction z − lse, −q, ×scale, the conversion). The loss rows are good to ε_p·max(1, |lse|) absolutely,
+    then summed over N rows. g_z = s(p − q) carries |s|·(ε_p·p + u); the tangent of the logits
+    u_z = v_h·Wᵀ + h·v_Wᵀ + v_b carries (r(d) + 1)·u·(|v_h||W|ᵀ + |h||v_W|ᵀ + |v_b|), ⟨p, u_z⟩ that and ε_p
+    relatively plus r(V)·u, and H u_z = s·p ⊙ (u_z − ⟨p, u_z⟩) all of them. Each result is then a sum of
+    products (:func:`sum_of_products_bound`).
+    """
+    u = unit_roundoff(torch.float32)
+    n, d, v = hidden.shape[0], hidden.shape[1], weight.shape[0]
+    v_hidden, v_weight, v_bias = tangents
+    logits = hidden @ weight.T + bias
+    delta_z = (reduction_terms(d) + 1) * u * (hidden.abs() @ weight.abs().T + bias.abs()).max().item()
+    epsilon_p = 2 * delta_z + (reduction_terms(v) + 2 * TRANSCENDENTAL_OPS + 4) * u
+    valid = target != -100
+    scale = valid.double()[:, None] / valid.sum()
+    p = torch.softmax(logits, dim=1)
+    q = F.one_hot(target.clamp_min(0), v).double() * (1 - label_smoothing) + label_smoothing / v
+    grad_z = scale * (p - q)
+    tangent = v_hidden @ weight.T + hidden @ v_weight.T + v_bias
+    tangent_error = (
+        (reduction_terms(d) + 1)
+        * u
+        * (v_hidden.abs() @ weight.abs().T + hidden.abs() @ v_weight.abs().T + v_bias.abs())
+    )
+    p_dot_u = (p * tangent).sum(dim=1, keepdim=True)
+    p_dot_u_error = (p * (epsilon_p * tangent.abs() + tangent_error)).sum(dim=1, keepdim=True) + reduction_terms(
+        v
+    ) * u * (p * tangent.abs()).sum(dim=1, keepdim=True)
+    hessian_u = scale * p * (tangent - p_dot_u)
+    hessian_u_error = scale * p * (epsilon_p * (tangent - p_dot_u).abs() + tangent_error + p_dot_u_error)
+    grad_z_error = scale * (epsilon_p * p + u)
+    ones = torch.ones(n, 1, dtype=torch.float64)
+
+    loss = F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+    row_error = epsilon_p * max(1.0, torch.logsumexp(logits, 1).abs().max().item(), logits.abs().max().item())
+    loss_bound = (
+        row_error * valid.sum().item() * scale.max().item() + reduction_terms(n) * u * loss.abs().item()
+    ) / loss.abs().item()
+    truth = {
+        "loss": (loss, loss_bound),
+        "grad hidden": (grad_z @ weight, sum_of_products_bound([(grad_z_error, grad_z, weight)], v)),
+        "grad weight": (grad_z.T @ hidden, sum_of_products_bound([(grad_z_error.T, grad_z.T, hidden)], n)),
+        "grad bias": (grad_z.sum(0), sum_of_products_bound([(grad_z_error.T, grad_z.T, ones)], n)),
+        "hvp hidden": (
+            hessian_u @ weight + grad_z @ v_weight,
+            sum_of_products_bound([(hessian_u_error, hessian_u, weight), (grad_z_error, grad_z, v_weight)], v),
+        ),
+        "hvp weight": (
+            hessian_u.T @ hidden + grad_z.T @ v_hidden,
+            sum_of_products_bound([(hessian_u_error.T, hessian_u.T, hidden), (grad_z_error.T, grad_z.T, v_hidden)], n),
+        ),
+        "hvp bias": (hessian_u.sum(0), sum_of_products_bound([(hessian_u_error.T, hessian_u.T, ones)], n)),
+    }
+    return truth
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@ON_EACH_BACKEND
+def test_low_precision_against_an_fp64_ground_truth(dtype, backend):
+    hidden, weight, bias, target = make_problem(dtype=dtype)
+    tangents = tangents_for(hidden, weight, bias)
+    label_smoothing = 0.1
+    got = derivatives(
+        on(backend),
+        hidden,
+        weight,
+        target,
+        bias,
+        tangents,
+        torch.tensor(1.0, dtype=dtype),
+        label_smoothing=label_smoothing,
+    )
+    as_fp64 = [x.double() for x in (hidden, weight, bias, target)]
+    truth = ground_truth_and_bounds(*as_fp64[:3], target, [t.double() for t in tangents], label_smoothing)
+    # The closed form above is checked against PyTorch first: it is the fp64 truth.
+    expected = derivatives(
+        torch_loss,
+        *as_fp64[:2],
+        target,
+        as_fp64[2],
+        [t.double() for t in tangents],
+        torch.tensor(1.0, dtype=torch.float64),
+        label_smoothing=label_smoothing,
+    )
+    for (label, (value, _)), torch_value in zip(truth.items(), expected):
+        assert_relative_error(value, torch_value, FP64_FUSED_CAP, label=f"closed form {label}")
+    errors = {}
+    for (label, (value, bound)), result in zip(truth.items(), got):
+        assert result.dtype == dtype, label
+        errors[label] = relative_error(result, value)
+        assert_relative_error(result, value, bound + unit_roundoff(dtype), label=f"{dtype} {label}")
+    print(backend, dtype, {label: f"{e:.2e}" for label, e in errors.items()})
+
+
+# --- Backends and input validation ------------------------------------------------------------------------
+
+
+def test_fused_goes_through_the_one_dispatch_point_and_never_falls_back(monkeypatch):
+    """``fused=`` is chosen by curvkern._dispatch.select like every family's: "auto" runs what the registry
+    picks on the device, an explicit backend without a kernel raises NotImplementedError, one that cannot run
+    here RuntimeError; none of them silently runs another backend."""
+    hidden, weight, bias, target = make_problem()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "auto" warns once where it runs the eager reference
+        chosen, _ = _dispatch.select(FAMILY.name, "auto", hidden.device)
+        assert torch.equal(
+            ours(hidden, weight, target, bias, fused="auto"), ours(hidden, weight, target, bias, fused=chosen)
+        )
+    monkeypatch.setattr(_dispatch, "triton_unavailable_reason", lambda device: None)
+    for fused in [b for b in _dispatch.BACKENDS if b not in FAMILY.backends]:
+        with pytest.raises(NotImplementedError, match=rf"linear_cross_entropy: fused='{fused}' has no kernel"):
+            ours(hidden, weight, target, bias, fused=fused)
+        with pytest.raises(NotImplementedError, match="has no kernel"):
+            curvkern.linear_ce_ggn_vp(hidden, weight, target, hidden, bias=bias, fused=fused)
+    monkeypatch.setattr(_dispatch, "triton_unavailable_reason", lambda device: "Triton is not installed")
+    with pytest.raises(RuntimeError, match="fused='triton' cannot run: Triton is not installed"):
+        ours(hidden, weight, target, bias, fused="triton")
+    meta = [x.to("meta") for x in (hidden, weight, bias, target)]
+    with pytest.raises(RuntimeError, match="fused='cpp' runs on CPU tensors"):
+        ours(meta[0], meta[1], meta[3], meta[2], fused="cpp")
+    with pytest.raises(ValueError, match="fused must be one of"):
+        ours(hidden, weight, target, bias, fused="cuda")
+
+
+def bad_calls():
+    hidden, weight, bias, target = make_problem()
+    out_of_range = target.clone()
+    out_of_range[0] = 13
+    return [
+        ("reduction", dict(reduction="avg"), ValueError, "not a valid value for reduction"),
+        ("smoothing", dict(label_smoothing=1.5), RuntimeError, "label_smoothing must be between"),
+        (
+            "fp16",
+            dict(hidden=hidden.half(), weight=weight.half(), bias=bias.half()),
+            TypeError,
+            "hidden must be one of",
+        ),
+        ("mixed dtypes", dict(weight=weight.float()), TypeError, "weight is torch.float32, hidden torch.float64"),
+        ("bias dtype", dict(bias=bias.float()), TypeError, "bias is torch.float32"),
+        ("0-dim hidden", dict(hidden=hidden[0, 0], target=target[0]), ValueError, "0-dim"),
+        ("weight features", dict(weight=weight[:, :-1]), ValueError, r"weight must be \(V, d\) = \(V, 6\)"),
+        ("weight 1-D", dict(weight=weight[:, 0]), ValueError, r"weight must be \(V, d\)"),
+        ("bias shape", dict(bias=bias[:-1]), ValueError, r"bias must be \(V,\) = \(13,\)"),
+        ("target dtype", dict(target=target.int()), RuntimeError, "expected target dtype to be Long"),
+        ("target shape", dict(target=target[:-1]), ValueError, r"expected target of shape \(10,\)"),
+        ("target range", dict(target=out_of_range), IndexError, "Target 13 is out of bounds"),
+        ("no classes", dict(weight=weight[:0], bias=bias[:0]), ValueError, r"no classes \(V = 0\)"),
+        ("device", dict(target=target.to("meta")), RuntimeError, "hidden on cpu and target on meta"),
+    ]
+
+
+@pytest.mark.parametrize("label,change,error,message", bad_calls(), ids=[c[0] for c in bad_calls()])
+def test_bad_arguments_raise_naming_what_is_wrong(label, change, error, message):
+    hidden, weight, bias, target = make_problem()
+    arguments = dict(hidden=hidden, weight=weight, target=target, bias=bias) | change
+    options = {key: arguments.pop(key) for key in ("reduction", "label_smoothing") if key in arguments}
+    with pytest.raises(error, match=message):
+        curvkern.linear_cross_entropy(**arguments, **options)
+    with pytest.raises(error, match=message):
+        curvkern.linear_ce_ggn_vp(
+            arguments["hidden"],
+            arguments["weight"],
+            arguments["target"],
+            arguments["hidden"],
+            bias=arguments["bias"],
+            **options,
+        )
+
+
+def test_bad_tangents_raise():
+    hidden, weight, bias, target = make_problem()
+    cases = [
+        (dict(d_hidden=hidden[:, :-1]), r"d_hidden must have the shape \(10, 6\)"),
+        (dict(d_hidden=hidden.float()), "d_hidden must have the shape"),
+        (dict(d_weight=weight[None]), "d_weight must have the shape"),
+        (dict(d_hidden=hidden[None].expand(2, -1, -1), d_weight=weight[None]), "d_weight holds 1 tangents, d_hidden 2"),
+        (dict(d_bias=bias, bias=None), "d_bias was given but bias is None"),
+        (dict(d_hidden=hidden[None], d_bias=bias), r"d_bias must have the \(K, \*shape\)"),
+    ]
+    for change, message in cases:
+        arguments = dict(d_hidden=hidden, bias=bias) | change
+        with pytest.raises(ValueError, match=message):
+            curvkern.linear_ce_ggn_vp(hidden, weight, target, **arguments)
+
+
+@pytest.fixture
+def one_rank_mesh():
+    """A 1-rank gloo process group on 127.0.0.1 and its CPU device mesh, destroyed afterwards."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{free_port()}",
+        rank=0,
+        world_size=1,
+        timeout=datetime.timedelta(seconds=30),
+    )
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dtensor_arguments_raise(one_rank_mesh):
+    """A vocabulary-sharded weight would need a cross-rank reduction of the row statistics: not supported yet."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    hidden, weight, bias, target = make_problem()
+    sharded_weight = distribute_tensor(weight, one_rank_mesh, [Shard(0)])
+    replicated_hidden = distribute_tensor(hidden, one_rank_mesh, [Replicate()])
+    message = r"DTensor.*supported.*DistributedDataParallel.*not supported yet"
+    with pytest.raises(NotImplementedError, match=message):
+        ours(hidden, sharded_weight, target, bias)
+    with pytest.raises(NotImplementedError, match=message):
+        ours(replicated_hidden, weight, target, bias)
+    with pytest.raises(NotImplementedError, match=message):
+        curvkern.linear_ce_ggn_vp(hidden, weight, target, replicated_hidden, bias=bias)
+
+
+def cpp_bad_calls():
+    """Calls of the C++ ops that must raise RuntimeError, never crash: (label, op, arguments, message)."""
+    hidden, weight, bias, target = make_problem()
+    lse, scale = torch.zeros(10, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    common = (-100, 0.0, 4, 8)
+    forward, backward = "linear_cross_entropy_forward", "linear_cross_entropy_backward"
+    hvp, ggn = "linear_cross_entropy_hvp", "linear_ce_ggn_vp"
+    return [
+        ("1-D hidden", forward, (hidden[0], weight, bias, target[:1], *common), "hidden must be 2-D"),
+        ("fp16", forward, (hidden.half(), weight.half(), None, target, *common), "float32, float64 or bfloat16"),
+        ("weight features", forward, (hidden, weight[:, :-1], bias, target, *common), "weight must have shape"),
+        ("weight dtype", forward, (hidden, weight.float(), bias, target, *common), "weight must have hidden's dtype"),
+        ("bias shape", forward, (hidden, weight, bias[:-1], target, *common), "bias must have shape"),
+        ("target int32", forward, (hidden, weight, bias, target.int(), *common), "target must be an int64"),
+        ("target rows", forward, (hidden, weight, bias, target[:-1], *common), r"target must be .* shape \(10\)"),
+        ("tile 0", forward, (hidden, weight, bias, target, -100, 0.0, 0, 8), "n_tile and v_tile must be positive"),
+        ("smoothing", forward, (hidden, weight, bias, target, -100, 2.0, 4, 8), r"label_smoothing must be in \[0, 1\]"),
+        ("lse dtype", backward, (hidden, weight, bias, target, lse.float(), scale, *common), "lse must be a Double"),
+        ("lse rows", backward, (hidden, weight, bias, target, lse[:-1], scale, *common), r"lse must have shape \(10\)"),
+        ("scale shape", backward, (hidden, weight, bias, target, lse, lse[None], *common), "grad_scale must be 0-dim"),
+        (
+            "v_bias without bias",
+            hvp,
+            (hidden, weight, None, target, lse, scale, None, None, bias, *common),
+            "v_bias was given but bias is None",
+        ),
+        (
+            "v_weight shape",
+            hvp,
+            (hidden, weight, bias, target, lse, scale, None, weight.T, None, *common),
+            "v_weight must have shape",
+        ),
+        ("2-D d_hidden", ggn, (hidden, weight, bias, target, scale, hidden, None, None, -100, 4, 8), "must be 3-D"),
+        (
+            "d_weight tangents",
+            ggn,
+            (hidden, weight, bias, target, scale, hidden[None], weight.expand(2, -1, -1), None, -100, 4, 8),
+            "d_weight must have shape",
+        ),
+    ]
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="curvkern._C is not built")
+@pytest.mark.parametrize("label,op,arguments,message", cpp_bad_calls(), ids=[c[0] for c in cpp_bad_calls()])
+def test_the_cpp_ops_check_their_inputs(label, op, arguments, message):
+    with pytest.raises(RuntimeError, match=message):
+        getattr(torch.ops.curvkern, op)(*arguments)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="curvkern._C is not built")
+def test_cpp_on_default_tiles_and_threads_matches_pytorch_fp64(monkeypatch):
+    """Larger tiles than the fixture's (64 × 256), rows over several threads, V and N several tiles each."""
+    monkeypatch.setattr(cpp, "N_TILE", 64)
+    monkeypatch.setattr(cpp, "V_TILE", 256)
+    hidden, weight, bias, target = make_problem((150,), d=16, v=600, ignore=(5, 99))
+    tangents = tangents_for(hidden, weight, bias)
+    grad_loss = grad_loss_for(target, "mean")
+    kwargs = dict(label_smoothing=0.05)
+    got = derivatives(on("cpp"), hidden, weight, target, bias, tangents, grad_loss, **kwargs)
+    expected = derivatives(torch_loss, hidden, weight, target, bias, tangents, grad_loss, **kwargs)
+    assert_fp64_close(got, expected, LABELS)
