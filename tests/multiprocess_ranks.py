@@ -1,7 +1,9 @@
-"""Multi-process tests: gloo ranks on 127.0.0.1, spawned, each bounded in time."""
+"""Multi-process tests: gloo ranks on 127.0.0.1, spawned, each bounded in time; and the small model the
+data-parallel ones (DDP, FSDP2) train against one process."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import multiprocessing
 import os
@@ -52,3 +54,48 @@ def run_ranks(target, world_size: int, timeout_s: float, out_dir: str, *args) ->
             process.kill()
     assert [process.exitcode for process in processes] == [0] * world_size, "a rank failed or timed out"
     return [torch.load(rank_output(out_dir, r)) for r in range(world_size)]
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """HysteroGrad keeps its group scalars in the default dtype, as the original: fp64 runs make it fp64, so
+    that the whole step is fp64."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
+def mlp(dtype: torch.dtype) -> torch.nn.Module:
+    """The same small model in every rank and in the one-process reference: 7 hidden rows and an output bias of
+    3, which split unevenly (FSDP2's Shard(0) leaves one of 4 ranks an empty bias shard)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(dtype)
+
+
+def mlp_batch(step: int, dtype: torch.dtype) -> torch.Tensor:
+    """Step ``step``'s whole batch, 8 rows: each of W ranks trains on 8/W of them."""
+    gen = torch.Generator().manual_seed(200 + step)
+    return torch.randn(8, 5, generator=gen, dtype=torch.float64).to(dtype)
+
+
+def train_mlp(model, optimizer, rows: slice, dtype: torch.dtype, steps: int) -> list:
+    """``steps`` steps of a mean-squared loss on ``rows`` of each batch; what each ``step()`` returned."""
+    returned = []
+    with default_dtype(dtype):
+        for step in range(steps):
+            model(mlp_batch(step, dtype)[rows]).pow(2).mean().backward()
+            returned.append(optimizer.step())
+            optimizer.zero_grad()
+    return returned
+
+
+def one_process_mlp(optimizer_class, backend: str, dtype: torch.dtype, steps: int, **hyperparameters):
+    """The reference of the data-parallel runs: one process training :func:`mlp` on every row of each batch.
+    Returns the final parameters and what each ``step()`` returned."""
+    model = mlp(dtype)
+    optimizer = optimizer_class(model.parameters(), fused=backend, **hyperparameters)
+    returned = train_mlp(model, optimizer, slice(None), dtype, steps)
+    return [p.detach() for p in model.parameters()], returned

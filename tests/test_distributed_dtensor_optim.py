@@ -8,7 +8,6 @@ and a one-process checkpoint loads into the sharded optimizer."""
 
 from __future__ import annotations
 
-import contextlib
 import re
 import subprocess
 import sys
@@ -17,7 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from multiprocess_ranks import free_port, init_gloo, rank_output, run_ranks
+from multiprocess_ranks import (
+    default_dtype,
+    free_port,
+    init_gloo,
+    mlp,
+    mlp_batch,
+    one_process_mlp,
+    rank_output,
+    run_ranks,
+    train_mlp,
+)
 from tolerance import BIOSTATIS_OPS, HYSTEROGRAD_OPS, assert_fused_close
 
 from curvkern import available_backends
@@ -50,17 +59,6 @@ HYBRID = (
 LAYOUTS = {"tensor_parallel": ((2,), TENSOR_PARALLEL), "hybrid": ((2, 2), HYBRID)}
 # (step, group, tensor) without a gradient: group 0's tensor 1 at step 3; group 1 (skipped) at step 5.
 NO_GRAD_AT = {(3, 0, 1), (5, 1, 0)}
-
-
-@contextlib.contextmanager
-def default_dtype(dtype):
-    """HysteroGrad keeps its group scalars in the default dtype, as the original: fp64 runs make it fp64."""
-    saved = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(saved)
 
 
 def placements(names):
@@ -226,26 +224,6 @@ def resumed_from_one_process(name, mesh, layout) -> list[torch.Tensor]:
     return gathered(params)
 
 
-def mlp(dtype):
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(dtype)
-
-
-def batch(step: int, dtype):
-    gen = torch.Generator().manual_seed(200 + step)
-    return torch.randn(8, 5, generator=gen, dtype=torch.float64).to(dtype)
-
-
-def train_mlp(model, optimizer, rows: slice, dtype) -> list:
-    returned = []
-    with default_dtype(dtype):
-        for step in range(STEPS):
-            model(batch(step, dtype)[rows]).pow(2).mean().backward()
-            returned.append(optimizer.step())
-            optimizer.zero_grad()
-    return returned
-
-
 def fsdp2_run(name, backend, dtype, mesh):
     """The MLP under fully_shard (Shard(0); on 2 ranks 7 rows split 4 + 3 and a bias of 3 split 2 + 1), each rank
     on its part of every batch; FSDP2 averages the gradients, so one process on the whole batch is the reference."""
@@ -255,9 +233,9 @@ def fsdp2_run(name, backend, dtype, mesh):
     model = mlp(dtype)
     fully_shard(model, mesh=mesh)
     optimizer = cls(model.parameters(), fused=backend, **hyperparameters)
-    half = batch(0, dtype).shape[0] // mesh.size()
+    half = mlp_batch(0, dtype).shape[0] // mesh.size()
     rank = mesh.get_local_rank()
-    returned = train_mlp(model, optimizer, slice(rank * half, (rank + 1) * half), dtype)
+    returned = train_mlp(model, optimizer, slice(rank * half, (rank + 1) * half), dtype, STEPS)
     return [p.detach().full_tensor() for p in model.parameters()], returned
 
 
@@ -268,14 +246,6 @@ def one_process(name, backend, dtype, layout):
     with default_dtype(dtype):
         returned = train(optimizer, params, layout, range(STEPS), dtype)
     return [p for group in params for p in group], returned
-
-
-def one_process_mlp(name, backend, dtype):
-    cls, hyperparameters, _ = OPTIMIZERS[name]
-    model = mlp(dtype)
-    optimizer = cls(model.parameters(), fused=backend, **hyperparameters)
-    returned = train_mlp(model, optimizer, slice(None), dtype)
-    return [p.detach() for p in model.parameters()], returned
 
 
 def assert_equals_one_process(name, dtype, got_params, got_returned, want_params, want_returned):
@@ -343,7 +313,8 @@ def check_fully_shard(ranks, name):
     backends, per_rank = ranks
     for backend in backends:
         for dtype in DTYPES:
-            want_params, want_returned = one_process_mlp(name, backend, dtype)
+            cls, hyperparameters, _ = OPTIMIZERS[name]
+            want_params, want_returned = one_process_mlp(cls, backend, dtype, STEPS, **hyperparameters)
             for rank in per_rank:
                 got_params, got_returned = rank[name, "fsdp2"][backend, dtype]
                 assert_equals_one_process(name, dtype, got_params, got_returned, want_params, want_returned)

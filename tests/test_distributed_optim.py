@@ -1,5 +1,6 @@
-"""The optimizers under torch.distributed's ZeroRedundancyOptimizer on 2 gloo ranks (127.0.0.1): each rank
-steps whole tensors of every param group, and ``process_group=`` sums the group statistics over the ranks.
+"""The optimizers over plain-tensor data parallelism on gloo ranks (127.0.0.1): DistributedDataParallel (every
+rank steps every tensor, nothing to pass) on 2 ranks, and ZeroRedundancyOptimizer on 2 and (slow) 4 ranks, where
+each rank steps whole tensors of every param group and ``process_group=`` sums the group statistics over them.
 Equal to one process holding every tensor after 10 steps (fp64 ≤ 1e-12, fp32 within the tolerance policy),
 HysteroGrad's returned tuple identical on every rank, for every CPU backend. The partition leaves one rank
 without any tensor of a group, and one tensor goes without a gradient for a step; without ``process_group``
@@ -7,7 +8,6 @@ the results differ (the statistics stay local), so the comparison has teeth."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import re
 import subprocess
@@ -17,7 +17,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from multiprocess_ranks import free_port, init_gloo, rank_output, run_ranks
+from multiprocess_ranks import (
+    default_dtype,
+    free_port,
+    init_gloo,
+    mlp,
+    mlp_batch,
+    one_process_mlp,
+    rank_output,
+    run_ranks,
+    train_mlp,
+)
 from tolerance import BIOSTATIS_OPS, HYSTEROGRAD_OPS, assert_fused_close
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -39,18 +49,6 @@ OPTIMIZERS = {
     "BiostatisV6": (BiostatisV6, dict(lr=0.01, weight_decay=0.01), BIOSTATIS_OPS),
 }
 DTYPES = (torch.float64, torch.float32)
-
-
-@contextlib.contextmanager
-def default_dtype(dtype):
-    """HysteroGrad keeps its group scalars (Σu², τ, T, E) in the default dtype, as the original: fp64 runs
-    make it fp64, so that the whole step is fp64."""
-    saved = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(saved)
 
 
 def make_params(dtype):
@@ -85,14 +83,16 @@ def cases(backends):
     return [(name, backend, dtype) for name in OPTIMIZERS for backend in backends for dtype in DTYPES]
 
 
-def _rank_main(rank: int, port: int, out_dir: str, backends: list[str]) -> None:
-    init_gloo(rank, WORLD_SIZE, port, TIMEOUT_S)
+def _rank_main(rank: int, port: int, out_dir: str, backends: list[str], world_size: int) -> None:
+    """ZeRO runs with and without ``process_group`` (the latter, the checkpoint round trip and DDP on 2 ranks
+    only: on 4, ZeRO with ``process_group``)."""
+    init_gloo(rank, world_size, port, TIMEOUT_S)
     try:
         torch.set_num_threads(1)
         results = {}
         for name, backend, dtype in cases(backends):
             cls, hyperparameters, _ = OPTIMIZERS[name]
-            for grouped in (True, False):
+            for grouped in (True, False) if world_size == WORLD_SIZE else (True,):
                 params = make_params(dtype)
                 group = dist.group.WORLD if grouped else None
                 zero = ZeroRedundancyOptimizer(
@@ -103,11 +103,26 @@ def _rank_main(rank: int, port: int, out_dir: str, backends: list[str]) -> None:
                 with default_dtype(dtype):
                     returned = run(zero, params)
                 results[name, backend, dtype, grouped] = ([p.detach() for g in params for p in g], returned)
-        for name in OPTIMIZERS:
-            results[name, "resumed"] = resumed_from_checkpoint(name)
+            if world_size == WORLD_SIZE:
+                results[name, backend, dtype, "ddp"] = ddp_run(name, backend, dtype)
+        if world_size == WORLD_SIZE:
+            for name in OPTIMIZERS:
+                results[name, "resumed"] = resumed_from_checkpoint(name)
         torch.save(results, rank_output(out_dir, rank))
     finally:
         dist.destroy_process_group()
+
+
+def ddp_run(name: str, backend: str, dtype: torch.dtype):
+    """The MLP under DistributedDataParallel, each rank on its half of every batch: DDP averages the gradients,
+    every rank steps every tensor, and the optimizer needs no process_group."""
+    cls, hyperparameters, _ = OPTIMIZERS[name]
+    model = torch.nn.parallel.DistributedDataParallel(mlp(dtype))
+    optimizer = cls(model.parameters(), fused=backend, **hyperparameters)
+    half = mlp_batch(0, dtype).shape[0] // dist.get_world_size()
+    mine = slice(dist.get_rank() * half, (dist.get_rank() + 1) * half)
+    returned = train_mlp(model, optimizer, mine, dtype, STEPS)
+    return [p.detach() for p in model.parameters()], returned
 
 
 def resumed_from_checkpoint(name: str) -> list[float]:
@@ -143,11 +158,20 @@ def resumed_from_checkpoint(name: str) -> list[float]:
     return [(a - b).abs().max().item() for ga, gb in zip(uninterrupted, second) for a, b in zip(ga, gb)]
 
 
+def ranks_of(world_size: int, tmp_path_factory):
+    backends = available_backends("hysterograd", "cpu")
+    out_dir = str(tmp_path_factory.mktemp(f"ranks{world_size}"))
+    return backends, run_ranks(_rank_main, world_size, TIMEOUT_S, out_dir, backends, world_size)
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    backends = available_backends("hysterograd", "cpu")
-    out_dir = str(tmp_path_factory.mktemp("ranks"))
-    return backends, run_ranks(_rank_main, WORLD_SIZE, TIMEOUT_S, out_dir, backends)
+    return ranks_of(WORLD_SIZE, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    return ranks_of(4, tmp_path_factory)
 
 
 def one_process(name: str, backend: str, dtype: torch.dtype):
@@ -161,22 +185,50 @@ def one_process(name: str, backend: str, dtype: torch.dtype):
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_zero_with_process_group_equals_one_process(ranks, name):
+    check_zero(ranks, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_zero_on_four_ranks_equals_one_process(four_ranks, name):
+    check_zero(four_ranks, name)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_ddp_equals_one_process(ranks, name):
     backends, per_rank = ranks
-    _, _, ops = OPTIMIZERS[name]
+    cls, hyperparameters, _ = OPTIMIZERS[name]
+    for backend in backends:
+        for dtype in DTYPES:
+            want_params, want_returned = one_process_mlp(cls, backend, dtype, STEPS, **hyperparameters)
+            for rank in per_rank:
+                params, returned = rank[name, backend, dtype, "ddp"]
+                assert_equals_one_process(name, dtype, params, returned, want_params, want_returned)
+
+
+def check_zero(ranks, name):
+    backends, per_rank = ranks
     for backend in backends:
         for dtype in DTYPES:
             expected_params, expected_returned = one_process(name, backend, dtype)
             for rank in per_rank:
                 params, returned = rank[name, backend, dtype, True]
-                for got, want in zip(params, expected_params, strict=True):
-                    assert_fused_close(
-                        got, want, dtype=dtype, ops=ops, reduction_length=sum(p.numel() for p in params), steps=STEPS
-                    )
+                assert_equals_one_process(name, dtype, params, returned, expected_params, expected_returned)
                 if name == "HysteroGrad":
                     assert returned == per_rank[0][name, backend, dtype, True][1]  # identical on every rank
-                    for (status, g_norm, h), (want_status, want_g_norm, want_h) in zip(returned, expected_returned):
-                        assert status == want_status
-                        assert_fused_close([g_norm, h], [want_g_norm, want_h], dtype=dtype, ops=ops, steps=STEPS)
+
+
+def assert_equals_one_process(name, dtype, params, returned, want_params, want_returned) -> None:
+    """Parameters within the tolerance policy of one process's; HysteroGrad's statuses equal, norms and
+    barriers within it."""
+    _, _, ops = OPTIMIZERS[name]
+    length = sum(p.numel() for p in want_params)
+    for got, want in zip(params, want_params, strict=True):
+        assert_fused_close(got, want, dtype=dtype, ops=ops, reduction_length=length, steps=STEPS)
+    if name == "HysteroGrad":
+        for (status, g_norm, h), (want_status, want_g_norm, want_h) in zip(returned, want_returned, strict=True):
+            assert status == want_status
+            assert_fused_close([g_norm, h], [want_g_norm, want_h], dtype=dtype, ops=ops, steps=STEPS)
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
