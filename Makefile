@@ -22,14 +22,15 @@ $(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml $(CSRC)
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 
-# The whole suite (slow cases and every hypothesis example included), then the fused-vs-eager tests once per
-# CPU code path (test-isa).
+# The whole suite (slow cases and every hypothesis example included) in two worker processes, then the
+# fused-vs-eager tests once per CPU code path (test-isa). The multi-process tests spend most of their time in
+# their ranks, so two workers keep `make test` within 15 minutes of a fresh clone on 2 cores.
 test: venv cross-compiler
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n 2 tests
 	$(PY) tests/isa_matrix.py
 
 # Every family and backend on small shapes: no `slow` cases, a quarter of the hypothesis examples, two
-# worker processes (make test runs in one: its thread-count and memory tests want the machine).
+# worker processes.
 test-fast: venv
 	HYPOTHESIS_PROFILE=fast $(PY) -m pytest -q -n 2 -m "not slow" tests
 
