@@ -112,3 +112,91 @@ def test_process_group_is_checked():
     for factory in (ck_eigenthings.cross_entropy_loss_of_output, ck_eigenthings.hf_lm_loss_of_output):
         with pytest.raises(TypeError, match=r"process_group must be a torch\.distributed\.ProcessGroup"):
             factory(process_group=object())
+
+
+# --- hf_lm_hidden_loss_of_output: hidden states, the LM head held, family linear_cross_entropy -----------------
+
+HIDDEN_FAMILY = get_family("linear_cross_entropy")
+
+
+class HiddenTinyCausalLM(TinyCausalLM):
+    """TinyCausalLM that returns its final hidden states on request (through its own call, as GGNOperator's
+    functional adapter needs)."""
+
+    def forward(self, input_ids, hidden_only=False, **_):
+        x = self.embed(input_ids)
+        steps = torch.arange(1, x.shape[1] + 1, dtype=x.dtype, device=x.device)[:, None]
+        x = torch.tanh(self.mix(x.cumsum(1) / steps))
+        return x if hidden_only else super().forward(input_ids)
+
+
+def hidden_model_and_vector():
+    torch.manual_seed(0)
+    model = HiddenTinyCausalLM().double()
+    backbone = {n: p for n, p in model.named_parameters() if not n.startswith("head.")}
+    v = torch.randn(sum(p.numel() for p in backbone.values()), dtype=torch.float64)
+    return model, v
+
+
+def hidden_forward(model, batch):
+    return model(batch["input_ids"], hidden_only=True)
+
+
+def backbone_only(name, _):
+    return not name.startswith("head.")
+
+
+def _hidden_rank_main(rank: int, port: int, out_dir: str, backends: list[str]) -> None:
+    init_gloo(rank, WORLD_SIZE, port, TIMEOUT_S)
+    try:
+        torch.set_num_threads(1)
+        model, v = hidden_model_and_vector()
+        batch = rank_batches()[rank]
+        hidden = hidden_forward(model, batch).detach()
+        u = torch.randn(hidden.shape, dtype=hidden.dtype, generator=torch.Generator().manual_seed(2 + rank))
+        results = {}
+        for backend in backends:
+            for grouped in (True, False):
+                loss = ck_eigenthings.hf_lm_hidden_loss_of_output(
+                    model.head, fused=backend, process_group=dist.group.WORLD if grouped else None
+                )
+                ggn = he.GGNOperator(model, [batch], hidden_forward, loss, param_filter=backbone_only).matvec(v)
+                dist.all_reduce(ggn)  # the ranks' average, as DDPHessianOperator averages
+                results[backend, grouped, "ggn"] = ggn / WORLD_SIZE
+                operator = he.DDPHessianOperator(
+                    model, [batch], lambda m, b, loss=loss: loss(hidden_forward(m, b), b), param_filter=backbone_only
+                )
+                results[backend, grouped, "hessian"] = operator.matvec(v)
+                results[backend, grouped, "hvp"] = loss.hvp(hidden, batch, u)
+        torch.save({"u": u, "results": results}, rank_output(out_dir, rank))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_hidden_loss_uneven_valid_tokens_give_one_process_results(tmp_path):
+    """GGN and Hessian matvecs (ranks averaged) and ``.hvp`` rows with ``process_group=``: one process's over
+    the union of the ranks' batches; without it they differ."""
+    backends = available_backends(HIDDEN_FAMILY.name, "cpu")
+    ranks = run_ranks(_hidden_rank_main, WORLD_SIZE, TIMEOUT_S, str(tmp_path), backends)
+    model, v = hidden_model_and_vector()
+    batch = union(rank_batches())
+    hidden = hidden_forward(model, batch).detach()
+    u = torch.cat([rank["u"] for rank in ranks])
+    for backend in backends:
+        loss = ck_eigenthings.hf_lm_hidden_loss_of_output(model.head, fused=backend)
+
+        def hessian_loss(m, b, loss=loss):
+            return loss(hidden_forward(m, b), b)
+
+        expected = {
+            "ggn": he.GGNOperator(model, [batch], hidden_forward, loss, param_filter=backbone_only).matvec(v),
+            "hessian": he.HessianOperator(model, [batch], hessian_loss, param_filter=backbone_only).matvec(v),
+        }
+        for kind, value in expected.items():
+            assert value.norm() > 0
+            for rank in ranks:
+                torch.testing.assert_close(rank["results"][backend, True, kind], value, **FP64)
+            local = ranks[0]["results"][backend, False, kind]
+            assert (local - value).norm() > 1e-3 * value.norm(), (backend, kind)
+        got = torch.cat([rank["results"][backend, True, "hvp"] for rank in ranks]) / WORLD_SIZE
+        torch.testing.assert_close(got, loss.hvp(hidden, batch, u), **FP64)
