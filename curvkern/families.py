@@ -442,7 +442,6 @@ FAMILIES: dict[str, Family] = {
                 ("smoothed sum", dict(reduction="sum", label_smoothing=0.1)),
                 ("per element", dict(reduction="none")),
             ),
-            backends=("eager", "cpp"),
         ),
     )
 }

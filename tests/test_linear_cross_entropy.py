@@ -9,8 +9,13 @@ runs over several row and class tiles, with V not a multiple of the class tile.
 
 import datetime
 import functools
+import json
 import math
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,13 +36,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import curvkern
 from curvkern import _dispatch
 from curvkern.families import get_family
-from curvkern.linear_ce import cpp, eager
+from curvkern.linear_ce import cpp, eager, triton as linear_ce_triton
 
 FAMILY = get_family("linear_cross_entropy")
 BACKENDS = _dispatch.available_backends(FAMILY.name, "cpu")
 ON_EACH_BACKEND = pytest.mark.parametrize("backend", BACKENDS)
 REDUCTIONS = ["mean", "sum", "none"]
 SMALL_N_TILE, SMALL_V_TILE = 4, 8  # N = 10 rows: three row tiles; V = 13: two class tiles, the last partial
+SMALL_D_CHUNK = 4  # the Triton kernels' d chunk: d = 6 is two chunks, the last partial
 
 
 @pytest.fixture(autouse=True)
@@ -45,6 +51,10 @@ def small_tiles(monkeypatch):
     for module in (eager, cpp):
         monkeypatch.setattr(module, "N_TILE", SMALL_N_TILE)
         monkeypatch.setattr(module, "V_TILE", SMALL_V_TILE)
+    # The interpreter runs tl.dot on tiles smaller than the 16 a compiled tl.dot needs.
+    monkeypatch.setattr(linear_ce_triton, "BLOCK_N", SMALL_N_TILE)
+    monkeypatch.setattr(linear_ce_triton, "BLOCK_V", SMALL_V_TILE)
+    monkeypatch.setattr(linear_ce_triton, "BLOCK_D", SMALL_D_CHUNK)
 
 
 def make_problem(leading=(10,), d=6, v=13, *, bias=True, ignore=(1, 7), dtype=torch.float64, seed=0):
@@ -164,8 +174,15 @@ def test_empty_and_fully_ignored_batches_match_pytorch(reduction, case, backend)
 
 
 @ON_EACH_BACKEND
-def test_gradcheck_and_gradgradcheck(backend):
-    hidden, weight, bias, target = make_problem((5,), d=3, v=9, ignore=(2,))
+def test_gradcheck_and_gradgradcheck(backend, monkeypatch):
+    if backend == "triton":
+        # The interpreter takes tens of milliseconds a launch: a smaller problem (21 inputs, not 51), on tiles
+        # of 2 rows × 4 classes × 1 feature so that it still spans two tiles of each, or this takes minutes.
+        for name, size in (("BLOCK_N", 2), ("BLOCK_V", 4), ("BLOCK_D", 1)):
+            monkeypatch.setattr(linear_ce_triton, name, size)
+        hidden, weight, bias, target = make_problem((3,), d=2, v=5, ignore=(1,))
+    else:
+        hidden, weight, bias, target = make_problem((5,), d=3, v=9, ignore=(2,))
     inputs = tuple(x.clone().requires_grad_(True) for x in (hidden, weight, bias))
 
     def loss(h, w, b):
@@ -375,7 +392,11 @@ def test_no_tensor_of_n_times_v_elements_is_allocated(recorder, backend):
 
 @ON_EACH_MEMORY_CASE
 def test_the_memory_test_sees_a_whole_logits_tile(monkeypatch, recorder, backend):
-    """The check above can fail: with one tile covering all N·V logits, every phase allocates N·V elements."""
+    """The check above can fail: with one tile covering all N·V logits, every phase allocates N·V elements.
+    Not for the Triton kernels: their tiles live in registers (numpy arrays in the interpreter), never in an
+    allocation either recorder sees, and nothing of theirs reaches N·V at any tile size."""
+    if backend == "triton":
+        pytest.skip("Triton tiles are registers: no allocation to see")
     for module in (eager, cpp):
         monkeypatch.setattr(module, "N_TILE", 1 << 20)
         monkeypatch.setattr(module, "V_TILE", 1 << 20)
@@ -690,3 +711,76 @@ def test_cpp_on_default_tiles_and_threads_matches_pytorch_fp64(monkeypatch):
     got = derivatives(on("cpp"), hidden, weight, target, bias, tangents, grad_loss, **kwargs)
     expected = derivatives(torch_loss, hidden, weight, target, bias, tangents, grad_loss, **kwargs)
     assert_fp64_close(got, expected, LABELS)
+
+
+# --- the Triton kernels, compiled ---------------------------------------------------------------------------
+
+
+def compile_for_sm90(dtype: str) -> dict:
+    """Compile every Triton linear cross-entropy kernel, in every mode, for ``dtype`` inputs ahead of time for
+    sm_90 (to PTX and through ptxas), at the default tile sizes; run in a process without TRITON_INTERPRET,
+    where ``triton.jit`` gives compilable functions. Returns the matrix instructions of each kernel's PTX."""
+    import re
+
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    tl = linear_ce_triton.tl
+    accumulator = "*fp64" if dtype == "fp64" else "*fp32"
+    inputs = {"h_ptr", "w_ptr", "b_ptr", "vh_ptr", "vw_ptr", "vb_ptr"}
+    tiles = dict(
+        ACC=tl.float64 if dtype == "fp64" else tl.float32,
+        BLOCK_N=linear_ce_triton.BLOCK_N,
+        BLOCK_V=linear_ce_triton.BLOCK_V,
+        BLOCK_D=linear_ce_triton.BLOCK_D,
+    )
+    flags = dict(HAS_BIAS=True, HAS_VH=True, HAS_VW=True, HAS_VB=True)
+
+    def argument_type(name):
+        if name in inputs:
+            return f"*{dtype}"
+        if name == "target_ptr":
+            return "*i64"
+        if name.endswith("_ptr"):
+            return accumulator
+        return "fp32" if name.startswith("smoothing") else "i64"
+
+    kernels = [("forward", linear_ce_triton._forward_kernel, dict(tiles, HAS_BIAS=True, SMOOTHING=True))]
+    for mode in (0, 1, 2):
+        kernels.append((f"rows mode {mode}", linear_ce_triton._rows_kernel, dict(tiles, **flags, MODE=mode)))
+        kernels.append((f"columns mode {mode}", linear_ce_triton._columns_kernel, dict(tiles, **flags, MODE=mode)))
+    report = {}
+    for label, kernel, constants in kernels:
+        signature = {name: "constexpr" if name in constants else argument_type(name) for name in kernel.arg_names}
+        compiled = triton_compile(
+            ASTSource(kernel, signature=signature, constexprs=constants), target=GPUTarget("cuda", 90, 32)
+        )
+        ptx = compiled.asm["ptx"]
+        assert ".entry" in ptx, label
+        report[label] = sorted(set(re.findall(r"\b((?:w?gmma|mma)\.[\w.]+)", ptx)))
+    return report
+
+
+# One compiler process per dtype: fp32 in every run, the others in the slow ones.
+@pytest.mark.parametrize("dtype", ["fp32", *(pytest.param(d, marks=pytest.mark.slow) for d in ("bf16", "fp64"))])
+def test_triton_kernels_compile_for_a_gpu_target(dtype):
+    """The interpreter accepts code the Triton compiler rejects: without a GPU, compile every kernel for sm_90.
+    fp32 and bf16 tiles are multiplied in fp32 with input_precision="ieee" (no TF32 tensor-core instruction);
+    fp64 tiles through the f64 mma.sync of sm_80+."""
+    pytest.importorskip("triton")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    # The child runs from tests/: put this checkout first, not whichever curvkern the environment installed.
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    script = f"import json, test_linear_cross_entropy as t; print(json.dumps(t.compile_for_sm90({dtype!r})))"
+    completed = subprocess.run(
+        [sys.executable, "-c", script], cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert len(report) == 7, report
+    for label, instructions in report.items():
+        if dtype == "fp64":
+            assert instructions and all("f64" in x for x in instructions), (label, instructions)
+        else:
+            assert not any("tf32" in x for x in instructions), (label, instructions)

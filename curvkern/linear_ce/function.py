@@ -183,23 +183,25 @@ def linear_cross_entropy(
 
     The forward, the backward (gradients to hidden, weight and bias) and the double backward (the exact
     Hessian-vector product, cross terms included) each sweep over tiles of at most (N_TILE, V_TILE)
-    logits (:mod:`curvkern.linear_ce.eager`, :mod:`curvkern.linear_ce.cpp`); saved for the backward are the
-    inputs and one log-sum-exp per row. Math, tiling and memory: docs/linear_cross_entropy.md. First-order
-    method after Liger-Kernel's FusedLinearCrossEntropy and Apple's Cut Cross-Entropy (Wijmans et al., 2025);
+    logits (:mod:`curvkern.linear_ce.eager`, :mod:`curvkern.linear_ce.cpp`, :mod:`curvkern.linear_ce.triton`);
+    saved for the backward are the inputs and one log-sum-exp per row. Math, tiling and memory:
+    docs/linear_cross_entropy.md. First-order method after Liger-Kernel's FusedLinearCrossEntropy and Apple's
+    Cut Cross-Entropy (Wijmans et al., 2025);
     the double backward is Pearlmutter's R-operator (1994).
 
     ``fused``: chosen by curvkern's one dispatch point (:mod:`curvkern._dispatch`, family
     ``"linear_cross_entropy"``): ``"eager"`` runs the reference, ``"cpp"`` the C++/OpenMP kernels (CPU
-    tensors); ``"auto"`` the backend the registry prefers on the device (C++ on CPU), or the eager reference
-    with a one-time RuntimeWarning saying why (on CUDA: no Triton kernel yet); an explicit backend that
+    tensors), ``"triton"`` the Triton kernels (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``);
+    ``"auto"`` the backend the registry prefers on the device (C++ on CPU, Triton on CUDA), or the eager
+    reference with a one-time RuntimeWarning saying why where that one cannot run; an explicit backend that
     cannot run raises (never a silent fallback).
 
     Raises, before any work: ``ValueError`` for a bad ``reduction``, 0-dim hidden, a weight, bias or target
     of the wrong shape, or V = 0 with rows; ``TypeError`` for a dtype other than fp32/fp64/bf16 or
     mixed dtypes; ``RuntimeError`` for a non-int64 target, ``label_smoothing`` outside [0, 1] or tensors
     on two devices; ``IndexError`` for a target outside [0, V) on CPU (on a GPU that row's loss is NaN
-    instead: the check would cost a host sync); ``NotImplementedError`` for DTensor arguments and a
-    ``fused="triton"`` (no kernel for this family yet), ``RuntimeError`` for a backend that cannot run on
+    instead: the check would cost a host sync); ``NotImplementedError`` for DTensor arguments,
+    ``RuntimeError`` for a backend that cannot run on
     these tensors (``"cpp"`` off the CPU, ``"triton"`` without CUDA or Triton); a third derivative raises
     RuntimeError when attempted.
     """
