@@ -358,7 +358,7 @@ ON_EACH_MEMORY_CASE = pytest.mark.parametrize(
 )
 
 
-def largest_allocations(recorder, backend, n=48, d=4, v=40, k=2):
+def largest_allocations(recorder, backend, n=48, d=4, v=40, k=2, **variants):
     """The largest tensor each phase creates on ``backend`` as ``recorder`` sees it: forward, backward, double
     backward, Gauss-Newton product. d < N and d < V, so that no input or result (N·d, V·d, K·V·d) reaches N·V
     elements."""
@@ -366,7 +366,7 @@ def largest_allocations(recorder, backend, n=48, d=4, v=40, k=2):
     inputs = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
     phases = {}
     with RECORDERS[recorder]() as mode:
-        loss = ours(inputs[0], inputs[1], target, inputs[2], label_smoothing=0.1, fused=backend)
+        loss = ours(inputs[0], inputs[1], target, inputs[2], label_smoothing=0.1, fused=backend, **variants)
     phases["forward"] = mode.largest
     with RECORDERS[recorder]() as mode:
         grads = torch.autograd.grad(loss, inputs, create_graph=True)
@@ -377,7 +377,7 @@ def largest_allocations(recorder, backend, n=48, d=4, v=40, k=2):
     phases["double backward"] = mode.largest
     d_hidden = torch.ones(k, n, d, dtype=hidden.dtype)
     with RECORDERS[recorder]() as mode:
-        curvkern.linear_ce_ggn_vp(hidden, weight, target, d_hidden, bias=bias, fused=backend)
+        curvkern.linear_ce_ggn_vp(hidden, weight, target, d_hidden, bias=bias, fused=backend, **variants)
     phases["ggn_vp"] = mode.largest
     assert max(n * d, v * d * k) < n * v
     return phases, n * v
@@ -784,3 +784,218 @@ def test_triton_kernels_compile_for_a_gpu_target(dtype):
             assert instructions and all("f64" in x for x in instructions), (label, instructions)
         else:
             assert not any("tf32" in x for x in instructions), (label, instructions)
+
+
+# --- Loss variants: z-loss, soft-capping, class weights (eager reference) ---------------------------------
+
+
+def class_weights(v=13, seed=3):
+    return torch.rand(v, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2 + 0.1
+
+
+def variant_cases():
+    return [
+        ("z-loss", dict(z_loss=0.3)),
+        ("softcap", dict(softcap=2.0)),
+        ("class weights", dict(class_weight=class_weights())),
+        ("z-loss softcap", dict(z_loss=0.3, softcap=2.0)),
+        ("softcap class weights", dict(softcap=1.5, class_weight=class_weights())),
+        ("all three", dict(z_loss=0.2, softcap=2.5, class_weight=class_weights())),
+    ]
+
+
+VARIANT_CASES = variant_cases()
+ON_EACH_VARIANT = pytest.mark.parametrize("variants", [c[1] for c in VARIANT_CASES], ids=[c[0] for c in VARIANT_CASES])
+
+
+def variant_loss_of_logits(logits, target, *, reduction="mean", label_smoothing=0.0, **variants):
+    """The variant written out in plain torch on (R, V) logits: the cap c·tanh(z/c), F.cross_entropy with
+    ``weight=``, plus λ·lse² per valid row reduced like the cross-entropy (divided by Σ w_y for a weighted
+    mean, not multiplied by w_y)."""
+    z_loss, softcap, class_weight = variants.get("z_loss", 0.0), variants.get("softcap"), variants.get("class_weight")
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    loss = F.cross_entropy(logits, target, weight=class_weight, reduction=reduction, label_smoothing=label_smoothing)
+    valid = target != -100
+    z_term = torch.where(valid, z_loss * torch.logsumexp(logits, dim=1) ** 2, 0.0)
+    if reduction == "none":
+        return loss + z_term
+    if reduction == "sum":
+        return loss + z_term.sum()
+    weights = torch.ones_like(z_term) if class_weight is None else class_weight[target.clamp(min=0)]
+    return loss + z_term.sum() / torch.where(valid, weights, 0.0).sum()
+
+
+def torch_variant_loss(hidden, weight, target, bias=None, **kwargs):
+    logits = F.linear(hidden, weight, bias).reshape(-1, weight.shape[0])
+    loss = variant_loss_of_logits(logits, target.reshape(-1), **kwargs)
+    return loss.view(target.shape) if kwargs.get("reduction") == "none" else loss
+
+
+@ON_EACH_VARIANT
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.15])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no bias"])
+def test_variants_match_pytorch_fp64(variants, reduction, label_smoothing, with_bias):
+    """Loss, gradients and the double backward (cross terms, and to the incoming gradient) of every variant and
+    combination, against autograd through F.linear + the variant in plain torch; ignored rows 1 and 7, three row
+    tiles and two class tiles."""
+    hidden, weight, bias, target = make_problem((2, 5), bias=with_bias)
+    tangents = tangents_for(hidden, weight, bias)
+    grad_loss = grad_loss_for(target, reduction)
+    kwargs = dict(reduction=reduction, label_smoothing=label_smoothing, **variants)
+    got = derivatives(on("eager"), hidden, weight, target, bias, tangents, grad_loss, **kwargs)
+    expected = derivatives(torch_variant_loss, hidden, weight, target, bias, tangents, grad_loss, **kwargs)
+    assert_fp64_close(got, expected, labels_for(bias))
+
+
+def test_default_variants_are_the_plain_loss_bit_for_bit():
+    hidden, weight, bias, target = make_problem()
+    tangents, grad_loss = tangents_for(hidden, weight, bias), grad_loss_for(target, "mean")
+    kwargs = dict(label_smoothing=0.15)
+    plain = derivatives(on("eager"), hidden, weight, target, bias, tangents, grad_loss, **kwargs)
+    default = derivatives(
+        on("eager"), hidden, weight, target, bias, tangents, grad_loss, z_loss=0.0, softcap=None, **kwargs
+    )
+    assert all(torch.equal(a, b) for a, b in zip(plain, default))
+
+
+def test_variants_gradcheck_and_gradgradcheck():
+    hidden, weight, bias, target = make_problem((5,), d=3, v=9, ignore=(2,))
+    inputs = tuple(x.clone().requires_grad_(True) for x in (hidden, weight, bias))
+    variants = dict(z_loss=0.2, softcap=1.5, class_weight=class_weights(9))
+
+    def loss(h, w, b):
+        return ours(h, w, target, b, label_smoothing=0.1, fused="eager", **variants)
+
+    assert torch.autograd.gradcheck(loss, inputs)
+    assert torch.autograd.gradgradcheck(loss, inputs)
+
+
+def torch_variant_ggn_vp(hidden, weight, target, d_hidden, d_weight, d_bias, bias, **kwargs):
+    """Jᵀ H_ℓ(z) J v with J the Jacobian of z = h·Wᵀ + b and ℓ the variant's loss of z (the cap included)."""
+    primals = (hidden, weight, bias if bias is not None else torch.zeros(weight.shape[0], dtype=hidden.dtype))
+    zero_if_none = [torch.zeros_like(p) if t is None else t for p, t in zip(primals, (d_hidden, d_weight, d_bias))]
+
+    def logits_of(h, w, b):
+        return h @ w.T + b
+
+    def loss_of_logits(z):
+        return variant_loss_of_logits(z.reshape(-1, weight.shape[0]), target.reshape(-1), **kwargs).sum()
+
+    logits, tangent = torch.func.jvp(logits_of, primals, tuple(zero_if_none))
+    _, hessian_tangent = torch.func.jvp(torch.func.grad(loss_of_logits), (logits,), (tangent,))
+    _, pullback = torch.func.vjp(logits_of, *primals)
+    prod_hidden, prod_weight, prod_bias = pullback(hessian_tangent)
+    return prod_hidden, prod_weight, prod_bias if bias is not None else None
+
+
+@ON_EACH_VARIANT
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no bias"])
+def test_variants_ggn_vp_matches_torch_func(variants, reduction, with_bias):
+    hidden, weight, bias, target = make_problem((2, 5), bias=with_bias)
+    d_hidden, d_weight, d_bias = tangents_for(hidden, weight, bias if bias is not None else weight[:, 0])
+    d_bias = d_bias if bias is not None else None
+    kwargs = dict(reduction=reduction, label_smoothing=0.2, **variants)
+    got = curvkern.linear_ce_ggn_vp(
+        hidden, weight, target, d_hidden, d_weight, d_bias, bias=bias, fused="eager", **kwargs
+    )
+    expected = torch_variant_ggn_vp(hidden, weight, target, d_hidden, d_weight, d_bias, bias, **kwargs)
+    labels = ["hidden", "weight", "bias"][: 2 + (bias is not None)]
+    assert_fp64_close([x for x in got if x is not None], [x for x in expected if x is not None], labels)
+    # K = 2 tangents at once equal two calls.
+    both = curvkern.linear_ce_ggn_vp(
+        hidden,
+        weight,
+        target,
+        torch.stack([d_hidden, -0.5 * d_hidden]),
+        torch.stack([d_weight, d_weight]),
+        bias=bias,
+        fused="eager",
+        **kwargs,
+    )
+    second = curvkern.linear_ce_ggn_vp(
+        hidden, weight, target, -0.5 * d_hidden, d_weight, bias=bias, fused="eager", **kwargs
+    )
+    assert_fp64_close([both[0][1], both[1][1]], [second[0], second[1]], ["K hidden", "K weight"])
+
+
+@pytest.mark.parametrize("recorder", list(RECORDERS))
+def test_no_tensor_of_n_times_v_elements_is_allocated_with_variants(recorder):
+    variants = dict(z_loss=0.1, softcap=3.0, class_weight=class_weights(40))
+    phases, n_times_v = largest_allocations(recorder, "eager", **variants)
+    assert all(0 < largest < n_times_v for largest in phases.values()), (phases, n_times_v)
+
+
+VARIANT_ERRORS = [
+    ("z_loss", dict(z_loss=-0.1), ValueError, "Invalid z_loss"),
+    ("z_loss nan", dict(z_loss=math.nan), ValueError, "z_loss"),
+    ("softcap 0", dict(softcap=0.0), ValueError, "Invalid softcap"),
+    ("softcap negative", dict(softcap=-1.0), ValueError, "Invalid softcap"),
+    (
+        "class_weight shape",
+        dict(class_weight=torch.ones(12, dtype=torch.float64)),
+        ValueError,
+        r"class_weight.*\(13,\)",
+    ),
+    ("class_weight int", dict(class_weight=torch.ones(13, dtype=torch.int64)), ValueError, "Invalid class_weight"),
+    ("class_weight device", dict(class_weight=torch.ones(13, device="meta")), ValueError, "Invalid class_weight"),
+    ("class_weight nan", dict(class_weight=torch.full((13,), math.nan)), ValueError, "finite, non-negative"),
+    ("class_weight negative", dict(class_weight=-torch.ones(13)), ValueError, "finite, non-negative"),
+    ("class_weight list", dict(class_weight=[1.0] * 13), ValueError, "Invalid class_weight"),
+]
+
+
+@pytest.mark.parametrize("label,change,error,message", VARIANT_ERRORS, ids=[c[0] for c in VARIANT_ERRORS])
+def test_bad_variant_arguments_raise_naming_the_parameter(label, change, error, message):
+    hidden, weight, bias, target = make_problem()
+    with pytest.raises(error, match=message):
+        ours(hidden, weight, target, bias, fused="eager", **change)
+    with pytest.raises(error, match=message):
+        curvkern.linear_ce_ggn_vp(hidden, weight, target, hidden, bias=bias, fused="eager", **change)
+
+
+def test_probability_targets_are_refused():
+    hidden, weight, bias, _ = make_problem()
+    soft = torch.softmax(torch.randn(10, 13, dtype=torch.float64), dim=1)
+    with pytest.raises(NotImplementedError, match=r"probability \(soft\) targets are not supported"):
+        ours(hidden, weight, soft, bias, fused="eager")
+
+
+@pytest.mark.parametrize("variant", ["z_loss", "softcap", "class_weight"])
+def test_backends_without_a_variant_raise_naming_it(variant, monkeypatch):
+    """cpp and triton implement no variant yet: an explicit choice raises naming the variant and the backend,
+    "auto" on CPU (which picks cpp) raises telling to pass fused='eager'; never the plain loss in silence."""
+    hidden, weight, bias, target = make_problem()
+    change = {
+        "z_loss": dict(z_loss=0.1),
+        "softcap": dict(softcap=2.0),
+        "class_weight": dict(class_weight=class_weights()),
+    }
+    change = change[variant]
+    calls = [
+        lambda fused: ours(hidden, weight, target, bias, fused=fused, **change),
+        lambda fused: curvkern.linear_ce_ggn_vp(hidden, weight, target, hidden, bias=bias, fused=fused, **change),
+    ]
+    monkeypatch.setattr(_dispatch, "triton_unavailable_reason", lambda device: None)
+    for call in calls:
+        for fused in [b for b in ("cpp", "triton") if b in FAMILY.backends]:
+            with pytest.raises(
+                NotImplementedError, match=rf"fused='{fused}' does not implement the loss variant\(s\) {variant}"
+            ):
+                call(fused)
+        if "cpp" in BACKENDS:
+            with pytest.raises(NotImplementedError, match=r"fused='auto' chose 'cpp' here.*pass fused='eager'"):
+                call("auto")
+    # The kernels themselves refuse too, before any work (no Triton launch: nothing runs in the interpreter).
+    record = curvkern.linear_ce.variants.LinearCrossEntropyHyperparameters(**change)
+    for kernels, name in ((cpp.CppLinearCrossEntropy, "cpp"), (linear_ce_triton.TritonLinearCrossEntropy, "triton")):
+        with pytest.raises(
+            NotImplementedError, match=rf"fused='{name}' does not implement the loss variant\(s\) {variant}"
+        ):
+            kernels.forward(hidden, weight, bias, target, record)
+        with pytest.raises(NotImplementedError, match=variant):
+            kernels.ggn_vp(
+                hidden, weight, bias, target, torch.ones((), dtype=torch.float64), hidden[None], None, None, record
+            )

@@ -14,6 +14,7 @@ import torch
 from curvkern._dispatch import cpp_unavailable_reason, register
 from curvkern.hyperparameters import CrossEntropyHyperparameters
 from curvkern.linear_ce.eager import accumulation_dtype
+from curvkern.linear_ce.variants import refuse_missing_variants
 
 # Rows and classes per logits tile: a 1024 × 4096 fp32 tile is 16 MiB, large enough for ATen's GEMMs to
 # run near peak and small enough for the epilogue to find it in the last-level cache.
@@ -79,6 +80,7 @@ class CppLinearCrossEntropy:
         target: torch.Tensor,
         hyperparameters: CrossEntropyHyperparameters,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        refuse_missing_variants(hyperparameters, "cpp")
         h = hyperparameters
         return torch.ops.curvkern.linear_cross_entropy_forward(
             hidden, weight, bias, target, h.ignore_index, h.label_smoothing, N_TILE, V_TILE
@@ -94,6 +96,7 @@ class CppLinearCrossEntropy:
         grad_scale: torch.Tensor,
         hyperparameters: CrossEntropyHyperparameters,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        refuse_missing_variants(hyperparameters, "cpp")
         h = hyperparameters
         grad_hidden, grad_weight, grad_bias = torch.ops.curvkern.linear_cross_entropy_backward(
             hidden, weight, bias, target, lse, grad_scale, h.ignore_index, h.label_smoothing, N_TILE, V_TILE
@@ -113,6 +116,7 @@ class CppLinearCrossEntropy:
         v_bias: torch.Tensor | None,
         hyperparameters: CrossEntropyHyperparameters,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        refuse_missing_variants(hyperparameters, "cpp")
         h = hyperparameters
         grad_hidden, grad_weight, grad_bias, dot = torch.ops.curvkern.linear_cross_entropy_hvp(
             hidden,
@@ -143,6 +147,7 @@ class CppLinearCrossEntropy:
         d_bias: torch.Tensor | None,
         hyperparameters: CrossEntropyHyperparameters,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        refuse_missing_variants(hyperparameters, "cpp")
         prod_hidden, prod_weight, prod_bias = torch.ops.curvkern.linear_ce_ggn_vp(
             hidden,
             weight,

@@ -98,11 +98,80 @@ def _target_in_tile(target: torch.Tensor, valid: torch.Tensor, columns: slice) -
     return torch.where(inside, target - columns.start, 0)[:, None], inside[:, None]
 
 
-def _subtract_target(tile: torch.Tensor, target, valid, columns: slice, label_smoothing: float) -> torch.Tensor:
-    """``tile − q`` for a probability tile, q = (1 − α)·e_y + α/V the smoothed target (in place)."""
-    local, inside = _target_in_tile(target, valid, columns)
-    tile.scatter_add_(1, local, inside.to(tile.dtype) * (label_smoothing - 1.0))
-    return tile
+# --- The loss variants (docs/linear_cross_entropy.md, "Loss variants") ---------------------------------------
+# A plain CrossEntropyHyperparameters record has none; each helper keeps the plain operations, in the plain
+# order, when its variant is off, so that the defaults give the plain loss bit for bit.
+
+
+class _Variants:
+    """λ (``z_loss``), c (``softcap``, or None) and the class weights in the accumulation dtype (or None)."""
+
+    def __init__(self, hyperparameters: CrossEntropyHyperparameters, acc: torch.dtype, num_classes: int):
+        self.alpha = hyperparameters.label_smoothing
+        self.num_classes = num_classes
+        self.z_loss = float(getattr(hyperparameters, "z_loss", 0.0))
+        self.softcap = getattr(hyperparameters, "softcap", None)
+        class_weight = getattr(hyperparameters, "class_weight", None)
+        self.class_weight = None if class_weight is None else class_weight.to(acc)
+
+    def rows(self, target_tile: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(w_y, W)`` (n,) of a row tile: each row's target weight (0 on ignored rows) and the total weight
+        of its target distribution, W = (1 − α)·w_y + (α/V)·Σ_j w_j; both None (1) without class weights."""
+        if self.class_weight is None:
+            return None, None
+        safe = torch.where(valid, target_tile, 0).clamp(0, max(self.num_classes - 1, 0))
+        w_y = torch.where(valid, self.class_weight[safe], 0.0)
+        return w_y, (1 - self.alpha) * w_y + self.alpha / self.num_classes * self.class_weight.sum()
+
+    def lse_factor(self, total: torch.Tensor | None, lse: torch.Tensor) -> torch.Tensor | None:
+        """a = W + 2λ·lse (n,), the factor of p in the gradient to the capped logits; None when it is 1."""
+        if not self.z_loss:
+            return total
+        return (1.0 if total is None else total) + 2 * self.z_loss * lse
+
+    def cap(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(z', J)``: the logits the loss sees, c·tanh(z/c), and the cap's derivative 1 − tanh²; (z, None)
+        without a cap."""
+        if self.softcap is None:
+            return z, None
+        t = torch.tanh(z / self.softcap)
+        return self.softcap * t, 1 - t * t
+
+    def cap_second(self, capped: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+        """d²z'/dz² = −(2/c)·t·(1 − t²) = −(2z'/c²)·J."""
+        return -2 / self.softcap**2 * capped * slope
+
+    def target_dot(self, values, target_tile, valid, columns: slice, w_y) -> torch.Tensor:
+        """(n,) ⟨q̃, values⟩ over one class tile, q̃ = (1 − α)·w_y·e_y + (α/V)·w the weighted smoothed target;
+        the target part and the smoothing part accumulated separately as ``(target, smooth)`` sums."""
+        local, inside = _target_in_tile(target_tile, valid, columns)
+        at_target = torch.where(inside, values.gather(1, local), 0.0)[:, 0]
+        if w_y is not None:
+            at_target = at_target * w_y
+        if not self.alpha:
+            return (1 - self.alpha) * at_target
+        spread = values if self.class_weight is None else values * self.class_weight[columns]
+        return (1 - self.alpha) * at_target + self.alpha / self.num_classes * spread.sum(dim=1)
+
+    def minus_target(self, tile: torch.Tensor, target_tile, valid, columns: slice, w_y) -> torch.Tensor:
+        """A new tensor ``tile − q̃`` over one class tile."""
+        spread = 1.0 if self.class_weight is None else self.class_weight[columns]
+        out = tile - self.alpha / self.num_classes * spread
+        local, inside = _target_in_tile(target_tile, valid, columns)
+        at_target = inside.to(out.dtype) if w_y is None else inside.to(out.dtype) * w_y[:, None]
+        return out.scatter_add_(1, local, at_target * (self.alpha - 1.0))
+
+    def hessian(self, p, v, p_dot_v, factor, grad_capped, capped, slope, u) -> torch.Tensor:
+        """Unscaled (H u) over one class tile: J ⊙ H_z'(J ⊙ u) + g' ⊙ z'' ⊙ u, with v = J ⊙ u, p_dot_v = ⟨p, v⟩
+        (broadcastable), H_z' v = a·p ⊙ (v − ⟨p, v⟩) + 2λ·p·⟨p, v⟩ and g' = a·p − q̃ (``grad_capped``)."""
+        result = p * (v - p_dot_v)
+        if factor is not None:
+            result = result * factor
+        if self.z_loss:
+            result = result + 2 * self.z_loss * p * p_dot_v
+        if slope is not None:
+            result = result * slope + grad_capped * self.cap_second(capped, slope) * u
+        return result
 
 
 @register("linear_cross_entropy", "eager")
@@ -121,26 +190,26 @@ class EagerLinearCrossEntropy:
         """``(loss_rows, lse)``, both (N,) in the accumulation dtype: ℓ_r (0 on ignored rows, NaN for a label
         outside [0, V)) and log Σ_j exp z_rj."""
         acc = accumulation_dtype(hidden.dtype)
-        ignore_index, alpha = hyperparameters.ignore_index, hyperparameters.label_smoothing
+        ignore_index = hyperparameters.ignore_index
         num_classes = weight.shape[0]
+        variants = _Variants(hyperparameters, acc, num_classes)
         loss = hidden.new_empty(hidden.shape[0], dtype=acc)
         lse = hidden.new_empty(hidden.shape[0], dtype=acc)
         for rows in _tiles(hidden.shape[0], N_TILE):
             hidden_tile, target_tile = hidden[rows].to(acc), target[rows]
             valid = target_tile != ignore_index
+            w_y, total = variants.rows(target_tile, valid)
             row_lse = torch.full_like(lse[rows], -torch.inf)
-            target_logit = torch.zeros_like(row_lse)
-            logit_sum = torch.zeros_like(row_lse)
+            target_dot = torch.zeros_like(row_lse)
             for columns in _tiles(num_classes, V_TILE):
                 z = _logits_tile(hidden_tile, weight[columns].to(acc), None if bias is None else bias[columns].to(acc))
+                z, _ = variants.cap(z)
                 row_lse = torch.logaddexp(row_lse, torch.logsumexp(z, dim=1))
-                local, inside = _target_in_tile(target_tile, valid, columns)
-                target_logit += torch.where(inside, z.gather(1, local), 0.0)[:, 0]
-                if alpha:
-                    logit_sum += z.sum(dim=1)
-            row_loss = row_lse - (1 - alpha) * target_logit
-            if alpha:
-                row_loss -= alpha / num_classes * logit_sum
+                target_dot += variants.target_dot(z, target_tile, valid, columns, w_y)
+            # ℓ_r = W·lse − ⟨q̃, z'⟩ + λ·lse²
+            row_loss = (row_lse if total is None else total * row_lse) - target_dot
+            if variants.z_loss:
+                row_loss = row_loss + variants.z_loss * row_lse * row_lse
             in_range = (target_tile >= 0) & (target_tile < num_classes)
             loss[rows] = torch.where(valid, torch.where(in_range, row_loss, torch.nan), 0.0)
             lse[rows] = row_lse
@@ -159,8 +228,9 @@ class EagerLinearCrossEntropy:
         """With g_z = s_r·(p_r − q_r) per row (s = ``grad_scale``, 0 on ignored rows): ``(g_z·W, g_zᵀ·h,
         Σ_r g_z)`` of the shapes and dtype of hidden, weight and bias (None when bias is None)."""
         acc = lse.dtype
-        ignore_index, alpha = hyperparameters.ignore_index, hyperparameters.label_smoothing
+        ignore_index = hyperparameters.ignore_index
         num_classes = weight.shape[0]
+        variants = _Variants(hyperparameters, acc, num_classes)
         grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=acc, device=bias.device)
@@ -168,11 +238,19 @@ class EagerLinearCrossEntropy:
             hidden_tile, target_tile = hidden[rows].to(acc), target[rows]
             valid = target_tile != ignore_index
             scale = _row_scale(grad_scale, valid, rows)
+            w_y, total = variants.rows(target_tile, valid)
+            factor = variants.lse_factor(total, lse[rows])
             for columns in _tiles(num_classes, V_TILE):
                 weight_tile = weight[columns].to(acc)
                 z = _logits_tile(hidden_tile, weight_tile, None if bias is None else bias[columns].to(acc))
-                grad_z = torch.exp(z - lse[rows, None]) - alpha / num_classes
-                grad_z = _subtract_target(grad_z, target_tile, valid, columns, alpha) * scale
+                z, slope = variants.cap(z)
+                grad_z = torch.exp(z - lse[rows, None])
+                if factor is not None:
+                    grad_z = grad_z * factor[:, None]
+                grad_z = variants.minus_target(grad_z, target_tile, valid, columns, w_y)
+                if slope is not None:
+                    grad_z = grad_z * slope
+                grad_z = grad_z * scale
                 grad_hidden[rows].addmm_(grad_z, weight_tile)
                 grad_weight[columns].addmm_(grad_z.T, hidden_tile)
                 if grad_bias is not None:
@@ -209,8 +287,9 @@ class EagerLinearCrossEntropy:
         Two sweeps over the class tiles of each row tile: (1) ⟨p, u⟩, (2) the products.
         """
         acc = lse.dtype
-        ignore_index, alpha = hyperparameters.ignore_index, hyperparameters.label_smoothing
+        ignore_index = hyperparameters.ignore_index
         num_classes = weight.shape[0]
+        variants = _Variants(hyperparameters, acc, num_classes)
         grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=acc, device=bias.device)
@@ -227,23 +306,41 @@ class EagerLinearCrossEntropy:
             tangent_tiles = (None if v_hidden_tile is None else v_hidden_tile[None], v_weight_k, v_bias_k)
             valid = target_tile != ignore_index
             scale = _row_scale(grad_scale, valid, rows)
+            w_y, total = variants.rows(target_tile, valid)
+            factor = variants.lse_factor(total, lse[rows])
 
+            # (1) ⟨p, J⊙u⟩ and dot = ⟨J⊙(a·p − q̃), u⟩ = a·⟨p, J⊙u⟩ − ⟨q̃, J⊙u⟩.
             p_dot_u = torch.zeros_like(lse[rows])
             q_dot_u = torch.zeros_like(p_dot_u)
             for columns in _tiles(num_classes, V_TILE):
                 _, z, u = _logits_and_tangent_tile(hidden_tile, weight, bias, columns, *tangent_tiles)
+                z, slope = variants.cap(z)
                 p, u = torch.exp(z - lse[rows, None]), u[0]
+                if slope is not None:
+                    u = slope * u
                 p_dot_u += (p * u).sum(dim=1)
-                local, inside = _target_in_tile(target_tile, valid, columns)
-                q_dot_u += (1 - alpha) * torch.where(inside, u.gather(1, local), 0.0)[:, 0]
-                if alpha:
-                    q_dot_u += alpha / num_classes * u.sum(dim=1)
-            dot[rows] = torch.where(valid, p_dot_u - q_dot_u, 0.0)
+                q_dot_u += variants.target_dot(u, target_tile, valid, columns, w_y)
+            dot[rows] = torch.where(valid, (p_dot_u if factor is None else factor * p_dot_u) - q_dot_u, 0.0)
 
             for columns in _tiles(num_classes, V_TILE):
                 weight_tile, z, u = _logits_and_tangent_tile(hidden_tile, weight, bias, columns, *tangent_tiles)
+                z, slope = variants.cap(z)
                 p, u = torch.exp(z - lse[rows, None]), u[0]
-                hessian_u = p * (u - p_dot_u[:, None]) * scale
+                # g' = a·p − q̃, the gradient to the capped logits; g_z = J ⊙ g' to the logits.
+                grad_capped = variants.minus_target(
+                    p if factor is None else p * factor[:, None], target_tile, valid, columns, w_y
+                )
+                hessian_u = variants.hessian(
+                    p,
+                    u if slope is None else slope * u,
+                    p_dot_u[:, None],
+                    None if factor is None else factor[:, None],
+                    grad_capped,
+                    z,
+                    slope,
+                    u,
+                )
+                hessian_u = hessian_u * scale
                 grad_hidden[rows].addmm_(hessian_u, weight_tile)
                 grad_weight[columns].addmm_(hessian_u.T, hidden_tile)
                 if grad_bias is not None:
@@ -252,7 +349,7 @@ class EagerLinearCrossEntropy:
                     continue
                 # The cross terms: g_z depends on h and W only through z, but Φ also holds h and W
                 # outside g_z (g_z·W and g_zᵀ·h), which the Gauss-Newton product drops.
-                grad_z = _subtract_target(p - alpha / num_classes, target_tile, valid, columns, alpha) * scale
+                grad_z = (grad_capped if slope is None else grad_capped * slope) * scale
                 if v_weight is not None:
                     grad_hidden[rows].addmm_(grad_z, v_weight[columns].to(acc))
                 if v_hidden_tile is not None:
@@ -289,16 +386,22 @@ class EagerLinearCrossEntropy:
         prod_weight = torch.zeros((tangents, *weight.shape), dtype=acc, device=weight.device)
         prod_bias = None if bias is None else torch.zeros((tangents, num_classes), dtype=acc, device=weight.device)
 
+        variants = _Variants(hyperparameters, acc, num_classes)
         for rows in _tiles(hidden.shape[0], N_TILE):
-            hidden_tile = hidden[rows].to(acc)
+            hidden_tile, target_tile = hidden[rows].to(acc), target[rows]
             d_hidden_tile = d_hidden[:, rows].to(acc)
-            row_scale = _row_scale(scale, target[rows] != hyperparameters.ignore_index, rows)
+            valid = target_tile != hyperparameters.ignore_index
+            row_scale = _row_scale(scale, valid, rows)
+            w_y, total = variants.rows(target_tile, valid)
 
             running_max = torch.full((hidden_tile.shape[0],), -torch.inf, dtype=acc, device=hidden.device)
             exp_sum = torch.zeros_like(running_max)
             exp_dot_u = torch.zeros((tangents, hidden_tile.shape[0]), dtype=acc, device=hidden.device)
             for columns in _tiles(num_classes, V_TILE):
                 _, z, u = _logits_and_tangent_tile(hidden_tile, weight, bias, columns, d_hidden_tile, d_weight, d_bias)
+                z, slope = variants.cap(z)
+                if slope is not None:
+                    u = slope * u
                 new_max = torch.maximum(running_max, z.amax(dim=1))
                 rescale = torch.exp(running_max - new_max)
                 e = torch.exp(z - new_max[:, None])
@@ -307,13 +410,30 @@ class EagerLinearCrossEntropy:
                 running_max = new_max
             lse = running_max + torch.log(exp_sum)
             p_dot_u = exp_dot_u / exp_sum
+            factor = variants.lse_factor(total, lse)
 
             for columns in _tiles(num_classes, V_TILE):
                 weight_tile, z, u = _logits_and_tangent_tile(
                     hidden_tile, weight, bias, columns, d_hidden_tile, d_weight, d_bias
                 )
+                z, slope = variants.cap(z)
                 p = torch.exp(z - lse[:, None])
-                hessian_u = p * (u - p_dot_u[:, :, None]) * row_scale
+                grad_capped = None
+                if slope is not None:
+                    grad_capped = variants.minus_target(
+                        p if factor is None else p * factor[:, None], target_tile, valid, columns, w_y
+                    )
+                hessian_u = variants.hessian(
+                    p,
+                    u if slope is None else slope * u,
+                    p_dot_u[:, :, None],
+                    None if factor is None else factor[:, None],
+                    grad_capped,
+                    z,
+                    slope,
+                    u,
+                )
+                hessian_u = hessian_u * row_scale
                 prod_hidden[:, rows] += torch.matmul(hessian_u, weight_tile)
                 prod_weight[:, columns] += torch.matmul(hessian_u.transpose(1, 2), hidden_tile)
                 if prod_bias is not None:

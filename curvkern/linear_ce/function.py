@@ -15,6 +15,7 @@ import torch
 from curvkern._dispatch import is_dtensor, select
 from curvkern.hyperparameters import CrossEntropyHyperparameters
 from curvkern.linear_ce.eager import accumulation_dtype
+from curvkern.linear_ce.variants import LinearCrossEntropyHyperparameters, refuse_missing_variants
 
 FAMILY = "linear_cross_entropy"
 _DEFAULTS = CrossEntropyHyperparameters()
@@ -70,6 +71,12 @@ def _check_arguments(
             raise TypeError(
                 f"curvkern.linear_cross_entropy: {name} is {tensor.dtype}, hidden {hidden.dtype}: expected one dtype"
             )
+    if target.is_floating_point():
+        raise NotImplementedError(
+            "curvkern.linear_cross_entropy: probability (soft) targets are not supported: they would be an (N, V) "
+            "tensor, the size of the logits this function exists not to hold. Pass int64 class indices, or use "
+            "curvkern.cross_entropy (which takes probability targets) on materialised logits"
+        )
     if target.dtype != torch.int64:
         raise RuntimeError(f"expected target dtype to be Long (class indices), got {target.dtype}")
     if target.shape != hidden.shape[:-1]:
@@ -95,19 +102,43 @@ def _check_target_range(target: torch.Tensor, num_classes: int, ignore_index: in
         raise IndexError(f"Target {target[bad][0].item()} is out of bounds.")
 
 
-def _reduction_scale(target: torch.Tensor, ignore_index: int, reduction: str, dtype: torch.dtype) -> torch.Tensor:
+def _reduction_scale(
+    target: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
+    dtype: torch.dtype,
+    class_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
     """c of the reduction as a 0-dim device tensor: 1/n over the n non-ignored rows for ``mean`` (n counted
-    exactly as an int64; n = 0 gives inf and the loss 0·inf = NaN, as PyTorch), 1 otherwise."""
+    exactly as an int64; n = 0 gives inf and the loss 0·inf = NaN, as PyTorch), 1/Σ_valid w_{y_r} with class
+    weights (F.cross_entropy's weighted mean), 1 otherwise."""
+    if reduction == "mean" and class_weight is not None:
+        valid = target != ignore_index
+        safe = torch.where(valid, target, 0).clamp(0, max(class_weight.shape[0] - 1, 0))
+        return torch.reciprocal(torch.where(valid, class_weight.to(dtype)[safe], 0.0).sum())
     if reduction == "mean":
         return torch.reciprocal((target != ignore_index).sum().to(dtype))
     return torch.ones((), dtype=dtype, device=target.device)
+
+
+def _hyperparameters(
+    device, num_classes, ignore_index, label_smoothing, reduction, z_loss, softcap, class_weight
+) -> LinearCrossEntropyHyperparameters:
+    """The checked record of the hyperparameters (ValueError naming a bad z_loss, softcap or class_weight)."""
+    _check_not_dtensor(class_weight=class_weight)
+    hyperparameters = LinearCrossEntropyHyperparameters(
+        int(ignore_index), float(label_smoothing), reduction, z_loss, softcap, class_weight
+    )
+    hyperparameters.check_class_weight(num_classes, device)
+    return hyperparameters
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, kernels, hyperparameters):
         loss_rows, lse = kernels.forward(hidden, weight, bias, target, hyperparameters)
-        scale = _reduction_scale(target, hyperparameters.ignore_index, hyperparameters.reduction, lse.dtype)
+        h = hyperparameters
+        scale = _reduction_scale(target, h.ignore_index, h.reduction, lse.dtype, h.class_weight)
         ctx.save_for_backward(hidden, weight, bias, target, lse, scale)
         ctx.config = (kernels, hyperparameters)
         if hyperparameters.reduction == "none":
@@ -166,6 +197,9 @@ def linear_cross_entropy(
     ignore_index: int = _DEFAULTS.ignore_index,
     reduction: str = _DEFAULTS.reduction,
     label_smoothing: float = _DEFAULTS.label_smoothing,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    class_weight: torch.Tensor | None = None,
     fused: str = "auto",
 ) -> torch.Tensor:
     """Cross-entropy of the logits ``hidden @ weight.T + bias`` without ever allocating them, twice differentiable.
@@ -180,6 +214,10 @@ def linear_cross_entropy(
       ``"sum"`` or ``"none"``; ``label_smoothing`` α in [0, 1] as F.cross_entropy defines it.
     - The result has hidden's dtype. Products and sums accumulate in fp64 for fp64 inputs, in fp32 for
       fp32 and bf16.
+    - Loss variants (docs/linear_cross_entropy.md, "Loss variants"; eager reference only, ``fused="eager"``):
+      ``z_loss`` λ ≥ 0 adds λ·lse(z')² per valid row; ``softcap`` c > 0 makes the loss see z' = c·tanh(z/c);
+      ``class_weight`` (V,) is ``F.cross_entropy``'s ``weight=``. Other backends (and ``"auto"``, which picks
+      them) raise NotImplementedError naming the variant; probability targets raise NotImplementedError.
 
     The forward, the backward (gradients to hidden, weight and bias) and the double backward (the exact
     Hessian-vector product, cross terms included) each sweep over tiles of at most (N_TILE, V_TILE)
@@ -206,8 +244,12 @@ def linear_cross_entropy(
     RuntimeError when attempted.
     """
     _check_arguments(hidden, weight, target, bias, reduction, ignore_index, label_smoothing)
-    _, kernels = select(FAMILY, fused, hidden.device)  # called here, so "auto"'s warning names the caller
-    hyperparameters = CrossEntropyHyperparameters(int(ignore_index), float(label_smoothing), reduction)
+    hyperparameters = _hyperparameters(
+        hidden.device, weight.shape[0], ignore_index, label_smoothing, reduction, z_loss, softcap, class_weight
+    )
+    backend, kernels = select(FAMILY, fused, hidden.device)  # called here, so "auto"'s warning names the caller
+    # A backend lacking a variant asked for raises naming both ("auto" included): no silent plain loss.
+    refuse_missing_variants(hyperparameters, backend, auto=fused == "auto")
     rows = hidden.reshape(-1, hidden.shape[-1])
     loss = _LinearCrossEntropy.apply(rows, weight, bias, target.reshape(-1), kernels, hyperparameters)
     return loss.view(target.shape) if reduction == "none" else loss
@@ -239,6 +281,9 @@ def linear_ce_ggn_vp(
     ignore_index: int = _DEFAULTS.ignore_index,
     reduction: str = _DEFAULTS.reduction,
     label_smoothing: float = _DEFAULTS.label_smoothing,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    class_weight: torch.Tensor | None = None,
     fused: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The generalised Gauss-Newton product Jᵀ H_z J v of :func:`linear_cross_entropy`'s loss, the logits never
@@ -247,7 +292,9 @@ def linear_ce_ggn_vp(
     J is the Jacobian of the logits z = hidden·weightᵀ + bias with respect to (hidden, weight, bias), H_z
     the Hessian of the loss with respect to z (block diagonal, c_r·(diag p_r − p_r p_rᵀ) per row, c_r the
     reduction's weight: 1/n for ``mean``, 1 for ``sum`` and ``none``, 0 on ignored rows; label smoothing
-    does not enter it). The tangent of the logits is Jv = d_hidden·weightᵀ + hidden·d_weightᵀ + d_bias
+    does not enter it without variants). With ``z_loss``, ``softcap`` or ``class_weight`` the loss of z
+    includes them, the cap's curvature term included (docs/linear_cross_entropy.md, "Loss variants").
+    The tangent of the logits is Jv = d_hidden·weightᵀ + hidden·d_weightᵀ + d_bias
     (an absent part is 0). Returns ``(prod_hidden, prod_weight, prod_bias)`` = ((H Jv)·weight,
     (H Jv)ᵀ·hidden, Σ_rows H Jv), of hidden's, weight's and bias's shapes, dtype and device; ``prod_bias``
     is None when ``bias`` is None.
@@ -274,11 +321,16 @@ def linear_ce_ggn_vp(
             raise ValueError(
                 f"curvkern.linear_ce_ggn_vp: {name} holds {tangent.shape[0]} tangents, d_hidden {tangents}"
             )
-    _, kernels = select(FAMILY, fused, hidden.device)
-    hyperparameters = CrossEntropyHyperparameters(int(ignore_index), float(label_smoothing), reduction)
+    hyperparameters = _hyperparameters(
+        hidden.device, weight.shape[0], ignore_index, label_smoothing, reduction, z_loss, softcap, class_weight
+    )
+    backend, kernels = select(FAMILY, fused, hidden.device)  # called here, so "auto"'s warning names the caller
+    # A backend lacking a variant asked for raises naming both ("auto" included): no silent plain loss.
+    refuse_missing_variants(hyperparameters, backend, auto=fused == "auto")
     features = hidden.shape[-1]
     flat_target = target.reshape(-1)
-    scale = _reduction_scale(flat_target, hyperparameters.ignore_index, reduction, accumulation_dtype(hidden.dtype))
+    acc = accumulation_dtype(hidden.dtype)
+    scale = _reduction_scale(flat_target, hyperparameters.ignore_index, reduction, acc, class_weight)
 
     def with_tangent_dim(tangent):
         return None if tangent is None else tangent[None]

@@ -38,6 +38,7 @@ import torch
 from curvkern._dispatch import register
 from curvkern.hyperparameters import CrossEntropyHyperparameters
 from curvkern.linear_ce.eager import accumulation_dtype
+from curvkern.linear_ce.variants import refuse_missing_variants
 
 # Tile sizes: module constants read at every call, so tests can make them small. tl.dot needs at least 16
 # in every dimension when compiled; the interpreter takes smaller tiles (the tests use 4 × 8 × 4).
@@ -636,6 +637,7 @@ class TritonLinearCrossEntropy:
         target: torch.Tensor,
         hyperparameters: CrossEntropyHyperparameters,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        refuse_missing_variants(hyperparameters, "triton")
         n, d, v, acc = _check("forward", hidden, weight, bias, target)
         loss = torch.empty(n, dtype=acc, device=hidden.device)
         lse = torch.empty_like(loss)
@@ -678,6 +680,7 @@ class TritonLinearCrossEntropy:
         grad_scale: torch.Tensor,
         hyperparameters: CrossEntropyHyperparameters,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        refuse_missing_variants(hyperparameters, "triton")
         n = hidden.shape[0] if hidden.dim() == 2 else -1
         _check("backward", hidden, weight, bias, target, [("lse", lse, [(n,)]), ("grad_scale", grad_scale, [(), (n,)])])
         products = _launch_products(
@@ -698,6 +701,7 @@ class TritonLinearCrossEntropy:
         v_bias: torch.Tensor | None,
         hyperparameters: CrossEntropyHyperparameters,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        refuse_missing_variants(hyperparameters, "triton")
         if v_bias is not None and bias is None:
             raise _fail("hvp", "v_bias was given but bias is None")
         n = hidden.shape[0] if hidden.dim() == 2 else -1
@@ -736,6 +740,7 @@ class TritonLinearCrossEntropy:
         d_bias: torch.Tensor | None,
         hyperparameters: CrossEntropyHyperparameters,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        refuse_missing_variants(hyperparameters, "triton")
         if d_bias is not None and bias is None:
             raise _fail("ggn_vp", "d_bias was given but bias is None")
         if d_hidden.dim() != 3:
