@@ -222,17 +222,30 @@ def test_shape_and_dtype_errors_like_torch(backend, device, case, no_kernel_sele
         curvkern.ce_hvp(logits, target, torch.zeros_like(logits), fused=backend)
 
 
-def test_unsupported_arguments_raise(backend, device, no_kernel_selected):
-    """What F.cross_entropy takes and curvkern does not raises; it never gives another number."""
+def test_class_probabilities_and_weights_equal_torch_or_raise(backend, device):
+    """F.cross_entropy's class probabilities and class weights: equal to PyTorch's on a backend that implements
+    them (tests/test_cross_entropy_variants.py checks the derivatives), NotImplementedError naming them and
+    the backend on one that does not; never another number."""
     logits, target, u = class_dim_problem((3, 4, 5), (3, 5), device=device)
     probabilities = torch.softmax(logits, dim=1)
-    F.cross_entropy(logits, probabilities)  # PyTorch takes class probabilities
-    with pytest.raises(NotImplementedError, match="class probabilities"):
-        curvkern.cross_entropy(logits, probabilities, fused=backend)
-    with pytest.raises(NotImplementedError, match="class probabilities"):
-        curvkern.ce_hvp(logits, probabilities, u, fused=backend)
-    with pytest.raises(NotImplementedError, match="weight"):
-        curvkern.cross_entropy(logits, target, torch.ones(4, dtype=torch.float64, device=device), fused=backend)
+    weight = torch.linspace(0.5, 2.0, 4, dtype=torch.float64, device=device)
+    kernels = ce_function.select(ce_function.FAMILY, backend, torch.device(device))[1]
+    for variant, args in (("probability targets", (probabilities,)), ("weight", (target, weight))):
+        if variant in kernels.VARIANTS:
+            torch.testing.assert_close(
+                curvkern.cross_entropy(logits, *args, fused=backend), F.cross_entropy(logits, *args), rtol=1e-12, atol=0
+            )
+            continue
+        with pytest.raises(NotImplementedError, match=f"{backend}.*{variant}"):
+            curvkern.cross_entropy(logits, *args, fused=backend)
+    if "probability targets" not in kernels.VARIANTS:
+        with pytest.raises(NotImplementedError, match=f"{backend}.*probability targets"):
+            curvkern.ce_hvp(logits, probabilities, u, fused=backend)
+
+
+def test_unsupported_arguments_raise(backend, device, no_kernel_selected):
+    """What curvkern does not take raises before any kernel; it never gives another number."""
+    logits, target, u = class_dim_problem((3, 4, 5), (3, 5), device=device)
     with pytest.raises(ValueError, match="0-dim"):
         curvkern.cross_entropy(logits[0, 0, 0], target[0, 0], fused=backend)
     if device == "cpu":  # a label valid for the last dimension (d = 5) but not for the C = 4 classes

@@ -17,8 +17,8 @@ import struct
 import torch
 
 from curvkern._dispatch import register
-from curvkern.ce.eager import accumulation_dtype, check_shard_inputs
-from curvkern.hyperparameters import CrossEntropyHyperparameters
+from curvkern.ce.eager import accumulation_dtype, check_shard_inputs, refuse_variants
+from curvkern.hyperparameters import CrossEntropyLossHyperparameters
 
 if importlib.util.find_spec("triton") is not None:
     import triton
@@ -321,8 +321,11 @@ def _row_stride(tensor: torch.Tensor) -> int:
 class TritonCrossEntropy:
     """The Triton kernels; the contract is :class:`curvkern.families.LossKernels`."""
 
+    VARIANTS: frozenset[str] = frozenset()  # the loss variants implemented (refuse_variants raises for others)
+
     @staticmethod
-    def forward(logits: torch.Tensor, target: torch.Tensor, hyperparameters: CrossEntropyHyperparameters):
+    def forward(logits: torch.Tensor, target: torch.Tensor, hyperparameters: CrossEntropyLossHyperparameters):
+        refuse_variants("triton", TritonCrossEntropy.VARIANTS, hyperparameters, target)
         ignore_index, label_smoothing = hyperparameters.ignore_index, hyperparameters.label_smoothing
         n, v = logits.shape
         loss = torch.empty(n, dtype=accumulation_dtype(logits.dtype), device=logits.device)
@@ -352,8 +355,9 @@ class TritonCrossEntropy:
         target: torch.Tensor,
         lse: torch.Tensor,
         grad_scale: torch.Tensor,
-        hyperparameters: CrossEntropyHyperparameters,
+        hyperparameters: CrossEntropyLossHyperparameters,
     ):
+        refuse_variants("triton", TritonCrossEntropy.VARIANTS, hyperparameters, target)
         ignore_index, label_smoothing = hyperparameters.ignore_index, hyperparameters.label_smoothing
         n, v = logits.shape
         grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
@@ -385,11 +389,12 @@ class TritonCrossEntropy:
         target: torch.Tensor,
         u: torch.Tensor,
         scale: torch.Tensor,
-        hyperparameters: CrossEntropyHyperparameters,
+        hyperparameters: CrossEntropyLossHyperparameters,
         shift_period: int,
         out: torch.Tensor,
         out_is_callers: bool = False,
     ):
+        refuse_variants("triton", TritonCrossEntropy.VARIANTS, hyperparameters, target)
         ignore_index, label_smoothing = hyperparameters.ignore_index, hyperparameters.label_smoothing
         n, v = logits.shape
         dot = torch.empty(n, dtype=accumulation_dtype(logits.dtype), device=logits.device)
@@ -426,7 +431,7 @@ class TritonCrossEntropy:
         u: torch.Tensor | None,
         class_offset: int,
         num_classes: int,
-        hyperparameters: CrossEntropyHyperparameters,
+        hyperparameters: CrossEntropyLossHyperparameters,
     ):
         check_shard_inputs("partial_stats", logits, target, class_offset, num_classes, {"u": u}, {})
         n, v = logits.shape
@@ -461,7 +466,7 @@ class TritonCrossEntropy:
         grad_scale: torch.Tensor,
         class_offset: int,
         num_classes: int,
-        hyperparameters: CrossEntropyHyperparameters,
+        hyperparameters: CrossEntropyLossHyperparameters,
     ):
         check_shard_inputs(
             "shard_backward", logits, target, class_offset, num_classes, {}, {"lse": lse, "grad_scale": grad_scale}
@@ -499,7 +504,7 @@ class TritonCrossEntropy:
         p_dot_u: torch.Tensor,
         scale: torch.Tensor,
         num_classes: int,
-        hyperparameters: CrossEntropyHyperparameters,
+        hyperparameters: CrossEntropyLossHyperparameters,
         out: torch.Tensor,
     ):
         check_shard_inputs(
