@@ -588,6 +588,10 @@ def compile_for_sm90(dtype: str) -> None:
             "ignore_index": "i32",
             "smoothing_hi": "fp32",
             "smoothing_lo": "fp32",
+            "z_loss_hi": "fp32",
+            "z_loss_lo": "fp32",
+            "cap_hi": "fp32",
+            "cap_lo": "fp32",
         },
     )
     kernels = [
@@ -600,7 +604,7 @@ def compile_for_sm90(dtype: str) -> None:
                 "loss_ptr": accumulator,
                 "lse_ptr": accumulator,
             },
-            {"ACC": acc, "SMOOTHING": True, "ROWS": 4, "BLOCK_V": 1024},
+            {"ACC": acc, "SMOOTHING": True, "Z_LOSS": True, "CAP": True, "ROWS": 4, "BLOCK_V": 1024},
         ),
         (
             ce_triton._backward_kernel,
@@ -613,7 +617,7 @@ def compile_for_sm90(dtype: str) -> None:
                 "scale_stride": "i64",
                 "grad_ptr": logits,
             },
-            {"ACC": acc, "ROWS": 1, "BLOCK_V": 4096},
+            {"ACC": acc, "Z_LOSS": True, "CAP": True, "ROWS": 1, "BLOCK_V": 4096},
         ),
         (
             ce_triton._hvp_kernel,
@@ -630,7 +634,7 @@ def compile_for_sm90(dtype: str) -> None:
                 "dot_ptr": accumulator,
                 "shift_period": "i64",
             },
-            {"SHIFTED": True, "ACC": acc, "SMOOTHING": True, "ROWS": 1, "BLOCK_V": 4096},
+            {"SHIFTED": True, "ACC": acc, "SMOOTHING": True, "Z_LOSS": True, "CAP": True, "ROWS": 1, "BLOCK_V": 4096},
         ),
         (
             ce_triton._stats_kernel,

@@ -342,3 +342,28 @@ def test_dtensor_arguments_on_one_rank(backend, device, one_rank_mesh):
         plain(sharded, (None, target))
     with pytest.raises(NotImplementedError, match=message):
         plain.hvp(sharded, (None, target), u)
+
+
+def test_dtensor_logits_refuse_the_loss_variants(backend, device, one_rank_mesh):
+    """The vocabulary-parallel path implements no loss variant yet: each raises naming it, never another
+    number (docs/cross_entropy.md, "Loss variants")."""
+    if device != "cpu":
+        pytest.skip("the test's process group and mesh are on CPU")
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    logits, target, u = class_dim_problem((6, 5), (6,), device=device)
+    sharded = distribute_tensor(logits, one_rank_mesh, [Shard(1)])
+    sharded_u = distribute_tensor(u, one_rank_mesh, [Shard(1)])
+    variants = {
+        "z_loss": dict(z_loss=0.1),
+        "softcap": dict(softcap=5.0),
+        "weight": dict(weight=torch.ones(5, dtype=torch.float64)),
+    }
+    for name, kwargs in variants.items():
+        with pytest.raises(NotImplementedError, match=f"{name} on DTensor logits"):
+            curvkern.cross_entropy(sharded, target, fused=backend, **kwargs)
+        with pytest.raises(NotImplementedError, match=f"{name} on DTensor logits"):
+            curvkern.ce_hvp(sharded, target, sharded_u, fused=backend, **kwargs)
+    probabilities = torch.softmax(logits, dim=1)
+    with pytest.raises(NotImplementedError, match="probability targets on DTensor logits"):
+        curvkern.cross_entropy(sharded, probabilities, fused=backend)

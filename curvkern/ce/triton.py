@@ -30,6 +30,19 @@ if importlib.util.find_spec("triton") is not None:
         return tl.cast(hi, ACC) + tl.cast(lo, ACC)
 
     @triton.jit
+    def _tanh(y):
+        """tanh with its relative accuracy near 0 (Triton's interpreter has no libdevice): an odd series below
+        |y| = 0.04 (the first omitted term is under 2^-53 of tanh there), (1 − e^{−2|y|}) / (1 + e^{−2|y|})
+        above, whose cancellation costs at most about 1.5e-15 relative in fp64 (7e-7 in fp32) at 0.04."""
+        a = tl.abs(y)
+        e = tl.exp(-2.0 * a)
+        big = (1.0 - e) / (1.0 + e)
+        y2 = a * a
+        small = a * (1.0 + y2 * (-1.0 / 3.0 + y2 * (2.0 / 15.0 + y2 * (-17.0 / 315.0 + y2 * (62.0 / 2835.0)))))
+        t = tl.where(a < 0.04, small, big)
+        return tl.where(y < 0.0, -t, t)
+
+    @triton.jit
     def _program_rows(target_ptr, N, V, ignore_index, shift_period, ROWS: tl.constexpr, SHIFTED: tl.constexpr):
         """This program's ROWS rows: their indices, which exist, their labels, which are live (not ignored)
         and whose label is in [0, V). Row r's label is target[r], or (SHIFTED) target[r + 1] with the last
@@ -57,10 +70,13 @@ if importlib.util.find_spec("triton") is not None:
         SUMS: tl.constexpr,
         ROWS: tl.constexpr,
         BLOCK_V: tl.constexpr,
+        cap=1.0,
+        CAP: tl.constexpr = False,
     ):
         """Sweep 1: online max, Σ e^{z−max}, ⟨e^{z−max}, u⟩, Σz, Σu over [ROWS, V] rows, tile by tile.
 
-        ``z_ptrs``/``u_ptrs`` point at column 0 of each row; ``live`` masks the rows to read at all."""
+        ``z_ptrs``/``u_ptrs`` point at column 0 of each row; ``live`` masks the rows to read at all. CAP: the
+        logits are capped, z = cap·tanh(x/cap), and u is replaced by J⊙u with J = 1 − tanh²."""
         cols = tl.arange(0, BLOCK_V)
         running_max = tl.full([ROWS], float("-inf"), ACC)
         sum_exp = tl.zeros([ROWS], ACC)
@@ -70,6 +86,9 @@ if importlib.util.find_spec("triton") is not None:
         for start in range(0, V, BLOCK_V):
             mask = live[:, None] & (start + cols < V)[None, :]
             z = tl.load(z_ptrs[:, None] + (start + cols)[None, :], mask=mask, other=float("-inf")).to(ACC)
+            if CAP:
+                t = _tanh(z / cap)
+                z = tl.where(mask, cap * t, float("-inf"))
             new_max = tl.maximum(running_max, tl.max(z, axis=1))
             # While a row has seen only -inf, shift by 0: e^{-inf} = 0 and a NaN still propagates.
             shift = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -78,6 +97,8 @@ if importlib.util.find_spec("triton") is not None:
             sum_exp = sum_exp * rescale + tl.sum(e, axis=1)
             if WITH_U:
                 u = tl.load(u_ptrs[:, None] + (start + cols)[None, :], mask=mask, other=0.0).to(ACC)
+                if CAP:
+                    u = u * (1.0 - t * t)
                 sum_exp_u = sum_exp_u * rescale + tl.sum(e * u, axis=1)
                 if SUMS:
                     sum_u += tl.sum(u, axis=1)
@@ -98,20 +119,33 @@ if importlib.util.find_spec("triton") is not None:
         ignore_index,
         smoothing_hi,
         smoothing_lo,
+        z_loss_hi,
+        z_loss_lo,
+        cap_hi,
+        cap_lo,
         ACC: tl.constexpr,
         SMOOTHING: tl.constexpr,
+        Z_LOSS: tl.constexpr,
+        CAP: tl.constexpr,
         ROWS: tl.constexpr,
         BLOCK_V: tl.constexpr,
     ):
         label_smoothing = _exact_scalar(smoothing_hi, smoothing_lo, ACC)
+        cap = _exact_scalar(cap_hi, cap_lo, ACC)
         rows, row_mask, label, live, in_range = _program_rows(target_ptr, N, V, ignore_index, 0, ROWS, False)
         z_ptrs = logits_ptr + rows * row_stride
-        running_max, sum_exp, _, sum_z, _ = _row_stats(z_ptrs, z_ptrs, live, V, ACC, False, SMOOTHING, ROWS, BLOCK_V)
+        running_max, sum_exp, _, sum_z, _ = _row_stats(
+            z_ptrs, z_ptrs, live, V, ACC, False, SMOOTHING, ROWS, BLOCK_V, cap, CAP
+        )
         lse = running_max + tl.log(sum_exp)
         z_label = tl.load(z_ptrs + label, mask=live & in_range, other=0.0).to(ACC)
+        if CAP:
+            z_label = cap * _tanh(z_label / cap)
         loss = lse - (1.0 - label_smoothing) * z_label
         if SMOOTHING:
             loss -= label_smoothing / V * sum_z
+        if Z_LOSS:
+            loss += _exact_scalar(z_loss_hi, z_loss_lo, ACC) * lse * lse
         loss = tl.where(in_range, loss, float("nan"))  # a bad label is never a silent number
         tl.store(loss_ptr + rows, tl.where(live, loss, 0.0), mask=row_mask)
         tl.store(lse_ptr + rows, tl.where(live, lse, 0.0), mask=row_mask)
@@ -132,17 +166,25 @@ if importlib.util.find_spec("triton") is not None:
         ignore_index,
         smoothing_hi,
         smoothing_lo,
+        z_loss_hi,
+        z_loss_lo,
+        cap_hi,
+        cap_lo,
         ACC: tl.constexpr,
+        Z_LOSS: tl.constexpr,
+        CAP: tl.constexpr,
         ROWS: tl.constexpr,
         BLOCK_V: tl.constexpr,
     ):
         """The gradient over V columns starting at ``class_offset`` of ``num_classes`` (a vocabulary shard;
-        0 and V for whole rows)."""
+        0 and V for whole rows). Z_LOSS: scale·(a·p − q) with a = 1 + 2λ·lse."""
         label_smoothing = _exact_scalar(smoothing_hi, smoothing_lo, ACC)
         rows, row_mask, label, live, in_range = _program_rows(target_ptr, N, num_classes, ignore_index, 0, ROWS, False)
         lse = tl.load(lse_ptr + rows, mask=live, other=0.0)
         scale = tl.load(scale_ptr + rows * scale_stride, mask=live, other=0.0)
         scale = tl.where(live, tl.where(in_range, scale, float("nan")), 0.0)
+        if Z_LOSS:
+            a = 1.0 + 2.0 * _exact_scalar(z_loss_hi, z_loss_lo, ACC) * lse
         cols = tl.arange(0, BLOCK_V)
         for start in range(0, V, BLOCK_V):
             col = start + cols
@@ -151,7 +193,16 @@ if importlib.util.find_spec("triton") is not None:
                 logits_ptr + rows[:, None] * row_stride + col[None, :], mask=mask & live[:, None], other=0.0
             ).to(ACC)
             target_part = tl.where((col + class_offset)[None, :] == label[:, None], 1.0 - label_smoothing, 0.0)
-            grad = scale[:, None] * (tl.exp(z - lse[:, None]) - label_smoothing / num_classes - target_part)
+            if CAP:
+                cap = _exact_scalar(cap_hi, cap_lo, ACC)
+                t = _tanh(z / cap)
+                z = cap * t
+            p = tl.exp(z - lse[:, None])
+            if Z_LOSS:
+                p = a[:, None] * p
+            grad = scale[:, None] * (p - label_smoothing / num_classes - target_part)
+            if CAP:
+                grad = grad * (1.0 - t * t)
             grad = tl.where(live[:, None], grad, 0.0)
             tl.store(grad_ptr + rows[:, None] * V + col[None, :], grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
@@ -172,10 +223,16 @@ if importlib.util.find_spec("triton") is not None:
         ignore_index,
         smoothing_hi,
         smoothing_lo,
+        z_loss_hi,
+        z_loss_lo,
+        cap_hi,
+        cap_lo,
         shift_period,
         SHIFTED: tl.constexpr,
         ACC: tl.constexpr,
         SMOOTHING: tl.constexpr,
+        Z_LOSS: tl.constexpr,
+        CAP: tl.constexpr,
         ROWS: tl.constexpr,
         BLOCK_V: tl.constexpr,
     ):
@@ -185,12 +242,21 @@ if importlib.util.find_spec("triton") is not None:
         )
         z_ptrs = logits_ptr + rows * row_stride
         u_ptrs = u_ptr + rows * u_row_stride
+        cap = _exact_scalar(cap_hi, cap_lo, ACC)
         running_max, sum_exp, sum_exp_u, _, sum_u = _row_stats(
-            z_ptrs, u_ptrs, live, V, ACC, True, SMOOTHING, ROWS, BLOCK_V
+            z_ptrs, u_ptrs, live, V, ACC, True, SMOOTHING, ROWS, BLOCK_V, cap, CAP
         )
-        p_dot_u = sum_exp_u / sum_exp
+        p_dot_u = sum_exp_u / sum_exp  # ⟨p, J⊙u⟩ with a cap
         scale = tl.load(scale_ptr + rows * scale_stride, mask=live, other=0.0).to(ACC)
         weight = tl.where(live, tl.where(in_range, scale / sum_exp, float("nan")), 0.0)
+        # The z-loss: H = a·(diag p − p pᵀ) + 2λ·p pᵀ with a = 1 + 2λ·lse, so H u = p ⊙ (a·u − (a − 2λ)·⟨p, u⟩).
+        a = tl.full([ROWS], 1.0, ACC)
+        shift = p_dot_u
+        two_lambda = 0.0
+        if Z_LOSS:
+            two_lambda = 2.0 * _exact_scalar(z_loss_hi, z_loss_lo, ACC)
+            a = 1.0 + two_lambda * (running_max + tl.log(sum_exp))
+            shift = (a - two_lambda) * p_dot_u
         cols = tl.arange(0, BLOCK_V)
         # Sweep 2: recompute p tile by tile and write; ignored rows load nothing and store zeros.
         for start in range(0, V, BLOCK_V):
@@ -199,13 +265,28 @@ if importlib.util.find_spec("triton") is not None:
             read = mask & live[:, None]
             z = tl.load(z_ptrs[:, None] + col[None, :], mask=read, other=0.0).to(ACC)
             u = tl.load(u_ptrs[:, None] + col[None, :], mask=read, other=0.0).to(ACC)
-            hvp = weight[:, None] * tl.exp(z - running_max[:, None]) * (u - p_dot_u[:, None])
+            if CAP:
+                # J⊙H_z(J⊙u) + g⊙z''⊙u with t = tanh(x/c), J = 1 − t², z'' = −(2/c)·t·J, g = a·p − q.
+                t = _tanh(z / cap)
+                jacobian = 1.0 - t * t
+                p = weight[:, None] * tl.exp(cap * t - running_max[:, None])
+                h = a[:, None] * p * (jacobian * u - p_dot_u[:, None]) + two_lambda * p * p_dot_u[:, None]
+                target_part = tl.where(col[None, :] == label[:, None], 1.0 - label_smoothing, 0.0)
+                g = a[:, None] * p - (label_smoothing / V + target_part) * tl.where(live, scale, 0.0)[:, None]
+                hvp = jacobian * h + g * (-2.0 / cap) * t * jacobian * u
+            else:
+                if Z_LOSS:
+                    u = a[:, None] * u
+                hvp = weight[:, None] * tl.exp(z - running_max[:, None]) * (u - shift[:, None])
             hvp = tl.where(live[:, None], hvp, 0.0)
             tl.store(
                 out_ptr + rows[:, None] * out_row_stride + col[None, :], hvp.to(out_ptr.dtype.element_ty), mask=mask
             )
         u_label = tl.load(u_ptrs + label, mask=live & in_range, other=0.0).to(ACC)
-        dot = p_dot_u - (1.0 - label_smoothing) * u_label
+        if CAP:
+            t_label = _tanh(tl.load(z_ptrs + label, mask=live & in_range, other=0.0).to(ACC) / cap)
+            u_label = u_label * (1.0 - t_label * t_label)
+        dot = a * p_dot_u - (1.0 - label_smoothing) * u_label
         if SMOOTHING:
             dot -= label_smoothing / V * sum_u
         dot = tl.where(in_range, dot, float("nan"))
@@ -313,6 +394,11 @@ def _accumulator(dtype: torch.dtype):
     return tl.float64 if accumulation_dtype(dtype) == torch.float64 else tl.float32
 
 
+def _cap(hyperparameters: CrossEntropyLossHyperparameters) -> float:
+    """The soft cap c, 1 (unused) without one."""
+    return 1.0 if hyperparameters.softcap is None else hyperparameters.softcap
+
+
 def _row_stride(tensor: torch.Tensor) -> int:
     return tensor.stride(0) if tensor.shape[0] > 1 else tensor.shape[1]
 
@@ -321,7 +407,7 @@ def _row_stride(tensor: torch.Tensor) -> int:
 class TritonCrossEntropy:
     """The Triton kernels; the contract is :class:`curvkern.families.LossKernels`."""
 
-    VARIANTS: frozenset[str] = frozenset()  # the loss variants implemented (refuse_variants raises for others)
+    VARIANTS: frozenset[str] = frozenset({"z_loss", "softcap"})  # refuse_variants raises for the others
 
     @staticmethod
     def forward(logits: torch.Tensor, target: torch.Tensor, hyperparameters: CrossEntropyLossHyperparameters):
@@ -342,8 +428,12 @@ class TritonCrossEntropy:
                 v,
                 ignore_index,
                 *_split(label_smoothing),
+                *_split(hyperparameters.z_loss),
+                *_split(_cap(hyperparameters)),
                 ACC=_accumulator(logits.dtype),
                 SMOOTHING=label_smoothing != 0,
+                Z_LOSS=hyperparameters.z_loss != 0,
+                CAP=hyperparameters.softcap is not None,
                 ROWS=rows,
                 BLOCK_V=block_v,
             )
@@ -377,7 +467,11 @@ class TritonCrossEntropy:
                 v,
                 ignore_index,
                 *_split(label_smoothing),
+                *_split(hyperparameters.z_loss),
+                *_split(_cap(hyperparameters)),
                 ACC=_accumulator(logits.dtype),
+                Z_LOSS=hyperparameters.z_loss != 0,
+                CAP=hyperparameters.softcap is not None,
                 ROWS=rows,
                 BLOCK_V=block_v,
             )
@@ -415,10 +509,14 @@ class TritonCrossEntropy:
                 v,
                 ignore_index,
                 *_split(label_smoothing),
+                *_split(hyperparameters.z_loss),
+                *_split(_cap(hyperparameters)),
                 shift_period,
                 SHIFTED=shift_period != 0,
                 ACC=_accumulator(logits.dtype),
                 SMOOTHING=label_smoothing != 0,
+                Z_LOSS=hyperparameters.z_loss != 0,
+                CAP=hyperparameters.softcap is not None,
                 ROWS=rows,
                 BLOCK_V=block_v,
             )
@@ -489,7 +587,13 @@ class TritonCrossEntropy:
                 num_classes,
                 hyperparameters.ignore_index,
                 *_split(hyperparameters.label_smoothing),
+                0.0,
+                0.0,
+                1.0,
+                0.0,
                 ACC=_accumulator(logits.dtype),
+                Z_LOSS=False,
+                CAP=False,
                 ROWS=rows,
                 BLOCK_V=block_v,
             )
