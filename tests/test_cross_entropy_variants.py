@@ -11,6 +11,8 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from test_cross_entropy import CE_OPS
+from tolerance import TRANSCENDENTAL_OPS, assert_relative_error, truth_bound, unit_roundoff
 
 import curvkern
 from curvkern.families import get_family
@@ -208,3 +210,32 @@ def test_argument_errors(backend, device):
         curvkern.cross_entropy(logits, soft.float(), fused=backend)
     with pytest.raises(RuntimeError, match="label_smoothing"):
         curvkern.ce_hvp(logits, target, u, label_smoothing=2.0, fused=backend)
+
+
+# Rounded operations per element beyond the plain cross-entropy's (tests/test_cross_entropy.py, CE_OPS): the
+# cap's tanh (transcendental), x/c, c·t, J = 1 − t² (2), z'' = −(2/c)·t·J (3) and the chain rule's J⊙(·),
+# g⊙z''⊙u and their sum (3); the z-loss's a = 1 + 2λ·lse (3), a·u, (a − 2λ)·⟨p, u⟩ (2) and λ·lse² (2).
+VARIANT_OPS = TRANSCENDENTAL_OPS + 11 + 7
+
+
+@pytest.mark.fused_vs_eager
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("combination", [("z_loss",), ("softcap",), ("z_loss", "softcap")], ids="+".join)
+def test_low_precision_against_fp64_ground_truth(backend, device, combination, dtype):
+    """Kind (b) of tests/tolerance.py: each result's ‖a − b‖/‖b‖ against fp64 on the same (rounded) inputs."""
+    if not implements(backend, combination):
+        pytest.skip(f"{backend} does not implement {combination}")
+    n, v = 16, 300
+    logits64, target, u64, kwargs = problem(device, combination, n=n, c=v, d=1, ignored=((3, 0), (9, 0)))
+    logits, u, target = logits64[..., 0].to(dtype), u64[..., 0].to(dtype), target[..., 0]
+    kwargs |= dict(label_smoothing=0.1)
+    truth = loss_grad_hvp(torch_loss, logits.double(), target, u.double(), **kwargs)
+    actual = loss_grad_hvp(ours(backend), logits, target, u, **kwargs)
+    bound = truth_bound(dtype, ops=CE_OPS + VARIANT_OPS, reduction_length=v)
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        bound += unit_roundoff(dtype)  # Triton's interpreter truncates fp32 -> bf16: a whole ulp, not half
+    for name, ours_result, truth_result in zip(["loss", "grad", "hvp", "grad_grad_loss"], actual, truth, strict=True):
+        assert ours_result.dtype == dtype, name
+        assert_relative_error(ours_result, truth_result, bound, label=name)
+    standalone = curvkern.ce_hvp(logits, target, u, fused=backend, **kwargs)
+    assert_relative_error(standalone, _torch_hvp(logits.double(), target, u.double(), **kwargs), bound, label="ce_hvp")
