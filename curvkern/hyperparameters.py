@@ -290,9 +290,11 @@ class CrossEntropyLossHyperparameters(CrossEntropyHyperparameters):
 
 
 def loss_variants(h: CrossEntropyHyperparameters, soft_targets: bool = False) -> tuple[str, ...]:
-    """The names of the loss variants a call uses: ``z_loss``, ``softcap``, ``weight`` and ``probability
-    targets`` (a floating ``target`` shaped like the logits); a backend that lacks one raises naming it."""
+    """The names of the loss variants a call uses: ``z_loss``, ``softcap``, ``weight`` (and ``weight with label
+    smoothing`` when both are given) and ``probability targets`` (a floating ``target`` shaped like the
+    logits); a backend that lacks one raises naming it."""
     names = ("z_loss",) if h.z_loss else ()
     names += ("softcap",) if h.softcap is not None else ()
     names += ("weight",) if h.weight is not None else ()
+    names += ("weight with label smoothing",) if h.weight is not None and h.label_smoothing else ()
     return names + (("probability targets",) if soft_targets else ())

@@ -213,8 +213,16 @@ struct Problem {
   int64_t rows, classes, ignore_index, shift_period;
   at::opmath_type<T> label_smoothing;
   int64_t class_offset, total_classes;
-  at::opmath_type<T> z_loss = 0;   // λ: λ·lse² per row (0: none)
-  at::opmath_type<T> softcap = 0;  // c: logits capped to c·tanh(x/c) (0: none)
+  at::opmath_type<T> z_loss = 0;    // λ: λ·lse² per row (0: none)
+  at::opmath_type<T> softcap = 0;   // c: logits capped to c·tanh(x/c) (0: none)
+  const T* class_weight = nullptr;  // (classes,) class weights w (nullptr: none; only without label smoothing)
+
+  // w_y, the row's class weight (1 without weights); y in range.
+  CURVKERN_INLINE at::opmath_type<T> weight_of(int64_t y) const {
+    return class_weight == nullptr ? at::opmath_type<T>(1) : at::opmath_type<T>(load(class_weight, y));
+  }
+  // Whether a variant leaves the plain loops: a z-loss, a cap or class weights.
+  CURVKERN_INLINE bool variants() const { return z_loss != 0 || softcap != 0 || class_weight != nullptr; }
 
   // The label of row r, or ignore_index: target[r], or target[r + 1] under the causal shift (the last
   // time step of each sequence has none).
@@ -305,16 +313,19 @@ CURVKERN_INLINE void forward_row(const ForwardArgs<T>& args, int64_t r) {
   const A z_y = p.softcap != A(0) ? p.softcap * signed_tanh(load(z, y) / p.softcap) : load(z, y);
   A row_loss = row_lse - (A(1) - p.label_smoothing) * z_y;
   if (smoothing) row_loss -= p.label_smoothing / A(p.classes) * stats.sum_z;
+  if (p.class_weight != nullptr) row_loss *= p.weight_of(y);  // w_y·(lse − z_y): no smoothing with weights
   if (p.z_loss != A(0)) row_loss += p.z_loss * row_lse * row_lse;
   args.loss[r] = row_loss;
 }
 
-// The backward with a z-loss or a soft cap: scale·J⊙(a·p − q) with a = 1 + 2λ·lse and p = e^{z − lse} of the
-// capped logits z = c·tanh(x/c), J = 1 − tanh² (J = 1, z = x without a cap).
+// The backward with a z-loss, a soft cap or class weights: scale·J⊙(a·p − q̃) with a = w_y + 2λ·lse, q̃ the
+// target times w_y, and p = e^{z − lse} of the capped logits z = c·tanh(x/c), J = 1 − tanh² (J = 1, z = x
+// without a cap).
 template <typename T, typename A>
 CURVKERN_INLINE void backward_row_variants(const Problem<T>& p, const T* z, T* out, int64_t y, A scale, A row_lse,
                                            A uniform) {
-  const A a = A(1) + A(2) * p.z_loss * row_lse;
+  const A label_weight = p.in_range(y) ? p.weight_of(y) : A(1);
+  const A a = label_weight + A(2) * p.z_loss * row_lse;
   const A cap = p.softcap;
   if (cap != A(0)) {
     const A inverse_cap = A(1) / cap;
@@ -332,7 +343,7 @@ CURVKERN_INLINE void backward_row_variants(const Problem<T>& p, const T* z, T* o
   const A t = cap != A(0) ? signed_tanh(load(z, j) / cap) : A(0);
   const A x = cap != A(0) ? cap * t : A(load(z, j));
   const A jacobian = cap != A(0) ? A(1) - t * t : A(1);
-  store(out, j, scale * jacobian * (a * vec::exp(x - row_lse) - uniform - (A(1) - p.label_smoothing)));
+  store(out, j, scale * jacobian * (a * vec::exp(x - row_lse) - uniform - (A(1) - p.label_smoothing) * label_weight));
 }
 
 template <typename T>
@@ -353,7 +364,7 @@ CURVKERN_INLINE void backward_row(const BackwardArgs<T>& args, int64_t r) {
   const A scale = args.grad_scale[r * args.grad_scale_stride];
   const A row_lse = args.lse[r];
   const A uniform = p.label_smoothing / A(p.total_classes);
-  if (p.softcap != A(0) || p.z_loss != A(0)) {
+  if (p.variants()) {
     backward_row_variants(p, z, out, y, scale, row_lse, uniform);
     return;
   }
@@ -516,8 +527,10 @@ CURVKERN_INLINE void hvp_row(const HvpArgs<T>& args, int64_t r, at::opmath_type<
   const A p_dot_u = stats.sum_exp_u * inverse_sum;
   const A scale = args.scale[r * args.scale_stride];
   // The z-loss: the row's gradient is a·p − q with a = 1 + 2λ·lse, its Hessian a·(diag p − p pᵀ) + 2λ·p pᵀ.
+  // Class weights: the row's loss is w_y times the plain one (no smoothing with weights), so a = w_y + 2λ·lse.
   const A two_lambda = A(2) * p.z_loss;
-  const A a = p.z_loss != A(0) ? A(1) + two_lambda * (stats.max + std::log(stats.sum_exp)) : A(1);
+  const A label_weight = p.weight_of(y);
+  const A a = p.z_loss != A(0) ? label_weight + two_lambda * (stats.max + std::log(stats.sum_exp)) : label_weight;
   A u_y = load(u_row, y);
   if (p.softcap != A(0)) {
     const A uniform = p.label_smoothing / A(p.classes);
@@ -529,13 +542,14 @@ CURVKERN_INLINE void hvp_row(const HvpArgs<T>& args, int64_t r, at::opmath_type<
     const A second = A(-2) / p.softcap * t * jacobian;
     const A p_y = inverse_sum * vec::exp(shifts[y / kBlock] - stats.max) * exps[y];
     const A h = a * p_y * (jacobian * u_y - p_dot_u) + two_lambda * p_y * p_dot_u;
-    store(out_row, y, scale * (jacobian * h + (a * p_y - uniform - (A(1) - p.label_smoothing)) * second * u_y));
+    const A g_y = a * p_y - uniform - (A(1) - p.label_smoothing) * label_weight;
+    store(out_row, y, scale * (jacobian * h + g_y * second * u_y));
     u_y *= jacobian;
   } else {
-    const A shift = p.z_loss != A(0) ? (a - two_lambda) * p_dot_u : p_dot_u;
+    const A shift = p.variants() ? (a - two_lambda) * p_dot_u : p_dot_u;
     hvp_sweep(out_row, u_row, exps, shifts, p.classes, stats.max, scale * inverse_sum, a, shift, args.stream_output);
   }
-  A row_dot = a * p_dot_u - (A(1) - p.label_smoothing) * u_y;
+  A row_dot = a * p_dot_u - (A(1) - p.label_smoothing) * label_weight * u_y;
   if (smoothing) row_dot -= p.label_smoothing / A(p.classes) * stats.sum_u;
   args.dot[r] = row_dot;
 }
@@ -657,7 +671,17 @@ int64_t check_scale(const char* op, const char* name, const at::Tensor& scale, c
 
 // The variants' scalars: z_loss >= 0 and softcap >= 0 (0: no cap), set on the problem.
 template <typename T>
-void set_variants(const char* op, Problem<T>& problem, double z_loss, double softcap) {
+void set_variants(const char* op, Problem<T>& problem, double z_loss, double softcap,
+                  const std::optional<at::Tensor>& weight, const at::Tensor& logits) {
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->device().is_cpu() && weight->scalar_type() == logits.scalar_type() && weight->dim() == 1 &&
+                    weight->size(0) == logits.size(1) && weight->is_contiguous(),
+                op, ": weight must be a contiguous (", logits.size(1), ",) ", logits.scalar_type(), " CPU tensor, got ",
+                weight->scalar_type(), " of shape ", weight->sizes());
+    TORCH_CHECK(problem.label_smoothing == 0, op,
+                ": class weights with label smoothing are not implemented by the C++ kernels");
+    problem.class_weight = weight->const_data_ptr<T>();
+  }
   TORCH_CHECK(std::isfinite(z_loss) && z_loss >= 0.0, op, ": z_loss must be finite and >= 0, got ", z_loss);
   TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, op, ": softcap must be finite and > 0 (0: no cap), got ",
               softcap);
@@ -667,7 +691,7 @@ void set_variants(const char* op, Problem<T>& problem, double z_loss, double sof
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logits, const at::Tensor& target,
                                                          int64_t ignore_index, double label_smoothing, double z_loss,
-                                                         double softcap) {
+                                                         double softcap, const std::optional<at::Tensor>& weight) {
   const char* op = "curvkern::cross_entropy_forward";
   auto options = logits.options().dtype(opmath_dtype(logits.scalar_type()));
   at::Tensor loss = at::empty({logits.size(0)}, options), lse = at::empty({logits.size(0)}, options);
@@ -675,7 +699,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logit
     using T = typename decltype(tag)::type;
     using A = at::opmath_type<T>;
     Problem<T> problem = make_problem<T>(op, logits, target, ignore_index, label_smoothing, 0);
-    set_variants(op, problem, z_loss, softcap);
+    set_variants(op, problem, z_loss, softcap, weight, logits);
     run_forward(ForwardArgs<T>{problem, loss.data_ptr<A>(), lse.data_ptr<A>()});
   });
   return {loss, lse};
@@ -683,7 +707,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logit
 
 at::Tensor cross_entropy_backward(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& lse,
                                   const at::Tensor& grad_scale, int64_t ignore_index, double label_smoothing,
-                                  double z_loss, double softcap) {
+                                  double z_loss, double softcap, const std::optional<at::Tensor>& weight) {
   const char* op = "curvkern::cross_entropy_backward";
   at::Tensor grad = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
   prefer_huge_pages(grad);
@@ -691,7 +715,7 @@ at::Tensor cross_entropy_backward(const at::Tensor& logits, const at::Tensor& ta
     using T = typename decltype(tag)::type;
     using A = at::opmath_type<T>;
     Problem<T> problem = make_problem<T>(op, logits, target, ignore_index, label_smoothing, 0);
-    set_variants(op, problem, z_loss, softcap);
+    set_variants(op, problem, z_loss, softcap, weight, logits);
     check_row_statistic(op, "lse", lse, logits);
     const int64_t scale_stride = check_scale(op, "grad_scale", grad_scale, logits);
     run_backward(BackwardArgs<T>{problem, lse.const_data_ptr<A>(), grad_scale.const_data_ptr<A>(), scale_stride,
@@ -702,14 +726,15 @@ at::Tensor cross_entropy_backward(const at::Tensor& logits, const at::Tensor& ta
 
 at::Tensor cross_entropy_hvp_(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& u,
                               const at::Tensor& scale, int64_t ignore_index, double label_smoothing,
-                              int64_t shift_period, bool stream_out, at::Tensor& out, double z_loss, double softcap) {
+                              int64_t shift_period, bool stream_out, at::Tensor& out, double z_loss, double softcap,
+                              const std::optional<at::Tensor>& weight) {
   const char* op = "curvkern::cross_entropy_hvp_";
   at::Tensor dot = at::empty({logits.size(0)}, logits.options().dtype(opmath_dtype(logits.scalar_type())));
   with_dtype(logits.scalar_type(), op, "logits", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = at::opmath_type<T>;
     Problem<T> problem = make_problem<T>(op, logits, target, ignore_index, label_smoothing, shift_period);
-    set_variants(op, problem, z_loss, softcap);
+    set_variants(op, problem, z_loss, softcap, weight, logits);
     check_rows(op, "u", u, logits);
     check_rows(op, "out", out, logits);
     prefer_huge_pages(out);

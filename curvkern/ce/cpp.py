@@ -13,12 +13,14 @@ from curvkern.hyperparameters import CrossEntropyLossHyperparameters
 if cpp_unavailable_reason() is None:
 
     @torch.library.register_fake("curvkern::cross_entropy_forward")
-    def _forward_fake(logits, target, ignore_index, label_smoothing, z_loss=0.0, softcap=0.0):
+    def _forward_fake(logits, target, ignore_index, label_smoothing, z_loss=0.0, softcap=0.0, weight=None):
         row = logits.new_empty(logits.shape[0], dtype=accumulation_dtype(logits.dtype))
         return row, torch.empty_like(row)
 
     @torch.library.register_fake("curvkern::cross_entropy_backward")
-    def _backward_fake(logits, target, lse, grad_scale, ignore_index, label_smoothing, z_loss=0.0, softcap=0.0):
+    def _backward_fake(
+        logits, target, lse, grad_scale, ignore_index, label_smoothing, z_loss=0.0, softcap=0.0, weight=None
+    ):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("curvkern::cross_entropy_hvp_")
@@ -34,6 +36,7 @@ if cpp_unavailable_reason() is None:
         out,
         z_loss=0.0,
         softcap=0.0,
+        weight=None,
     ):
         torch._check(u.shape == logits.shape and out.shape == logits.shape, lambda: "u and out must match the logits")
         return logits.new_empty(logits.shape[0], dtype=accumulation_dtype(logits.dtype))
@@ -51,16 +54,16 @@ if cpp_unavailable_reason() is None:
         torch._check(u.shape == logits.shape and out.shape == logits.shape, lambda: "u and out must match the logits")
 
 
-def _variants(h: CrossEntropyLossHyperparameters) -> dict[str, float]:
+def _variants(h: CrossEntropyLossHyperparameters) -> dict:
     """The ops' keyword arguments for the loss variants: softcap 0 means no cap."""
-    return {"z_loss": h.z_loss, "softcap": 0.0 if h.softcap is None else h.softcap}
+    return {"z_loss": h.z_loss, "softcap": 0.0 if h.softcap is None else h.softcap, "weight": h.weight}
 
 
 @register("cross_entropy", "cpp")
 class CppCrossEntropy:
     """The C++ kernels; the contract is :class:`curvkern.families.LossKernels`."""
 
-    VARIANTS: frozenset[str] = frozenset({"z_loss", "softcap"})  # refuse_variants raises for the others
+    VARIANTS: frozenset[str] = frozenset({"z_loss", "softcap", "weight"})  # refuse_variants raises for the others
 
     @staticmethod
     def forward(logits: torch.Tensor, target: torch.Tensor, hyperparameters: CrossEntropyLossHyperparameters):

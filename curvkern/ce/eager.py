@@ -213,7 +213,7 @@ class EagerCrossEntropy:
     (:func:`~curvkern.hyperparameters.loss_variants`) is implemented, through the general formulas of
     docs/cross_entropy.md ("Loss variants"); the default case keeps the plain formulas."""
 
-    VARIANTS = frozenset({"z_loss", "softcap", "weight", "probability targets"})
+    VARIANTS = frozenset({"z_loss", "softcap", "weight", "weight with label smoothing", "probability targets"})
 
     @staticmethod
     def forward(logits: torch.Tensor, target: torch.Tensor, hyperparameters: CrossEntropyLossHyperparameters):
