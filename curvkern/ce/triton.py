@@ -43,6 +43,13 @@ if importlib.util.find_spec("triton") is not None:
         return tl.where(y < 0.0, -t, t)
 
     @triton.jit
+    def _label_weight(weight_ptr, label, live, in_range, ACC: tl.constexpr, ROWS: tl.constexpr, WEIGHTED: tl.constexpr):
+        """w_y per row, the class weight of its label (1 without weights; only without label smoothing)."""
+        if WEIGHTED:
+            return tl.load(weight_ptr + label, mask=live & in_range, other=1.0).to(ACC)
+        return tl.full([ROWS], 1.0, ACC)
+
+    @triton.jit
     def _program_rows(target_ptr, N, V, ignore_index, shift_period, ROWS: tl.constexpr, SHIFTED: tl.constexpr):
         """This program's ROWS rows: their indices, which exist, their labels, which are live (not ignored)
         and whose label is in [0, V). Row r's label is target[r], or (SHIFTED) target[r + 1] with the last
@@ -112,6 +119,7 @@ if importlib.util.find_spec("triton") is not None:
         logits_ptr,
         row_stride,
         target_ptr,
+        weight_ptr,
         loss_ptr,
         lse_ptr,
         N,
@@ -127,6 +135,7 @@ if importlib.util.find_spec("triton") is not None:
         SMOOTHING: tl.constexpr,
         Z_LOSS: tl.constexpr,
         CAP: tl.constexpr,
+        WEIGHTED: tl.constexpr,
         ROWS: tl.constexpr,
         BLOCK_V: tl.constexpr,
     ):
@@ -144,6 +153,8 @@ if importlib.util.find_spec("triton") is not None:
         loss = lse - (1.0 - label_smoothing) * z_label
         if SMOOTHING:
             loss -= label_smoothing / V * sum_z
+        if WEIGHTED:
+            loss = loss * _label_weight(weight_ptr, label, live, in_range, ACC, ROWS, WEIGHTED)
         if Z_LOSS:
             loss += _exact_scalar(z_loss_hi, z_loss_lo, ACC) * lse * lse
         loss = tl.where(in_range, loss, float("nan"))  # a bad label is never a silent number
@@ -155,6 +166,7 @@ if importlib.util.find_spec("triton") is not None:
         logits_ptr,
         row_stride,
         target_ptr,
+        weight_ptr,
         lse_ptr,
         scale_ptr,
         scale_stride,
@@ -173,6 +185,7 @@ if importlib.util.find_spec("triton") is not None:
         ACC: tl.constexpr,
         Z_LOSS: tl.constexpr,
         CAP: tl.constexpr,
+        WEIGHTED: tl.constexpr,
         ROWS: tl.constexpr,
         BLOCK_V: tl.constexpr,
     ):
@@ -183,8 +196,11 @@ if importlib.util.find_spec("triton") is not None:
         lse = tl.load(lse_ptr + rows, mask=live, other=0.0)
         scale = tl.load(scale_ptr + rows * scale_stride, mask=live, other=0.0)
         scale = tl.where(live, tl.where(in_range, scale, float("nan")), 0.0)
+        # a = w_y + 2λ·lse (class weights only without label smoothing: the row's loss is w_y times the plain one).
+        label_weight = _label_weight(weight_ptr, label, live, in_range, ACC, ROWS, WEIGHTED)
+        a = label_weight
         if Z_LOSS:
-            a = 1.0 + 2.0 * _exact_scalar(z_loss_hi, z_loss_lo, ACC) * lse
+            a = label_weight + 2.0 * _exact_scalar(z_loss_hi, z_loss_lo, ACC) * lse
         cols = tl.arange(0, BLOCK_V)
         for start in range(0, V, BLOCK_V):
             col = start + cols
@@ -193,12 +209,14 @@ if importlib.util.find_spec("triton") is not None:
                 logits_ptr + rows[:, None] * row_stride + col[None, :], mask=mask & live[:, None], other=0.0
             ).to(ACC)
             target_part = tl.where((col + class_offset)[None, :] == label[:, None], 1.0 - label_smoothing, 0.0)
+            if WEIGHTED:
+                target_part = target_part * label_weight[:, None]
             if CAP:
                 cap = _exact_scalar(cap_hi, cap_lo, ACC)
                 t = _tanh(z / cap)
                 z = cap * t
             p = tl.exp(z - lse[:, None])
-            if Z_LOSS:
+            if Z_LOSS or WEIGHTED:
                 p = a[:, None] * p
             grad = scale[:, None] * (p - label_smoothing / num_classes - target_part)
             if CAP:
@@ -211,6 +229,7 @@ if importlib.util.find_spec("triton") is not None:
         logits_ptr,
         row_stride,
         target_ptr,
+        weight_ptr,
         u_ptr,
         u_row_stride,
         scale_ptr,
@@ -233,6 +252,7 @@ if importlib.util.find_spec("triton") is not None:
         SMOOTHING: tl.constexpr,
         Z_LOSS: tl.constexpr,
         CAP: tl.constexpr,
+        WEIGHTED: tl.constexpr,
         ROWS: tl.constexpr,
         BLOCK_V: tl.constexpr,
     ):
@@ -250,12 +270,15 @@ if importlib.util.find_spec("triton") is not None:
         scale = tl.load(scale_ptr + rows * scale_stride, mask=live, other=0.0).to(ACC)
         weight = tl.where(live, tl.where(in_range, scale / sum_exp, float("nan")), 0.0)
         # The z-loss: H = a·(diag p − p pᵀ) + 2λ·p pᵀ with a = 1 + 2λ·lse, so H u = p ⊙ (a·u − (a − 2λ)·⟨p, u⟩).
-        a = tl.full([ROWS], 1.0, ACC)
+        # Class weights (without label smoothing): a = w_y + 2λ·lse and the label's term times w_y.
+        label_weight = _label_weight(weight_ptr, label, live, in_range, ACC, ROWS, WEIGHTED)
+        a = label_weight
         shift = p_dot_u
         two_lambda = 0.0
         if Z_LOSS:
             two_lambda = 2.0 * _exact_scalar(z_loss_hi, z_loss_lo, ACC)
-            a = 1.0 + two_lambda * (running_max + tl.log(sum_exp))
+            a = label_weight + two_lambda * (running_max + tl.log(sum_exp))
+        if Z_LOSS or WEIGHTED:
             shift = (a - two_lambda) * p_dot_u
         cols = tl.arange(0, BLOCK_V)
         # Sweep 2: recompute p tile by tile and write; ignored rows load nothing and store zeros.
@@ -272,10 +295,12 @@ if importlib.util.find_spec("triton") is not None:
                 p = weight[:, None] * tl.exp(cap * t - running_max[:, None])
                 h = a[:, None] * p * (jacobian * u - p_dot_u[:, None]) + two_lambda * p * p_dot_u[:, None]
                 target_part = tl.where(col[None, :] == label[:, None], 1.0 - label_smoothing, 0.0)
+                if WEIGHTED:
+                    target_part = target_part * label_weight[:, None]
                 g = a[:, None] * p - (label_smoothing / V + target_part) * tl.where(live, scale, 0.0)[:, None]
                 hvp = jacobian * h + g * (-2.0 / cap) * t * jacobian * u
             else:
-                if Z_LOSS:
+                if Z_LOSS or WEIGHTED:
                     u = a[:, None] * u
                 hvp = weight[:, None] * tl.exp(z - running_max[:, None]) * (u - shift[:, None])
             hvp = tl.where(live[:, None], hvp, 0.0)
@@ -286,7 +311,7 @@ if importlib.util.find_spec("triton") is not None:
         if CAP:
             t_label = _tanh(tl.load(z_ptrs + label, mask=live & in_range, other=0.0).to(ACC) / cap)
             u_label = u_label * (1.0 - t_label * t_label)
-        dot = a * p_dot_u - (1.0 - label_smoothing) * u_label
+        dot = a * p_dot_u - (1.0 - label_smoothing) * label_weight * u_label
         if SMOOTHING:
             dot -= label_smoothing / V * sum_u
         dot = tl.where(in_range, dot, float("nan"))
@@ -394,6 +419,11 @@ def _accumulator(dtype: torch.dtype):
     return tl.float64 if accumulation_dtype(dtype) == torch.float64 else tl.float32
 
 
+def _weight_or(hyperparameters: CrossEntropyLossHyperparameters, placeholder: torch.Tensor) -> torch.Tensor:
+    """The class weights, or ``placeholder`` (a tensor the kernel does not read) without them."""
+    return placeholder if hyperparameters.weight is None else hyperparameters.weight
+
+
 def _cap(hyperparameters: CrossEntropyLossHyperparameters) -> float:
     """The soft cap c, 1 (unused) without one."""
     return 1.0 if hyperparameters.softcap is None else hyperparameters.softcap
@@ -407,7 +437,7 @@ def _row_stride(tensor: torch.Tensor) -> int:
 class TritonCrossEntropy:
     """The Triton kernels; the contract is :class:`curvkern.families.LossKernels`."""
 
-    VARIANTS: frozenset[str] = frozenset({"z_loss", "softcap"})  # refuse_variants raises for the others
+    VARIANTS: frozenset[str] = frozenset({"z_loss", "softcap", "weight"})  # refuse_variants raises for the others
 
     @staticmethod
     def forward(logits: torch.Tensor, target: torch.Tensor, hyperparameters: CrossEntropyLossHyperparameters):
@@ -422,6 +452,7 @@ class TritonCrossEntropy:
                 logits,
                 _row_stride(logits),
                 target,
+                _weight_or(hyperparameters, logits),
                 loss,
                 lse,
                 n,
@@ -434,6 +465,7 @@ class TritonCrossEntropy:
                 SMOOTHING=label_smoothing != 0,
                 Z_LOSS=hyperparameters.z_loss != 0,
                 CAP=hyperparameters.softcap is not None,
+                WEIGHTED=hyperparameters.weight is not None,
                 ROWS=rows,
                 BLOCK_V=block_v,
             )
@@ -457,6 +489,7 @@ class TritonCrossEntropy:
                 logits,
                 _row_stride(logits),
                 target,
+                _weight_or(hyperparameters, logits),
                 lse,
                 grad_scale,
                 0 if grad_scale.dim() == 0 else grad_scale.stride(0),
@@ -472,6 +505,7 @@ class TritonCrossEntropy:
                 ACC=_accumulator(logits.dtype),
                 Z_LOSS=hyperparameters.z_loss != 0,
                 CAP=hyperparameters.softcap is not None,
+                WEIGHTED=hyperparameters.weight is not None,
                 ROWS=rows,
                 BLOCK_V=block_v,
             )
@@ -498,6 +532,7 @@ class TritonCrossEntropy:
                 logits,
                 _row_stride(logits),
                 target,
+                _weight_or(hyperparameters, logits),
                 u,
                 u.stride(0),
                 scale,
@@ -517,6 +552,7 @@ class TritonCrossEntropy:
                 SMOOTHING=label_smoothing != 0,
                 Z_LOSS=hyperparameters.z_loss != 0,
                 CAP=hyperparameters.softcap is not None,
+                WEIGHTED=hyperparameters.weight is not None,
                 ROWS=rows,
                 BLOCK_V=block_v,
             )
@@ -577,6 +613,7 @@ class TritonCrossEntropy:
                 logits,
                 _row_stride(logits),
                 target,
+                logits,  # no class weights on a shard (weight_ptr unread)
                 lse,
                 grad_scale,
                 0 if grad_scale.dim() == 0 else grad_scale.stride(0),
@@ -594,6 +631,7 @@ class TritonCrossEntropy:
                 ACC=_accumulator(logits.dtype),
                 Z_LOSS=False,
                 CAP=False,
+                WEIGHTED=False,
                 ROWS=rows,
                 BLOCK_V=block_v,
             )
