@@ -41,14 +41,15 @@ TORCH_LIBRARY(curvkern, m) {
       "float lambda_energy, float[] memory_decays, float[] memory_weights, float flip_threshold, "
       "float ascent_strength) -> Tensor");
   m.def(
-      "cross_entropy_forward(Tensor logits, Tensor target, int ignore_index, float label_smoothing) "
-      "-> (Tensor, Tensor)");
+      "cross_entropy_forward(Tensor logits, Tensor target, int ignore_index, float label_smoothing, "
+      "float z_loss=0., float softcap=0., Tensor? weight=None) -> (Tensor, Tensor)");
   m.def(
       "cross_entropy_backward(Tensor logits, Tensor target, Tensor lse, Tensor grad_scale, int ignore_index, "
-      "float label_smoothing) -> Tensor");
+      "float label_smoothing, float z_loss=0., float softcap=0., Tensor? weight=None) -> Tensor");
   m.def(
       "cross_entropy_hvp_(Tensor logits, Tensor target, Tensor u, Tensor scale, int ignore_index, "
-      "float label_smoothing, int shift_period, bool stream_out, Tensor(a!) out) -> Tensor");
+      "float label_smoothing, int shift_period, bool stream_out, Tensor(a!) out, float z_loss=0., "
+      "float softcap=0., Tensor? weight=None) -> Tensor");
   m.def(
       "cross_entropy_partial_stats(Tensor logits, Tensor target, Tensor? u, int ignore_index, float label_smoothing, "
       "int class_offset, int num_classes) -> Tensor");

@@ -25,7 +25,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 import torch
 
-from curvkern.hyperparameters import BiostatisHyperparameters, CrossEntropyHyperparameters, HysteroGradHyperparameters
+from curvkern.hyperparameters import (
+    BiostatisHyperparameters,
+    CrossEntropyHyperparameters,
+    CrossEntropyLossHyperparameters,
+    HysteroGradHyperparameters,
+)
 
 if TYPE_CHECKING:
     from curvkern.optim._distributed import GroupReduction
@@ -420,7 +425,7 @@ FAMILIES: dict[str, Family] = {
         Family(
             name="cross_entropy",
             kind=LOSS,
-            hyperparameters=CrossEntropyHyperparameters,
+            hyperparameters=CrossEntropyLossHyperparameters,
             docs="docs/cross_entropy.md",
             public="curvkern.cross_entropy",
             sample_inputs=_logits_and_targets,

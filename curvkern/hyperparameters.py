@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -239,3 +239,62 @@ class CrossEntropyHyperparameters:
     ignore_index: int = -100
     label_smoothing: float = 0.0
     reduction: str = "mean"
+
+    # The loss variants, fixed at their defaults here (class attributes, not fields): the record of
+    # ``linear_cross_entropy``, which takes none of them. ``cross_entropy`` takes them as fields of
+    # :class:`CrossEntropyLossHyperparameters`, so every kernel reads ``h.z_loss`` etc. from either record.
+    z_loss = 0.0
+    softcap = None
+    weight = None
+
+
+@dataclass(frozen=True)
+class CrossEntropyLossHyperparameters(CrossEntropyHyperparameters):
+    """``cross_entropy``'s and ``ce_hvp``'s hyperparameters: :class:`CrossEntropyHyperparameters` and the loss
+    variants language-model training uses (docs/cross_entropy.md, "Loss variants").
+
+    - ``z_loss`` λ ≥ 0: λ·lse(z)² is added to each valid row's loss (PaLM), reduced with it.
+    - ``softcap`` c > 0 or None: the logits are capped, z ← c·tanh(z/c), before everything else (Gemma 2).
+    - ``weight``: None or a (C,) tensor of per-class weights in the logits' dtype and on their device, as
+      ``F.cross_entropy``'s ``weight`` (the weighted mean divides by Σ w_{y_r} over the valid rows).
+      Compared by identity (a tensor has no truth value).
+
+    Building the record checks ``z_loss`` and ``softcap`` (ValueError naming them); :meth:`check_weight`
+    checks ``weight`` against the logits.
+    """
+
+    z_loss: float = 0.0
+    softcap: float | None = None
+    weight: torch.Tensor | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "z_loss", require_range("z_loss", self.z_loss, 0.0))
+        if self.softcap is not None:
+            object.__setattr__(self, "softcap", require_range("softcap", self.softcap, 0.0, low_open=True))
+
+    def check_weight(self, num_classes: int, dtype: torch.dtype, device: torch.device) -> None:
+        """``weight`` must be None or a (``num_classes``,) tensor of ``dtype`` on ``device``, and finite where it
+        is on the CPU (on a GPU the check would cost a host synchronization). Raises ValueError naming it."""
+        weight = self.weight
+        if weight is None:
+            return
+        if not isinstance(weight, torch.Tensor):
+            raise ValueError(f"Invalid weight: expected a tensor of shape ({num_classes},) or None, got {type(weight)}")
+        if weight.shape != (num_classes,) or weight.dtype != dtype or weight.device != device:
+            raise ValueError(
+                f"Invalid weight: expected a ({num_classes},) {dtype} tensor on {device} (one weight per class, in "
+                f"the logits' dtype and on their device), got {tuple(weight.shape)} {weight.dtype} on {weight.device}"
+            )
+        if weight.device.type == "cpu" and not bool(torch.isfinite(weight).all()):
+            raise ValueError("Invalid weight: expected finite class weights, got inf or NaN")
+
+
+def loss_variants(h: CrossEntropyHyperparameters, soft_targets: bool = False) -> tuple[str, ...]:
+    """The names of the loss variants a call uses: ``z_loss``, ``softcap``, ``weight`` (and ``weight with label
+    smoothing`` when both are given) and ``probability targets`` (a floating ``target`` shaped like the
+    logits); a backend that lacks one raises naming it."""
+    names = ("z_loss",) if h.z_loss else ()
+    names += ("softcap",) if h.softcap is not None else ()
+    names += ("weight",) if h.weight is not None else ()
+    names += ("weight with label smoothing",) if h.weight is not None and h.label_smoothing else ()
+    return names + (("probability targets",) if soft_targets else ())

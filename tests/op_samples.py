@@ -403,19 +403,27 @@ CE_CASES = [
 ]
 
 
-def _forward(case: CrossEntropyCase, ignore_index=-100, label_smoothing=0.1):
+def _variant_args(variants: tuple, logits: torch.Tensor) -> tuple:
+    """The ops' (z_loss, softcap[, weight]) arguments, ``"weight"`` standing for (V,) class weights in the
+    logits' dtype."""
+    weights = torch.linspace(0.5, 1.5, logits.shape[1], dtype=torch.float64).to(logits.dtype)
+    return tuple(weights if value == "weight" else value for value in variants)
+
+
+def _forward(case: CrossEntropyCase, ignore_index=-100, label_smoothing=0.1, variants=()):
     def make_args():
         logits, target, _ = case.problem(ignore_index)
-        return logits, target, ignore_index, label_smoothing
+        return logits, target, ignore_index, label_smoothing, *_variant_args(variants, logits)
 
     return make_args
 
 
-def _backward(case: CrossEntropyCase, per_row_scale: bool, scale_layout=_contiguous):
+def _backward(case: CrossEntropyCase, per_row_scale: bool, scale_layout=_contiguous, variants=(), label_smoothing=0.1):
     def make_args():
         logits, target, _ = case.problem()
-        _, lse = _ops().cross_entropy_forward(logits, target, -100, 0.1)
-        return logits, target, lse, scale_layout(case.scale(per_row_scale)), -100, 0.1
+        extra = _variant_args(variants, logits)
+        _, lse = _ops().cross_entropy_forward(logits, target, -100, label_smoothing, *extra)
+        return logits, target, lse, scale_layout(case.scale(per_row_scale)), -100, label_smoothing, *extra
 
     return make_args
 
@@ -427,6 +435,7 @@ def _hvp(
     shift_period=0,
     stream_out=False,
     broadcast_u=False,
+    variants=(),
 ):
     def make_args():
         logits, target, u = case.problem()
@@ -442,6 +451,7 @@ def _hvp(
             shift_period,
             stream_out,
             case.out(logits),
+            *_variant_args(variants, logits),
         )
 
     return make_args
@@ -451,15 +461,45 @@ def _scale_name(per_row: bool) -> str:
     return "scale-per-row" if per_row else "scale-0-dim"
 
 
-CROSS_ENTROPY_FORWARD_SAMPLES = [Sample(case.name, _forward(case)) for case in CE_CASES] + [
-    Sample("fp32-no-smoothing-ignore-index-2", _forward(CE_CASES[0], ignore_index=2, label_smoothing=0.0)),
-    Sample("fp64-full-smoothing", _forward(CE_CASES[1], label_smoothing=1.0)),
-]
-CROSS_ENTROPY_BACKWARD_SAMPLES = [
-    Sample(f"{case.name}-{_scale_name(per_row)}", _backward(case, per_row))
-    for case in CE_CASES
-    for per_row in (False, True)
-] + [Sample("fp32-scale-per-row-strided", _backward(CE_CASES[0], True, _every_other))]
+# The loss variants' (z_loss, softcap) arguments, softcap 0 meaning no cap.
+CE_VARIANTS = [("z-loss", (0.01, 0.0)), ("softcap", (0.0, 3.0)), ("z-loss-softcap", (0.01, 3.0))]
+# Class weights (without label smoothing), alone and with the other two.
+CE_WEIGHTED = [("weight", (0.0, 0.0, "weight")), ("weight-z-loss-softcap", (0.01, 3.0, "weight"))]
+CROSS_ENTROPY_FORWARD_SAMPLES = (
+    [Sample(case.name, _forward(case)) for case in CE_CASES]
+    + [
+        Sample("fp32-no-smoothing-ignore-index-2", _forward(CE_CASES[0], ignore_index=2, label_smoothing=0.0)),
+        Sample("fp64-full-smoothing", _forward(CE_CASES[1], label_smoothing=1.0)),
+    ]
+    + [
+        Sample(f"{case.name}-{label}", _forward(case, variants=variants))
+        for case in CE_CASES[:3]
+        for label, variants in CE_VARIANTS
+    ]
+    + [
+        Sample(f"{case.name}-{label}", _forward(case, label_smoothing=0.0, variants=variants))
+        for case in CE_CASES[:3]
+        for label, variants in CE_WEIGHTED
+    ]
+)
+CROSS_ENTROPY_BACKWARD_SAMPLES = (
+    [
+        Sample(f"{case.name}-{_scale_name(per_row)}", _backward(case, per_row))
+        for case in CE_CASES
+        for per_row in (False, True)
+    ]
+    + [Sample("fp32-scale-per-row-strided", _backward(CE_CASES[0], True, _every_other))]
+    + [
+        Sample(f"{case.name}-{label}", _backward(case, True, variants=variants))
+        for case in CE_CASES[:3]
+        for label, variants in CE_VARIANTS
+    ]
+    + [
+        Sample(f"{case.name}-{label}", _backward(case, True, variants=variants, label_smoothing=0.0))
+        for case in CE_CASES[:3]
+        for label, variants in CE_WEIGHTED
+    ]
+)
 CROSS_ENTROPY_HVP_SAMPLES = (
     [
         Sample(f"{case.name}-{_scale_name(per_row)}", _hvp(case, per_row))
@@ -475,6 +515,17 @@ CROSS_ENTROPY_HVP_SAMPLES = (
         if case.rows == 6
     ]
     + [Sample("fp32-u-broadcast", _hvp(CE_CASES[0], False, broadcast_u=True))]
+    + [
+        Sample(f"{case.name}-{label}", _hvp(case, True, variants=variants))
+        for case in CE_CASES[:3]
+        for label, variants in CE_VARIANTS
+    ]
+    + [Sample("fp32-shift-3-z-loss-softcap", _hvp(CE_CASES[0], False, shift_period=3, variants=(0.01, 3.0)))]
+    + [
+        Sample(f"{case.name}-{label}", _hvp(case, True, label_smoothing=0.0, variants=variants))
+        for case in CE_CASES[:3]
+        for label, variants in CE_WEIGHTED
+    ]
 )
 
 # The case's columns as the shard at offset 3 of a row 5 classes wider: the labels (in [0, V)) below 3 fall

@@ -222,17 +222,30 @@ def test_shape_and_dtype_errors_like_torch(backend, device, case, no_kernel_sele
         curvkern.ce_hvp(logits, target, torch.zeros_like(logits), fused=backend)
 
 
-def test_unsupported_arguments_raise(backend, device, no_kernel_selected):
-    """What F.cross_entropy takes and curvkern does not raises; it never gives another number."""
+def test_class_probabilities_and_weights_equal_torch_or_raise(backend, device):
+    """F.cross_entropy's class probabilities and class weights: equal to PyTorch's on a backend that implements
+    them (tests/test_cross_entropy_variants.py checks the derivatives), NotImplementedError naming them and
+    the backend on one that does not; never another number."""
     logits, target, u = class_dim_problem((3, 4, 5), (3, 5), device=device)
     probabilities = torch.softmax(logits, dim=1)
-    F.cross_entropy(logits, probabilities)  # PyTorch takes class probabilities
-    with pytest.raises(NotImplementedError, match="class probabilities"):
-        curvkern.cross_entropy(logits, probabilities, fused=backend)
-    with pytest.raises(NotImplementedError, match="class probabilities"):
-        curvkern.ce_hvp(logits, probabilities, u, fused=backend)
-    with pytest.raises(NotImplementedError, match="weight"):
-        curvkern.cross_entropy(logits, target, torch.ones(4, dtype=torch.float64, device=device), fused=backend)
+    weight = torch.linspace(0.5, 2.0, 4, dtype=torch.float64, device=device)
+    kernels = ce_function.select(ce_function.FAMILY, backend, torch.device(device))[1]
+    for variant, args in (("probability targets", (probabilities,)), ("weight", (target, weight))):
+        if variant in kernels.VARIANTS:
+            torch.testing.assert_close(
+                curvkern.cross_entropy(logits, *args, fused=backend), F.cross_entropy(logits, *args), rtol=1e-12, atol=0
+            )
+            continue
+        with pytest.raises(NotImplementedError, match=f"{backend}.*{variant}"):
+            curvkern.cross_entropy(logits, *args, fused=backend)
+    if "probability targets" not in kernels.VARIANTS:
+        with pytest.raises(NotImplementedError, match=f"{backend}.*probability targets"):
+            curvkern.ce_hvp(logits, probabilities, u, fused=backend)
+
+
+def test_unsupported_arguments_raise(backend, device, no_kernel_selected):
+    """What curvkern does not take raises before any kernel; it never gives another number."""
+    logits, target, u = class_dim_problem((3, 4, 5), (3, 5), device=device)
     with pytest.raises(ValueError, match="0-dim"):
         curvkern.cross_entropy(logits[0, 0, 0], target[0, 0], fused=backend)
     if device == "cpu":  # a label valid for the last dimension (d = 5) but not for the C = 4 classes
@@ -329,3 +342,28 @@ def test_dtensor_arguments_on_one_rank(backend, device, one_rank_mesh):
         plain(sharded, (None, target))
     with pytest.raises(NotImplementedError, match=message):
         plain.hvp(sharded, (None, target), u)
+
+
+def test_dtensor_logits_refuse_the_loss_variants(backend, device, one_rank_mesh):
+    """The vocabulary-parallel path implements no loss variant yet: each raises naming it, never another
+    number (docs/cross_entropy.md, "Loss variants")."""
+    if device != "cpu":
+        pytest.skip("the test's process group and mesh are on CPU")
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    logits, target, u = class_dim_problem((6, 5), (6,), device=device)
+    sharded = distribute_tensor(logits, one_rank_mesh, [Shard(1)])
+    sharded_u = distribute_tensor(u, one_rank_mesh, [Shard(1)])
+    variants = {
+        "z_loss": dict(z_loss=0.1),
+        "softcap": dict(softcap=5.0),
+        "weight": dict(weight=torch.ones(5, dtype=torch.float64)),
+    }
+    for name, kwargs in variants.items():
+        with pytest.raises(NotImplementedError, match=f"{name} on DTensor logits"):
+            curvkern.cross_entropy(sharded, target, fused=backend, **kwargs)
+        with pytest.raises(NotImplementedError, match=f"{name} on DTensor logits"):
+            curvkern.ce_hvp(sharded, target, sharded_u, fused=backend, **kwargs)
+    probabilities = torch.softmax(logits, dim=1)
+    with pytest.raises(NotImplementedError, match="probability targets on DTensor logits"):
+        curvkern.cross_entropy(sharded, probabilities, fused=backend)

@@ -58,12 +58,23 @@ CURVKERN_INLINE void prefetch_next_block(const T* z, const T* u, int64_t next, i
   }
 }
 
+// tanh(y) with its sign, from vec::abs_tanh (within 2 ulp, full relative accuracy near 0): the soft cap
+// c·tanh(x/c) (docs/cross_entropy.md, "Loss variants"). A NaN stays NaN.
+template <typename A>
+CURVKERN_INLINE A signed_tanh(A y) {
+  const A t = vec::abs_tanh(y);
+  return y < A(0) ? -t : t;
+}
+
 // Sweep 1 over one row: online max and sums, block by block. With u (the HVP), each e^{z - shift} is also
 // kept in ``exps`` and each block's shift in ``shifts`` (-inf where the block was shifted by 0, everything
-// before it being -inf), so sweep 2 rescales them instead of computing exp again.
-template <bool kWithU, bool kSums, typename T>
+// before it being -inf), so sweep 2 rescales them instead of computing exp again. kCap: the logits are
+// capped, z = cap·tanh(x/cap) (cap > 0), and the sums over u are over J⊙u with J = dz/dx = 1 − tanh²; the
+// max is taken on x and capped after (the cap is increasing).
+template <bool kWithU, bool kSums, bool kCap = false, typename T>
 CURVKERN_INLINE RowStats<at::opmath_type<T>> stats_sweep(const T* z, const T* u, int64_t v, at::opmath_type<T>* exps,
-                                                         at::opmath_type<T>* shifts) {
+                                                         at::opmath_type<T>* shifts,
+                                                         at::opmath_type<T> cap = at::opmath_type<T>(0)) {
   using A = at::opmath_type<T>;
   constexpr A minus_inf = -std::numeric_limits<A>::infinity();
   RowStats<A> stats{minus_inf, A(0), A(0), A(0), A(0)};
@@ -77,6 +88,8 @@ CURVKERN_INLINE RowStats<at::opmath_type<T>> stats_sweep(const T* z, const T* u,
       A x = load(zb, j);
       block_max = x > block_max ? x : block_max;
     }
+    const A inverse_cap = kCap ? A(1) / cap : A(0);
+    if constexpr (kCap) block_max = cap * signed_tanh(block_max * inverse_cap);
     if (block_max > stats.max) {
       A rescale = vec::exp(stats.max - block_max);
       stats.sum_exp *= rescale;
@@ -92,8 +105,14 @@ CURVKERN_INLINE RowStats<at::opmath_type<T>> stats_sweep(const T* z, const T* u,
       shifts[start / kBlock] = stats.max;
 #pragma omp simd reduction(+ : sum_exp, sum_exp_u, sum_u)
       for (int64_t j = 0; j < length; ++j) {
-        A e = vec::exp(load(zb, j) - shift);
+        A x = load(zb, j);
         A uj = load(ub, j);
+        if constexpr (kCap) {
+          const A t = signed_tanh(x * inverse_cap);
+          x = cap * t;
+          uj *= A(1) - t * t;
+        }
+        A e = vec::exp(x - shift);
         eb[j] = e;
         sum_exp += e;
         sum_exp_u += e * uj;
@@ -103,6 +122,7 @@ CURVKERN_INLINE RowStats<at::opmath_type<T>> stats_sweep(const T* z, const T* u,
 #pragma omp simd reduction(+ : sum_exp, sum_z)
       for (int64_t j = 0; j < length; ++j) {
         A x = load(zb, j);
+        if constexpr (kCap) x = cap * signed_tanh(x * inverse_cap);
         sum_exp += vec::exp(x - shift);
         if constexpr (kSums) sum_z += x;
       }
@@ -115,6 +135,18 @@ CURVKERN_INLINE RowStats<at::opmath_type<T>> stats_sweep(const T* z, const T* u,
   return stats;
 }
 
+// stats_sweep with its template flags chosen at run time.
+template <bool kWithU, typename T>
+CURVKERN_INLINE RowStats<at::opmath_type<T>> stats_sweep_for(bool sums, at::opmath_type<T> cap, const T* z, const T* u,
+                                                             int64_t v, at::opmath_type<T>* exps,
+                                                             at::opmath_type<T>* shifts) {
+  if (cap != 0) {
+    return sums ? stats_sweep<kWithU, true, true>(z, u, v, exps, shifts, cap)
+                : stats_sweep<kWithU, false, true>(z, u, v, exps, shifts, cap);
+  }
+  return sums ? stats_sweep<kWithU, true>(z, u, v, exps, shifts) : stats_sweep<kWithU, false>(z, u, v, exps, shifts);
+}
+
 // fp32 HVP results larger than the caches, written into a caller's buffer, go out with streaming stores
 // (AVX-512, when avx512 is the active ISA): an ordinary store first reads the line it writes
 // (read-for-ownership), a third more traffic on the output of a memory-bound kernel. Not into a fresh
@@ -124,16 +156,17 @@ constexpr int64_t kStreamingBytes = 64 << 20;
 
 #if defined(__x86_64__)
 __attribute__((target("avx512f"))) void stream_hvp_block(float* out, const float* exps, const float* u, float factor,
-                                                         float p_dot_u, int64_t length) {
+                                                         float u_coef, float p_dot_u, int64_t length) {
   int64_t j = 0;
   for (; j < length && reinterpret_cast<uintptr_t>(out + j) % 64 != 0; ++j)
-    out[j] = factor * exps[j] * (u[j] - p_dot_u);
-  const __m512 factors = _mm512_set1_ps(factor), shift = _mm512_set1_ps(p_dot_u);
+    out[j] = factor * exps[j] * (u_coef * u[j] - p_dot_u);
+  const __m512 factors = _mm512_set1_ps(factor), coefs = _mm512_set1_ps(u_coef), shift = _mm512_set1_ps(p_dot_u);
   for (; j + 16 <= length; j += 16) {
     const __m512 scaled = _mm512_mul_ps(factors, _mm512_loadu_ps(exps + j));
-    _mm512_stream_ps(out + j, _mm512_mul_ps(scaled, _mm512_sub_ps(_mm512_loadu_ps(u + j), shift)));
+    const __m512 uj = _mm512_mul_ps(coefs, _mm512_loadu_ps(u + j));
+    _mm512_stream_ps(out + j, _mm512_mul_ps(scaled, _mm512_sub_ps(uj, shift)));
   }
-  for (; j < length; ++j) out[j] = factor * exps[j] * (u[j] - p_dot_u);
+  for (; j < length; ++j) out[j] = factor * exps[j] * (u_coef * u[j] - p_dot_u);
 }
 #endif
 
@@ -180,6 +213,16 @@ struct Problem {
   int64_t rows, classes, ignore_index, shift_period;
   at::opmath_type<T> label_smoothing;
   int64_t class_offset, total_classes;
+  at::opmath_type<T> z_loss = 0;    // λ: λ·lse² per row (0: none)
+  at::opmath_type<T> softcap = 0;   // c: logits capped to c·tanh(x/c) (0: none)
+  const T* class_weight = nullptr;  // (classes,) class weights w (nullptr: none; only without label smoothing)
+
+  // w_y, the row's class weight (1 without weights); y in range.
+  CURVKERN_INLINE at::opmath_type<T> weight_of(int64_t y) const {
+    return class_weight == nullptr ? at::opmath_type<T>(1) : at::opmath_type<T>(load(class_weight, y));
+  }
+  // Whether a variant leaves the plain loops: a z-loss, a cap or class weights.
+  CURVKERN_INLINE bool variants() const { return z_loss != 0 || softcap != 0 || class_weight != nullptr; }
 
   // The label of row r, or ignore_index: target[r], or target[r + 1] under the causal shift (the last
   // time step of each sequence has none).
@@ -260,17 +303,47 @@ CURVKERN_INLINE void forward_row(const ForwardArgs<T>& args, int64_t r) {
   }
   const T* z = p.row(r);
   const bool smoothing = p.label_smoothing != A(0);
-  RowStats<A> stats = smoothing ? stats_sweep<false, true>(z, z, p.classes, nullptr, nullptr)
-                                : stats_sweep<false, false>(z, z, p.classes, nullptr, nullptr);
+  RowStats<A> stats = stats_sweep_for<false>(smoothing, p.softcap, z, z, p.classes, nullptr, nullptr);
   const A row_lse = stats.max + std::log(stats.sum_exp);
   args.lse[r] = row_lse;
   if (!p.in_range(y)) {  // the Python layer raises first on CPU; never read out of bounds regardless
     args.loss[r] = std::numeric_limits<A>::quiet_NaN();
     return;
   }
-  A row_loss = row_lse - (A(1) - p.label_smoothing) * load(z, y);
+  const A z_y = p.softcap != A(0) ? p.softcap * signed_tanh(load(z, y) / p.softcap) : load(z, y);
+  A row_loss = row_lse - (A(1) - p.label_smoothing) * z_y;
   if (smoothing) row_loss -= p.label_smoothing / A(p.classes) * stats.sum_z;
+  if (p.class_weight != nullptr) row_loss *= p.weight_of(y);  // w_y·(lse − z_y): no smoothing with weights
+  if (p.z_loss != A(0)) row_loss += p.z_loss * row_lse * row_lse;
   args.loss[r] = row_loss;
+}
+
+// The backward with a z-loss, a soft cap or class weights: scale·J⊙(a·p − q̃) with a = w_y + 2λ·lse, q̃ the
+// target times w_y, and p = e^{z − lse} of the capped logits z = c·tanh(x/c), J = 1 − tanh² (J = 1, z = x
+// without a cap).
+template <typename T, typename A>
+CURVKERN_INLINE void backward_row_variants(const Problem<T>& p, const T* z, T* out, int64_t y, A scale, A row_lse,
+                                           A uniform) {
+  const A label_weight = p.in_range(y) ? p.weight_of(y) : A(1);
+  const A a = label_weight + A(2) * p.z_loss * row_lse;
+  const A cap = p.softcap;
+  if (cap != A(0)) {
+    const A inverse_cap = A(1) / cap;
+#pragma omp simd
+    for (int64_t j = 0; j < p.classes; ++j) {
+      const A t = signed_tanh(load(z, j) * inverse_cap);
+      store(out, j, scale * (A(1) - t * t) * (a * vec::exp(cap * t - row_lse) - uniform));
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < p.classes; ++j) store(out, j, scale * (a * vec::exp(load(z, j) - row_lse) - uniform));
+  }
+  if (!p.in_shard(y)) return;
+  const int64_t j = y - p.class_offset;
+  const A t = cap != A(0) ? signed_tanh(load(z, j) / cap) : A(0);
+  const A x = cap != A(0) ? cap * t : A(load(z, j));
+  const A jacobian = cap != A(0) ? A(1) - t * t : A(1);
+  store(out, j, scale * jacobian * (a * vec::exp(x - row_lse) - uniform - (A(1) - p.label_smoothing) * label_weight));
 }
 
 template <typename T>
@@ -291,6 +364,10 @@ CURVKERN_INLINE void backward_row(const BackwardArgs<T>& args, int64_t r) {
   const A scale = args.grad_scale[r * args.grad_scale_stride];
   const A row_lse = args.lse[r];
   const A uniform = p.label_smoothing / A(p.total_classes);
+  if (p.variants()) {
+    backward_row_variants(p, z, out, y, scale, row_lse, uniform);
+    return;
+  }
   for (int64_t start = 0; start < p.classes; start += kBlock) {
     const int64_t end = std::min(start + kBlock, p.classes);
     prefetch_next_block<false>(z, z, start + kBlock, p.classes);
@@ -375,7 +452,7 @@ CURVKERN_INLINE void shard_hvp_row(const ShardHvpArgs<T>& args, int64_t r) {
 // and NaN: its factor e^{-inf - max} is 0, so a NaN stays NaN.
 template <typename T, typename A>
 CURVKERN_INLINE void hvp_sweep(T* out_row, const T* u_row, const A* exps, const A* shifts, int64_t v, A max, A weight,
-                               A p_dot_u, bool stream_output) {
+                               A u_coef, A p_dot_u, bool stream_output) {
   for (int64_t start = 0; start < v; start += kBlock) {
     const int64_t length = std::min(kBlock, v - start);
     const A factor = weight * vec::exp(shifts[start / kBlock] - max);
@@ -385,13 +462,40 @@ CURVKERN_INLINE void hvp_sweep(T* out_row, const T* u_row, const A* exps, const 
 #if defined(__x86_64__)
     if constexpr (std::is_same_v<T, float>) {
       if (stream_output) {
-        stream_hvp_block(ob, eb, ub, factor, p_dot_u, length);
+        stream_hvp_block(ob, eb, ub, factor, u_coef, p_dot_u, length);
         continue;
       }
     }
 #endif
 #pragma omp simd
-    for (int64_t j = 0; j < length; ++j) store(ob, j, factor * eb[j] * (load(ub, j) - p_dot_u));
+    for (int64_t j = 0; j < length; ++j) store(ob, j, factor * eb[j] * (u_coef * load(ub, j) - p_dot_u));
+  }
+}
+
+// Sweep 2 of a soft-capped HVP row (docs/cross_entropy.md, "Loss variants"): with t = tanh(x/c), J = 1 − t²,
+// z'' = −(2/c)·t·J, p_j from the kept e_j, g = a·p − α/V (the label's term added after):
+// out = scale·(J·(a·p·(J·u − <p, J⊙u>) + 2λ·p·<p, J⊙u>) + g·z''·u).
+template <typename T, typename A>
+CURVKERN_INLINE void hvp_sweep_capped(T* out_row, const T* u_row, const T* z, const A* exps, const A* shifts, int64_t v,
+                                      A max, A inverse_sum, A scale, A a, A two_lambda, A p_dot_v, A uniform, A cap) {
+  const A inverse_cap = A(1) / cap;
+  for (int64_t start = 0; start < v; start += kBlock) {
+    const int64_t length = std::min(kBlock, v - start);
+    const A factor = inverse_sum * vec::exp(shifts[start / kBlock] - max);
+    const A* eb = exps + start;
+    const T* ub = u_row + start;
+    const T* zb = z + start;
+    T* ob = out_row + start;
+#pragma omp simd
+    for (int64_t j = 0; j < length; ++j) {
+      const A t = signed_tanh(load(zb, j) * inverse_cap);
+      const A jacobian = A(1) - t * t;
+      const A second = A(-2) * inverse_cap * t * jacobian;
+      const A pj = factor * eb[j];
+      const A uj = load(ub, j);
+      const A h = a * pj * (jacobian * uj - p_dot_v) + two_lambda * pj * p_dot_v;
+      store(ob, j, scale * (jacobian * h + (a * pj - uniform) * second * uj));
+    }
   }
 }
 
@@ -417,13 +521,35 @@ CURVKERN_INLINE void hvp_row(const HvpArgs<T>& args, int64_t r, at::opmath_type<
   const bool smoothing = p.label_smoothing != A(0);
   A* exps = scratch;
   A* shifts = scratch + p.classes;
-  RowStats<A> stats = smoothing ? stats_sweep<true, true>(z, u_row, p.classes, exps, shifts)
-                                : stats_sweep<true, false>(z, u_row, p.classes, exps, shifts);
+  RowStats<A> stats = stats_sweep_for<true>(smoothing, p.softcap, z, u_row, p.classes, exps, shifts);
   const A inverse_sum = A(1) / stats.sum_exp;
+  // <p, u>, or <p, J⊙u> with a cap (stats_sweep sums J⊙u then).
   const A p_dot_u = stats.sum_exp_u * inverse_sum;
-  const A weight = args.scale[r * args.scale_stride] * inverse_sum;
-  hvp_sweep(out_row, u_row, exps, shifts, p.classes, stats.max, weight, p_dot_u, args.stream_output);
-  A row_dot = p_dot_u - (A(1) - p.label_smoothing) * load(u_row, y);
+  const A scale = args.scale[r * args.scale_stride];
+  // The z-loss: the row's gradient is a·p − q with a = 1 + 2λ·lse, its Hessian a·(diag p − p pᵀ) + 2λ·p pᵀ.
+  // Class weights: the row's loss is w_y times the plain one (no smoothing with weights), so a = w_y + 2λ·lse.
+  const A two_lambda = A(2) * p.z_loss;
+  const A label_weight = p.weight_of(y);
+  const A a = p.z_loss != A(0) ? label_weight + two_lambda * (stats.max + std::log(stats.sum_exp)) : label_weight;
+  A u_y = load(u_row, y);
+  if (p.softcap != A(0)) {
+    const A uniform = p.label_smoothing / A(p.classes);
+    hvp_sweep_capped(out_row, u_row, z, exps, shifts, p.classes, stats.max, inverse_sum, scale, a, two_lambda, p_dot_u,
+                     uniform, p.softcap);
+    // The label's element: g_y has the extra −(1 − α).
+    const A t = signed_tanh(load(z, y) / p.softcap);
+    const A jacobian = A(1) - t * t;
+    const A second = A(-2) / p.softcap * t * jacobian;
+    const A p_y = inverse_sum * vec::exp(shifts[y / kBlock] - stats.max) * exps[y];
+    const A h = a * p_y * (jacobian * u_y - p_dot_u) + two_lambda * p_y * p_dot_u;
+    const A g_y = a * p_y - uniform - (A(1) - p.label_smoothing) * label_weight;
+    store(out_row, y, scale * (jacobian * h + g_y * second * u_y));
+    u_y *= jacobian;
+  } else {
+    const A shift = p.variants() ? (a - two_lambda) * p_dot_u : p_dot_u;
+    hvp_sweep(out_row, u_row, exps, shifts, p.classes, stats.max, scale * inverse_sum, a, shift, args.stream_output);
+  }
+  A row_dot = a * p_dot_u - (A(1) - p.label_smoothing) * label_weight * u_y;
   if (smoothing) row_dot -= p.label_smoothing / A(p.classes) * stats.sum_u;
   args.dot[r] = row_dot;
 }
@@ -543,29 +669,53 @@ int64_t check_scale(const char* op, const char* name, const at::Tensor& scale, c
 
 }  // namespace
 
+// The variants' scalars: z_loss >= 0 and softcap >= 0 (0: no cap), set on the problem.
+template <typename T>
+void set_variants(const char* op, Problem<T>& problem, double z_loss, double softcap,
+                  const std::optional<at::Tensor>& weight, const at::Tensor& logits) {
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->device().is_cpu() && weight->scalar_type() == logits.scalar_type() && weight->dim() == 1 &&
+                    weight->size(0) == logits.size(1) && weight->is_contiguous(),
+                op, ": weight must be a contiguous (", logits.size(1), ",) ", logits.scalar_type(), " CPU tensor, got ",
+                weight->scalar_type(), " of shape ", weight->sizes());
+    TORCH_CHECK(problem.label_smoothing == 0, op,
+                ": class weights with label smoothing are not implemented by the C++ kernels");
+    problem.class_weight = weight->const_data_ptr<T>();
+  }
+  TORCH_CHECK(std::isfinite(z_loss) && z_loss >= 0.0, op, ": z_loss must be finite and >= 0, got ", z_loss);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, op, ": softcap must be finite and > 0 (0: no cap), got ",
+              softcap);
+  problem.z_loss = static_cast<at::opmath_type<T>>(z_loss);
+  problem.softcap = static_cast<at::opmath_type<T>>(softcap);
+}
+
 std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logits, const at::Tensor& target,
-                                                         int64_t ignore_index, double label_smoothing) {
+                                                         int64_t ignore_index, double label_smoothing, double z_loss,
+                                                         double softcap, const std::optional<at::Tensor>& weight) {
   const char* op = "curvkern::cross_entropy_forward";
   auto options = logits.options().dtype(opmath_dtype(logits.scalar_type()));
   at::Tensor loss = at::empty({logits.size(0)}, options), lse = at::empty({logits.size(0)}, options);
   with_dtype(logits.scalar_type(), op, "logits", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = at::opmath_type<T>;
-    run_forward(ForwardArgs<T>{make_problem<T>(op, logits, target, ignore_index, label_smoothing, 0),
-                               loss.data_ptr<A>(), lse.data_ptr<A>()});
+    Problem<T> problem = make_problem<T>(op, logits, target, ignore_index, label_smoothing, 0);
+    set_variants(op, problem, z_loss, softcap, weight, logits);
+    run_forward(ForwardArgs<T>{problem, loss.data_ptr<A>(), lse.data_ptr<A>()});
   });
   return {loss, lse};
 }
 
 at::Tensor cross_entropy_backward(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& lse,
-                                  const at::Tensor& grad_scale, int64_t ignore_index, double label_smoothing) {
+                                  const at::Tensor& grad_scale, int64_t ignore_index, double label_smoothing,
+                                  double z_loss, double softcap, const std::optional<at::Tensor>& weight) {
   const char* op = "curvkern::cross_entropy_backward";
   at::Tensor grad = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
   prefer_huge_pages(grad);
   with_dtype(logits.scalar_type(), op, "logits", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = at::opmath_type<T>;
-    const Problem<T> problem = make_problem<T>(op, logits, target, ignore_index, label_smoothing, 0);
+    Problem<T> problem = make_problem<T>(op, logits, target, ignore_index, label_smoothing, 0);
+    set_variants(op, problem, z_loss, softcap, weight, logits);
     check_row_statistic(op, "lse", lse, logits);
     const int64_t scale_stride = check_scale(op, "grad_scale", grad_scale, logits);
     run_backward(BackwardArgs<T>{problem, lse.const_data_ptr<A>(), grad_scale.const_data_ptr<A>(), scale_stride,
@@ -576,13 +726,15 @@ at::Tensor cross_entropy_backward(const at::Tensor& logits, const at::Tensor& ta
 
 at::Tensor cross_entropy_hvp_(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& u,
                               const at::Tensor& scale, int64_t ignore_index, double label_smoothing,
-                              int64_t shift_period, bool stream_out, at::Tensor& out) {
+                              int64_t shift_period, bool stream_out, at::Tensor& out, double z_loss, double softcap,
+                              const std::optional<at::Tensor>& weight) {
   const char* op = "curvkern::cross_entropy_hvp_";
   at::Tensor dot = at::empty({logits.size(0)}, logits.options().dtype(opmath_dtype(logits.scalar_type())));
   with_dtype(logits.scalar_type(), op, "logits", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = at::opmath_type<T>;
-    const Problem<T> problem = make_problem<T>(op, logits, target, ignore_index, label_smoothing, shift_period);
+    Problem<T> problem = make_problem<T>(op, logits, target, ignore_index, label_smoothing, shift_period);
+    set_variants(op, problem, z_loss, softcap, weight, logits);
     check_rows(op, "u", u, logits);
     check_rows(op, "out", out, logits);
     prefer_huge_pages(out);

@@ -7,22 +7,37 @@ from __future__ import annotations
 import torch
 
 from curvkern._dispatch import cpp_unavailable_reason, register
-from curvkern.ce.eager import accumulation_dtype
-from curvkern.hyperparameters import CrossEntropyHyperparameters
+from curvkern.ce.eager import accumulation_dtype, refuse_variants
+from curvkern.hyperparameters import CrossEntropyLossHyperparameters
 
 if cpp_unavailable_reason() is None:
 
     @torch.library.register_fake("curvkern::cross_entropy_forward")
-    def _forward_fake(logits, target, ignore_index, label_smoothing):
+    def _forward_fake(logits, target, ignore_index, label_smoothing, z_loss=0.0, softcap=0.0, weight=None):
         row = logits.new_empty(logits.shape[0], dtype=accumulation_dtype(logits.dtype))
         return row, torch.empty_like(row)
 
     @torch.library.register_fake("curvkern::cross_entropy_backward")
-    def _backward_fake(logits, target, lse, grad_scale, ignore_index, label_smoothing):
+    def _backward_fake(
+        logits, target, lse, grad_scale, ignore_index, label_smoothing, z_loss=0.0, softcap=0.0, weight=None
+    ):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("curvkern::cross_entropy_hvp_")
-    def _hvp_fake(logits, target, u, scale, ignore_index, label_smoothing, shift_period, stream_out, out):
+    def _hvp_fake(
+        logits,
+        target,
+        u,
+        scale,
+        ignore_index,
+        label_smoothing,
+        shift_period,
+        stream_out,
+        out,
+        z_loss=0.0,
+        softcap=0.0,
+        weight=None,
+    ):
         torch._check(u.shape == logits.shape and out.shape == logits.shape, lambda: "u and out must match the logits")
         return logits.new_empty(logits.shape[0], dtype=accumulation_dtype(logits.dtype))
 
@@ -39,14 +54,24 @@ if cpp_unavailable_reason() is None:
         torch._check(u.shape == logits.shape and out.shape == logits.shape, lambda: "u and out must match the logits")
 
 
+def _variants(h: CrossEntropyLossHyperparameters) -> dict:
+    """The ops' keyword arguments for the loss variants: softcap 0 means no cap."""
+    return {"z_loss": h.z_loss, "softcap": 0.0 if h.softcap is None else h.softcap, "weight": h.weight}
+
+
 @register("cross_entropy", "cpp")
 class CppCrossEntropy:
     """The C++ kernels; the contract is :class:`curvkern.families.LossKernels`."""
 
+    VARIANTS: frozenset[str] = frozenset({"z_loss", "softcap", "weight"})  # refuse_variants raises for the others
+
     @staticmethod
-    def forward(logits: torch.Tensor, target: torch.Tensor, hyperparameters: CrossEntropyHyperparameters):
+    def forward(logits: torch.Tensor, target: torch.Tensor, hyperparameters: CrossEntropyLossHyperparameters):
+        refuse_variants("cpp", CppCrossEntropy.VARIANTS, hyperparameters, target)
         h = hyperparameters
-        return torch.ops.curvkern.cross_entropy_forward(logits, target, h.ignore_index, h.label_smoothing)
+        return torch.ops.curvkern.cross_entropy_forward(
+            logits, target, h.ignore_index, h.label_smoothing, **_variants(h)
+        )
 
     @staticmethod
     def backward(
@@ -54,11 +79,12 @@ class CppCrossEntropy:
         target: torch.Tensor,
         lse: torch.Tensor,
         grad_scale: torch.Tensor,
-        hyperparameters: CrossEntropyHyperparameters,
+        hyperparameters: CrossEntropyLossHyperparameters,
     ):
+        refuse_variants("cpp", CppCrossEntropy.VARIANTS, hyperparameters, target)
         h = hyperparameters
         return torch.ops.curvkern.cross_entropy_backward(
-            logits, target, lse, grad_scale, h.ignore_index, h.label_smoothing
+            logits, target, lse, grad_scale, h.ignore_index, h.label_smoothing, **_variants(h)
         )
 
     @staticmethod
@@ -67,14 +93,24 @@ class CppCrossEntropy:
         target: torch.Tensor,
         u: torch.Tensor,
         scale: torch.Tensor,
-        hyperparameters: CrossEntropyHyperparameters,
+        hyperparameters: CrossEntropyLossHyperparameters,
         shift_period: int,
         out: torch.Tensor,
         out_is_callers: bool = False,
     ):
+        refuse_variants("cpp", CppCrossEntropy.VARIANTS, hyperparameters, target)
         h = hyperparameters
         return torch.ops.curvkern.cross_entropy_hvp_(
-            logits, target, u, scale, h.ignore_index, h.label_smoothing, shift_period, out_is_callers, out
+            logits,
+            target,
+            u,
+            scale,
+            h.ignore_index,
+            h.label_smoothing,
+            shift_period,
+            out_is_callers,
+            out,
+            **_variants(h),
         )
 
     @staticmethod
@@ -84,7 +120,7 @@ class CppCrossEntropy:
         u: torch.Tensor | None,
         class_offset: int,
         num_classes: int,
-        hyperparameters: CrossEntropyHyperparameters,
+        hyperparameters: CrossEntropyLossHyperparameters,
     ):
         h = hyperparameters
         return torch.ops.curvkern.cross_entropy_partial_stats(
@@ -99,7 +135,7 @@ class CppCrossEntropy:
         grad_scale: torch.Tensor,
         class_offset: int,
         num_classes: int,
-        hyperparameters: CrossEntropyHyperparameters,
+        hyperparameters: CrossEntropyLossHyperparameters,
     ):
         h = hyperparameters
         return torch.ops.curvkern.cross_entropy_shard_backward(
@@ -115,7 +151,7 @@ class CppCrossEntropy:
         p_dot_u: torch.Tensor,
         scale: torch.Tensor,
         num_classes: int,
-        hyperparameters: CrossEntropyHyperparameters,
+        hyperparameters: CrossEntropyLossHyperparameters,
         out: torch.Tensor,
     ):
         torch.ops.curvkern.cross_entropy_shard_hvp_(

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from curvkern._dispatch import register
-from curvkern.hyperparameters import CrossEntropyHyperparameters
+from curvkern.hyperparameters import CrossEntropyLossHyperparameters, loss_variants
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -98,12 +98,127 @@ def _rows(scale: torch.Tensor) -> torch.Tensor:
     return scale if scale.dim() == 0 else scale[:, None]
 
 
+def is_soft(target: torch.Tensor) -> bool:
+    """Whether ``target`` holds class probabilities ((N, V) floating) rather than (N,) class indices."""
+    return target.is_floating_point()
+
+
+def refuse_variants(
+    backend: str, supported: frozenset[str], hyperparameters: CrossEntropyLossHyperparameters, target: torch.Tensor
+) -> None:
+    """NotImplementedError naming each loss variant of the call that ``backend`` does not implement: a backend
+    never computes something else in its place."""
+    missing = [name for name in loss_variants(hyperparameters, is_soft(target)) if name not in supported]
+    if missing:
+        raise NotImplementedError(
+            f"curvkern.cross_entropy: the {backend} backend does not implement {', '.join(missing)} yet; "
+            "fused='eager' does"
+        )
+
+
+def capped(x: torch.Tensor, softcap: float | None):
+    """z = c·tanh(x/c) and its first and second derivatives dz/dx = 1 − (z/c)², d²z/dx² = −2(z/c²)·dz/dx
+    (None, None without a cap: z = x)."""
+    if softcap is None:
+        return x, None, None
+    t = torch.tanh(x / softcap)
+    dz = 1 - t * t
+    return softcap * t, dz, -2 / softcap * t * dz
+
+
+def target_weights(z: torch.Tensor, target: torch.Tensor, h: CrossEntropyLossHyperparameters):
+    """``(valid, q, W)``: which rows count, the weighted smoothed target distribution q̃ (N, V) and its row
+    sums W = Σ_j q̃_j (docs/cross_entropy.md, "Loss variants"): the row's loss is W·lse − ⟨q̃, z⟩.
+
+    Class indices: q̃ = w_y·(1 − α)·e_y + α/V·w (w = 1 without weights), 0 on ignored rows. Probabilities t:
+    q̃ = w ⊙ ((1 − α)·t + α/V), every row valid."""
+    n, v = z.shape
+    alpha = h.label_smoothing
+    if is_soft(target):
+        valid = torch.ones(n, dtype=torch.bool, device=z.device)
+        q = target.to(z.dtype)
+        if alpha:
+            q = (1 - alpha) * q + alpha / v
+    else:
+        valid = target != h.ignore_index
+        in_range = _in_range(target, v)
+        q = torch.zeros_like(z)
+        if v:
+            q.scatter_(1, torch.where(valid & in_range, target, 0)[:, None], 1 - alpha)
+        q += alpha / v if v else 0.0
+        q = torch.where(valid[:, None], q, 0.0)
+        q = torch.where((valid & ~in_range)[:, None], float("nan"), q)  # a bad label: NaN, never a number
+    if h.weight is not None:
+        q = q * h.weight.to(z.dtype)
+    return valid, q, q.sum(dim=1)
+
+
+def _general_forward(logits, target, h):
+    z, _, _ = capped(logits.to(accumulation_dtype(logits.dtype)), h.softcap)
+    valid, q, weight_sum = target_weights(z, target, h)
+    lse = torch.logsumexp(z, dim=1)
+    loss = weight_sum * lse - (q * torch.where(valid[:, None], z, 0.0)).sum(dim=1)
+    if h.z_loss:
+        loss = loss + h.z_loss * lse * lse
+    return torch.where(valid, loss, 0.0), lse
+
+
+def _gradient_to_capped(z, lse, q, weight_sum, h):
+    """g_z = (W + 2λ·lse)·p − q̃, the row loss's gradient to the capped logits, and a = W + 2λ·lse."""
+    a = weight_sum + 2 * h.z_loss * lse if h.z_loss else weight_sum
+    p = torch.exp(z - lse[:, None])
+    return a[:, None] * p - q, a, p
+
+
+def _general_backward(logits, target, lse, grad_scale, h):
+    z, dz, _ = capped(logits.to(lse.dtype), h.softcap)
+    valid, q, weight_sum = target_weights(z, target, h)
+    grad, _, _ = _gradient_to_capped(z, lse, q, weight_sum, h)
+    if dz is not None:
+        grad = grad * dz
+    grad = grad * _rows(grad_scale)
+    if not is_soft(target):
+        grad = torch.where(_in_range(target, z.shape[1])[:, None], grad, float("nan"))
+    return torch.where(valid[:, None], grad, 0.0).to(logits.dtype)
+
+
+def _general_hvp(logits, target, u, scale, h, out):
+    """H u = Jᵀ H_z J u + diag(g_z ⊙ d²z/dx²) u with J = diag(dz/dx) and
+    H_z v = a·p ⊙ (v − ⟨p, v⟩) + 2λ·p·⟨p, v⟩; returns ⟨u, J g_z⟩ per row."""
+    z, dz, d2z = capped(logits.to(accumulation_dtype(logits.dtype)), h.softcap)
+    u = u.to(z.dtype)
+    valid, q, weight_sum = target_weights(z, target, h)
+    lse = torch.logsumexp(z, dim=1)
+    g_z, a, p = _gradient_to_capped(z, lse, q, weight_sum, h)
+    v = u if dz is None else u * dz
+    p_dot_v = (p * v).sum(dim=1)
+    hvp = a[:, None] * p * (v - p_dot_v[:, None])
+    if h.z_loss:
+        hvp = hvp + 2 * h.z_loss * p * p_dot_v[:, None]
+    if dz is not None:
+        hvp = hvp * dz + g_z * d2z * u
+    hvp = hvp * _rows(scale)
+    dot = (v * g_z).sum(dim=1)
+    if not is_soft(target):
+        bad = ~_in_range(target, z.shape[1])
+        hvp = torch.where(bad[:, None], float("nan"), hvp)
+        dot = torch.where(bad, float("nan"), dot)
+    out.copy_(torch.where(valid[:, None], hvp, 0.0))
+    return torch.where(valid, dot, 0.0)
+
+
 @register("cross_entropy", "eager")
 class EagerCrossEntropy:
-    """The reference kernels; the contract is :class:`curvkern.families.LossKernels`."""
+    """The reference kernels; the contract is :class:`curvkern.families.LossKernels`. Every loss variant
+    (:func:`~curvkern.hyperparameters.loss_variants`) is implemented, through the general formulas of
+    docs/cross_entropy.md ("Loss variants"); the default case keeps the plain formulas."""
+
+    VARIANTS = frozenset({"z_loss", "softcap", "weight", "weight with label smoothing", "probability targets"})
 
     @staticmethod
-    def forward(logits: torch.Tensor, target: torch.Tensor, hyperparameters: CrossEntropyHyperparameters):
+    def forward(logits: torch.Tensor, target: torch.Tensor, hyperparameters: CrossEntropyLossHyperparameters):
+        if loss_variants(hyperparameters, is_soft(target)):
+            return _general_forward(logits, target, hyperparameters)
         ignore_index, label_smoothing = hyperparameters.ignore_index, hyperparameters.label_smoothing
         z = logits.to(accumulation_dtype(logits.dtype))
         valid = target != ignore_index
@@ -120,8 +235,10 @@ class EagerCrossEntropy:
         target: torch.Tensor,
         lse: torch.Tensor,
         grad_scale: torch.Tensor,
-        hyperparameters: CrossEntropyHyperparameters,
+        hyperparameters: CrossEntropyLossHyperparameters,
     ):
+        if loss_variants(hyperparameters, is_soft(target)):
+            return _general_backward(logits, target, lse, grad_scale, hyperparameters)
         return EagerCrossEntropy.shard_backward(logits, target, lse, grad_scale, 0, logits.shape[1], hyperparameters)
 
     @staticmethod
@@ -130,12 +247,17 @@ class EagerCrossEntropy:
         target: torch.Tensor,
         u: torch.Tensor,
         scale: torch.Tensor,
-        hyperparameters: CrossEntropyHyperparameters,
+        hyperparameters: CrossEntropyLossHyperparameters,
         shift_period: int,
         out: torch.Tensor,
         out_is_callers: bool = False,
     ):
         ignore_index, label_smoothing = hyperparameters.ignore_index, hyperparameters.label_smoothing
+        if loss_variants(hyperparameters, is_soft(target)):
+            if shift_period and is_soft(target):
+                raise NotImplementedError("the causal shift takes class indices, not probability targets")
+            target = shifted_target(target, ignore_index, shift_period)
+            return _general_hvp(logits, target, u, scale, hyperparameters, out)
         target = shifted_target(target, ignore_index, shift_period)
         z = logits.to(accumulation_dtype(logits.dtype))
         u = u.to(z.dtype)
@@ -155,7 +277,7 @@ class EagerCrossEntropy:
         u: torch.Tensor | None,
         class_offset: int,
         num_classes: int,
-        hyperparameters: CrossEntropyHyperparameters,
+        hyperparameters: CrossEntropyLossHyperparameters,
     ):
         check_shard_inputs("partial_stats", logits, target, class_offset, num_classes, {"u": u}, {})
         ignore_index, label_smoothing = hyperparameters.ignore_index, hyperparameters.label_smoothing
@@ -182,7 +304,7 @@ class EagerCrossEntropy:
         grad_scale: torch.Tensor,
         class_offset: int,
         num_classes: int,
-        hyperparameters: CrossEntropyHyperparameters,
+        hyperparameters: CrossEntropyLossHyperparameters,
     ):
         check_shard_inputs(
             "shard_backward", logits, target, class_offset, num_classes, {}, {"lse": lse, "grad_scale": grad_scale}
@@ -208,7 +330,7 @@ class EagerCrossEntropy:
         p_dot_u: torch.Tensor,
         scale: torch.Tensor,
         num_classes: int,
-        hyperparameters: CrossEntropyHyperparameters,
+        hyperparameters: CrossEntropyLossHyperparameters,
         out: torch.Tensor,
     ):
         check_shard_inputs(

@@ -20,10 +20,10 @@ import torch
 from curvkern._dispatch import is_dtensor, select
 from curvkern.ce import vocab_parallel
 from curvkern.ce.eager import accumulation_dtype
-from curvkern.hyperparameters import CrossEntropyHyperparameters
+from curvkern.hyperparameters import CrossEntropyLossHyperparameters, loss_variants
 
 FAMILY = "cross_entropy"
-_DEFAULTS = CrossEntropyHyperparameters()
+_DEFAULTS = CrossEntropyLossHyperparameters()
 REDUCTIONS = ("mean", "sum", "none")
 LOGIT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # F.cross_entropy's class-index dtypes; uint8 labels are widened to int64 for the kernels.
@@ -64,33 +64,40 @@ def _check_row_arguments(
         raise TypeError(f"curvkern.cross_entropy: logits must be one of {LOGIT_DTYPES}, got {dtype}")
     if len(shape) == 0:
         raise ValueError("curvkern.cross_entropy: logits must have a class dimension, got a 0-dim tensor")
-    if target.dtype != torch.int64:
+    soft = target.is_floating_point()
+    if soft:
+        if target.shape != shape or target.dtype != dtype:
+            raise RuntimeError(
+                f"probability targets must have the logits' shape and dtype {tuple(shape)} {dtype}, got "
+                f"{tuple(target.shape)} {target.dtype}"
+            )
+    elif target.dtype != torch.int64:
         raise RuntimeError(f"expected target dtype to be Long (class indices), got {target.dtype}")
-    if target.shape != shape[:-1]:
+    elif target.shape != shape[:-1]:
         raise ValueError(
             f"Expected target size {tuple(shape[:-1])} for logits of shape {tuple(shape)} "
             f"(classes last), got {tuple(target.shape)}"
         )
     if target.device != device:
         raise RuntimeError(f"logits on {device} and target on {target.device}: expected one device")
-    if shape[-1] == 0 and target.numel() > 0:
+    if shape[-1] == 0 and math.prod(shape[:-1]) > 0:
         raise ValueError("curvkern.cross_entropy: logits have no classes (C = 0)")
-    _check_target_range(target, shape[-1], ignore_index)
+    if not soft:
+        _check_target_range(target, shape[-1], ignore_index)
 
 
 def _check_class_dim_arguments(logits: torch.Tensor, target: torch.Tensor) -> None:
     """F.cross_entropy's shape and dtype rules for (C), (N, C) or (N, C, d1, …, dk) logits, with its
-    messages; what it accepts and curvkern does not (class-probability targets) raises too. ``logits`` may
-    be a DTensor (its global shape is checked)."""
+    messages; a floating target shaped like the logits holds class probabilities. ``logits`` may be a DTensor
+    (its global shape is checked)."""
     if logits.dim() == 0:
         raise ValueError(
             "curvkern.cross_entropy: logits must be (C), (N, C) or (N, C, d1, ..., dk), got a 0-dim tensor"
         )
     if target.is_floating_point() and target.shape == logits.shape:
-        raise NotImplementedError(
-            "curvkern.cross_entropy: targets of class probabilities (a floating-point target shaped like the "
-            "logits) are not supported; pass class indices (int64)"
-        )
+        if target.dtype != logits.dtype:
+            raise RuntimeError(f"probability targets must have the logits' dtype {logits.dtype}, got {target.dtype}")
+        return
     if target.dtype not in TARGET_DTYPES:
         raise RuntimeError(f"expected target dtype to be Long or Byte (class indices), but got {target.dtype}")
     expected = logits.shape[:1] + logits.shape[2:] if logits.dim() >= 2 else torch.Size()
@@ -121,8 +128,52 @@ def _classes_first(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _class_indices(target: torch.Tensor) -> torch.Tensor:
-    """Class indices as the kernels read them: int64."""
-    return target if target.dtype == torch.int64 else target.long()
+    """Class indices as the kernels read them: int64 (probability targets as they are)."""
+    return target if target.dtype == torch.int64 or target.is_floating_point() else target.long()
+
+
+def _flat_target(target: torch.Tensor) -> torch.Tensor:
+    """The kernels' target: (N,) contiguous class indices, or (N, V) contiguous probabilities from a
+    classes-last (…, V) floating target."""
+    if target.is_floating_point():
+        return target.reshape(-1, target.shape[-1] if target.dim() else 1).contiguous()
+    return target.reshape(-1).contiguous()
+
+
+def _row_count(target: torch.Tensor) -> int:
+    return target.shape[0] if target.is_floating_point() else target.numel()
+
+
+def _kernels_for(fused: str, device: torch.device, hyperparameters, soft: bool, who: str = "curvkern.cross_entropy"):
+    """The selected backend's kernels. A loss variant the backend does not implement raises
+    NotImplementedError naming it and the backend when ``fused`` names that backend; ``"auto"`` takes the
+    eager reference for it instead (every variant is implemented there)."""
+    name, kernels = select(FAMILY, fused, device)
+    missing = [v for v in loss_variants(hyperparameters, soft) if v not in getattr(kernels, "VARIANTS", frozenset())]
+    if not missing:
+        return kernels
+    if fused == "auto":
+        return select(FAMILY, "eager", device)[1]
+    raise NotImplementedError(
+        f"{who}: the {name} backend (fused={fused!r}) does not implement {', '.join(missing)} yet; "
+        "fused='eager' (or 'auto') does"
+    )
+
+
+def _loss_hyperparameters(
+    ignore_index, label_smoothing, reduction, z_loss, softcap, weight, num_classes, dtype, device
+):
+    """The record of a call, its variants checked (ValueError naming the hyperparameter)."""
+    hyperparameters = CrossEntropyLossHyperparameters(
+        int(ignore_index),
+        float(label_smoothing),
+        reduction,
+        z_loss=z_loss,
+        softcap=softcap,
+        weight=weight,
+    )
+    hyperparameters.check_weight(num_classes, dtype, device)
+    return hyperparameters
 
 
 def _check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
@@ -163,17 +214,29 @@ def _mean_scale(valid_count: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.reciprocal(valid_count.to(dtype))
 
 
-def _reduction_scale(target: torch.Tensor, ignore_index: int, reduction: str, dtype: torch.dtype) -> torch.Tensor:
-    if reduction == "mean":
-        return _mean_scale((target != ignore_index).sum(), dtype)
-    return torch.ones((), dtype=dtype, device=target.device)
+def _reduction_scale(
+    target: torch.Tensor, ignore_index: int, reduction: str, dtype: torch.dtype, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The reduction's weight c: 1 for ``sum`` and ``none``; for ``mean`` 1/n over the n valid rows, 1/N
+    over all N rows for probability targets, 1/Σ w_{y_r} over the valid rows with class weights (class
+    indices), as F.cross_entropy divides."""
+    if reduction != "mean":
+        return torch.ones((), dtype=dtype, device=target.device)
+    if target.is_floating_point():
+        return _mean_scale(torch.tensor(target.shape[0], device=target.device), dtype)
+    valid = target != ignore_index
+    if weight is None:
+        return _mean_scale(valid.sum(), dtype)
+    labels = torch.where(valid, target, 0).clamp(0, max(weight.shape[0] - 1, 0))
+    return torch.reciprocal(torch.where(valid, weight.to(dtype)[labels], 0.0).sum())
 
 
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, kernels, hyperparameters):
         loss_rows, lse = kernels.forward(logits, target, hyperparameters)
-        scale = _reduction_scale(target, hyperparameters.ignore_index, hyperparameters.reduction, lse.dtype)
+        h = hyperparameters
+        scale = _reduction_scale(target, h.ignore_index, h.reduction, lse.dtype, h.weight)
         ctx.save_for_backward(logits, target, lse, scale)
         ctx.config = (kernels, hyperparameters)
         if hyperparameters.reduction == "none":
@@ -229,9 +292,12 @@ def cross_entropy(
     ignore_index: int = _DEFAULTS.ignore_index,
     reduction: str = _DEFAULTS.reduction,
     label_smoothing: float = _DEFAULTS.label_smoothing,
+    z_loss: float = _DEFAULTS.z_loss,
+    softcap: float | None = _DEFAULTS.softcap,
     fused: str = "auto",
 ) -> torch.Tensor:
-    """``torch.nn.functional.cross_entropy`` with class-index targets, differentiable twice through kernels.
+    """``torch.nn.functional.cross_entropy``, differentiable twice through kernels, with the loss variants
+    language-model training uses.
 
     Shapes are F.cross_entropy's: ``logits`` (C), (N, C) or (N, C, d1, …, dk), classes in dim 1; ``target``
     (), (N) or (N, d1, …, dk) of class indices in [0, C) or ``ignore_index``, int64 (uint8 accepted, as
@@ -248,6 +314,14 @@ def cross_entropy(
     are already the dense dimension, one copy otherwise; results come back in the logits' shape.
     Conventions and formulas: docs/cross_entropy.md.
 
+    Loss variants (docs/cross_entropy.md, "Loss variants"; each enters the gradient and the HVP):
+    ``weight`` (C,) per-class weights in the logits' dtype (the weighted mean divides by Σ w_y over the valid
+    targets, as F.cross_entropy); ``target`` of class probabilities, a floating tensor of the logits' shape and
+    dtype (``ignore_index`` does not apply; the mean divides by the number of elements N·d1⋯dk); ``z_loss`` λ ≥ 0
+    adds λ·logsumexp(z)² to each valid element's loss; ``softcap`` c > 0 replaces the logits by c·tanh(z/c)
+    first. The eager backend implements them all; a backend that lacks one raises NotImplementedError naming
+    it when ``fused`` names that backend, and ``"auto"`` takes the eager one for it.
+
     ``fused`` picks the backend (``"auto"``, ``"eager"``, ``"cpp"``, ``"triton"``; see
     :mod:`curvkern._dispatch`).
 
@@ -255,8 +329,10 @@ def cross_entropy(
     logits, a target of another batch size; ``RuntimeError`` for another target shape, a target that is
     not int64/uint8, ``label_smoothing`` outside [0, 1] or tensors on two devices; ``TypeError`` for
     logits of another dtype; ``IndexError`` for a target outside [0, C) on CPU tensors (on a GPU that
-    element's loss is NaN instead: the check would cost a host sync); ``NotImplementedError`` for what
-    F.cross_entropy takes and curvkern does not: ``weight`` and class-probability (floating-point) targets.
+    element's loss is NaN instead: the check would cost a host sync); ``ValueError`` naming ``z_loss``,
+    ``softcap`` or ``weight`` for a value outside its range (a weight not (C,), not in the logits' dtype or
+    device, or not finite on the CPU); ``NotImplementedError`` for a loss variant the selected backend (or
+    DTensor logits) does not implement.
 
     DTensor logits (vocabulary parallelism; docs/cross_entropy.md, "Vocabulary-parallel logits"): sharded
     on the class dimension (``Shard(1)``, ``Shard(0)`` for (C) logits) on one mesh dimension and Replicate on
@@ -267,35 +343,63 @@ def cross_entropy(
     shard. Other layouts (``Partial``, a Shard of another dimension, the class dimension sharded over
     several mesh dimensions, a sharded target) raise ``NotImplementedError`` naming the placements.
     """
-    if weight is not None:
-        raise NotImplementedError("curvkern.cross_entropy: per-class weight is not supported; pass weight=None")
+    variants = dict(z_loss=z_loss, softcap=softcap, weight=weight)
     if is_dtensor(logits) or is_dtensor(target):
+        _refuse_dtensor_variants("curvkern.cross_entropy", target, **variants)
         return _dtensor_cross_entropy(
             logits, target, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, fused=fused
         )
     _check_class_dim_arguments(logits, target)
     return _cross_entropy_classes_last(
         _classes_last(logits),
-        _class_indices(target),
+        _classes_last(target) if target.is_floating_point() else _class_indices(target),
         ignore_index=ignore_index,
         reduction=reduction,
         label_smoothing=label_smoothing,
         fused=fused,
+        **variants,
     )
 
 
+def _refuse_dtensor_variants(who: str, target, *, z_loss, softcap, weight) -> None:
+    """The vocabulary-parallel path implements no loss variant yet: NotImplementedError naming them."""
+    used = {
+        "z_loss": bool(z_loss),
+        "softcap": softcap is not None,
+        "weight": weight is not None,
+        "probability targets": target.is_floating_point(),
+    }
+    names = [name for name, in_use in used.items() if in_use]
+    if names:
+        raise NotImplementedError(
+            f"{who}: {', '.join(names)} on DTensor logits (vocabulary-parallel) is not implemented; pass plain tensors"
+        )
+
+
 def _cross_entropy_classes_last(
-    logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int, reduction: str, label_smoothing: float, fused: str
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    fused: str,
+    z_loss: float = _DEFAULTS.z_loss,
+    softcap: float | None = _DEFAULTS.softcap,
+    weight: torch.Tensor | None = _DEFAULTS.weight,
 ) -> torch.Tensor:
-    """:func:`cross_entropy` on (…, V) logits (classes last) and (…) int64 targets."""
+    """:func:`cross_entropy` on (…, V) logits (classes last) and (…) int64 targets or (…, V) probabilities."""
     _check_arguments(logits, target, reduction, ignore_index)
     if not 0.0 <= label_smoothing <= 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
-    _, kernels = select(FAMILY, fused, logits.device)
-    hyperparameters = CrossEntropyHyperparameters(int(ignore_index), float(label_smoothing), reduction)
+    hyperparameters = _loss_hyperparameters(
+        ignore_index, label_smoothing, reduction, z_loss, softcap, weight, logits.shape[-1], logits.dtype, logits.device
+    )
+    soft = target.is_floating_point()
+    kernels = _kernels_for(fused, logits.device, hyperparameters, soft)
     rows = _as_rows(logits)
-    loss = _CrossEntropy.apply(rows, target.reshape(-1).contiguous(), kernels, hyperparameters)
-    return loss.view(target.shape) if reduction == "none" else loss
+    loss = _CrossEntropy.apply(rows, _flat_target(target), kernels, hyperparameters)
+    return loss.view(logits.shape[:-1]) if reduction == "none" else loss
 
 
 def ce_hvp(
@@ -305,6 +409,10 @@ def ce_hvp(
     *,
     ignore_index: int = _DEFAULTS.ignore_index,
     reduction: str = _DEFAULTS.reduction,
+    weight: torch.Tensor | None = _DEFAULTS.weight,
+    label_smoothing: float = _DEFAULTS.label_smoothing,
+    z_loss: float = _DEFAULTS.z_loss,
+    softcap: float | None = _DEFAULTS.softcap,
     out: torch.Tensor | None = None,
     fused: str = "auto",
 ) -> torch.Tensor:
@@ -315,7 +423,10 @@ def ce_hvp(
     along dim 1), with p their softmax: ``H u = c (p ⊙ u − p ⟨p, u⟩)``, with c the reduction's weight
     (1/n over the n non-ignored targets for ``mean``, 1 for ``sum`` and ``none``, 0 where ignored).
     This is the double backward of ``F.cross_entropy`` with an incoming gradient of ones; label
-    smoothing does not enter the Hessian (docs/cross_entropy.md). fp64 logits accumulate in fp64,
+    smoothing does not enter the Hessian (docs/cross_entropy.md). ``weight``, probability targets,
+    ``z_loss`` and ``softcap`` as in :func:`cross_entropy`: with them the Hessian is the one of
+    docs/cross_entropy.md, "Loss variants" (``label_smoothing`` enters it through the class weights, and
+    through the gradient term of the soft cap). fp64 logits accumulate in fp64,
     fp32/bf16/fp16 in fp32; the result has the logits' dtype and is written into ``out`` when given.
     Not differentiable.
 
@@ -326,13 +437,23 @@ def ce_hvp(
     (for DTensor logits: is not a DTensor with their placements).
     """
     if any(is_dtensor(tensor) for tensor in (logits, target, u, out)):
+        _refuse_dtensor_variants("curvkern.ce_hvp", target, z_loss=z_loss, softcap=softcap, weight=weight)
+        if label_smoothing:
+            raise NotImplementedError("curvkern.ce_hvp: label_smoothing on DTensor logits is not implemented")
         return _dtensor_ce_hvp(logits, target, u, ignore_index=ignore_index, reduction=reduction, out=out, fused=fused)
     _check_class_dim_arguments(logits, target)
     _check_hvp_tensors(logits, u, out)
     target = _class_indices(target)
-    _check_arguments(_classes_last(logits), target, reduction, ignore_index)
-    _, kernels = select(FAMILY, fused, logits.device)
-    return _class_dim_hvp(kernels, logits, target, u, ignore_index=ignore_index, reduction=reduction, out=out)
+    rows_target = _classes_last(target) if target.is_floating_point() else target
+    _check_arguments(_classes_last(logits), rows_target, reduction, ignore_index)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    num_classes = logits.shape[_class_dim(logits)]
+    hyperparameters = _loss_hyperparameters(
+        ignore_index, label_smoothing, reduction, z_loss, softcap, weight, num_classes, logits.dtype, logits.device
+    )
+    kernels = _kernels_for(fused, logits.device, hyperparameters, target.is_floating_point(), "curvkern.ce_hvp")
+    return _class_dim_hvp(kernels, logits, target, u, hyperparameters=hyperparameters, out=out)
 
 
 def _check_hvp_tensors(logits: torch.Tensor, u: torch.Tensor, out: torch.Tensor | None) -> None:
@@ -346,13 +467,12 @@ def _check_hvp_tensors(logits: torch.Tensor, u: torch.Tensor, out: torch.Tensor 
         raise ValueError(f"out must match the logits' shape, dtype and device, got {tuple(out.shape)} {out.dtype}")
 
 
-def _class_dim_hvp(kernels, logits, target, u, *, ignore_index, reduction, out):
-    """:func:`ce_hvp` on checked plain tensors (classes in dim 1) and int64 targets."""
-    hyperparameters = CrossEntropyHyperparameters(ignore_index=int(ignore_index), reduction=reduction)
+def _class_dim_hvp(kernels, logits, target, u, *, hyperparameters, out):
+    """:func:`ce_hvp` on checked plain tensors (classes in dim 1), int64 targets or probabilities."""
     result = _hvp_into(
         kernels,
         _classes_last(logits),
-        target.reshape(-1).contiguous(),
+        _flat_target(_classes_last(target) if target.is_floating_point() else target),
         _classes_last(u),
         hyperparameters,
         None if out is None else _classes_last(out),
@@ -375,7 +495,7 @@ def _hvp_into(kernels, logits, flat_target, u, hyperparameters, out, shift_perio
     if reduction == "mean" and valid_count is not None:  # the caller counted (the causal shift)
         scale = _mean_scale(valid_count, acc)
     else:
-        scale = _reduction_scale(flat_target, ignore_index, reduction, acc)
+        scale = _reduction_scale(flat_target, ignore_index, reduction, acc, hyperparameters.weight)
     out_rows = _writable_rows(out)
     out_is_callers = out_given and out_rows is not None
     with torch.no_grad():
@@ -435,7 +555,7 @@ def _dtensor_cross_entropy(logits, target, *, ignore_index, reduction, label_smo
     layout, target, kernels = _dtensor_kernels(logits, target, reduction, ignore_index, fused, "curvkern.cross_entropy")
     if not 0.0 <= label_smoothing <= 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
-    hyperparameters = CrossEntropyHyperparameters(int(ignore_index), float(label_smoothing), reduction)
+    hyperparameters = CrossEntropyLossHyperparameters(int(ignore_index), float(label_smoothing), reduction)
     # to_local() is differentiable: the gradient of the shard comes back as a DTensor with the placements.
     rows = _as_rows(_classes_last(logits.to_local()))
     loss = _CrossEntropy.apply(rows, target.reshape(-1).contiguous(), kernels, hyperparameters)
@@ -456,8 +576,7 @@ def _dtensor_ce_hvp(logits, target, u, *, ignore_index, reduction, out, fused):
             logits.to_local(),
             target,
             u.to_local(),
-            ignore_index=ignore_index,
-            reduction=reduction,
+            hyperparameters=CrossEntropyLossHyperparameters(ignore_index=int(ignore_index), reduction=reduction),
             out=None if out is None else out.to_local(),
         )
     return out if out is not None else vocab_parallel.like_logits(result, logits)

@@ -17,8 +17,8 @@ import struct
 import torch
 
 from curvkern._dispatch import register
-from curvkern.ce.eager import accumulation_dtype, check_shard_inputs
-from curvkern.hyperparameters import CrossEntropyHyperparameters
+from curvkern.ce.eager import accumulation_dtype, check_shard_inputs, refuse_variants
+from curvkern.hyperparameters import CrossEntropyLossHyperparameters
 
 if importlib.util.find_spec("triton") is not None:
     import triton
@@ -28,6 +28,26 @@ if importlib.util.find_spec("triton") is not None:
     def _exact_scalar(hi, lo, ACC: tl.constexpr):
         """A host float passed as two fp32 numbers (Triton passes floats as fp32), rebuilt in ACC."""
         return tl.cast(hi, ACC) + tl.cast(lo, ACC)
+
+    @triton.jit
+    def _tanh(y):
+        """tanh with its relative accuracy near 0 (Triton's interpreter has no libdevice): an odd series below
+        |y| = 0.04 (the first omitted term is under 2^-53 of tanh there), (1 − e^{−2|y|}) / (1 + e^{−2|y|})
+        above, whose cancellation costs at most about 1.5e-15 relative in fp64 (7e-7 in fp32) at 0.04."""
+        a = tl.abs(y)
+        e = tl.exp(-2.0 * a)
+        big = (1.0 - e) / (1.0 + e)
+        y2 = a * a
+        small = a * (1.0 + y2 * (-1.0 / 3.0 + y2 * (2.0 / 15.0 + y2 * (-17.0 / 315.0 + y2 * (62.0 / 2835.0)))))
+        t = tl.where(a < 0.04, small, big)
+        return tl.where(y < 0.0, -t, t)
+
+    @triton.jit
+    def _label_weight(weight_ptr, label, live, in_range, ACC: tl.constexpr, ROWS: tl.constexpr, WEIGHTED: tl.constexpr):
+        """w_y per row, the class weight of its label (1 without weights; only without label smoothing)."""
+        if WEIGHTED:
+            return tl.load(weight_ptr + label, mask=live & in_range, other=1.0).to(ACC)
+        return tl.full([ROWS], 1.0, ACC)
 
     @triton.jit
     def _program_rows(target_ptr, N, V, ignore_index, shift_period, ROWS: tl.constexpr, SHIFTED: tl.constexpr):
@@ -57,10 +77,13 @@ if importlib.util.find_spec("triton") is not None:
         SUMS: tl.constexpr,
         ROWS: tl.constexpr,
         BLOCK_V: tl.constexpr,
+        cap=1.0,
+        CAP: tl.constexpr = False,
     ):
         """Sweep 1: online max, Σ e^{z−max}, ⟨e^{z−max}, u⟩, Σz, Σu over [ROWS, V] rows, tile by tile.
 
-        ``z_ptrs``/``u_ptrs`` point at column 0 of each row; ``live`` masks the rows to read at all."""
+        ``z_ptrs``/``u_ptrs`` point at column 0 of each row; ``live`` masks the rows to read at all. CAP: the
+        logits are capped, z = cap·tanh(x/cap), and u is replaced by J⊙u with J = 1 − tanh²."""
         cols = tl.arange(0, BLOCK_V)
         running_max = tl.full([ROWS], float("-inf"), ACC)
         sum_exp = tl.zeros([ROWS], ACC)
@@ -70,6 +93,9 @@ if importlib.util.find_spec("triton") is not None:
         for start in range(0, V, BLOCK_V):
             mask = live[:, None] & (start + cols < V)[None, :]
             z = tl.load(z_ptrs[:, None] + (start + cols)[None, :], mask=mask, other=float("-inf")).to(ACC)
+            if CAP:
+                t = _tanh(z / cap)
+                z = tl.where(mask, cap * t, float("-inf"))
             new_max = tl.maximum(running_max, tl.max(z, axis=1))
             # While a row has seen only -inf, shift by 0: e^{-inf} = 0 and a NaN still propagates.
             shift = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -78,6 +104,8 @@ if importlib.util.find_spec("triton") is not None:
             sum_exp = sum_exp * rescale + tl.sum(e, axis=1)
             if WITH_U:
                 u = tl.load(u_ptrs[:, None] + (start + cols)[None, :], mask=mask, other=0.0).to(ACC)
+                if CAP:
+                    u = u * (1.0 - t * t)
                 sum_exp_u = sum_exp_u * rescale + tl.sum(e * u, axis=1)
                 if SUMS:
                     sum_u += tl.sum(u, axis=1)
@@ -91,6 +119,7 @@ if importlib.util.find_spec("triton") is not None:
         logits_ptr,
         row_stride,
         target_ptr,
+        weight_ptr,
         loss_ptr,
         lse_ptr,
         N,
@@ -98,20 +127,36 @@ if importlib.util.find_spec("triton") is not None:
         ignore_index,
         smoothing_hi,
         smoothing_lo,
+        z_loss_hi,
+        z_loss_lo,
+        cap_hi,
+        cap_lo,
         ACC: tl.constexpr,
         SMOOTHING: tl.constexpr,
+        Z_LOSS: tl.constexpr,
+        CAP: tl.constexpr,
+        WEIGHTED: tl.constexpr,
         ROWS: tl.constexpr,
         BLOCK_V: tl.constexpr,
     ):
         label_smoothing = _exact_scalar(smoothing_hi, smoothing_lo, ACC)
+        cap = _exact_scalar(cap_hi, cap_lo, ACC)
         rows, row_mask, label, live, in_range = _program_rows(target_ptr, N, V, ignore_index, 0, ROWS, False)
         z_ptrs = logits_ptr + rows * row_stride
-        running_max, sum_exp, _, sum_z, _ = _row_stats(z_ptrs, z_ptrs, live, V, ACC, False, SMOOTHING, ROWS, BLOCK_V)
+        running_max, sum_exp, _, sum_z, _ = _row_stats(
+            z_ptrs, z_ptrs, live, V, ACC, False, SMOOTHING, ROWS, BLOCK_V, cap, CAP
+        )
         lse = running_max + tl.log(sum_exp)
         z_label = tl.load(z_ptrs + label, mask=live & in_range, other=0.0).to(ACC)
+        if CAP:
+            z_label = cap * _tanh(z_label / cap)
         loss = lse - (1.0 - label_smoothing) * z_label
         if SMOOTHING:
             loss -= label_smoothing / V * sum_z
+        if WEIGHTED:
+            loss = loss * _label_weight(weight_ptr, label, live, in_range, ACC, ROWS, WEIGHTED)
+        if Z_LOSS:
+            loss += _exact_scalar(z_loss_hi, z_loss_lo, ACC) * lse * lse
         loss = tl.where(in_range, loss, float("nan"))  # a bad label is never a silent number
         tl.store(loss_ptr + rows, tl.where(live, loss, 0.0), mask=row_mask)
         tl.store(lse_ptr + rows, tl.where(live, lse, 0.0), mask=row_mask)
@@ -121,6 +166,7 @@ if importlib.util.find_spec("triton") is not None:
         logits_ptr,
         row_stride,
         target_ptr,
+        weight_ptr,
         lse_ptr,
         scale_ptr,
         scale_stride,
@@ -132,17 +178,29 @@ if importlib.util.find_spec("triton") is not None:
         ignore_index,
         smoothing_hi,
         smoothing_lo,
+        z_loss_hi,
+        z_loss_lo,
+        cap_hi,
+        cap_lo,
         ACC: tl.constexpr,
+        Z_LOSS: tl.constexpr,
+        CAP: tl.constexpr,
+        WEIGHTED: tl.constexpr,
         ROWS: tl.constexpr,
         BLOCK_V: tl.constexpr,
     ):
         """The gradient over V columns starting at ``class_offset`` of ``num_classes`` (a vocabulary shard;
-        0 and V for whole rows)."""
+        0 and V for whole rows). Z_LOSS: scale·(a·p − q) with a = 1 + 2λ·lse."""
         label_smoothing = _exact_scalar(smoothing_hi, smoothing_lo, ACC)
         rows, row_mask, label, live, in_range = _program_rows(target_ptr, N, num_classes, ignore_index, 0, ROWS, False)
         lse = tl.load(lse_ptr + rows, mask=live, other=0.0)
         scale = tl.load(scale_ptr + rows * scale_stride, mask=live, other=0.0)
         scale = tl.where(live, tl.where(in_range, scale, float("nan")), 0.0)
+        # a = w_y + 2λ·lse (class weights only without label smoothing: the row's loss is w_y times the plain one).
+        label_weight = _label_weight(weight_ptr, label, live, in_range, ACC, ROWS, WEIGHTED)
+        a = label_weight
+        if Z_LOSS:
+            a = label_weight + 2.0 * _exact_scalar(z_loss_hi, z_loss_lo, ACC) * lse
         cols = tl.arange(0, BLOCK_V)
         for start in range(0, V, BLOCK_V):
             col = start + cols
@@ -151,7 +209,18 @@ if importlib.util.find_spec("triton") is not None:
                 logits_ptr + rows[:, None] * row_stride + col[None, :], mask=mask & live[:, None], other=0.0
             ).to(ACC)
             target_part = tl.where((col + class_offset)[None, :] == label[:, None], 1.0 - label_smoothing, 0.0)
-            grad = scale[:, None] * (tl.exp(z - lse[:, None]) - label_smoothing / num_classes - target_part)
+            if WEIGHTED:
+                target_part = target_part * label_weight[:, None]
+            if CAP:
+                cap = _exact_scalar(cap_hi, cap_lo, ACC)
+                t = _tanh(z / cap)
+                z = cap * t
+            p = tl.exp(z - lse[:, None])
+            if Z_LOSS or WEIGHTED:
+                p = a[:, None] * p
+            grad = scale[:, None] * (p - label_smoothing / num_classes - target_part)
+            if CAP:
+                grad = grad * (1.0 - t * t)
             grad = tl.where(live[:, None], grad, 0.0)
             tl.store(grad_ptr + rows[:, None] * V + col[None, :], grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
@@ -160,6 +229,7 @@ if importlib.util.find_spec("triton") is not None:
         logits_ptr,
         row_stride,
         target_ptr,
+        weight_ptr,
         u_ptr,
         u_row_stride,
         scale_ptr,
@@ -172,10 +242,17 @@ if importlib.util.find_spec("triton") is not None:
         ignore_index,
         smoothing_hi,
         smoothing_lo,
+        z_loss_hi,
+        z_loss_lo,
+        cap_hi,
+        cap_lo,
         shift_period,
         SHIFTED: tl.constexpr,
         ACC: tl.constexpr,
         SMOOTHING: tl.constexpr,
+        Z_LOSS: tl.constexpr,
+        CAP: tl.constexpr,
+        WEIGHTED: tl.constexpr,
         ROWS: tl.constexpr,
         BLOCK_V: tl.constexpr,
     ):
@@ -185,12 +262,24 @@ if importlib.util.find_spec("triton") is not None:
         )
         z_ptrs = logits_ptr + rows * row_stride
         u_ptrs = u_ptr + rows * u_row_stride
+        cap = _exact_scalar(cap_hi, cap_lo, ACC)
         running_max, sum_exp, sum_exp_u, _, sum_u = _row_stats(
-            z_ptrs, u_ptrs, live, V, ACC, True, SMOOTHING, ROWS, BLOCK_V
+            z_ptrs, u_ptrs, live, V, ACC, True, SMOOTHING, ROWS, BLOCK_V, cap, CAP
         )
-        p_dot_u = sum_exp_u / sum_exp
+        p_dot_u = sum_exp_u / sum_exp  # ⟨p, J⊙u⟩ with a cap
         scale = tl.load(scale_ptr + rows * scale_stride, mask=live, other=0.0).to(ACC)
         weight = tl.where(live, tl.where(in_range, scale / sum_exp, float("nan")), 0.0)
+        # The z-loss: H = a·(diag p − p pᵀ) + 2λ·p pᵀ with a = 1 + 2λ·lse, so H u = p ⊙ (a·u − (a − 2λ)·⟨p, u⟩).
+        # Class weights (without label smoothing): a = w_y + 2λ·lse and the label's term times w_y.
+        label_weight = _label_weight(weight_ptr, label, live, in_range, ACC, ROWS, WEIGHTED)
+        a = label_weight
+        shift = p_dot_u
+        two_lambda = 0.0
+        if Z_LOSS:
+            two_lambda = 2.0 * _exact_scalar(z_loss_hi, z_loss_lo, ACC)
+            a = label_weight + two_lambda * (running_max + tl.log(sum_exp))
+        if Z_LOSS or WEIGHTED:
+            shift = (a - two_lambda) * p_dot_u
         cols = tl.arange(0, BLOCK_V)
         # Sweep 2: recompute p tile by tile and write; ignored rows load nothing and store zeros.
         for start in range(0, V, BLOCK_V):
@@ -199,13 +288,30 @@ if importlib.util.find_spec("triton") is not None:
             read = mask & live[:, None]
             z = tl.load(z_ptrs[:, None] + col[None, :], mask=read, other=0.0).to(ACC)
             u = tl.load(u_ptrs[:, None] + col[None, :], mask=read, other=0.0).to(ACC)
-            hvp = weight[:, None] * tl.exp(z - running_max[:, None]) * (u - p_dot_u[:, None])
+            if CAP:
+                # J⊙H_z(J⊙u) + g⊙z''⊙u with t = tanh(x/c), J = 1 − t², z'' = −(2/c)·t·J, g = a·p − q.
+                t = _tanh(z / cap)
+                jacobian = 1.0 - t * t
+                p = weight[:, None] * tl.exp(cap * t - running_max[:, None])
+                h = a[:, None] * p * (jacobian * u - p_dot_u[:, None]) + two_lambda * p * p_dot_u[:, None]
+                target_part = tl.where(col[None, :] == label[:, None], 1.0 - label_smoothing, 0.0)
+                if WEIGHTED:
+                    target_part = target_part * label_weight[:, None]
+                g = a[:, None] * p - (label_smoothing / V + target_part) * tl.where(live, scale, 0.0)[:, None]
+                hvp = jacobian * h + g * (-2.0 / cap) * t * jacobian * u
+            else:
+                if Z_LOSS or WEIGHTED:
+                    u = a[:, None] * u
+                hvp = weight[:, None] * tl.exp(z - running_max[:, None]) * (u - shift[:, None])
             hvp = tl.where(live[:, None], hvp, 0.0)
             tl.store(
                 out_ptr + rows[:, None] * out_row_stride + col[None, :], hvp.to(out_ptr.dtype.element_ty), mask=mask
             )
         u_label = tl.load(u_ptrs + label, mask=live & in_range, other=0.0).to(ACC)
-        dot = p_dot_u - (1.0 - label_smoothing) * u_label
+        if CAP:
+            t_label = _tanh(tl.load(z_ptrs + label, mask=live & in_range, other=0.0).to(ACC) / cap)
+            u_label = u_label * (1.0 - t_label * t_label)
+        dot = a * p_dot_u - (1.0 - label_smoothing) * label_weight * u_label
         if SMOOTHING:
             dot -= label_smoothing / V * sum_u
         dot = tl.where(in_range, dot, float("nan"))
@@ -313,6 +419,16 @@ def _accumulator(dtype: torch.dtype):
     return tl.float64 if accumulation_dtype(dtype) == torch.float64 else tl.float32
 
 
+def _weight_or(hyperparameters: CrossEntropyLossHyperparameters, placeholder: torch.Tensor) -> torch.Tensor:
+    """The class weights, or ``placeholder`` (a tensor the kernel does not read) without them."""
+    return placeholder if hyperparameters.weight is None else hyperparameters.weight
+
+
+def _cap(hyperparameters: CrossEntropyLossHyperparameters) -> float:
+    """The soft cap c, 1 (unused) without one."""
+    return 1.0 if hyperparameters.softcap is None else hyperparameters.softcap
+
+
 def _row_stride(tensor: torch.Tensor) -> int:
     return tensor.stride(0) if tensor.shape[0] > 1 else tensor.shape[1]
 
@@ -321,8 +437,11 @@ def _row_stride(tensor: torch.Tensor) -> int:
 class TritonCrossEntropy:
     """The Triton kernels; the contract is :class:`curvkern.families.LossKernels`."""
 
+    VARIANTS: frozenset[str] = frozenset({"z_loss", "softcap", "weight"})  # refuse_variants raises for the others
+
     @staticmethod
-    def forward(logits: torch.Tensor, target: torch.Tensor, hyperparameters: CrossEntropyHyperparameters):
+    def forward(logits: torch.Tensor, target: torch.Tensor, hyperparameters: CrossEntropyLossHyperparameters):
+        refuse_variants("triton", TritonCrossEntropy.VARIANTS, hyperparameters, target)
         ignore_index, label_smoothing = hyperparameters.ignore_index, hyperparameters.label_smoothing
         n, v = logits.shape
         loss = torch.empty(n, dtype=accumulation_dtype(logits.dtype), device=logits.device)
@@ -333,14 +452,20 @@ class TritonCrossEntropy:
                 logits,
                 _row_stride(logits),
                 target,
+                _weight_or(hyperparameters, logits),
                 loss,
                 lse,
                 n,
                 v,
                 ignore_index,
                 *_split(label_smoothing),
+                *_split(hyperparameters.z_loss),
+                *_split(_cap(hyperparameters)),
                 ACC=_accumulator(logits.dtype),
                 SMOOTHING=label_smoothing != 0,
+                Z_LOSS=hyperparameters.z_loss != 0,
+                CAP=hyperparameters.softcap is not None,
+                WEIGHTED=hyperparameters.weight is not None,
                 ROWS=rows,
                 BLOCK_V=block_v,
             )
@@ -352,8 +477,9 @@ class TritonCrossEntropy:
         target: torch.Tensor,
         lse: torch.Tensor,
         grad_scale: torch.Tensor,
-        hyperparameters: CrossEntropyHyperparameters,
+        hyperparameters: CrossEntropyLossHyperparameters,
     ):
+        refuse_variants("triton", TritonCrossEntropy.VARIANTS, hyperparameters, target)
         ignore_index, label_smoothing = hyperparameters.ignore_index, hyperparameters.label_smoothing
         n, v = logits.shape
         grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
@@ -363,6 +489,7 @@ class TritonCrossEntropy:
                 logits,
                 _row_stride(logits),
                 target,
+                _weight_or(hyperparameters, logits),
                 lse,
                 grad_scale,
                 0 if grad_scale.dim() == 0 else grad_scale.stride(0),
@@ -373,7 +500,12 @@ class TritonCrossEntropy:
                 v,
                 ignore_index,
                 *_split(label_smoothing),
+                *_split(hyperparameters.z_loss),
+                *_split(_cap(hyperparameters)),
                 ACC=_accumulator(logits.dtype),
+                Z_LOSS=hyperparameters.z_loss != 0,
+                CAP=hyperparameters.softcap is not None,
+                WEIGHTED=hyperparameters.weight is not None,
                 ROWS=rows,
                 BLOCK_V=block_v,
             )
@@ -385,11 +517,12 @@ class TritonCrossEntropy:
         target: torch.Tensor,
         u: torch.Tensor,
         scale: torch.Tensor,
-        hyperparameters: CrossEntropyHyperparameters,
+        hyperparameters: CrossEntropyLossHyperparameters,
         shift_period: int,
         out: torch.Tensor,
         out_is_callers: bool = False,
     ):
+        refuse_variants("triton", TritonCrossEntropy.VARIANTS, hyperparameters, target)
         ignore_index, label_smoothing = hyperparameters.ignore_index, hyperparameters.label_smoothing
         n, v = logits.shape
         dot = torch.empty(n, dtype=accumulation_dtype(logits.dtype), device=logits.device)
@@ -399,6 +532,7 @@ class TritonCrossEntropy:
                 logits,
                 _row_stride(logits),
                 target,
+                _weight_or(hyperparameters, logits),
                 u,
                 u.stride(0),
                 scale,
@@ -410,10 +544,15 @@ class TritonCrossEntropy:
                 v,
                 ignore_index,
                 *_split(label_smoothing),
+                *_split(hyperparameters.z_loss),
+                *_split(_cap(hyperparameters)),
                 shift_period,
                 SHIFTED=shift_period != 0,
                 ACC=_accumulator(logits.dtype),
                 SMOOTHING=label_smoothing != 0,
+                Z_LOSS=hyperparameters.z_loss != 0,
+                CAP=hyperparameters.softcap is not None,
+                WEIGHTED=hyperparameters.weight is not None,
                 ROWS=rows,
                 BLOCK_V=block_v,
             )
@@ -426,7 +565,7 @@ class TritonCrossEntropy:
         u: torch.Tensor | None,
         class_offset: int,
         num_classes: int,
-        hyperparameters: CrossEntropyHyperparameters,
+        hyperparameters: CrossEntropyLossHyperparameters,
     ):
         check_shard_inputs("partial_stats", logits, target, class_offset, num_classes, {"u": u}, {})
         n, v = logits.shape
@@ -461,7 +600,7 @@ class TritonCrossEntropy:
         grad_scale: torch.Tensor,
         class_offset: int,
         num_classes: int,
-        hyperparameters: CrossEntropyHyperparameters,
+        hyperparameters: CrossEntropyLossHyperparameters,
     ):
         check_shard_inputs(
             "shard_backward", logits, target, class_offset, num_classes, {}, {"lse": lse, "grad_scale": grad_scale}
@@ -474,6 +613,7 @@ class TritonCrossEntropy:
                 logits,
                 _row_stride(logits),
                 target,
+                logits,  # no class weights on a shard (weight_ptr unread)
                 lse,
                 grad_scale,
                 0 if grad_scale.dim() == 0 else grad_scale.stride(0),
@@ -484,7 +624,14 @@ class TritonCrossEntropy:
                 num_classes,
                 hyperparameters.ignore_index,
                 *_split(hyperparameters.label_smoothing),
+                0.0,
+                0.0,
+                1.0,
+                0.0,
                 ACC=_accumulator(logits.dtype),
+                Z_LOSS=False,
+                CAP=False,
+                WEIGHTED=False,
                 ROWS=rows,
                 BLOCK_V=block_v,
             )
@@ -499,7 +646,7 @@ class TritonCrossEntropy:
         p_dot_u: torch.Tensor,
         scale: torch.Tensor,
         num_classes: int,
-        hyperparameters: CrossEntropyHyperparameters,
+        hyperparameters: CrossEntropyLossHyperparameters,
         out: torch.Tensor,
     ):
         check_shard_inputs(

@@ -1,0 +1,244 @@
+"""The loss variants of curvkern.cross_entropy and ce_hvp (docs/cross_entropy.md, "Loss variants"): z-loss,
+logit soft-capping, class weights and probability targets, alone and combined, against PyTorch's double
+backward in fp64 on every backend that implements them; the others must raise naming the variant.
+
+The oracle is ``F.cross_entropy`` on ``c·tanh(z/c)`` plus λ·logsumexp² per valid row, divided like the
+cross-entropy for ``mean`` (by the valid rows, Σ w_y with class weights, all rows for probability targets).
+"""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_cross_entropy import CE_OPS
+from tolerance import TRANSCENDENTAL_OPS, assert_relative_error, truth_bound, unit_roundoff
+
+import curvkern
+from curvkern.families import get_family
+
+FAMILY = get_family("cross_entropy")
+pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|divide by zero|overflow) encountered:RuntimeWarning")
+REDUCTIONS = ["mean", "sum", "none"]
+FP64 = dict(rtol=1e-12, atol=1e-14)
+VARIANTS = ("z_loss", "softcap", "weight", "soft")
+# Every subset of the variants, each alone first.
+COMBINATIONS = [c for k in range(1, len(VARIANTS) + 1) for c in itertools.combinations(VARIANTS, k)]
+
+
+def torch_loss(x, target, *, weight=None, reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None):
+    z = softcap * torch.tanh(x / softcap) if softcap is not None else x
+    loss = F.cross_entropy(z, target, weight=weight, reduction=reduction, label_smoothing=label_smoothing)
+    if not z_loss:
+        return loss
+    lse = torch.logsumexp(z, dim=1)
+    if target.is_floating_point():
+        valid = torch.ones_like(lse, dtype=torch.bool)
+        count = valid.sum()
+    else:
+        valid = target != -100
+        count = weight[target.clamp(min=0)][valid].sum() if weight is not None else valid.sum()
+    rows = torch.where(valid, z_loss * lse * lse, 0.0)
+    if reduction == "none":
+        return loss + rows
+    return loss + rows.sum() / (count if reduction == "mean" else 1)
+
+
+def problem(device, combination, *, n=4, c=6, d=3, seed=0, ignored=((1, 0), (2, 2))):
+    """(n, c, d) fp64 logits, u, the target (class indices with some ignored, or probabilities that do not
+    sum to 1) and the variants' keyword arguments."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = 3 * torch.randn(n, c, d, generator=gen, dtype=torch.float64)
+    u = torch.randn(n, c, d, generator=gen, dtype=torch.float64)
+    if "soft" in combination:
+        target = 1.3 * torch.softmax(torch.randn(n, c, d, generator=gen, dtype=torch.float64), dim=1)
+    else:
+        target = torch.randint(0, c, (n, d), generator=gen)
+        for row in ignored:
+            target[row] = -100
+    kwargs = {}
+    if "z_loss" in combination:
+        kwargs["z_loss"] = 0.03
+    if "softcap" in combination:
+        kwargs["softcap"] = 4.0
+    if "weight" in combination:
+        kwargs["weight"] = (0.5 + torch.rand(c, generator=gen, dtype=torch.float64)).to(device)
+    return logits.to(device), target.to(device), u.to(device), kwargs
+
+
+def loss_grad_hvp(loss_fn, logits, target, u, **kwargs):
+    """Loss, gradient, the double backward's two results, with a non-uniform incoming gradient."""
+    z = logits.detach().clone().requires_grad_(True)
+    loss = loss_fn(z, target, **kwargs)
+    grad_loss = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device).view(loss.shape)
+    grad_loss.requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss, z, grad_loss, create_graph=True)
+    hvp, grad_grad_loss = torch.autograd.grad(grad, (z, grad_loss), u)
+    return [loss.detach(), grad.detach(), hvp, grad_grad_loss]
+
+
+def implements(backend, combination, label_smoothing=0.0) -> bool:
+    kernels = curvkern._dispatch._REGISTRY[("cross_entropy", backend)]
+    names = {"soft": "probability targets"}
+    required = [names.get(v, v) for v in combination]
+    if "weight" in combination and label_smoothing:
+        required.append("weight with label smoothing")
+    return all(name in kernels.VARIANTS for name in required)
+
+
+def ours(backend):
+    return lambda z, y, **kw: curvkern.cross_entropy(z, y, fused=backend, **kw)
+
+
+def relative_errors(actual, expected):
+    return [((a - e).norm() / e.norm().clamp_min(1e-300)).item() for a, e in zip(actual, expected, strict=True)]
+
+
+@pytest.mark.fused_vs_eager
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("combination", COMBINATIONS, ids=["+".join(c) for c in COMBINATIONS])
+def test_matches_torch_double_backward_fp64(backend, device, combination, reduction, label_smoothing):
+    logits, target, u, kwargs = problem(device, combination)
+    kwargs |= dict(reduction=reduction, label_smoothing=label_smoothing)
+    if not implements(backend, combination, label_smoothing):
+        with pytest.raises(NotImplementedError, match=backend) as raised:
+            curvkern.cross_entropy(logits, target, fused=backend, **kwargs)
+        assert any(v in str(raised.value) for v in ("z_loss", "softcap", "weight", "probability targets"))
+        with pytest.raises(NotImplementedError, match=backend):
+            curvkern.ce_hvp(logits, target, u, fused=backend, **kwargs)
+        return
+    expected = loss_grad_hvp(torch_loss, logits, target, u, **kwargs)
+    actual = loss_grad_hvp(ours(backend), logits, target, u, **kwargs)
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, **FP64)
+    # ce_hvp: the Hessian of the loss alone, an incoming gradient of ones.
+    hvp = curvkern.ce_hvp(logits, target, u, fused=backend, **kwargs)
+    torch.testing.assert_close(hvp, _torch_hvp(logits, target, u, **kwargs), **FP64)
+    if "soft" not in combination:  # ignored rows: exactly zero
+        for row in ((1, slice(None), 0), (2, slice(None), 2)):
+            assert torch.count_nonzero(actual[1][row]) == 0 and torch.count_nonzero(actual[2][row]) == 0
+
+
+def _torch_hvp(logits, target, u, **kwargs):
+    z = logits.detach().clone().requires_grad_(True)
+    loss = torch_loss(z, target, **kwargs)
+    (grad,) = torch.autograd.grad(loss.sum(), z, create_graph=True)
+    (hvp,) = torch.autograd.grad(grad, z, u)
+    return hvp
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("combination", [(v,) for v in VARIANTS] + [VARIANTS], ids=[*VARIANTS, "all"])
+def test_gradcheck_and_gradgradcheck(backend, device, combination, reduction):
+    if not implements(backend, combination, 0.2):
+        pytest.skip(
+            f"{backend} does not implement {combination} (test_matches_torch_double_backward_fp64 checks it raises)"
+        )
+    logits, target, _, kwargs = problem(device, combination, n=3, c=5, d=2, ignored=((1, 0),))
+    z = logits.requires_grad_(True)
+
+    def fn(z):
+        return curvkern.cross_entropy(z, target, reduction=reduction, label_smoothing=0.2, fused=backend, **kwargs)
+
+    assert torch.autograd.gradcheck(fn, (z,))
+    assert torch.autograd.gradgradcheck(fn, (z,))
+
+
+def test_every_row_ignored_with_weights_and_z_loss(backend, device):
+    """mean over no valid row: NaN loss (0/0), zero gradient and HVP, as F.cross_entropy with weights."""
+    combination = ("z_loss", "weight")
+    if not implements(backend, combination):
+        pytest.skip(f"{backend} does not implement {combination}")
+    logits, target, u, kwargs = problem(device, combination)
+    target.fill_(-100)
+    for reduction in REDUCTIONS:
+        actual = loss_grad_hvp(ours(backend), logits, target, u, reduction=reduction, **kwargs)
+        expected = loss_grad_hvp(torch_loss, logits, target, u, reduction=reduction, **kwargs)
+        for a, e in zip(actual, expected, strict=True):
+            torch.testing.assert_close(a, e, equal_nan=True, **FP64)
+        assert torch.count_nonzero(actual[1]) == 0 and torch.count_nonzero(actual[2]) == 0
+
+
+def test_the_defaults_of_the_variants_change_nothing(backend, device):
+    """z_loss=0, softcap=None, weight=None are the plain cross-entropy, bit for bit (the default fast path)."""
+    logits, target, u, _ = problem(device, ())
+    plain = loss_grad_hvp(ours(backend), logits, target, u)
+    explicit = loss_grad_hvp(ours(backend), logits, target, u, z_loss=0.0, softcap=None, weight=None)
+    assert all(torch.equal(a, b) for a, b in zip(plain, explicit, strict=True))
+
+
+def test_a_large_cap_tends_to_the_uncapped_loss(backend, device):
+    if not implements(backend, ("softcap",)):
+        pytest.skip(f"{backend} does not implement softcap")
+    logits, target, u, _ = problem(device, ())
+    capped = loss_grad_hvp(ours(backend), logits, target, u, softcap=1e6)
+    plain = loss_grad_hvp(ours(backend), logits, target, u)
+    for a, b in zip(capped, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_auto_takes_eager_for_a_variant_its_backend_lacks():
+    logits, target, u, kwargs = problem("cpu", VARIANTS)
+    auto = loss_grad_hvp(ours("auto"), logits, target, u, **kwargs)
+    eager = loss_grad_hvp(ours("eager"), logits, target, u, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(auto, eager, strict=True))
+
+
+def test_argument_errors(backend, device):
+    logits, target, u, _ = problem(device, ())
+
+    def call(**kwargs):
+        return curvkern.cross_entropy(logits, target, fused=backend, **kwargs)
+
+    for bad in (-0.1, float("nan"), float("inf"), True, "0.1"):
+        with pytest.raises(ValueError, match="z_loss"):
+            call(z_loss=bad)
+        with pytest.raises(ValueError, match="z_loss"):
+            curvkern.ce_hvp(logits, target, u, z_loss=bad, fused=backend)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="softcap"):
+            call(softcap=bad)
+    ones = torch.ones(6, dtype=torch.float64, device=device)
+    for bad in (ones[:5], ones.float(), ones[:, None], [1.0] * 6):
+        with pytest.raises(ValueError, match="weight"):
+            call(weight=bad)
+        with pytest.raises(ValueError, match="weight"):
+            curvkern.ce_hvp(logits, target, u, weight=bad, fused=backend)
+    if device == "cpu":
+        with pytest.raises(ValueError, match=r"weight.*finite"):
+            call(weight=torch.tensor([1.0, float("nan"), 1, 1, 1, 1], dtype=torch.float64))
+    soft = torch.softmax(logits, dim=1)
+    with pytest.raises(RuntimeError, match="probability targets"):
+        curvkern.cross_entropy(logits, soft.float(), fused=backend)
+    with pytest.raises(RuntimeError, match="label_smoothing"):
+        curvkern.ce_hvp(logits, target, u, label_smoothing=2.0, fused=backend)
+
+
+# Rounded operations per element beyond the plain cross-entropy's (tests/test_cross_entropy.py, CE_OPS): the
+# cap's tanh (transcendental), x/c, c·t, J = 1 − t² (2), z'' = −(2/c)·t·J (3) and the chain rule's J⊙(·),
+# g⊙z''⊙u and their sum (3); the z-loss's a = 1 + 2λ·lse (3), a·u, (a − 2λ)·⟨p, u⟩ (2) and λ·lse² (2).
+VARIANT_OPS = TRANSCENDENTAL_OPS + 11 + 7
+
+
+@pytest.mark.fused_vs_eager
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("combination", [("z_loss",), ("softcap",), ("z_loss", "softcap")], ids="+".join)
+def test_low_precision_against_fp64_ground_truth(backend, device, combination, dtype):
+    """Kind (b) of tests/tolerance.py: each result's ‖a − b‖/‖b‖ against fp64 on the same (rounded) inputs."""
+    if not implements(backend, combination):
+        pytest.skip(f"{backend} does not implement {combination}")
+    n, v = 16, 300
+    logits64, target, u64, kwargs = problem(device, combination, n=n, c=v, d=1, ignored=((3, 0), (9, 0)))
+    logits, u, target = logits64[..., 0].to(dtype), u64[..., 0].to(dtype), target[..., 0]
+    kwargs |= dict(label_smoothing=0.1)
+    truth = loss_grad_hvp(torch_loss, logits.double(), target, u.double(), **kwargs)
+    actual = loss_grad_hvp(ours(backend), logits, target, u, **kwargs)
+    bound = truth_bound(dtype, ops=CE_OPS + VARIANT_OPS, reduction_length=v)
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        bound += unit_roundoff(dtype)  # Triton's interpreter truncates fp32 -> bf16: a whole ulp, not half
+    for name, ours_result, truth_result in zip(["loss", "grad", "hvp", "grad_grad_loss"], actual, truth, strict=True):
+        assert ours_result.dtype == dtype, name
+        assert_relative_error(ours_result, truth_result, bound, label=name)
+    standalone = curvkern.ce_hvp(logits, target, u, fused=backend, **kwargs)
+    assert_relative_error(standalone, _torch_hvp(logits.double(), target, u.double(), **kwargs), bound, label="ce_hvp")
