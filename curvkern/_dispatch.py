@@ -123,6 +123,22 @@ def _unavailable_reason(family: str, backend: str, device: torch.device) -> str 
     return None
 
 
+def eager_for_missing_variants(family: str, backend: str, missing: list[str]) -> Callable:
+    """``fused="auto"`` chose ``backend``, which lacks the loss variants ``missing`` a call asks for: the eager
+    reference (which implements every variant), with a one-time RuntimeWarning naming them, as ``select`` warns
+    where a kernel is missing. An explicit ``fused=backend`` raises instead (the families' functions)."""
+    key = (family, f"{backend} without {', '.join(missing)}")
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(
+            f"curvkern: {family} runs the eager reference because its {backend} kernels do not implement "
+            f"{', '.join(missing)} yet",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return _REGISTRY[(family, "eager")]
+
+
 def _not_implemented(family: str, backend: str) -> NotImplementedError:
     return NotImplementedError(f"{family}: fused={backend!r} has no kernel")
 

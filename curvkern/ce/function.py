@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from curvkern._dispatch import is_dtensor, select
+from curvkern._dispatch import eager_for_missing_variants, is_dtensor, select
 from curvkern.ce import vocab_parallel
 from curvkern.ce.eager import accumulation_dtype
 from curvkern.hyperparameters import CrossEntropyLossHyperparameters, loss_variants
@@ -147,13 +147,13 @@ def _row_count(target: torch.Tensor) -> int:
 def _kernels_for(fused: str, device: torch.device, hyperparameters, soft: bool, who: str = "curvkern.cross_entropy"):
     """The selected backend's kernels. A loss variant the backend does not implement raises
     NotImplementedError naming it and the backend when ``fused`` names that backend; ``"auto"`` takes the
-    eager reference for it instead (every variant is implemented there)."""
+    eager reference for it instead (every variant is implemented there), with a one-time warning."""
     name, kernels = select(FAMILY, fused, device)
     missing = [v for v in loss_variants(hyperparameters, soft) if v not in getattr(kernels, "VARIANTS", frozenset())]
     if not missing:
         return kernels
     if fused == "auto":
-        return select(FAMILY, "eager", device)[1]
+        return eager_for_missing_variants(FAMILY, name, missing)
     raise NotImplementedError(
         f"{who}: the {name} backend (fused={fused!r}) does not implement {', '.join(missing)} yet; "
         "fused='eager' (or 'auto') does"

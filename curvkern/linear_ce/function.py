@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from curvkern._dispatch import is_dtensor, select
+from curvkern._dispatch import eager_for_missing_variants, is_dtensor, select
 from curvkern.hyperparameters import CrossEntropyHyperparameters
 from curvkern.linear_ce.eager import accumulation_dtype
-from curvkern.linear_ce.variants import LinearCrossEntropyHyperparameters, refuse_missing_variants
+from curvkern.linear_ce.variants import LinearCrossEntropyHyperparameters, missing_variants, refuse_missing_variants
 
 FAMILY = "linear_cross_entropy"
 _DEFAULTS = CrossEntropyHyperparameters()
@@ -247,12 +247,22 @@ def linear_cross_entropy(
     hyperparameters = _hyperparameters(
         hidden.device, weight.shape[0], ignore_index, label_smoothing, reduction, z_loss, softcap, class_weight
     )
-    backend, kernels = select(FAMILY, fused, hidden.device)  # called here, so "auto"'s warning names the caller
-    # A backend lacking a variant asked for raises naming both ("auto" included): no silent plain loss.
-    refuse_missing_variants(hyperparameters, backend, auto=fused == "auto")
+    kernels = _kernels_for(fused, hidden.device, hyperparameters)
     rows = hidden.reshape(-1, hidden.shape[-1])
     loss = _LinearCrossEntropy.apply(rows, weight, bias, target.reshape(-1), kernels, hyperparameters)
     return loss.view(target.shape) if reduction == "none" else loss
+
+
+def _kernels_for(fused: str, device: torch.device, hyperparameters):
+    """The selected backend's kernels. One that lacks a loss variant the call asks for raises NotImplementedError
+    naming both when ``fused`` names it; ``"auto"`` takes the eager reference instead, with a one-time warning."""
+    backend, kernels = select(FAMILY, fused, device)
+    missing = missing_variants(hyperparameters, backend)
+    if not missing:
+        return kernels
+    if fused == "auto":
+        return eager_for_missing_variants(FAMILY, backend, missing)
+    refuse_missing_variants(hyperparameters, backend)
 
 
 def _check_tangent(name: str, tangent: torch.Tensor | None, like: torch.Tensor, batched: bool) -> None:
@@ -324,9 +334,7 @@ def linear_ce_ggn_vp(
     hyperparameters = _hyperparameters(
         hidden.device, weight.shape[0], ignore_index, label_smoothing, reduction, z_loss, softcap, class_weight
     )
-    backend, kernels = select(FAMILY, fused, hidden.device)  # called here, so "auto"'s warning names the caller
-    # A backend lacking a variant asked for raises naming both ("auto" included): no silent plain loss.
-    refuse_missing_variants(hyperparameters, backend, auto=fused == "auto")
+    kernels = _kernels_for(fused, hidden.device, hyperparameters)
     features = hidden.shape[-1]
     flat_target = target.reshape(-1)
     acc = accumulation_dtype(hidden.dtype)

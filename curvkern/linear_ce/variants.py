@@ -59,14 +59,17 @@ class LinearCrossEntropyHyperparameters(CrossEntropyHyperparameters):
             raise ValueError("Invalid class_weight: expected finite, non-negative class weights")
 
 
-def refuse_missing_variants(hyperparameters: CrossEntropyHyperparameters, backend: str, auto: bool = False) -> None:
-    """Raise NotImplementedError naming the variants ``backend`` lacks and the backend; never a silent plain loss."""
+def missing_variants(hyperparameters: CrossEntropyHyperparameters, backend: str) -> list[str]:
+    """The loss variants a call asks for that ``backend`` does not implement."""
     variants = hyperparameters.variants() if isinstance(hyperparameters, LinearCrossEntropyHyperparameters) else ()
-    missing = [name for name in variants if name not in IMPLEMENTED.get(backend, frozenset())]
-    if not missing:
-        return
-    chosen = f"fused='auto' chose {backend!r} here, which" if auto else f"fused={backend!r}"
-    raise NotImplementedError(
-        f"curvkern.linear_cross_entropy: {chosen} does not implement the loss variant(s) {', '.join(missing)} yet; "
-        "pass fused='eager' (the reference, which implements every variant)"
-    )
+    return [name for name in variants if name not in IMPLEMENTED.get(backend, frozenset())]
+
+
+def refuse_missing_variants(hyperparameters: CrossEntropyHyperparameters, backend: str) -> None:
+    """Raise NotImplementedError naming the variants ``backend`` lacks and the backend; never a silent plain loss."""
+    missing = missing_variants(hyperparameters, backend)
+    if missing:
+        raise NotImplementedError(
+            f"curvkern.linear_cross_entropy: fused={backend!r} does not implement the loss variant(s) "
+            f"{', '.join(missing)} yet; pass fused='eager' or 'auto' (the reference implements every variant)"
+        )
