@@ -356,13 +356,20 @@ def _milliseconds(value: float) -> str:
     return f"{value:.0f}" if value >= 99.95 else f"{value:#.3g}"  # 99.96 rounds to "100", not "100."
 
 
+def _rate(record: dict) -> str:
+    """GEMM GFLOP/s for the compute-bound linear + cross-entropy records, GB/s of compulsory traffic otherwise."""
+    if record.get("flops") is not None:
+        return f"{record['flops'] / record['median_s'] / 1e9:.0f} GFLOP/s"
+    return f"{record['gbps']:.1f} GB/s"
+
+
 def _times_panel(axes, group: list[dict]) -> None:
-    """Median milliseconds per call, labelled with the time and the GB/s of compulsory traffic."""
+    """Median milliseconds per call, labelled with the time and its rate (:func:`_rate`)."""
     times_ms = [1e3 * r["median_s"] for r in group]
     axes.barh(range(len(group)), times_ms, color=[_colour(r["backend"]) for r in group])
     for row, (record, time_ms) in enumerate(zip(group, times_ms)):
         axes.annotate(
-            f"{_milliseconds(time_ms)} ms  ({record['gbps']:.1f} GB/s)",
+            f"{_milliseconds(time_ms)} ms  ({_rate(record)})",
             (time_ms, row),
             xytext=(3, 0),
             textcoords="offset points",
