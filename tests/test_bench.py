@@ -42,7 +42,7 @@ def quick_report(quick_run) -> dict:
     return json.loads((out_dir / report.JSON_NAME).read_text())
 
 
-@pytest.mark.slow  # a --quick benchmark run (~20 s), and pytest-benchmark's for the converter
+@pytest.mark.slow  # a --quick benchmark run (~45 s), and pytest-benchmark's for the converter
 def test_report_has_one_record_per_case_in_the_schema(quick_report):
     assert quick_report["schema"] == report.SCHEMA
     assert quick_report["source"] == "curvkern.bench"
@@ -62,15 +62,22 @@ def test_report_has_one_record_per_case_in_the_schema(quick_report):
         assert record["gbps"] == pytest.approx(record["bytes"] / record["median_s"] / 1e9)
         assert record["fraction_of_ceiling"] == pytest.approx(record["gbps"] / ceiling)
         assert record["speedup_vs_peer"] > 0  # the peer runs on every workload
-        if record["kernel"] == "adamw":
-            assert record["speedup_vs_eager"] is None  # torch's AdamW has no curvkern eager reference
+        if record["kernel"] in ("adamw", "lce-ggn-vp-k8"):
+            # torch's AdamW has no curvkern eager reference; K tangents run the compiled backend only.
+            assert record["speedup_vs_eager"] is None
         else:
             assert record["speedup_vs_eager"] > 0
         if record["backend"] == "eager":
             assert record["speedup_vs_eager"] == 1.0
+        linear_ce = record["kernel"].startswith("lce-")
+        assert (record["flops"] is not None) == linear_ce
+        assert (record["output_bytes"] is not None) == linear_ce
+        if linear_ce:
+            assert record["flops"] > 0 and 0 < record["output_bytes"] <= record["bytes"]
+            assert record["peak_bytes"] is not None
 
 
-@pytest.mark.slow  # a --quick benchmark run (~20 s), and pytest-benchmark's for the converter
+@pytest.mark.slow  # a --quick benchmark run (~45 s), and pytest-benchmark's for the converter
 def test_table_prints_every_record_and_the_paths(quick_run, quick_report):
     out_dir, printed = quick_run
     lines = printed.splitlines()
@@ -82,11 +89,19 @@ def test_table_prints_every_record_and_the_paths(quick_run, quick_report):
         assert len(rows) == 1, f"no single table row for {identity(record)}"
         assert f"{record['gbps']:.1f}" in rows[0].split()
     assert f"{quick_report['machine']['bandwidth_ceiling_gbps']:.1f} GB/s" in printed
+    # The linear + cross-entropy rows again, by GFLOP/s and peak against one (N, V) copy.
+    section = printed[printed.index("linear + cross-entropy: N x d x V") :].splitlines()
+    linear_ce = [r for r in quick_report["records"] if r["kernel"].startswith("lce-")]
+    for record in linear_ce:
+        row_start = f"{record['kernel']:<18} {report.backend_name(record['backend']):<{report.NAME_WIDTH}} "
+        rows = [line for line in section if line.startswith(row_start + f"{record['shape']:<18} ")]
+        assert len(rows) == 1, f"no single GFLOP/s row for {identity(record)}"
+        assert f"{record['flops'] / record['median_s'] / 1e9:.1f}" in rows[0].split()
     assert str(out_dir / report.JSON_NAME) in printed
     assert str(out_dir / report.PNG_NAME) in printed
 
 
-@pytest.mark.slow  # a --quick benchmark run (~20 s), and pytest-benchmark's for the converter
+@pytest.mark.slow  # a --quick benchmark run (~45 s), and pytest-benchmark's for the converter
 def test_png_is_a_readable_image(quick_run):
     out_dir, _ = quick_run
     png = out_dir / report.PNG_NAME
@@ -95,7 +110,7 @@ def test_png_is_a_readable_image(quick_run):
     assert height > 100 and width > 100 and channels in (3, 4)
 
 
-@pytest.mark.slow  # a --quick benchmark run (~20 s), and pytest-benchmark's for the converter
+@pytest.mark.slow  # a --quick benchmark run (~45 s), and pytest-benchmark's for the converter
 def test_pytest_benchmark_json_converts_to_the_same_records(quick_report, tmp_path):
     benchmark_json = tmp_path / "pytest-benchmark.json"
     completed = subprocess.run(
@@ -113,7 +128,7 @@ def test_pytest_benchmark_json_converts_to_the_same_records(quick_report, tmp_pa
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,  # every suite at --quick, the linear + cross-entropy one included, on a shared host
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
 
@@ -282,3 +297,100 @@ def test_extra_peak_bytes_sees_what_a_call_allocates():
     peak = extra_peak_bytes(lambda: torch.ones(size // 4), CPU)  # touched pages count, freed or not
     assert peak is not None and 0.9 * size <= peak <= 1.5 * size
     assert extra_peak_bytes(lambda: None, CPU) < 0.1 * size
+
+
+def test_linear_cross_entropy_cases_count_gemm_passes_and_skip_what_does_not_fit():
+    from curvkern.bench.cases import peer_of
+    from curvkern.bench.linear_ce_cases import (
+        GGN,
+        GGN_TANGENTS,
+        HVP,
+        TANGENTS,
+        HeadShape,
+        LinearCrossEntropyCase,
+        LinearCrossEntropyKernel,
+        build_linear_cross_entropy_cases,
+    )
+
+    shape = HeadShape(rows=8, features=4, classes=100)
+
+    def case(kernel, backend):
+        return LinearCrossEntropyCase(LinearCrossEntropyKernel(kernel), backend, shape, CPU)
+
+    one_pass = 2 * 8 * 4 * 100
+    assert case(HVP, "cpp").flops == 14 * one_pass  # forward 1, backward 3, double backward 3 + 7
+    assert case(HVP, "torch-eager").flops == case(HVP, "materialised").flops == 9 * one_pass
+    assert case(GGN, "eager").flops == 8 * one_pass and case(GGN, "materialised").flops == 5 * one_pass
+    assert case(GGN_TANGENTS, "cpp").flops == (2 + 4 * TANGENTS) * one_pass
+    assert case(GGN_TANGENTS, "calls").flops == 6 * TANGENTS * one_pass
+    # inputs: hidden, weight and a tangent of each (K hidden tangents for K8); outputs: the results
+    assert case(HVP, "cpp").input_bytes == 2 * (8 + 100) * 4 * 4
+    assert case(HVP, "cpp").output_bytes == 2 * (8 + 100) * 4 * 4  # gradient and HVP to hidden and weight
+    assert case(GGN_TANGENTS, "cpp").input_bytes == ((8 + 100) + TANGENTS * 8) * 4 * 4
+    assert case(GGN_TANGENTS, "cpp").output_bytes == TANGENTS * (8 + 100) * 4 * 4
+    assert case(GGN, "cpp").compulsory_bytes == case(GGN, "cpp").input_bytes + case(GGN, "cpp").output_bytes
+    assert shape.logits_copy_bytes == 8 * 100 * 4
+    assert peer_of(HVP) == (HVP, "torch-eager")
+    assert peer_of(GGN) == (GGN, "materialised")
+    assert peer_of(GGN_TANGENTS) == (GGN_TANGENTS, "calls")
+
+    default = {(c.kernel.name, c.backend, c.shape.label) for c in build_linear_cross_entropy_cases(CPU)}
+    assert {(HVP, b, "2048x768x50257") for b in ("torch-eager", "materialised", "eager", "cpp")} <= default
+    # (N, V) = (4096, 262144): one fp32 copy of the logits is 4 GiB; the materialised paths are not run,
+    # nor the eager reference (minutes per case).
+    big = {(kernel, backend) for kernel, backend, label in default if label == "4096x128x262144"}
+    assert big == {(HVP, "cpp"), (GGN, "cpp")}
+    assert {(b, label) for k, b, label in default if k == GGN_TANGENTS} == {
+        ("calls", "1024x768x50257"),
+        ("cpp", "1024x768x50257"),
+    }
+    quick = [c for c in build_cases(CPU, quick=True) if c.suite == "linear_cross_entropy"]
+    assert {c.kernel.name for c in quick} == {HVP, GGN, GGN_TANGENTS}
+    assert all(c.shape.materialised_fits() for c in quick)  # every peer runs at --quick
+
+
+@pytest.mark.parametrize("backend", ["torch-eager", "materialised", "eager", "cpp"])
+def test_linear_cross_entropy_paths_agree(backend):
+    """Every timed path computes the same loss, gradient and HVP (and GGN product), so the timings compare
+    equal work."""
+    from curvkern.bench.linear_ce_cases import (
+        GGN,
+        GGN_TANGENTS,
+        HVP,
+        HeadShape,
+        LinearCrossEntropyCase,
+        LinearCrossEntropyKernel,
+    )
+
+    shape = HeadShape(rows=24, features=8, classes=300)
+
+    def results(kernel, name):
+        return LinearCrossEntropyCase(LinearCrossEntropyKernel(kernel), name, shape, CPU).setup(warmup_calls=0)()
+
+    for got, want in zip(results(HVP, backend), results(HVP, "torch-eager"), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    if backend != "torch-eager":
+        # (prod_hidden, prod_weight); the fused paths add prod_bias, None without a bias
+        for got, want in zip(results(GGN, backend)[:2], results(GGN, "materialised"), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    batched, separate = results(GGN_TANGENTS, "cpp"), results(GGN_TANGENTS, "calls")
+    for part in (0, 1):  # (K, N, d) and (K, V, d)
+        stacked = torch.stack([products[part] for products in separate])
+        torch.testing.assert_close(batched[part], stacked, rtol=1e-4, atol=1e-6)
+
+
+def test_extra_peak_bytes_sees_temporaries_that_reuse_freed_memory():
+    """After larger blocks were freed, glibc's default keeps smaller ones on its heap, where a call's
+    temporaries could reuse pages already resident and not count: the measure pins its thresholds."""
+    from curvkern.bench.memory import extra_peak_bytes
+
+    size = 8 * 2**20
+
+    def call():
+        return torch.ones(size // 4).sum()  # an 8 MiB temporary, freed inside the call
+
+    extra_peak_bytes(call, CPU)  # the warm-up, as in the benchmarks (the first call allocates more)
+    for _ in range(3):
+        torch.ones(3 * size // 4)  # 24 MiB, freed at once (with glibc's default, the call measured 0)
+        peak = extra_peak_bytes(call, CPU)
+        assert peak is not None and 0.9 * size <= peak <= 1.5 * size

@@ -17,6 +17,11 @@ import torch
 from curvkern import available_backends
 from curvkern.bandwidth import PROBE_NUMEL
 from curvkern.bench.ce_cases import PEER_BACKENDS as CE_PEER_BACKENDS, CrossEntropyCase, build_cross_entropy_cases
+from curvkern.bench.linear_ce_cases import (
+    PEER_BACKENDS as LINEAR_CE_PEER_BACKENDS,
+    LinearCrossEntropyCase,
+    build_linear_cross_entropy_cases,
+)
 from curvkern.families import OPTIMIZER, Family, families_of_kind
 from curvkern.optim._common import state_dtype
 
@@ -172,9 +177,10 @@ class Case:
         return optimizer.step
 
 
-def build_cases(device: torch.device, quick: bool = False) -> list[Case | CrossEntropyCase]:
+def build_cases(device: torch.device, quick: bool = False) -> list[Case | CrossEntropyCase | LinearCrossEntropyCase]:
     """Every kernel on every backend that can run on ``device``, for each workload: the optimizers, then
-    the cross-entropy cases of :mod:`curvkern.bench.ce_cases`."""
+    the cross-entropy cases of :mod:`curvkern.bench.ce_cases` and the fused linear + cross-entropy cases of
+    :mod:`curvkern.bench.linear_ce_cases`."""
     workloads = QUICK_WORKLOADS if quick else GPU_WORKLOADS if device.type == "cuda" else DEFAULT_WORKLOADS
     optimizer_cases = [
         Case(kernel, backend, shape, dtype, device)
@@ -182,14 +188,16 @@ def build_cases(device: torch.device, quick: bool = False) -> list[Case | CrossE
         for kernel in KERNELS
         for backend in kernel.backends(device)
     ]
-    return optimizer_cases + build_cross_entropy_cases(device, quick)
+    return optimizer_cases + build_cross_entropy_cases(device, quick) + build_linear_cross_entropy_cases(device, quick)
 
 
 def peer_of(kernel: str) -> tuple[str, str]:
     """The (kernel, backend) a record's ``speedup_vs_peer`` is taken against: fused AdamW for the
-    optimizers, PyTorch's (or hessian-eigenthings') own path for the cross-entropy kernels."""
-    if kernel in CE_PEER_BACKENDS:
-        return kernel, CE_PEER_BACKENDS[kernel]
+    optimizers, PyTorch's (or hessian-eigenthings') own path for the cross-entropy kernels, and for the
+    linear + cross-entropy kernels PyTorch's double backward, the materialised GGN or K separate calls."""
+    peers = {**CE_PEER_BACKENDS, **LINEAR_CE_PEER_BACKENDS}
+    if kernel in peers:
+        return kernel, peers[kernel]
     return PEER_KERNEL, PEER_BACKEND
 
 

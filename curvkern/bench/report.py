@@ -8,7 +8,8 @@ pytest-benchmark's ``--benchmark-json`` output, so one renderer serves the main 
                  torch_version, triton_version, curvkern_version, torch_cpu_capability, curvkern_cpu_capability,
                  bandwidth_ceiling_gbps, bandwidth_probe},
      "records": [{kernel, backend, shape, dtype, device, bytes, median_s, min_s, repeats,
-                  gbps, fraction_of_ceiling, speedup_vs_eager, speedup_vs_peer, peak_bytes, input_bytes}, ...]}
+                  gbps, fraction_of_ceiling, speedup_vs_eager, speedup_vs_peer, peak_bytes, input_bytes,
+                  output_bytes, flops}, ...]}
 
 ``gbps`` is compulsory bytes (:data:`curvkern.bench.cases.TRAFFIC`) over the median time. The speedups
 are the baseline's median time over the record's, on the same shape, dtype and device: the baseline is
@@ -16,7 +17,10 @@ the same kernel's eager reference, or its peer (:func:`curvkern.bench.cases.peer
 ``torch.optim.AdamW(fused=True)``, the cross-entropy kernels' PyTorch or hessian-eigenthings path); null
 where that baseline was not run (``--filter``) or does not exist (AdamW has no curvkern eager reference).
 ``peak_bytes`` is a call's peak allocation beyond its inputs and ``input_bytes`` the inputs' size
-(cross-entropy cases; null for the optimizers). ``date`` is the UTC day of the run (``YYYY-MM-DD``; absent
+(cross-entropy cases; null for the optimizers). ``output_bytes`` (the results' size) and ``flops`` (GEMM
+FLOPs of one call) are set for the fused linear + cross-entropy cases only, whose peak is also compared
+beyond inputs and outputs (``peak_bytes - output_bytes``) with one (N, V) fp32 copy of the logits; reports
+written before they existed lack both. ``date`` is the UTC day of the run (``YYYY-MM-DD``; absent
 from reports written before it was recorded).
 
 The table and the chart name every backend by :data:`BACKEND_NAMES`, so curvkern's eager reference and
@@ -82,10 +86,12 @@ RECORD_FIELDS = (
     "speedup_vs_peer",
     "peak_bytes",
     "input_bytes",
+    "output_bytes",
+    "flops",
 )
 
 # What the table and the chart call each ``backend`` of a record: curvkern's three, then the peers of
-# curvkern.bench.cases and curvkern.bench.ce_cases.
+# curvkern.bench.cases, curvkern.bench.ce_cases and curvkern.bench.linear_ce_cases.
 BACKEND_NAMES = {
     "cpp": "curvkern cpp",
     "triton": "curvkern triton",
@@ -94,6 +100,8 @@ BACKEND_NAMES = {
     "torch-eager": "PyTorch eager double backward",
     "torch-compile": "torch.compile(closed-form HVP)",
     "eigenthings-autograd": "hessian-eigenthings autograd",
+    "materialised": "materialised logits, curvkern",
+    "calls": "curvkern, K separate calls",
 }
 # curvkern's backends in colour, every peer in grey: the bar labels name them.
 BACKEND_COLOURS = {"cpp": "tab:blue", "triton": "tab:orange", REFERENCE_BACKEND: "lightsteelblue"}
@@ -183,18 +191,14 @@ def build_report(machine: dict, records: list[dict], source: str) -> dict:
         gbps = record["bytes"] / record["median_s"] / 1e9
         eager = by_identity.get((record["kernel"], REFERENCE_BACKEND, *_workload(record)))
         peer = by_identity.get((*peer_of(record["kernel"]), *_workload(record)))
-        record = dict(record)
-        peak = {key: record.pop(key) for key in ("peak_bytes", "input_bytes")}  # kept last, as in RECORD_FIELDS
-        completed.append(
-            {
-                **record,
-                "gbps": gbps,
-                "fraction_of_ceiling": None if ceiling is None else gbps / ceiling,
-                "speedup_vs_eager": _speedup(eager, record),
-                "speedup_vs_peer": _speedup(peer, record),
-                **peak,
-            }
-        )
+        derived = {
+            **record,
+            "gbps": gbps,
+            "fraction_of_ceiling": None if ceiling is None else gbps / ceiling,
+            "speedup_vs_eager": _speedup(eager, record),
+            "speedup_vs_peer": _speedup(peer, record),
+        }
+        completed.append({field: derived.get(field) for field in RECORD_FIELDS})  # one order for every suite
     return {"schema": SCHEMA, "source": source, "machine": machine, "records": completed}
 
 
@@ -215,7 +219,10 @@ def report_from_pytest_benchmark(data: dict) -> dict:
     machine["bandwidth_probe"] = None if best_probe is None else best_probe["extra_info"]["probe"]
     records = [
         make_record(
-            {key: b["extra_info"][key] for key in ("kernel", "backend", "shape", "dtype", "device", "bytes")},
+            {
+                **{key: b["extra_info"][key] for key in ("kernel", "backend", "shape", "dtype", "device", "bytes")},
+                **{key: b["extra_info"].get(key) for key in ("output_bytes", "flops")},
+            },
             Timing(median_s=b["stats"]["median"], min_s=b["stats"]["min"], repeats=b["stats"]["rounds"]),
             b["extra_info"].get("peak_bytes"),
             b["extra_info"].get("input_bytes"),
@@ -281,7 +288,35 @@ def format_table(report: dict) -> str:
         "",
         f"vs ref: against {BACKEND_NAMES[REFERENCE_BACKEND]}; vs peer: against {_peers_line(records)}.",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + _compute_bound_lines(records))
+
+
+def _compute_bound_lines(records: list[dict]) -> list[str]:
+    """The fused linear + cross-entropy rows again, by what bounds them: GEMM FLOPs per second, the peak
+    beyond inputs and outputs against one (N, V) fp32 copy of the logits, and the time against the
+    materialised path's on the same workload. Empty without such records."""
+    rows = [r for r in records if r.get("flops") is not None]
+    if not rows:
+        return []
+    materialised = {(r["kernel"], *_workload(r)): r for r in rows if r["backend"] == "materialised"}
+    lines = [
+        "",
+        "linear + cross-entropy: N x d x V, GEMM GFLOP/s, peak beyond inputs and outputs and its fraction of "
+        "one (N, V) fp32 copy, time over the materialised path's",
+        f"{'kernel':<18} {'backend':<{NAME_WIDTH}} {'shape':<18} {'GFLOP/s':>8} {'peak MiB':>9} {'of NxV':>7} "
+        f"{'x mat.':>7}",
+    ]
+    for r in rows:
+        rows_, _, classes = map(int, r["shape"].split("x"))
+        beyond = None if r["peak_bytes"] is None else max(0, r["peak_bytes"] - r["output_bytes"])
+        reference = materialised.get((r["kernel"], *_workload(r)))
+        lines.append(
+            f"{r['kernel']:<18} {backend_name(r['backend']):<{NAME_WIDTH}} {r['shape']:<18} "
+            f"{r['flops'] / r['median_s'] / 1e9:>8.1f} {_number(None if beyond is None else beyond / 2**20, '.0f'):>9} "
+            f"{_number(None if beyond is None else 100 * beyond / (rows_ * classes * 4), '.1f', '%'):>7} "
+            f"{_number(None if reference is None else r['median_s'] / reference['median_s'], '.2f', 'x'):>7}"
+        )
+    return lines
 
 
 def _comparison_groups(records: list[dict]) -> list[list[dict]]:
@@ -296,6 +331,9 @@ def _comparison_groups(records: list[dict]) -> list[list[dict]]:
 
 def _group_title(group: list[dict]) -> str:
     first = group[0]
+    if first["shape"].count("x") == 2:  # linear + cross-entropy: N x d x V
+        rows, features, classes = first["shape"].split("x")
+        return f"{first['kernel']}: {rows} rows x {features} features x {classes} classes, {first['dtype']}"
     count, size = first["shape"].split("x")
     if peer_of(first["kernel"])[0] == PEER_KERNEL:
         return f"optimizer step: {count} tensors x {size} elements, {first['dtype']}"
@@ -318,13 +356,20 @@ def _milliseconds(value: float) -> str:
     return f"{value:.0f}" if value >= 99.95 else f"{value:#.3g}"  # 99.96 rounds to "100", not "100."
 
 
+def _rate(record: dict) -> str:
+    """GEMM GFLOP/s for the compute-bound linear + cross-entropy records, GB/s of compulsory traffic otherwise."""
+    if record.get("flops") is not None:
+        return f"{record['flops'] / record['median_s'] / 1e9:.0f} GFLOP/s"
+    return f"{record['gbps']:.1f} GB/s"
+
+
 def _times_panel(axes, group: list[dict]) -> None:
-    """Median milliseconds per call, labelled with the time and the GB/s of compulsory traffic."""
+    """Median milliseconds per call, labelled with the time and its rate (:func:`_rate`)."""
     times_ms = [1e3 * r["median_s"] for r in group]
     axes.barh(range(len(group)), times_ms, color=[_colour(r["backend"]) for r in group])
     for row, (record, time_ms) in enumerate(zip(group, times_ms)):
         axes.annotate(
-            f"{_milliseconds(time_ms)} ms  ({record['gbps']:.1f} GB/s)",
+            f"{_milliseconds(time_ms)} ms  ({_rate(record)})",
             (time_ms, row),
             xytext=(3, 0),
             textcoords="offset points",
