@@ -4,6 +4,7 @@ pytest-benchmark's JSON, the compulsory-byte counts, and the baseline each speed
 import contextlib
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -126,6 +127,8 @@ def test_pytest_benchmark_json_converts_to_the_same_records(quick_report, tmp_pa
             "no:cacheprovider",
         ],
         cwd=REPO,
+        # Not an xdist worker's variables: pytest-benchmark reads PYTEST_XDIST_WORKER and then times nothing.
+        env={key: value for key, value in os.environ.items() if not key.startswith("PYTEST_XDIST")},
         capture_output=True,
         text=True,
         timeout=300,  # every suite at --quick, the linear + cross-entropy one included, on a shared host
