@@ -7,11 +7,12 @@ other architectures default) runs in its own pytest process, since both are read
 CURVKERN_CPU_CAPABILITY changes only the C++ backend's kernels: under its first value every marked
 test runs, under the others only the tests that involve ``cpp`` (``-k cpp``), so each test meets
 every combination that can change its result. Exits non-zero if any combination fails, after
-running them all.
+running them all. Two combinations run at a time, each with one OpenMP thread.
 
 Usage: ``python tests/isa_matrix.py [extra pytest arguments]`` (``make test-isa``).
 """
 
+import concurrent.futures
 import itertools
 import os
 import subprocess
@@ -35,40 +36,55 @@ def aten_capabilities() -> list[str]:
     return ATEN_CAPABILITIES[: ATEN_CAPABILITIES.index(best) + 1]
 
 
+def run_one(ours: str, aten: str, first: bool, tests: str, pytest_args: list[str]) -> tuple[str, int, str, float]:
+    """One combination's pytest process: (its label, exit code, output, seconds)."""
+    env = dict(
+        os.environ,
+        CURVKERN_CPU_CAPABILITY=ours,
+        ATEN_CPU_CAPABILITY=aten,
+        HYPOTHESIS_PROFILE="isa",
+        CURVKERN_TEST_SMALL_SHAPES="1",
+        OMP_NUM_THREADS="1",  # two processes at a time share the cores
+    )
+    only_cpp = [] if first else ["-k", "cpp"]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-m",
+        "fused_vs_eager",
+        *only_cpp,
+        tests,
+        *pytest_args,
+    ]
+    started = time.monotonic()
+    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    label = f"CURVKERN_CPU_CAPABILITY={ours} ATEN_CPU_CAPABILITY={aten}"
+    return label, done.returncode, done.stdout, time.monotonic() - started
+
+
 def main(pytest_args: list[str]) -> int:
+    """Two combinations at a time (each pytest process spends much of its time importing and collecting, on
+    one core), reported in the matrix's order."""
     tests = os.path.dirname(os.path.abspath(__file__))
-    failed = []
     ours_capabilities = cpu_capabilities()
-    for ours, aten in itertools.product(ours_capabilities, aten_capabilities()):
-        env = dict(
-            os.environ,
-            CURVKERN_CPU_CAPABILITY=ours,
-            ATEN_CPU_CAPABILITY=aten,
-            HYPOTHESIS_PROFILE="isa",
-            CURVKERN_TEST_SMALL_SHAPES="1",
-        )
-        only_cpp = [] if ours == ours_capabilities[0] else ["-k", "cpp"]
-        command = [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-m",
-            "fused_vs_eager",
-            *only_cpp,
-            tests,
-            *pytest_args,
+    combinations = list(itertools.product(ours_capabilities, aten_capabilities()))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        runs = [
+            pool.submit(run_one, ours, aten, ours == ours_capabilities[0], tests, pytest_args)
+            for ours, aten in combinations
         ]
-        started = time.monotonic()
-        code = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        label = f"CURVKERN_CPU_CAPABILITY={ours} ATEN_CPU_CAPABILITY={aten}"
-        summary = code.stdout.strip().splitlines()[-1] if code.stdout.strip() else ""
-        print(f"{label}: {summary} ({time.monotonic() - started:.0f} s)", flush=True)
-        if code.returncode != 0:
-            print(code.stdout[-6000:], flush=True)
-            failed.append(label)
+        failed = []
+        for run in runs:
+            label, code, output, seconds = run.result()
+            summary = output.strip().splitlines()[-1] if output.strip() else ""
+            print(f"{label}: {summary} ({seconds:.0f} s)", flush=True)
+            if code != 0:
+                print(output[-6000:], flush=True)
+                failed.append(label)
     if failed:
         print("failed under:", *failed, sep="\n  ")
         return 1

@@ -188,8 +188,11 @@ def test_gradcheck_and_gradgradcheck(backend, monkeypatch):
     def loss(h, w, b):
         return curvkern.linear_cross_entropy(h, w, target, b, reduction="sum", label_smoothing=0.1, fused=backend)
 
-    assert torch.autograd.gradcheck(loss, inputs)
-    assert torch.autograd.gradgradcheck(loss, inputs)
+    # Triton: torch's fast mode (a random projection, a few evaluations instead of one per input element);
+    # its HVP is checked element by element against PyTorch's double backward in the fp64 tests.
+    fast = backend == "triton"
+    assert torch.autograd.gradcheck(loss, inputs, fast_mode=fast)
+    assert torch.autograd.gradgradcheck(loss, inputs, fast_mode=fast)
 
 
 @ON_EACH_BACKEND
