@@ -30,7 +30,12 @@ TIMEOUT_S = 150
 REDUCTIONS = ("mean", "sum", "none")
 DTYPES = (torch.float64, torch.float32)
 FP64_RTOL = 1e-12
-pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|divide by zero|overflow) encountered:RuntimeWarning")
+
+# Spawned gloo ranks: `make test` runs these; `make test-fast` leaves them out (they are most of its time).
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore:(invalid value|divide by zero|overflow) encountered:RuntimeWarning"),
+]
 
 
 # (name, logits shape with the classes in dim 1, ignored rows (flat indices of the target), labels forced

@@ -32,6 +32,9 @@ from tolerance import BIOSTATIS_OPS, HYSTEROGRAD_OPS, assert_fused_close
 from curvkern import available_backends
 from curvkern.optim import BiostatisV6, HysteroGrad
 
+# Spawned gloo ranks: `make test` runs these; `make test-fast` leaves them out (they are most of its time).
+pytestmark = pytest.mark.slow
+
 STEPS = 10
 TIMEOUT_S = 300
 OPTIMIZERS = {

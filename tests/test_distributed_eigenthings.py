@@ -15,6 +15,9 @@ from curvkern import available_backends
 from curvkern.families import get_family
 from curvkern.integrations import eigenthings as ck_eigenthings
 
+# Spawned gloo ranks: `make test` runs these; `make test-fast` leaves them out (they are most of its time).
+pytestmark = pytest.mark.slow
+
 he = pytest.importorskip("hessian_eigenthings")
 
 FAMILY = get_family("cross_entropy")

@@ -34,6 +34,9 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from curvkern import available_backends
 from curvkern.optim import BiostatisV6, HysteroGrad
 
+# Spawned gloo ranks: `make test` runs these; `make test-fast` leaves them out (they are most of its time).
+pytestmark = pytest.mark.slow
+
 WORLD_SIZE = 2
 STEPS = 10
 TIMEOUT_S = 240

@@ -275,6 +275,7 @@ def test_hidden_forward_refuses_a_model_that_computes_logits():
 # --- The example -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a subprocess running the example
 def test_lm_head_hessian_example_runs():
     """The example with ``--check``, importing this checkout's curvkern (not another installed copy)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
