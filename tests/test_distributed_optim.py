@@ -1,5 +1,5 @@
 """The optimizers over plain-tensor data parallelism on gloo ranks (127.0.0.1): DistributedDataParallel (every
-rank steps every tensor, nothing to pass) on 2 ranks, and ZeroRedundancyOptimizer on 2 and (slow) 4 ranks, where
+rank steps every tensor, nothing to pass) and ZeroRedundancyOptimizer on 2 and 4 ranks, where
 each rank steps whole tensors of every param group and ``process_group=`` sums the group statistics over them.
 Equal to one process holding every tensor after 10 steps (fp64 ≤ 1e-12, fp32 within the tolerance policy),
 HysteroGrad's returned tuple identical on every rank, for every CPU backend. The partition leaves one rank
@@ -87,8 +87,8 @@ def cases(backends):
 
 
 def _rank_main(rank: int, port: int, out_dir: str, backends: list[str], world_size: int) -> None:
-    """ZeRO runs with and without ``process_group`` (the latter, the checkpoint round trip and DDP on 2 ranks
-    only: on 4, ZeRO with ``process_group``)."""
+    """ZeRO runs with and without ``process_group`` (the latter and the checkpoint round trip on 2 ranks only),
+    and DDP."""
     init_gloo(rank, world_size, port, TIMEOUT_S)
     try:
         torch.set_num_threads(1)
@@ -106,8 +106,7 @@ def _rank_main(rank: int, port: int, out_dir: str, backends: list[str], world_si
                 with default_dtype(dtype):
                     returned = run(zero, params)
                 results[name, backend, dtype, grouped] = ([p.detach() for g in params for p in g], returned)
-            if world_size == WORLD_SIZE:
-                results[name, backend, dtype, "ddp"] = ddp_run(name, backend, dtype)
+            results[name, backend, dtype, "ddp"] = ddp_run(name, backend, dtype)
         if world_size == WORLD_SIZE:
             for name in OPTIMIZERS:
                 results[name, "resumed"] = resumed_from_checkpoint(name)
@@ -199,6 +198,15 @@ def test_zero_on_four_ranks_equals_one_process(four_ranks, name):
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_ddp_equals_one_process(ranks, name):
+    check_ddp(ranks, name)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_ddp_on_four_ranks_equals_one_process(four_ranks, name):
+    check_ddp(four_ranks, name)
+
+
+def check_ddp(ranks, name):
     backends, per_rank = ranks
     cls, hyperparameters, _ = OPTIMIZERS[name]
     for backend in backends:
