@@ -134,7 +134,8 @@ class LossKernels(Protocol[HyperparametersT]):
         return ``dot_r = ⟨u_r, p_r − q_r⟩`` (N,) in acc (0 on ignored rows): what the gradient of the
         loss's incoming gradient needs.
 
-        ``u`` and ``out`` are (N, V) in the logits' dtype, last dimension dense; ``scale`` a 0-dim or (N,)
+        ``u`` and ``out`` are (N, V) in the logits' dtype, last dimension dense, or (K, N, V) for K tangents:
+        each row's softmax is then computed once for all K and ``dot`` is (K, N); ``scale`` a 0-dim or (N,)
         acc tensor. ``shift_period`` T > 0 is the causal-LM shift: row r takes its label from
         ``target[r + 1]`` and is ignored when ``(r + 1) % T == 0``; 0 means row r takes ``target[r]``.
         ``out_is_callers`` says ``out`` is a buffer the caller passed in rather than one just allocated

@@ -14,8 +14,11 @@ count through :func:`max_examples`, so a profile scales every test alike.
 
 import os
 
+import pytest
 import torch
+import torch.distributed as dist
 from hypothesis import settings
+from multiprocess_ranks import free_port, init_gloo
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -47,3 +50,18 @@ def pytest_generate_tests(metafunc):
     if "backend" in metafunc.fixturenames and "device" in metafunc.fixturenames:
         cases = backend_cases(metafunc.module.FAMILY.name)
         metafunc.parametrize("backend,device", cases, ids=[f"{b}-{d}" for b, d in cases])
+
+
+@pytest.fixture
+def one_rank_mesh():
+    """A 1-rank gloo group on 127.0.0.1 in this process and its CPU device mesh, destroyed afterwards: for the
+    checks a DTensor argument meets before any collective."""
+    if not dist.is_available() or not dist.is_gloo_available() or dist.is_initialized():
+        pytest.skip("needs gloo and no default process group in this process")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    init_gloo(0, 1, free_port(), timeout_s=60)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()

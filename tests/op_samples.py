@@ -436,11 +436,18 @@ def _hvp(
     stream_out=False,
     broadcast_u=False,
     variants=(),
+    tangents=None,
 ):
+    """``tangents`` K: u and out (K, N, V), tangent k being u + k (the first one strided like the case's)."""
+
     def make_args():
         logits, target, u = case.problem()
         if broadcast_u:  # one row of u for every row: row stride 0
             u = u[2:3].expand(u.shape)
+        out = case.out(logits)
+        if tangents is not None:
+            u = torch.stack([u + k for k in range(tangents)]) if tangents else u.new_empty(0, *u.shape)
+            out = torch.empty_like(u)
         return (
             logits,
             target,
@@ -450,7 +457,7 @@ def _hvp(
             label_smoothing,
             shift_period,
             stream_out,
-            case.out(logits),
+            out,
             *_variant_args(variants, logits),
         )
 
@@ -521,6 +528,11 @@ CROSS_ENTROPY_HVP_SAMPLES = (
         for label, variants in CE_VARIANTS
     ]
     + [Sample("fp32-shift-3-z-loss-softcap", _hvp(CE_CASES[0], False, shift_period=3, variants=(0.01, 3.0)))]
+    + [
+        Sample(f"{case.name}-{k}-tangents", _hvp(case, True, tangents=k, variants=variants))
+        for case in (CE_CASES[0], CE_CASES[1], CE_CASES[4])
+        for k, variants in ((3, ()), (0, ()), (2, (0.01, 3.0)))
+    ]
     + [
         Sample(f"{case.name}-{label}", _hvp(case, True, label_smoothing=0.0, variants=variants))
         for case in CE_CASES[:3]

@@ -63,7 +63,7 @@ def test_report_has_one_record_per_case_in_the_schema(quick_report):
         assert record["gbps"] == pytest.approx(record["bytes"] / record["median_s"] / 1e9)
         assert record["fraction_of_ceiling"] == pytest.approx(record["gbps"] / ceiling)
         assert record["speedup_vs_peer"] > 0  # the peer runs on every workload
-        if record["kernel"] in ("adamw", "lce-ggn-vp-k8"):
+        if record["kernel"] in ("adamw", "ce-hvp-k8", "lce-ggn-vp-k8"):
             # torch's AdamW has no curvkern eager reference; K tangents run the compiled backend only.
             assert record["speedup_vs_eager"] is None
         else:
@@ -282,7 +282,10 @@ def test_cross_entropy_cases_count_copies_of_the_logits_and_take_pytorch_as_peer
     assert case("ce-hvp", torch.float32).compulsory_bytes == 3 * 8 * 100 * 4  # read z, u; write Hu
     assert case("ce-double-backward", torch.bfloat16).compulsory_bytes == 6 * 8 * 100 * 2
     assert case("ce-hvp", torch.float32).input_bytes == 2 * 8 * 100 * 4
+    assert case("ce-hvp-k8", torch.float32).compulsory_bytes == 17 * 8 * 100 * 4  # z once, each u_k and H u_k
+    assert case("ce-hvp-k8", torch.float32).input_bytes == 9 * 8 * 100 * 4
     assert peer_of("ce-hvp") == ("ce-hvp", "torch-eager")
+    assert peer_of("ce-hvp-k8") == ("ce-hvp-k8", "calls")
     assert peer_of("ce-eigenthings-hvp") == ("ce-eigenthings-hvp", "eigenthings-autograd")
     assert peer_of("hysterograd") == ("adamw", "torch-fused")
     quick = [c for c in build_cases(CPU, quick=True) if c.suite == "cross_entropy"]
@@ -290,7 +293,11 @@ def test_cross_entropy_cases_count_copies_of_the_logits_and_take_pytorch_as_peer
         ("ce-hvp", "torch-eager"),
         ("ce-hvp", "cpp"),
         ("ce-double-backward", "cpp"),
+        ("ce-hvp-k8", "calls"),
+        ("ce-hvp-k8", "cpp"),
     }
+    k8 = next(c for c in quick if c.kernel.name == "ce-hvp-k8" and c.backend == "calls")
+    assert len(k8.setup(warmup_calls=0)()) == 8  # eight calls of one tangent each
 
 
 def test_extra_peak_bytes_sees_what_a_call_allocates():

@@ -278,7 +278,7 @@ def test_argument_errors(backend, device):
                 call(y=torch.tensor([0, bad, 1]))
             with pytest.raises(IndexError, match="out of bounds"):
                 curvkern.ce_hvp(logits, torch.tensor([0, bad, 1]), u, fused=backend)
-    with pytest.raises(ValueError, match="u must match"):
+    with pytest.raises(ValueError, match="u must have the logits' shape"):
         curvkern.ce_hvp(logits, target, u[:2], fused=backend)
     with pytest.raises(ValueError, match="out must match"):
         curvkern.ce_hvp(logits, target, u, out=torch.empty(3, 4, dtype=torch.float32, device=device), fused=backend)
@@ -629,12 +629,15 @@ def compile_for_sm90(dtype: str) -> None:
                 "target_ptr": "*i64",
                 "weight_ptr": logits,
                 "u_ptr": logits,
+                "u_tangent_stride": "i64",
                 "u_row_stride": "i64",
                 "scale_ptr": accumulator,
                 "scale_stride": "i64",
                 "out_ptr": logits,
+                "out_tangent_stride": "i64",
                 "out_row_stride": "i64",
                 "dot_ptr": accumulator,
+                "K": "i32",
                 "shift_period": "i64",
             },
             {
@@ -645,7 +648,8 @@ def compile_for_sm90(dtype: str) -> None:
                 "CAP": True,
                 "WEIGHTED": True,
                 "ROWS": 1,
-                "BLOCK_V": 4096,
+                "BLOCK_V": 512,
+                "TANGENTS": 8,  # K = 8 tangents: a [8, 1, 512] tile
             },
         ),
         (

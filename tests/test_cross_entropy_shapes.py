@@ -252,7 +252,7 @@ def test_unsupported_arguments_raise(backend, device, no_kernel_selected):
         with pytest.raises(IndexError, match="Target 4 is out of bounds"):
             curvkern.cross_entropy(logits, torch.full_like(target, 4), fused=backend)
     # u and out must have the logits' (N, C, d) shape, not the classes-last one.
-    with pytest.raises(ValueError, match="u must match"):
+    with pytest.raises(ValueError, match="u must have the logits' shape"):
         curvkern.ce_hvp(logits, target, u.movedim(1, -1).contiguous(), fused=backend)
     with pytest.raises(ValueError, match="out must match"):
         curvkern.ce_hvp(logits, target, u, out=torch.empty(3, 5, 4, dtype=torch.float64, device=device), fused=backend)

@@ -350,20 +350,6 @@ def test_one_process_checkpoint_loads_sharded(tensor_parallel, name):
         assert_equals_one_process(name, torch.float64, rank[name, "one-process checkpoint"], None, want_params, None)
 
 
-@pytest.fixture
-def one_rank_mesh():
-    """A 1-rank gloo group and its mesh, in this process."""
-    if not dist.is_available() or not dist.is_gloo_available() or dist.is_initialized():
-        pytest.skip("needs gloo and no default process group in this process")
-    from torch.distributed.tensor import init_device_mesh
-
-    init_gloo(0, 1, free_port(), TIMEOUT_S)
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("cls", [HysteroGrad, BiostatisV6])
 def test_unsupported_dtensor_layouts_raise(one_rank_mesh, cls):
     from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor

@@ -5,7 +5,9 @@
 // the first (stats_sweep) keeps an online max, sum of e^{z-max} and <e^{z-max}, u> block by block (a block
 // is re-read from L1 right after its max is taken) and keeps each e^{z - shift} in a per-thread row buffer;
 // the second (hvp_sweep) rescales them into p and writes, reading u while it is still in L2 (a
-// 50k-vocabulary row is 200 KB of fp32), so each element costs one exp (csrc/vec.h). Ignored rows are
+// 50k-vocabulary row is 200 KB of fp32), so each element costs one exp (csrc/vec.h). K tangents share the
+// row's sweep 1 and its kept exps: each further tangent costs one read of itself for its sums and one
+// write (tangent_sums, hvp_tangent). Ignored rows are
 // written as zeros without reading the logits. bf16/fp16 accumulate in fp32, fp64 in fp64. Indexing is
 // 64-bit and a row may start anywhere (row stride >= V, or 0 for a broadcast u); the last dimension must be
 // dense.
@@ -278,14 +280,19 @@ struct ShardHvpArgs {
 template <typename T>
 struct HvpArgs {
   Problem<T> problem;
+  int64_t tangents;  // K: tangent k's rows start at u + k·u_tangent_stride and out + k·out_tangent_stride
   const T* u;
-  int64_t u_row_stride;  // 0: one u for every row
+  int64_t u_tangent_stride, u_row_stride;  // u_row_stride 0: one u for every row
   const at::opmath_type<T>* scale;
   int64_t scale_stride;  // 0: one scale for every row
   T* out;
-  int64_t out_row_stride;
-  at::opmath_type<T>* dot;
-  bool stream_output;  // streaming stores for `out` (streams_output)
+  int64_t out_tangent_stride, out_row_stride;
+  at::opmath_type<T>* dot;  // (K, rows)
+  bool stream_output;       // streaming stores for `out` (streams_output)
+
+  CURVKERN_INLINE const T* u_row(int64_t k, int64_t r) const { return u + k * u_tangent_stride + r * u_row_stride; }
+  CURVKERN_INLINE T* out_row(int64_t k, int64_t r) const { return out + k * out_tangent_stride + r * out_row_stride; }
+  CURVKERN_INLINE at::opmath_type<T>& dot_of(int64_t k, int64_t r) const { return dot[k * problem.rows + r]; }
 };
 
 // The per-row bodies below are force-inlined into the ISA versions' parallel loops (the parallel loop must
@@ -499,59 +506,124 @@ CURVKERN_INLINE void hvp_sweep_capped(T* out_row, const T* u_row, const T* z, co
   }
 }
 
-// One HVP row; scratch holds scratch_size(classes) elements.
+// Sweep 1's sums for a further tangent u of a row whose e^{z - shift} it kept: Σ e^{z - max}·u (with a cap,
+// J⊙u, J recomputed from z) and Σ u (kSums), block by block from the kept exps, so K tangents read and
+// exponentiate the logits once.
+template <bool kSums, bool kCap, typename T, typename A>
+CURVKERN_INLINE void tangent_sums(const T* z, const T* u, const A* exps, const A* shifts, int64_t v, A max, A cap,
+                                  A& sum_exp_u, A& sum_u) {
+  const A inverse_cap = kCap ? A(1) / cap : A(0);
+  sum_exp_u = 0;
+  sum_u = 0;
+  for (int64_t start = 0; start < v; start += kBlock) {
+    const int64_t length = std::min(kBlock, v - start);
+    prefetch_next_block<kCap>(u, z, start + kBlock, v);
+    const T* ub = u + start;
+    const T* zb = z + start;
+    const A* eb = exps + start;
+    A block_exp_u = 0, block_u = 0;
+#pragma omp simd reduction(+ : block_exp_u, block_u)
+    for (int64_t j = 0; j < length; ++j) {
+      A uj = load(ub, j);
+      if constexpr (kCap) {
+        const A t = signed_tanh(load(zb, j) * inverse_cap);
+        uj *= A(1) - t * t;
+      }
+      block_exp_u += eb[j] * uj;
+      if constexpr (kSums) block_u += uj;
+    }
+    sum_exp_u += vec::exp(shifts[start / kBlock] - max) * block_exp_u;
+    sum_u += block_u;
+  }
+}
+
+// What every tangent of a valid row shares: its label, statistics and the constants of its Hessian.
+template <typename A>
+struct HvpRow {
+  int64_t y;
+  A max, inverse_sum, scale, two_lambda, label_weight, a;
+};
+
+// Tangent k of a valid row, from <e^{z - max}, u> (J⊙u with a cap) and Σ u: writes its row of out and
+// its dot.
+template <typename T, typename A>
+CURVKERN_INLINE void hvp_tangent(const HvpArgs<T>& args, int64_t r, int64_t k, const HvpRow<A>& row, const A* exps,
+                                 const A* shifts, A sum_exp_u, A sum_u) {
+  const Problem<T>& p = args.problem;
+  const T* z = p.row(r);
+  const T* u_row = args.u_row(k, r);
+  T* out_row = args.out_row(k, r);
+  const int64_t y = row.y;
+  // <p, u>, or <p, J⊙u> with a cap.
+  const A p_dot_u = sum_exp_u * row.inverse_sum;
+  A u_y = load(u_row, y);
+  if (p.softcap != A(0)) {
+    const A uniform = p.label_smoothing / A(p.classes);
+    hvp_sweep_capped(out_row, u_row, z, exps, shifts, p.classes, row.max, row.inverse_sum, row.scale, row.a,
+                     row.two_lambda, p_dot_u, uniform, p.softcap);
+    // The label's element: g_y has the extra −(1 − α).
+    const A t = signed_tanh(load(z, y) / p.softcap);
+    const A jacobian = A(1) - t * t;
+    const A second = A(-2) / p.softcap * t * jacobian;
+    const A p_y = row.inverse_sum * vec::exp(shifts[y / kBlock] - row.max) * exps[y];
+    const A h = row.a * p_y * (jacobian * u_y - p_dot_u) + row.two_lambda * p_y * p_dot_u;
+    const A g_y = row.a * p_y - uniform - (A(1) - p.label_smoothing) * row.label_weight;
+    store(out_row, y, row.scale * (jacobian * h + g_y * second * u_y));
+    u_y *= jacobian;
+  } else {
+    const A shift = p.variants() ? (row.a - row.two_lambda) * p_dot_u : p_dot_u;
+    hvp_sweep(out_row, u_row, exps, shifts, p.classes, row.max, row.scale * row.inverse_sum, row.a, shift,
+              args.stream_output);
+  }
+  A row_dot = row.a * p_dot_u - (A(1) - p.label_smoothing) * row.label_weight * u_y;
+  if (p.label_smoothing != A(0)) row_dot -= p.label_smoothing / A(p.classes) * sum_u;
+  args.dot_of(k, r) = row_dot;
+}
+
+// One HVP row, every tangent; scratch holds scratch_size(classes) elements. Sweep 1 over the logits takes
+// tangent 0's sums with it; a further tangent re-reads only itself (tangent_sums).
 template <typename T>
 CURVKERN_INLINE void hvp_row(const HvpArgs<T>& args, int64_t r, at::opmath_type<T>* scratch) {
   using A = at::opmath_type<T>;
   const Problem<T>& p = args.problem;
-  T* out_row = args.out + r * args.out_row_stride;
   const int64_t y = p.label(r);
-  if (y == p.ignore_index) {
-    write_zeros(out_row, p.classes);
-    args.dot[r] = A(0);
-    return;
-  }
-  if (!p.in_range(y)) {
-    write_nan(out_row, p.classes);
-    args.dot[r] = std::numeric_limits<A>::quiet_NaN();
+  if (y == p.ignore_index || !p.in_range(y)) {
+    for (int64_t k = 0; k < args.tangents; ++k) {
+      if (y == p.ignore_index) {
+        write_zeros(args.out_row(k, r), p.classes);
+        args.dot_of(k, r) = A(0);
+      } else {
+        write_nan(args.out_row(k, r), p.classes);
+        args.dot_of(k, r) = std::numeric_limits<A>::quiet_NaN();
+      }
+    }
     return;
   }
   const T* z = p.row(r);
-  const T* u_row = args.u + r * args.u_row_stride;
   const bool smoothing = p.label_smoothing != A(0);
   A* exps = scratch;
   A* shifts = scratch + p.classes;
-  RowStats<A> stats = stats_sweep_for<true>(smoothing, p.softcap, z, u_row, p.classes, exps, shifts);
-  const A inverse_sum = A(1) / stats.sum_exp;
-  // <p, u>, or <p, J⊙u> with a cap (stats_sweep sums J⊙u then).
-  const A p_dot_u = stats.sum_exp_u * inverse_sum;
-  const A scale = args.scale[r * args.scale_stride];
+  const RowStats<A> stats = stats_sweep_for<true>(smoothing, p.softcap, z, args.u_row(0, r), p.classes, exps, shifts);
   // The z-loss: the row's gradient is a·p − q with a = 1 + 2λ·lse, its Hessian a·(diag p − p pᵀ) + 2λ·p pᵀ.
   // Class weights: the row's loss is w_y times the plain one (no smoothing with weights), so a = w_y + 2λ·lse.
   const A two_lambda = A(2) * p.z_loss;
   const A label_weight = p.weight_of(y);
   const A a = p.z_loss != A(0) ? label_weight + two_lambda * (stats.max + std::log(stats.sum_exp)) : label_weight;
-  A u_y = load(u_row, y);
-  if (p.softcap != A(0)) {
-    const A uniform = p.label_smoothing / A(p.classes);
-    hvp_sweep_capped(out_row, u_row, z, exps, shifts, p.classes, stats.max, inverse_sum, scale, a, two_lambda, p_dot_u,
-                     uniform, p.softcap);
-    // The label's element: g_y has the extra −(1 − α).
-    const A t = signed_tanh(load(z, y) / p.softcap);
-    const A jacobian = A(1) - t * t;
-    const A second = A(-2) / p.softcap * t * jacobian;
-    const A p_y = inverse_sum * vec::exp(shifts[y / kBlock] - stats.max) * exps[y];
-    const A h = a * p_y * (jacobian * u_y - p_dot_u) + two_lambda * p_y * p_dot_u;
-    const A g_y = a * p_y - uniform - (A(1) - p.label_smoothing) * label_weight;
-    store(out_row, y, scale * (jacobian * h + g_y * second * u_y));
-    u_y *= jacobian;
-  } else {
-    const A shift = p.variants() ? (a - two_lambda) * p_dot_u : p_dot_u;
-    hvp_sweep(out_row, u_row, exps, shifts, p.classes, stats.max, scale * inverse_sum, a, shift, args.stream_output);
+  const HvpRow<A> row{y, stats.max, A(1) / stats.sum_exp, args.scale[r * args.scale_stride], two_lambda, label_weight,
+                      a};
+  hvp_tangent(args, r, 0, row, exps, shifts, stats.sum_exp_u, stats.sum_u);
+  for (int64_t k = 1; k < args.tangents; ++k) {
+    A sum_exp_u, sum_u;
+    const T* u_row = args.u_row(k, r);
+    if (p.softcap != A(0)) {
+      smoothing ? tangent_sums<true, true>(z, u_row, exps, shifts, p.classes, stats.max, p.softcap, sum_exp_u, sum_u)
+                : tangent_sums<false, true>(z, u_row, exps, shifts, p.classes, stats.max, p.softcap, sum_exp_u, sum_u);
+    } else {
+      smoothing ? tangent_sums<true, false>(z, u_row, exps, shifts, p.classes, stats.max, A(0), sum_exp_u, sum_u)
+                : tangent_sums<false, false>(z, u_row, exps, shifts, p.classes, stats.max, A(0), sum_exp_u, sum_u);
+    }
+    hvp_tangent(args, r, k, row, exps, shifts, sum_exp_u, sum_u);
   }
-  A row_dot = a * p_dot_u - (A(1) - p.label_smoothing) * label_weight * u_y;
-  if (smoothing) row_dot -= p.label_smoothing / A(p.classes) * stats.sum_u;
-  args.dot[r] = row_dot;
 }
 
 // The kernels' OpenMP regions, stamped by macro (why: csrc/cpu_dispatch.h). CURVKERN_FOR_EACH_DTYPE below
@@ -608,6 +680,17 @@ void check_rows(const char* op, const char* name, const at::Tensor& tensor, cons
               logits.scalar_type(), ", got ", tensor.scalar_type());
   TORCH_CHECK(tensor.size(1) <= 1 || tensor.stride(1) == 1, op, ": ", name,
               " must have a dense last dimension (stride 1), got strides ", tensor.strides());
+}
+
+// check_rows for (N, V) or K tangents (K, N, V): each tangent's rows as check_rows wants them.
+void check_tangent_rows(const char* op, const char* name, const at::Tensor& tensor, const at::Tensor& logits) {
+  if (tensor.dim() != 3) return check_rows(op, name, tensor, logits);
+  TORCH_CHECK(tensor.size(1) == logits.size(0) && tensor.size(2) == logits.size(1), op, ": ", name,
+              " must be (N, V) or (K, N, V) for logits of shape ", logits.sizes(), ", got ", tensor.sizes());
+  TORCH_CHECK(tensor.device().is_cpu() && tensor.scalar_type() == logits.scalar_type(), op, ": ", name,
+              " must be a CPU tensor of the logits' dtype ", logits.scalar_type(), ", got ", tensor.scalar_type(),
+              " on ", tensor.device());
+  if (tensor.size(0) > 0) check_rows(op, name, tensor.select(0, 0), logits);
 }
 
 // Validates the logits and labels; returns the problem description for element type T.
@@ -729,25 +812,33 @@ at::Tensor cross_entropy_hvp_(const at::Tensor& logits, const at::Tensor& target
                               int64_t shift_period, bool stream_out, at::Tensor& out, double z_loss, double softcap,
                               const std::optional<at::Tensor>& weight) {
   const char* op = "curvkern::cross_entropy_hvp_";
-  at::Tensor dot = at::empty({logits.size(0)}, logits.options().dtype(opmath_dtype(logits.scalar_type())));
+  const bool several = u.dim() == 3;  // K tangents (K, N, V); else one (N, V)
+  const int64_t tangents = several ? u.size(0) : 1;
+  check_tangent_rows(op, "u", u, logits);
+  check_tangent_rows(op, "out", out, logits);
+  TORCH_CHECK(out.sizes() == u.sizes(), op, ": out must have u's shape ", u.sizes(), ", got ", out.sizes());
+  auto dot_shape = several ? std::vector<int64_t>{tangents, logits.size(0)} : std::vector<int64_t>{logits.size(0)};
+  at::Tensor dot = at::empty(dot_shape, logits.options().dtype(opmath_dtype(logits.scalar_type())));
   with_dtype(logits.scalar_type(), op, "logits", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = at::opmath_type<T>;
     Problem<T> problem = make_problem<T>(op, logits, target, ignore_index, label_smoothing, shift_period);
     set_variants(op, problem, z_loss, softcap, weight, logits);
-    check_rows(op, "u", u, logits);
-    check_rows(op, "out", out, logits);
-    prefer_huge_pages(out);
     const int64_t scale_stride = check_scale(op, "scale", scale, logits);
+    if (tangents == 0) return;
+    prefer_huge_pages(out);
     run_hvp(HvpArgs<T>{.problem = problem,
+                       .tangents = tangents,
                        .u = u.const_data_ptr<T>(),
-                       .u_row_stride = u.stride(0),
+                       .u_tangent_stride = several ? u.stride(0) : 0,
+                       .u_row_stride = u.stride(-2),
                        .scale = scale.const_data_ptr<A>(),
                        .scale_stride = scale_stride,
                        .out = out.data_ptr<T>(),
-                       .out_row_stride = out.size(0) > 1 ? out.stride(0) : out.size(1),
+                       .out_tangent_stride = several ? out.stride(0) : 0,
+                       .out_row_stride = out.size(-2) > 1 ? out.stride(-2) : out.size(-1),
                        .dot = dot.data_ptr<A>(),
-                       .stream_output = stream_out && streams_output<T>(problem.rows, problem.classes)});
+                       .stream_output = stream_out && streams_output<T>(tangents * problem.rows, problem.classes)});
   });
   return dot;
 }

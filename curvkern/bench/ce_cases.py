@@ -11,9 +11,13 @@ Baselines (``backend`` in a record):
 - ``eigenthings-autograd``: hessian-eigenthings 1.0.0a5's own path for ``loss_of_output_fn`` (its
   ``hf_lm_loss_of_output`` and ``autograd.grad`` twice), the peer of ``ce-eigenthings-hvp``.
 
+- ``calls``: K = 8 calls of ``ce_hvp`` with one tangent each, on the backend the ``ce-hvp-k8`` row names, the
+  peer of ``ce-hvp-k8`` (one call with u of shape (8, N, V)).
+
 ``ce_hvp`` writes into a preallocated ``out=``; every other path allocates its results, as its API does.
 Compulsory traffic, in copies of (N, V): ``ce-hvp`` and ``.hvp`` read z and u and write Hu (3); the double
-backward also reads z for the loss and reads z / writes the gradient for the backward (6).
+backward also reads z for the loss and reads z / writes the gradient for the backward (6); K tangents read
+z once and each u_k, and write each H u_k (1 + 2K: 17; K separate calls move 3K = 24).
 """
 
 from __future__ import annotations
@@ -30,11 +34,13 @@ from curvkern import available_backends
 from curvkern.integrations import eigenthings as ck_eigenthings
 
 FAMILY = "cross_entropy"
-COPIES = {"ce-hvp": 3, "ce-double-backward": 6, "ce-eigenthings-hvp": 3}
+TANGENTS = 8  # the K of ce-hvp-k8
+COPIES = {"ce-hvp": 3, "ce-double-backward": 6, "ce-eigenthings-hvp": 3, "ce-hvp-k8": 1 + 2 * TANGENTS}
 PEER_BACKENDS = {
     "ce-hvp": "torch-eager",
     "ce-double-backward": "torch-eager",
     "ce-eigenthings-hvp": "eigenthings-autograd",
+    "ce-hvp-k8": "calls",
 }
 IGNORED_FRACTION = 0.05  # labels set to -100, as padding does
 SEQUENCES = 4  # causal-LM batches for .hvp: (SEQUENCES, N / SEQUENCES, V)
@@ -68,9 +74,22 @@ class CrossEntropyKernel:
 KERNELS = tuple(CrossEntropyKernel(name) for name in COPIES)
 
 
-def _backends(kernel: CrossEntropyKernel, device: torch.device, quick: bool) -> list[str]:
+def _our_backends(device: torch.device) -> list[str]:
     # Triton on CPU tensors runs in its interpreter, a correctness tool: timing it says nothing.
-    ours = [b for b in available_backends(FAMILY, device) if not (b == "triton" and device.type == "cpu")]
+    return [b for b in available_backends(FAMILY, device) if not (b == "triton" and device.type == "cpu")]
+
+
+def _fastest(device: torch.device) -> str:
+    """The compiled backend where there is one: K tangents are timed on it only (the eager reference's
+    (K, N, V) temporaries would take minutes and gigabytes)."""
+    ours = _our_backends(device)
+    return next((b for b in ("triton", "cpp") if b in ours), ours[0])
+
+
+def _backends(kernel: CrossEntropyKernel, device: torch.device, quick: bool) -> list[str]:
+    if kernel.name == "ce-hvp-k8":
+        return ["calls", _fastest(device)]
+    ours = _our_backends(device)
     compiled = ["torch-compile"] if kernel.name != "ce-double-backward" and not quick else []
     return [kernel.peer_backend, *compiled, *ours]
 
@@ -136,20 +155,21 @@ class CrossEntropyCase:
         }
 
     def inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits, labels (a few ignored) and the tangent u."""
+        """Logits, labels (a few ignored) and the tangent u ((K, N, V) for ``ce-hvp-k8``)."""
         generator = torch.Generator(self.device).manual_seed(0)
         n, v = self.shape.rows, self.shape.classes
         logits = (3 * torch.randn(n, v, generator=generator, device=self.device)).to(self.dtype)
         target = torch.randint(0, v, (n,), generator=generator, device=self.device)
         ignored = torch.rand(n, generator=generator, device=self.device) < IGNORED_FRACTION
         target = torch.where(ignored, -100, target)
-        u = torch.randn(n, v, generator=generator, device=self.device).to(self.dtype)
+        tangents = (TANGENTS,) if self.kernel.name == "ce-hvp-k8" else ()
+        u = torch.randn(*tangents, n, v, generator=generator, device=self.device).to(self.dtype)
         return logits, target, u
 
     @property
     def input_bytes(self) -> int:
         """Logits and u (the labels are negligible): what "peak with the inputs" adds."""
-        return 2 * self.copy_bytes
+        return (1 + (TANGENTS if self.kernel.name == "ce-hvp-k8" else 1)) * self.copy_bytes
 
     def setup(self, warmup_calls: int = 1) -> Callable[[], object]:
         """The inputs and the call to time, warmed up (compiled, autotuned, JIT-built)."""
@@ -162,6 +182,12 @@ class CrossEntropyCase:
         name, backend = self.kernel.name, self.backend
         if name == "ce-eigenthings-hvp":
             return self._eigenthings_call(logits, target, u)
+        if name == "ce-hvp-k8":
+            out = torch.empty_like(u)
+            if backend == "calls":
+                fused = _fastest(self.device)
+                return lambda: [curvkern.ce_hvp(logits, target, u_k, out=o_k, fused=fused) for u_k, o_k in zip(u, out)]
+            return lambda: curvkern.ce_hvp(logits, target, u, out=out, fused=backend)
         if backend == "torch-eager":
             return lambda: _double_backward(lambda z: F.cross_entropy(z, target), logits, u)
         if backend == "torch-compile":

@@ -38,8 +38,11 @@ if cpp_unavailable_reason() is None:
         softcap=0.0,
         weight=None,
     ):
-        torch._check(u.shape == logits.shape and out.shape == logits.shape, lambda: "u and out must match the logits")
-        return logits.new_empty(logits.shape[0], dtype=accumulation_dtype(logits.dtype))
+        torch._check(
+            u.shape[-2:] == logits.shape and u.dim() in (2, 3) and out.shape == u.shape,
+            lambda: "u and out must be (N, V) or (K, N, V) for (N, V) logits",
+        )
+        return logits.new_empty(u.shape[:-1], dtype=accumulation_dtype(logits.dtype))
 
     @torch.library.register_fake("curvkern::cross_entropy_partial_stats")
     def _partial_stats_fake(logits, target, u, ignore_index, label_smoothing, class_offset, num_classes):

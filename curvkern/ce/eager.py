@@ -7,7 +7,8 @@ taking the :class:`~curvkern.hyperparameters.CrossEntropyHyperparameters` of the
 
 - ``forward(logits, target, hyperparameters) -> (loss_rows, lse)``;
 - ``backward(logits, target, lse, grad_scale, hyperparameters) -> grad``;
-- ``hvp(logits, target, u, scale, hyperparameters, shift_period, out, out_is_callers) -> dot``;
+- ``hvp(logits, target, u, scale, hyperparameters, shift_period, out, out_is_callers) -> dot`` (``u`` and
+  ``out`` (N, V), or (K, N, V) for K tangents, ``dot`` then (K, N));
 
 and three for a shard of a vocabulary-parallel row (``curvkern/ce/vocab_parallel.py``):
 
@@ -80,6 +81,27 @@ def check_shard_inputs(
     for name, tensor in {"target": target, **rows, **per_row}.items():
         if tensor is not None and tensor.device != logits.device:
             raise ValueError(f"{op}: {name} is on {tensor.device}, the logits on {logits.device}")
+
+
+def check_hvp_tangents(op: str, logits: torch.Tensor, u: torch.Tensor, out: torch.Tensor) -> int:
+    """The HVP kernels' checks on ``u`` and ``out`` before any work: (N, V) like the (N, V) logits, or K
+    tangents (K, N, V), in the logits' dtype and on their device, last dimension dense, ``out`` shaped like
+    ``u``. Returns K (1 for (N, V)). Raises ValueError."""
+    batched = u.dim() == 3 and u.shape[1:] == logits.shape
+    for name, tensor in (("u", u), ("out", out)):
+        if (
+            (tensor.shape != logits.shape and not batched)
+            or tensor.shape != u.shape
+            or tensor.dtype != logits.dtype
+            or tensor.device != logits.device
+            or (tensor.shape[-1] > 1 and tensor.numel() and tensor.stride(-1) != 1)
+        ):
+            raise ValueError(
+                f"{op}: {name} must be {tuple(logits.shape)} or (K, {', '.join(map(str, logits.shape))}) "
+                f"{logits.dtype} on {logits.device} with a dense last dimension (out shaped like u), got "
+                f"{tuple(tensor.shape)} {tensor.dtype} on {tensor.device}"
+            )
+    return u.shape[0] if batched else 1
 
 
 def _label_in_shard(target: torch.Tensor, valid: torch.Tensor, class_offset: int, classes: int):
@@ -191,14 +213,14 @@ def _general_hvp(logits, target, u, scale, h, out):
     lse = torch.logsumexp(z, dim=1)
     g_z, a, p = _gradient_to_capped(z, lse, q, weight_sum, h)
     v = u if dz is None else u * dz
-    p_dot_v = (p * v).sum(dim=1)
-    hvp = a[:, None] * p * (v - p_dot_v[:, None])
+    p_dot_v = (p * v).sum(dim=-1)
+    hvp = a[:, None] * p * (v - p_dot_v[..., None])
     if h.z_loss:
-        hvp = hvp + 2 * h.z_loss * p * p_dot_v[:, None]
+        hvp = hvp + 2 * h.z_loss * p * p_dot_v[..., None]
     if dz is not None:
         hvp = hvp * dz + g_z * d2z * u
     hvp = hvp * _rows(scale)
-    dot = (v * g_z).sum(dim=1)
+    dot = (v * g_z).sum(dim=-1)
     if not is_soft(target):
         bad = ~_in_range(target, z.shape[1])
         hvp = torch.where(bad[:, None], float("nan"), hvp)
@@ -252,6 +274,7 @@ class EagerCrossEntropy:
         out: torch.Tensor,
         out_is_callers: bool = False,
     ):
+        check_hvp_tangents("curvkern.ce eager hvp", logits, u, out)
         ignore_index, label_smoothing = hyperparameters.ignore_index, hyperparameters.label_smoothing
         if loss_variants(hyperparameters, is_soft(target)):
             if shift_period and is_soft(target):
@@ -263,11 +286,12 @@ class EagerCrossEntropy:
         u = u.to(z.dtype)
         valid = target != ignore_index
         p = torch.softmax(z, dim=1)
-        p_dot_u = (p * u).sum(dim=1)
-        out.copy_(torch.where(valid[:, None], p * (u - p_dot_u[:, None]) * _rows(scale), 0.0))
-        dot = p_dot_u - (1 - label_smoothing) * u.gather(1, torch.where(valid, target, 0)[:, None])[:, 0]
+        p_dot_u = (p * u).sum(dim=-1)
+        out.copy_(torch.where(valid[:, None], p * (u - p_dot_u[..., None]) * _rows(scale), 0.0))
+        label_column = torch.where(valid, target, 0)[:, None].expand(*u.shape[:-1], 1)
+        dot = p_dot_u - (1 - label_smoothing) * u.gather(-1, label_column)[..., 0]
         if label_smoothing:
-            dot = dot - label_smoothing * u.mean(dim=1)
+            dot = dot - label_smoothing * u.mean(dim=-1)
         return torch.where(valid, dot, 0.0)
 
     @staticmethod

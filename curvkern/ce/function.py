@@ -117,14 +117,15 @@ def _check_class_dim_arguments(logits: torch.Tensor, target: torch.Tensor) -> No
     raise RuntimeError(f"Expected {mismatch}")
 
 
-def _classes_last(tensor: torch.Tensor) -> torch.Tensor:
-    """(N, C, d1, …, dk) as an (N, d1, …, dk, C) view; (C) and (N, C) as they are."""
-    return tensor.movedim(1, -1) if tensor.dim() > 2 else tensor
+def _classes_last(tensor: torch.Tensor, tangent_dims: int = 0) -> torch.Tensor:
+    """(N, C, d1, …, dk) as an (N, d1, …, dk, C) view; (C) and (N, C) as they are. ``tangent_dims`` leading
+    dimensions (1 for (K, N, C, …) tangents) are kept in front."""
+    return tensor.movedim(1 + tangent_dims, -1) if tensor.dim() - tangent_dims > 2 else tensor
 
 
-def _classes_first(tensor: torch.Tensor) -> torch.Tensor:
+def _classes_first(tensor: torch.Tensor, tangent_dims: int = 0) -> torch.Tensor:
     """The inverse of :func:`_classes_last` on a tensor of the same number of dimensions."""
-    return tensor.movedim(-1, 1) if tensor.dim() > 2 else tensor
+    return tensor.movedim(-1, 1 + tangent_dims) if tensor.dim() - tangent_dims > 2 else tensor
 
 
 def _class_indices(target: torch.Tensor) -> torch.Tensor:
@@ -190,23 +191,27 @@ def _check_target_range(target: torch.Tensor, num_classes: int, ignore_index: in
         raise IndexError(f"Target {target[bad][0].item()} is out of bounds.")
 
 
-def _row_shape(tensor: torch.Tensor) -> tuple[int, int]:
-    return math.prod(tensor.shape[:-1]), tensor.shape[-1]
+def _row_shape(tensor: torch.Tensor, tangent_dims: int = 0) -> tuple[int, ...]:
+    """(N, V) for (…, V); (K, N, V) for (K, …, V) tangents (``tangent_dims`` 1)."""
+    lead = tuple(tensor.shape[:tangent_dims])
+    return (*lead, math.prod(tensor.shape[tangent_dims:-1]), tensor.shape[-1])
 
 
-def _as_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """(…, V) as (N, V) with a dense last dimension and any row stride: a view where one exists."""
-    rows = tensor.reshape(_row_shape(tensor))
-    return rows if rows.stride(1) == 1 or rows.shape[1] <= 1 else rows.contiguous()
+def _as_rows(tensor: torch.Tensor, tangent_dims: int = 0) -> torch.Tensor:
+    """(…, V) as (N, V) (or (K, …, V) as (K, N, V)) with a dense last dimension and any other strides: a view
+    where one exists."""
+    rows = tensor.reshape(_row_shape(tensor, tangent_dims))
+    return rows if rows.stride(-1) == 1 or rows.shape[-1] <= 1 else rows.contiguous()
 
 
-def _writable_rows(tensor: torch.Tensor) -> torch.Tensor | None:
-    """(…, V) as an (N, V) view with a dense last dimension, or None where no such view exists."""
+def _writable_rows(tensor: torch.Tensor, tangent_dims: int = 0) -> torch.Tensor | None:
+    """(…, V) as an (N, V) view (or (K, …, V) as (K, N, V)) with a dense last dimension, or None where no such
+    view exists."""
     try:
-        rows = tensor.view(_row_shape(tensor))
+        rows = tensor.view(_row_shape(tensor, tangent_dims))
     except RuntimeError:
         return None
-    return rows if rows.stride(1) == 1 or rows.shape[1] <= 1 else None
+    return rows if rows.stride(-1) == 1 or rows.shape[-1] <= 1 else None
 
 
 def _mean_scale(valid_count: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -419,8 +424,11 @@ def ce_hvp(
     """The Hessian of :func:`cross_entropy`'s loss with respect to the logits, times ``u``: one kernel.
 
     ``logits``, ``target``, ``ignore_index`` and ``reduction`` as in :func:`cross_entropy` (classes in
-    dim 1); ``u`` and ``out`` have the logits' shape, dtype and device. For each element (the C logits
-    along dim 1), with p their softmax: ``H u = c (p ⊙ u − p ⟨p, u⟩)``, with c the reduction's weight
+    dim 1); ``u`` and ``out`` have the logits' shape, dtype and device, or ``(K, *logits.shape)`` for K
+    tangents at once (block Lanczos, Hutch++): each row's softmax statistics are then computed once for all
+    K, and ``out[k]`` equals ``ce_hvp(logits, target, u[k])`` up to the rounding of its row sums. For each
+    element (the C logits along dim 1), with p their softmax: ``H u = c (p ⊙ u − p ⟨p, u⟩)``, with c the
+    reduction's weight
     (1/n over the n non-ignored targets for ``mean``, 1 for ``sum`` and ``none``, 0 where ignored).
     This is the double backward of ``F.cross_entropy`` with an incoming gradient of ones; label
     smoothing does not enter the Hessian (docs/cross_entropy.md). ``weight``, probability targets,
@@ -431,12 +439,18 @@ def ce_hvp(
     Not differentiable.
 
     DTensor logits as in :func:`cross_entropy`; ``u`` and ``out`` are then DTensors with the logits' mesh
-    and placements, and the result is one too.
+    and placements, and the result is one too (one tangent per call).
 
-    Raises as :func:`cross_entropy` does, and ``ValueError`` when ``u`` or ``out`` does not match the logits
-    (for DTensor logits: is not a DTensor with their placements).
+    Raises as :func:`cross_entropy` does, ``ValueError`` when ``u`` or ``out`` does not match the logits
+    (for DTensor logits: is not a DTensor with their placements), and ``NotImplementedError`` for K tangents
+    of DTensor logits.
     """
     if any(is_dtensor(tensor) for tensor in (logits, target, u, out)):
+        if u.dim() != logits.dim():
+            raise NotImplementedError(
+                f"curvkern.ce_hvp: K tangents ({tuple(u.shape)}) of DTensor logits are not implemented; pass one "
+                "tangent of the logits' shape per call"
+            )
         _refuse_dtensor_variants("curvkern.ce_hvp", target, z_loss=z_loss, softcap=softcap, weight=weight)
         if label_smoothing:
             raise NotImplementedError("curvkern.ce_hvp: label_smoothing on DTensor logits is not implemented")
@@ -457,55 +471,65 @@ def ce_hvp(
 
 
 def _check_hvp_tensors(logits: torch.Tensor, u: torch.Tensor, out: torch.Tensor | None) -> None:
-    """``u`` and ``out`` must have the logits' (global) shape, dtype and device: ValueError otherwise."""
-    if u.shape != logits.shape or u.dtype != logits.dtype or u.device != logits.device:
+    """``u`` must have the logits' (global) shape or ``(K, *logits.shape)`` (K tangents), their dtype and
+    device, and ``out`` u's shape, dtype and device: ValueError otherwise."""
+    tangents = u.dim() == logits.dim() + 1 and u.shape[1:] == logits.shape
+    if (u.shape != logits.shape and not tangents) or u.dtype != logits.dtype or u.device != logits.device:
         raise ValueError(
-            f"u must match the logits' shape, dtype and device: got {tuple(u.shape)} {u.dtype} on {u.device} "
-            f"for logits {tuple(logits.shape)} {logits.dtype} on {logits.device}"
+            f"u must have the logits' shape {tuple(logits.shape)} (or (K, *logits.shape) for K tangents), dtype "
+            f"and device: got {tuple(u.shape)} {u.dtype} on {u.device} for logits {logits.dtype} on {logits.device}"
         )
-    if out is not None and (out.shape != logits.shape or out.dtype != logits.dtype or out.device != logits.device):
-        raise ValueError(f"out must match the logits' shape, dtype and device, got {tuple(out.shape)} {out.dtype}")
+    if out is not None and (out.shape != u.shape or out.dtype != u.dtype or out.device != u.device):
+        raise ValueError(
+            f"out must match u's shape {tuple(u.shape)}, dtype {u.dtype} and device, got {tuple(out.shape)} "
+            f"{out.dtype} on {out.device}"
+        )
 
 
 def _class_dim_hvp(kernels, logits, target, u, *, hyperparameters, out):
-    """:func:`ce_hvp` on checked plain tensors (classes in dim 1), int64 targets or probabilities."""
+    """:func:`ce_hvp` on checked plain tensors (classes in dim 1), int64 targets or probabilities; ``u`` and
+    ``out`` of the logits' shape or (K, *logits.shape)."""
+    tangent_dims = u.dim() - logits.dim()
     result = _hvp_into(
         kernels,
         _classes_last(logits),
         _flat_target(_classes_last(target) if target.is_floating_point() else target),
-        _classes_last(u),
+        _classes_last(u, tangent_dims),
         hyperparameters,
-        None if out is None else _classes_last(out),
+        None if out is None else _classes_last(out, tangent_dims),
         shift_period=0,
         valid_count=None,
     )
-    return out if out is not None else _classes_first(result)
+    return out if out is not None else _classes_first(result, tangent_dims)
 
 
 def _hvp_into(kernels, logits, flat_target, u, hyperparameters, out, shift_period, valid_count):
-    """Run the HVP kernel on (…, V) tensors (classes last; ``out``, when given, checked by the caller to
-    match the logits), writing into ``out`` (allocated when None) without copies where the rows are
-    already strided views; returns ``out``. Label smoothing does not enter the Hessian: ``out`` is the
-    same for any ``hyperparameters.label_smoothing``."""
+    """Run the HVP kernel on (…, V) tensors (classes last; ``u`` (…, V) or (K, …, V) for K tangents; ``out``,
+    when given, checked by the caller to match ``u``), writing into ``out`` (allocated when None) without
+    copies where the rows are already strided views; returns ``out``. Label smoothing does not enter the
+    Hessian: ``out`` is the same for any ``hyperparameters.label_smoothing``."""
     ignore_index, reduction = hyperparameters.ignore_index, hyperparameters.reduction
+    tangent_dims = u.dim() - logits.dim()
     out_given = out is not None
     if not out_given:
-        out = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        out = torch.empty_like(u, memory_format=torch.contiguous_format)
     acc = accumulation_dtype(logits.dtype)
     if reduction == "mean" and valid_count is not None:  # the caller counted (the causal shift)
         scale = _mean_scale(valid_count, acc)
     else:
         scale = _reduction_scale(flat_target, ignore_index, reduction, acc, hyperparameters.weight)
-    out_rows = _writable_rows(out)
+    out_rows = _writable_rows(out, tangent_dims)
     out_is_callers = out_given and out_rows is not None
     with torch.no_grad():
         result_rows = (
-            out_rows if out_rows is not None else torch.empty(_row_shape(out), dtype=out.dtype, device=out.device)
+            out_rows
+            if out_rows is not None
+            else torch.empty(_row_shape(out, tangent_dims), dtype=out.dtype, device=out.device)
         )
         kernels.hvp(
             _as_rows(logits),
             flat_target,
-            _as_rows(u),
+            _as_rows(u, tangent_dims),
             scale,
             hyperparameters,
             shift_period,

@@ -17,7 +17,7 @@ import struct
 import torch
 
 from curvkern._dispatch import register
-from curvkern.ce.eager import accumulation_dtype, check_shard_inputs, refuse_variants
+from curvkern.ce.eager import accumulation_dtype, check_hvp_tangents, check_shard_inputs, refuse_variants
 from curvkern.hyperparameters import CrossEntropyLossHyperparameters
 
 if importlib.util.find_spec("triton") is not None:
@@ -79,17 +79,21 @@ if importlib.util.find_spec("triton") is not None:
         BLOCK_V: tl.constexpr,
         cap=1.0,
         CAP: tl.constexpr = False,
+        u_live=None,
+        TANGENTS: tl.constexpr = 1,
     ):
         """Sweep 1: online max, Σ e^{z−max}, ⟨e^{z−max}, u⟩, Σz, Σu over [ROWS, V] rows, tile by tile.
 
-        ``z_ptrs``/``u_ptrs`` point at column 0 of each row; ``live`` masks the rows to read at all. CAP: the
-        logits are capped, z = cap·tanh(x/cap), and u is replaced by J⊙u with J = 1 − tanh²."""
+        ``z_ptrs`` point at column 0 of each row; ``live`` masks the rows to read at all. With u, ``u_ptrs``
+        and ``u_live`` are [TANGENTS, ROWS]: column 0 of each tangent's rows and which to read, and the u sums
+        come back [TANGENTS, ROWS] (the logits read once for all tangents). CAP: the logits are capped,
+        z = cap·tanh(x/cap), and u is replaced by J⊙u with J = 1 − tanh²."""
         cols = tl.arange(0, BLOCK_V)
         running_max = tl.full([ROWS], float("-inf"), ACC)
         sum_exp = tl.zeros([ROWS], ACC)
-        sum_exp_u = tl.zeros([ROWS], ACC)
+        sum_exp_u = tl.zeros([TANGENTS, ROWS], ACC)
         sum_z = tl.zeros([ROWS], ACC)
-        sum_u = tl.zeros([ROWS], ACC)
+        sum_u = tl.zeros([TANGENTS, ROWS], ACC)
         for start in range(0, V, BLOCK_V):
             mask = live[:, None] & (start + cols < V)[None, :]
             z = tl.load(z_ptrs[:, None] + (start + cols)[None, :], mask=mask, other=float("-inf")).to(ACC)
@@ -103,12 +107,13 @@ if importlib.util.find_spec("triton") is not None:
             e = tl.exp(z - shift[:, None])
             sum_exp = sum_exp * rescale + tl.sum(e, axis=1)
             if WITH_U:
-                u = tl.load(u_ptrs[:, None] + (start + cols)[None, :], mask=mask, other=0.0).to(ACC)
+                u_mask = u_live[:, :, None] & (start + cols < V)[None, None, :]
+                u = tl.load(u_ptrs[:, :, None] + (start + cols)[None, None, :], mask=u_mask, other=0.0).to(ACC)
                 if CAP:
-                    u = u * (1.0 - t * t)
-                sum_exp_u = sum_exp_u * rescale + tl.sum(e * u, axis=1)
+                    u = u * (1.0 - t * t)[None, :, :]
+                sum_exp_u = sum_exp_u * rescale[None, :] + tl.sum(e[None, :, :] * u, axis=2)
                 if SUMS:
-                    sum_u += tl.sum(u, axis=1)
+                    sum_u += tl.sum(u, axis=2)
             if SUMS:
                 sum_z += tl.sum(tl.where(mask, z, 0.0), axis=1)
             running_max = new_max
@@ -231,12 +236,15 @@ if importlib.util.find_spec("triton") is not None:
         target_ptr,
         weight_ptr,
         u_ptr,
+        u_tangent_stride,
         u_row_stride,
         scale_ptr,
         scale_stride,
         out_ptr,
+        out_tangent_stride,
         out_row_stride,
         dot_ptr,
+        K,
         N,
         V,
         ignore_index,
@@ -255,18 +263,25 @@ if importlib.util.find_spec("triton") is not None:
         WEIGHTED: tl.constexpr,
         ROWS: tl.constexpr,
         BLOCK_V: tl.constexpr,
+        TANGENTS: tl.constexpr,
     ):
+        """The HVP of ROWS rows for all K tangents (TANGENTS ≥ K, a power of two): row values are [ROWS],
+        tangent values [TANGENTS, ROWS], tiles [TANGENTS, ROWS, BLOCK_V]; each logits tile is read once per
+        sweep for every tangent."""
         label_smoothing = _exact_scalar(smoothing_hi, smoothing_lo, ACC)
         rows, row_mask, label, live, in_range = _program_rows(
             target_ptr, N, V, ignore_index, shift_period, ROWS, SHIFTED
         )
+        tangent = tl.arange(0, TANGENTS).to(tl.int64)
+        tangent_mask = (tangent < K)[:, None] & row_mask[None, :]
+        u_live = tangent_mask & live[None, :]
         z_ptrs = logits_ptr + rows * row_stride
-        u_ptrs = u_ptr + rows * u_row_stride
+        u_ptrs = u_ptr + tangent[:, None] * u_tangent_stride + rows[None, :] * u_row_stride
         cap = _exact_scalar(cap_hi, cap_lo, ACC)
         running_max, sum_exp, sum_exp_u, _, sum_u = _row_stats(
-            z_ptrs, u_ptrs, live, V, ACC, True, SMOOTHING, ROWS, BLOCK_V, cap, CAP
+            z_ptrs, u_ptrs, live, V, ACC, True, SMOOTHING, ROWS, BLOCK_V, cap, CAP, u_live, TANGENTS
         )
-        p_dot_u = sum_exp_u / sum_exp  # ⟨p, J⊙u⟩ with a cap
+        p_dot_u = sum_exp_u / sum_exp[None, :]  # ⟨p, J⊙u⟩ with a cap
         scale = tl.load(scale_ptr + rows * scale_stride, mask=live, other=0.0).to(ACC)
         weight = tl.where(live, tl.where(in_range, scale / sum_exp, float("nan")), 0.0)
         # The z-loss: H = a·(diag p − p pᵀ) + 2λ·p pᵀ with a = 1 + 2λ·lse, so H u = p ⊙ (a·u − (a − 2λ)·⟨p, u⟩).
@@ -279,43 +294,51 @@ if importlib.util.find_spec("triton") is not None:
             two_lambda = 2.0 * _exact_scalar(z_loss_hi, z_loss_lo, ACC)
             a = label_weight + two_lambda * (running_max + tl.log(sum_exp))
         if Z_LOSS or WEIGHTED:
-            shift = (a - two_lambda) * p_dot_u
+            shift = (a - two_lambda)[None, :] * p_dot_u
         cols = tl.arange(0, BLOCK_V)
+        out_ptrs = out_ptr + tangent[:, None] * out_tangent_stride + rows[None, :] * out_row_stride
         # Sweep 2: recompute p tile by tile and write; ignored rows load nothing and store zeros.
         for start in range(0, V, BLOCK_V):
             col = start + cols
             mask = row_mask[:, None] & (col < V)[None, :]
             read = mask & live[:, None]
             z = tl.load(z_ptrs[:, None] + col[None, :], mask=read, other=0.0).to(ACC)
-            u = tl.load(u_ptrs[:, None] + col[None, :], mask=read, other=0.0).to(ACC)
+            u = tl.load(
+                u_ptrs[:, :, None] + col[None, None, :], mask=u_live[:, :, None] & read[None, :, :], other=0.0
+            ).to(ACC)
             if CAP:
                 # J⊙H_z(J⊙u) + g⊙z''⊙u with t = tanh(x/c), J = 1 − t², z'' = −(2/c)·t·J, g = a·p − q.
                 t = _tanh(z / cap)
                 jacobian = 1.0 - t * t
                 p = weight[:, None] * tl.exp(cap * t - running_max[:, None])
-                h = a[:, None] * p * (jacobian * u - p_dot_u[:, None]) + two_lambda * p * p_dot_u[:, None]
+                h = (a[:, None] * p)[None, :, :] * (jacobian[None, :, :] * u - p_dot_u[:, :, None]) + (two_lambda * p)[
+                    None, :, :
+                ] * p_dot_u[:, :, None]
                 target_part = tl.where(col[None, :] == label[:, None], 1.0 - label_smoothing, 0.0)
                 if WEIGHTED:
                     target_part = target_part * label_weight[:, None]
                 g = a[:, None] * p - (label_smoothing / V + target_part) * tl.where(live, scale, 0.0)[:, None]
-                hvp = jacobian * h + g * (-2.0 / cap) * t * jacobian * u
+                hvp = jacobian[None, :, :] * h + (g * (-2.0 / cap) * t * jacobian)[None, :, :] * u
             else:
                 if Z_LOSS or WEIGHTED:
-                    u = a[:, None] * u
-                hvp = weight[:, None] * tl.exp(z - running_max[:, None]) * (u - shift[:, None])
-            hvp = tl.where(live[:, None], hvp, 0.0)
+                    u = a[None, :, None] * u
+                p = weight[:, None] * tl.exp(z - running_max[:, None])
+                hvp = p[None, :, :] * (u - shift[:, :, None])
+            hvp = tl.where(live[None, :, None], hvp, 0.0)
             tl.store(
-                out_ptr + rows[:, None] * out_row_stride + col[None, :], hvp.to(out_ptr.dtype.element_ty), mask=mask
+                out_ptrs[:, :, None] + col[None, None, :],
+                hvp.to(out_ptr.dtype.element_ty),
+                mask=tangent_mask[:, :, None] & mask[None, :, :],
             )
-        u_label = tl.load(u_ptrs + label, mask=live & in_range, other=0.0).to(ACC)
+        u_label = tl.load(u_ptrs + label[None, :], mask=u_live & in_range[None, :], other=0.0).to(ACC)
         if CAP:
             t_label = _tanh(tl.load(z_ptrs + label, mask=live & in_range, other=0.0).to(ACC) / cap)
-            u_label = u_label * (1.0 - t_label * t_label)
-        dot = a * p_dot_u - (1.0 - label_smoothing) * label_weight * u_label
+            u_label = u_label * (1.0 - t_label * t_label)[None, :]
+        dot = a[None, :] * p_dot_u - ((1.0 - label_smoothing) * label_weight)[None, :] * u_label
         if SMOOTHING:
             dot -= label_smoothing / V * sum_u
-        dot = tl.where(in_range, dot, float("nan"))
-        tl.store(dot_ptr + rows, tl.where(live, dot, 0.0), mask=row_mask)
+        dot = tl.where(in_range[None, :], dot, float("nan"))
+        tl.store(dot_ptr + tangent[:, None] * N + rows[None, :], tl.where(live[None, :], dot, 0.0), mask=tangent_mask)
 
     @triton.jit
     def _stats_kernel(
@@ -342,8 +365,10 @@ if importlib.util.find_spec("triton") is not None:
         z_ptrs = logits_ptr + rows * row_stride
         u_ptrs = u_ptr + rows * u_row_stride
         running_max, sum_exp, sum_exp_u, sum_z, sum_u = _row_stats(
-            z_ptrs, u_ptrs, live, V, ACC, WITH_U, SMOOTHING, ROWS, BLOCK_V
+            z_ptrs, u_ptrs[None, :], live, V, ACC, WITH_U, SMOOTHING, ROWS, BLOCK_V, u_live=live[None, :]
         )
+        sum_exp_u = tl.sum(sum_exp_u, axis=0)  # the one tangent's [ROWS]
+        sum_u = tl.sum(sum_u, axis=0)
         column = label - class_offset
         in_shard = live & (column >= 0) & (column < V)
         w_ptrs = u_ptrs if WITH_U else z_ptrs
@@ -403,9 +428,11 @@ MAX_BLOCK_V = 4096
 TILE = 4096
 
 
-def _launch_shape(n: int, v: int) -> tuple[tuple[int], int, int]:
-    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(max(v, 1)))
-    rows = min(max(1, TILE // block_v), triton.next_power_of_2(max(n, 1)))
+def _launch_shape(n: int, v: int, tangents: int = 1) -> tuple[tuple[int], int, int]:
+    """The grid, rows per program and tile width for (N, V) rows; a program of the HVP holds a tile of each
+    of ``tangents`` (a power of two) tangents, so its tile is that many times narrower."""
+    block_v = min(max(1, MAX_BLOCK_V // tangents), triton.next_power_of_2(max(v, 1)))
+    rows = min(max(1, TILE // (block_v * tangents)), triton.next_power_of_2(max(n, 1)))
     return (triton.cdiv(n, rows),), rows, block_v
 
 
@@ -523,23 +550,28 @@ class TritonCrossEntropy:
         out_is_callers: bool = False,
     ):
         refuse_variants("triton", TritonCrossEntropy.VARIANTS, hyperparameters, target)
+        tangents = check_hvp_tangents("curvkern.ce triton hvp", logits, u, out)
         ignore_index, label_smoothing = hyperparameters.ignore_index, hyperparameters.label_smoothing
         n, v = logits.shape
-        dot = torch.empty(n, dtype=accumulation_dtype(logits.dtype), device=logits.device)
-        if n:
-            grid, rows, block_v = _launch_shape(n, v)
+        dot = torch.empty(u.shape[:-1], dtype=accumulation_dtype(logits.dtype), device=logits.device)
+        if n and tangents:
+            padded = triton.next_power_of_2(tangents)
+            grid, rows, block_v = _launch_shape(n, v, padded)
             _hvp_kernel[grid](
                 logits,
                 _row_stride(logits),
                 target,
                 _weight_or(hyperparameters, logits),
                 u,
-                u.stride(0),
+                u.stride(0) if u.dim() == 3 else 0,
+                u.stride(-2),
                 scale,
                 0 if scale.dim() == 0 else scale.stride(0),
                 out,
-                _row_stride(out),
+                out.stride(0) if out.dim() == 3 else 0,
+                out.stride(-2) if n > 1 else v,
                 dot,
+                tangents,
                 n,
                 v,
                 ignore_index,
@@ -555,6 +587,7 @@ class TritonCrossEntropy:
                 WEIGHTED=hyperparameters.weight is not None,
                 ROWS=rows,
                 BLOCK_V=block_v,
+                TANGENTS=padded,
             )
         return dot
 
