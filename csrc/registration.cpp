@@ -61,18 +61,21 @@ TORCH_LIBRARY(curvkern, m) {
       "int ignore_index, int num_classes, Tensor(a!) out) -> ()");
   m.def(
       "linear_cross_entropy_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, int ignore_index, "
-      "float label_smoothing, int n_tile, int v_tile) -> (Tensor, Tensor)");
+      "float label_smoothing, int n_tile, int v_tile, float z_loss=0., float softcap=0., Tensor? class_weight=None) "
+      "-> (Tensor, Tensor)");
   m.def(
       "linear_cross_entropy_backward(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor lse, "
-      "Tensor grad_scale, int ignore_index, float label_smoothing, int n_tile, int v_tile) -> (Tensor, Tensor, "
-      "Tensor)");
+      "Tensor grad_scale, int ignore_index, float label_smoothing, int n_tile, int v_tile, float z_loss=0., "
+      "float softcap=0., Tensor? class_weight=None) -> (Tensor, Tensor, Tensor)");
   m.def(
       "linear_cross_entropy_hvp(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor lse, "
       "Tensor grad_scale, Tensor? v_hidden, Tensor? v_weight, Tensor? v_bias, int ignore_index, "
-      "float label_smoothing, int n_tile, int v_tile) -> (Tensor, Tensor, Tensor, Tensor)");
+      "float label_smoothing, int n_tile, int v_tile, float z_loss=0., float softcap=0., Tensor? class_weight=None) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "linear_ce_ggn_vp(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor scale, Tensor d_hidden, "
-      "Tensor? d_weight, Tensor? d_bias, int ignore_index, int n_tile, int v_tile) -> (Tensor, Tensor, Tensor)");
+      "Tensor? d_weight, Tensor? d_bias, int ignore_index, int n_tile, int v_tile, float label_smoothing=0., "
+      "float z_loss=0., float softcap=0., Tensor? class_weight=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(curvkern, CPU, m) {

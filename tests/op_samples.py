@@ -635,24 +635,41 @@ LINEAR_CE_CASES = [
     LinearCrossEntropyCase("fp32-no-rows", fp32, rows=0),
 ]
 LINEAR_CE_TILES = (3, 4)
+# The loss variants' (z_loss, softcap, class_weight) arguments with label smoothing, all three at once.
+LINEAR_CE_VARIANTS = (0.01, 3.0, "weight")
 
 
-def _linear_forward(case: LinearCrossEntropyCase):
+def _linear_variant_args(variants: tuple, case: LinearCrossEntropyCase) -> tuple:
+    """The ops' (z_loss, softcap, class_weight) arguments, ``"weight"`` standing for (V,) class weights in the
+    accumulation dtype."""
+    weights = torch.linspace(0.5, 1.5, case.classes, dtype=fp64).to(_accumulation_dtype(case.dtype))
+    return tuple(weights if value == "weight" else value for value in variants)
+
+
+def _linear_forward(case: LinearCrossEntropyCase, variants=()):
     def make_args():
-        return (*case.problem(_generator()), -100, 0.1, *LINEAR_CE_TILES)
+        return (*case.problem(_generator()), -100, 0.1, *LINEAR_CE_TILES, *_linear_variant_args(variants, case))
 
     return make_args
 
 
-def _linear_backward(case: LinearCrossEntropyCase, per_row: bool):
+def _linear_backward(case: LinearCrossEntropyCase, per_row: bool, variants=()):
     def make_args():
         gen = _generator()
-        return (*case.problem(gen), case.rows_vector(gen), case.scale(gen, per_row), -100, 0.1, *LINEAR_CE_TILES)
+        return (
+            *case.problem(gen),
+            case.rows_vector(gen),
+            case.scale(gen, per_row),
+            -100,
+            0.1,
+            *LINEAR_CE_TILES,
+            *_linear_variant_args(variants, case),
+        )
 
     return make_args
 
 
-def _linear_hvp(case: LinearCrossEntropyCase, per_row: bool, parts=("hidden", "weight", "bias")):
+def _linear_hvp(case: LinearCrossEntropyCase, per_row: bool, parts=("hidden", "weight", "bias"), variants=()):
     def make_args():
         gen = _generator()
         hidden, weight, bias, target = case.problem(gen)
@@ -661,12 +678,24 @@ def _linear_hvp(case: LinearCrossEntropyCase, per_row: bool, parts=("hidden", "w
             for name, x in zip(("hidden", "weight", "bias"), (hidden, weight, bias))
         ]
         lse, scale = case.rows_vector(gen), case.scale(gen, per_row)
-        return (hidden, weight, bias, target, lse, scale, *tangents, -100, 0.1, *LINEAR_CE_TILES)
+        return (
+            hidden,
+            weight,
+            bias,
+            target,
+            lse,
+            scale,
+            *tangents,
+            -100,
+            0.1,
+            *LINEAR_CE_TILES,
+            *_linear_variant_args(variants, case),
+        )
 
     return make_args
 
 
-def _linear_ggn_vp(case: LinearCrossEntropyCase, per_row: bool, tangents=2, parts=("weight", "bias")):
+def _linear_ggn_vp(case: LinearCrossEntropyCase, per_row: bool, tangents=2, parts=("weight", "bias"), variants=()):
     def make_args():
         gen = _generator()
         hidden, weight, bias, target = case.problem(gen)
@@ -679,33 +708,57 @@ def _linear_ggn_vp(case: LinearCrossEntropyCase, per_row: bool, tangents=2, part
         d_hidden = torch.randn(tangents, *hidden.shape, generator=gen, dtype=fp64).to(case.dtype)
         scale = case.scale(gen, per_row)
         d_weight, d_bias = tangent(weight, "weight"), tangent(bias, "bias")
-        return (hidden, weight, bias, target, scale, d_hidden, d_weight, d_bias, -100, *LINEAR_CE_TILES)
+        # The label smoothing enters only with variants.
+        smoothing = (0.1, *_linear_variant_args(variants, case)) if variants else ()
+        return (hidden, weight, bias, target, scale, d_hidden, d_weight, d_bias, -100, *LINEAR_CE_TILES, *smoothing)
 
     return make_args
 
 
-LINEAR_CROSS_ENTROPY_FORWARD_SAMPLES = [Sample(case.name, _linear_forward(case)) for case in LINEAR_CE_CASES]
+# The variants on the fp32, fp64 and bf16 cases.
+LINEAR_CE_VARIANT_CASES = LINEAR_CE_CASES[:3]
+LINEAR_CROSS_ENTROPY_FORWARD_SAMPLES = [Sample(case.name, _linear_forward(case)) for case in LINEAR_CE_CASES] + [
+    Sample(f"{case.name}-variants", _linear_forward(case, variants=LINEAR_CE_VARIANTS))
+    for case in LINEAR_CE_VARIANT_CASES
+]
 LINEAR_CROSS_ENTROPY_BACKWARD_SAMPLES = [
     Sample(f"{case.name}-{_scale_name(per_row)}", _linear_backward(case, per_row))
     for case in LINEAR_CE_CASES
     for per_row in (False, True)
-]
-LINEAR_CROSS_ENTROPY_HVP_SAMPLES = [
-    Sample(f"{case.name}-{_scale_name(per_row)}", _linear_hvp(case, per_row))
-    for case in LINEAR_CE_CASES
-    for per_row in (False, True)
 ] + [
-    Sample("fp64-v-hidden-only", _linear_hvp(LINEAR_CE_CASES[1], True, parts=("hidden",))),
-    Sample("fp32-v-bias-only", _linear_hvp(LINEAR_CE_CASES[0], False, parts=("bias",))),
+    Sample(f"{case.name}-variants", _linear_backward(case, True, variants=LINEAR_CE_VARIANTS))
+    for case in LINEAR_CE_VARIANT_CASES
 ]
-LINEAR_CE_GGN_VP_SAMPLES = [
-    Sample(f"{case.name}-{_scale_name(per_row)}", _linear_ggn_vp(case, per_row))
-    for case in LINEAR_CE_CASES
-    for per_row in (False, True)
-] + [
-    Sample("fp64-d-hidden-only-k-1", _linear_ggn_vp(LINEAR_CE_CASES[1], False, tangents=1, parts=())),
-    Sample("fp32-k-0", _linear_ggn_vp(LINEAR_CE_CASES[0], True, tangents=0)),
-]
+LINEAR_CROSS_ENTROPY_HVP_SAMPLES = (
+    [
+        Sample(f"{case.name}-{_scale_name(per_row)}", _linear_hvp(case, per_row))
+        for case in LINEAR_CE_CASES
+        for per_row in (False, True)
+    ]
+    + [
+        Sample("fp64-v-hidden-only", _linear_hvp(LINEAR_CE_CASES[1], True, parts=("hidden",))),
+        Sample("fp32-v-bias-only", _linear_hvp(LINEAR_CE_CASES[0], False, parts=("bias",))),
+    ]
+    + [
+        Sample(f"{case.name}-variants", _linear_hvp(case, True, variants=LINEAR_CE_VARIANTS))
+        for case in LINEAR_CE_VARIANT_CASES
+    ]
+)
+LINEAR_CE_GGN_VP_SAMPLES = (
+    [
+        Sample(f"{case.name}-{_scale_name(per_row)}", _linear_ggn_vp(case, per_row))
+        for case in LINEAR_CE_CASES
+        for per_row in (False, True)
+    ]
+    + [
+        Sample("fp64-d-hidden-only-k-1", _linear_ggn_vp(LINEAR_CE_CASES[1], False, tangents=1, parts=())),
+        Sample("fp32-k-0", _linear_ggn_vp(LINEAR_CE_CASES[0], True, tangents=0)),
+    ]
+    + [
+        Sample(f"{case.name}-variants", _linear_ggn_vp(case, True, variants=LINEAR_CE_VARIANTS))
+        for case in LINEAR_CE_VARIANT_CASES
+    ]
+)
 
 
 # --- no tensors ------------------------------------------------------------------------------------------

@@ -789,7 +789,15 @@ def test_triton_kernels_compile_for_a_gpu_target(dtype):
             assert not any("tf32" in x for x in instructions), (label, instructions)
 
 
-# --- Loss variants: z-loss, soft-capping, class weights (eager reference) ---------------------------------
+# --- Loss variants: z-loss, soft-capping, class weights (every backend that implements them) ---------------
+
+
+def variant_backends():
+    return [
+        b
+        for b in BACKENDS
+        if set(("z_loss", "softcap", "class_weight")) <= curvkern.linear_ce.variants.IMPLEMENTED.get(b, frozenset())
+    ]
 
 
 def class_weights(v=13, seed=3):
@@ -839,7 +847,8 @@ def torch_variant_loss(hidden, weight, target, bias=None, **kwargs):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.15])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no bias"])
-def test_variants_match_pytorch_fp64(variants, reduction, label_smoothing, with_bias):
+@pytest.mark.parametrize("backend", variant_backends())
+def test_variants_match_pytorch_fp64(variants, reduction, label_smoothing, with_bias, backend):
     """Loss, gradients and the double backward (cross terms, and to the incoming gradient) of every variant and
     combination, against autograd through F.linear + the variant in plain torch; ignored rows 1 and 7, three row
     tiles and two class tiles."""
@@ -847,7 +856,7 @@ def test_variants_match_pytorch_fp64(variants, reduction, label_smoothing, with_
     tangents = tangents_for(hidden, weight, bias)
     grad_loss = grad_loss_for(target, reduction)
     kwargs = dict(reduction=reduction, label_smoothing=label_smoothing, **variants)
-    got = derivatives(on("eager"), hidden, weight, target, bias, tangents, grad_loss, **kwargs)
+    got = derivatives(on(backend), hidden, weight, target, bias, tangents, grad_loss, **kwargs)
     expected = derivatives(torch_variant_loss, hidden, weight, target, bias, tangents, grad_loss, **kwargs)
     assert_fp64_close(got, expected, labels_for(bias))
 
@@ -863,13 +872,14 @@ def test_default_variants_are_the_plain_loss_bit_for_bit():
     assert all(torch.equal(a, b) for a, b in zip(plain, default))
 
 
-def test_variants_gradcheck_and_gradgradcheck():
+@pytest.mark.parametrize("backend", variant_backends())
+def test_variants_gradcheck_and_gradgradcheck(backend):
     hidden, weight, bias, target = make_problem((5,), d=3, v=9, ignore=(2,))
     inputs = tuple(x.clone().requires_grad_(True) for x in (hidden, weight, bias))
     variants = dict(z_loss=0.2, softcap=1.5, class_weight=class_weights(9))
 
     def loss(h, w, b):
-        return ours(h, w, target, b, label_smoothing=0.1, fused="eager", **variants)
+        return ours(h, w, target, b, label_smoothing=0.1, fused=backend, **variants)
 
     assert torch.autograd.gradcheck(loss, inputs)
     assert torch.autograd.gradgradcheck(loss, inputs)
@@ -896,13 +906,14 @@ def torch_variant_ggn_vp(hidden, weight, target, d_hidden, d_weight, d_bias, bia
 @ON_EACH_VARIANT
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no bias"])
-def test_variants_ggn_vp_matches_torch_func(variants, reduction, with_bias):
+@pytest.mark.parametrize("backend", variant_backends())
+def test_variants_ggn_vp_matches_torch_func(variants, reduction, with_bias, backend):
     hidden, weight, bias, target = make_problem((2, 5), bias=with_bias)
     d_hidden, d_weight, d_bias = tangents_for(hidden, weight, bias if bias is not None else weight[:, 0])
     d_bias = d_bias if bias is not None else None
     kwargs = dict(reduction=reduction, label_smoothing=0.2, **variants)
     got = curvkern.linear_ce_ggn_vp(
-        hidden, weight, target, d_hidden, d_weight, d_bias, bias=bias, fused="eager", **kwargs
+        hidden, weight, target, d_hidden, d_weight, d_bias, bias=bias, fused=backend, **kwargs
     )
     expected = torch_variant_ggn_vp(hidden, weight, target, d_hidden, d_weight, d_bias, bias, **kwargs)
     labels = ["hidden", "weight", "bias"][: 2 + (bias is not None)]
@@ -915,20 +926,241 @@ def test_variants_ggn_vp_matches_torch_func(variants, reduction, with_bias):
         torch.stack([d_hidden, -0.5 * d_hidden]),
         torch.stack([d_weight, d_weight]),
         bias=bias,
-        fused="eager",
+        fused=backend,
         **kwargs,
     )
     second = curvkern.linear_ce_ggn_vp(
-        hidden, weight, target, -0.5 * d_hidden, d_weight, bias=bias, fused="eager", **kwargs
+        hidden, weight, target, -0.5 * d_hidden, d_weight, bias=bias, fused=backend, **kwargs
     )
     assert_fp64_close([both[0][1], both[1][1]], [second[0], second[1]], ["K hidden", "K weight"])
 
 
-@pytest.mark.parametrize("recorder", list(RECORDERS))
-def test_no_tensor_of_n_times_v_elements_is_allocated_with_variants(recorder):
+VARIANT_MEMORY_CASES = [("dispatch mode", "eager")] + [("profiler", backend) for backend in variant_backends()]
+
+
+@pytest.mark.parametrize("recorder,backend", VARIANT_MEMORY_CASES, ids=[f"{r}-{b}" for r, b in VARIANT_MEMORY_CASES])
+def test_no_tensor_of_n_times_v_elements_is_allocated_with_variants(recorder, backend):
     variants = dict(z_loss=0.1, softcap=3.0, class_weight=class_weights(40))
-    phases, n_times_v = largest_allocations(recorder, "eager", **variants)
+    phases, n_times_v = largest_allocations(recorder, backend, **variants)
     assert all(0 < largest < n_times_v for largest in phases.values()), (phases, n_times_v)
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no bias"])
+@pytest.mark.parametrize("backend", variant_backends())
+def test_variants_k_tangents_at_once_equal_k_separate_calls(with_bias, backend):
+    """All three variants with label smoothing (the cap's term reads q̃): K = 3 tangents, d_weight and d_bias
+    included, against three calls."""
+    hidden, weight, bias, target = make_problem((2, 5), bias=with_bias)
+    kwargs = dict(label_smoothing=0.1, z_loss=0.2, softcap=2.5, class_weight=class_weights(), fused=backend)
+    k = 3
+    gen = torch.Generator().manual_seed(4)
+    d_hidden = torch.randn(k, *hidden.shape, generator=gen, dtype=torch.float64)
+    d_weight = torch.randn(k, *weight.shape, generator=gen, dtype=torch.float64)
+    d_bias = torch.randn(k, weight.shape[0], generator=gen, dtype=torch.float64) if with_bias else None
+    batched = curvkern.linear_ce_ggn_vp(hidden, weight, target, d_hidden, d_weight, d_bias, bias=bias, **kwargs)
+    for index in range(k):
+        single = curvkern.linear_ce_ggn_vp(
+            hidden,
+            weight,
+            target,
+            d_hidden[index],
+            d_weight[index],
+            None if d_bias is None else d_bias[index],
+            bias=bias,
+            **kwargs,
+        )
+        for a, b, label in zip(batched, single, ["hidden", "weight", "bias"]):
+            if b is None:
+                assert a is None
+                continue
+            assert_relative_error(a[index], b, FP64_FUSED_CAP, label=f"tangent {index} {label}")
+
+
+class Bounded:
+    """A value in fp64 and a first-order bound on the absolute error of computing it in fp32 from exact inputs:
+    running error analysis (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., §3.3), each rounded
+    operation adding u·|result| and propagating its operands' errors. Python numbers are rounded to fp32 (u·|c|);
+    exp, log and tanh count TRANSCENDENTAL_OPS; a sum of n terms r(n)·u·Σ|x| (tests/tolerance.py)."""
+
+    u = unit_roundoff(torch.float32)
+
+    def __init__(self, value, error=None):
+        self.value = value
+        self.error = torch.zeros_like(value) if error is None else error
+
+    @classmethod
+    def of(cls, x):
+        if isinstance(x, Bounded):
+            return x
+        if isinstance(x, torch.Tensor):
+            return cls(x)
+        value = torch.tensor(float(x), dtype=torch.float64)
+        return cls(value, cls.u * value.abs())
+
+    def _rounded(self, value, error):
+        return Bounded(value, error + self.u * value.abs())
+
+    def __add__(self, other):
+        other = Bounded.of(other)
+        return self._rounded(self.value + other.value, self.error + other.error)
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        other = Bounded.of(other)
+        return self._rounded(self.value - other.value, self.error + other.error)
+
+    def __rsub__(self, other):
+        return Bounded.of(other) - self
+
+    def __mul__(self, other):
+        other = Bounded.of(other)
+        error = self.value.abs() * other.error + other.value.abs() * self.error
+        return self._rounded(self.value * other.value, error)
+
+    __rmul__ = __mul__
+
+    def __getitem__(self, index):
+        return Bounded(self.value[index], self.error[index])
+
+    def transcendental(self, function, derivative):
+        value = function(self.value)
+        return Bounded(value, derivative.abs() * self.error + TRANSCENDENTAL_OPS * self.u * value.abs())
+
+    def exp(self):
+        return self.transcendental(torch.exp, torch.exp(self.value))
+
+    def log(self):
+        return self.transcendental(torch.log, 1 / self.value)
+
+    def tanh(self):
+        return self.transcendental(torch.tanh, 1 - torch.tanh(self.value) ** 2)
+
+    def reciprocal(self):
+        return self._rounded(1 / self.value, self.error / self.value**2)
+
+    def sum(self, dim):
+        terms = reduction_terms(self.value.shape[dim])
+        error = self.error.sum(dim) + terms * self.u * self.value.abs().sum(dim)
+        return Bounded(self.value.sum(dim), error)
+
+    def __matmul__(self, other):
+        other = Bounded.of(other)
+        terms = reduction_terms(self.value.shape[-1]) + 1
+        error = self.error @ other.value.abs() + self.value.abs() @ other.error
+        return Bounded(self.value @ other.value, error + terms * self.u * (self.value.abs() @ other.value.abs()))
+
+    @property
+    def T(self):
+        return Bounded(self.value.T, self.error.T)
+
+    def relative_bound(self) -> float:
+        return (self.error.norm() / self.value.norm()).item()
+
+
+def variant_ground_truth_and_bounds(hidden, weight, bias, target, tangents, class_weight, alpha, z_loss, softcap):
+    """fp64 loss (mean), gradients, double backward and gradient to the incoming gradient of the three variants
+    with label smoothing, from materialised logits, each with kind (b)'s bound: the kernels' operations
+    (docs/linear_cross_entropy.md, "Loss variants") evaluated with :class:`Bounded`. The online log-sum-exp's
+    rescaling exps and the tiles' order are covered by the exp's count and r(V)."""
+    v_hidden, v_weight, v_bias = (Bounded(t) for t in tangents)
+    h, w, b = Bounded(hidden), Bounded(weight), Bounded(bias)
+    num_classes = weight.shape[0]
+    valid = (target != -100).double()[:, None]
+    one_hot = F.one_hot(target.clamp_min(0), num_classes).double() * valid
+    label_weight = Bounded(class_weight[target.clamp_min(0)][:, None] * valid)
+    spread = Bounded(class_weight[None, :])
+
+    z = h @ w.T + b
+    t = (z * (1 / softcap)).tanh()
+    capped, slope = softcap * t, 1 - t * t
+    shift = Bounded(capped.value.amax(1, keepdim=True), capped.error.amax(1, keepdim=True))
+    lse = shift + (capped - shift).exp().sum(1)[:, None].log()
+    p = (capped - lse).exp()
+    total = (1 - alpha) * label_weight + (alpha / num_classes) * spread.sum(1)[:, None]
+    factor = total + (2 * z_loss) * lse
+    scale = Bounded(valid) * label_weight.sum(0).reciprocal()
+    grad_capped = factor * p - (alpha / num_classes) * spread + Bounded(one_hot) * ((alpha - 1) * label_weight)
+    grad_z = grad_capped * slope * scale
+
+    target_logit = Bounded((capped.value * one_hot).sum(1, keepdim=True), (capped.error * one_hot).sum(1, keepdim=True))
+    rows = (
+        total * lse
+        - (1 - alpha) * (label_weight * target_logit)
+        - (alpha / num_classes) * (spread * capped).sum(1)[:, None]
+        + z_loss * lse * lse
+    )
+    loss = (Bounded(valid) * rows).sum(0) * label_weight.sum(0).reciprocal()
+
+    tangent = v_hidden @ w.T + h @ v_weight.T + v_bias
+    v = slope * tangent
+    p_dot_v = (p * v).sum(1)[:, None]
+    v_at_label = Bounded((v.value * one_hot).sum(1, keepdim=True), (v.error * one_hot).sum(1, keepdim=True))
+    q_dot_v = (1 - alpha) * (label_weight * v_at_label) + (alpha / num_classes) * (spread * v).sum(1)[:, None]
+    curvature = (-2 / softcap**2) * capped * slope
+    inner = factor * v - (factor - 2 * z_loss) * p_dot_v
+    hessian_u = (slope * p * inner + grad_capped * curvature * tangent) * scale
+    grad_grad_loss = (Bounded(valid) * (factor * p_dot_v - q_dot_v)).sum(0) * label_weight.sum(0).reciprocal()
+    results = {
+        "loss": loss,
+        "grad hidden": grad_z @ w,
+        "grad weight": grad_z.T @ h,
+        "grad bias": grad_z.sum(0),
+        "hvp hidden": hessian_u @ w + grad_z @ v_weight,
+        "hvp weight": hessian_u.T @ h + grad_z.T @ v_hidden,
+        "hvp bias": hessian_u.sum(0),
+        "grad grad_loss": grad_grad_loss,
+    }
+    return {
+        label: (x.value.reshape(-1)[0] if x.value.numel() == 1 else x.value, x.relative_bound())
+        for label, x in results.items()
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", variant_backends())
+def test_variants_low_precision_against_an_fp64_ground_truth(dtype, backend):
+    """All three variants with label smoothing in fp32 and bf16 against fp64 on the same rounded inputs (kind (b));
+    the class weights are given in the inputs' dtype, so they are exact in fp32 and fp64 too."""
+    hidden, weight, bias, target = make_problem(dtype=dtype)
+    tangents = tangents_for(hidden, weight, bias)
+    weights = class_weights().to(dtype)
+    kwargs = dict(label_smoothing=0.1, z_loss=0.2, softcap=2.5)
+    got = derivatives(
+        on(backend),
+        hidden,
+        weight,
+        target,
+        bias,
+        tangents,
+        torch.tensor(1.0, dtype=dtype),
+        class_weight=weights,
+        **kwargs,
+    )
+    as_fp64 = [x.double() for x in (hidden, weight, bias)]
+    tangents64 = [t.double() for t in tangents]
+    truth = variant_ground_truth_and_bounds(
+        *as_fp64, target, tangents64, weights.double(), kwargs["label_smoothing"], kwargs["z_loss"], kwargs["softcap"]
+    )
+    # The closed form above is checked against PyTorch first: it is the fp64 truth.
+    expected = derivatives(
+        torch_variant_loss,
+        *as_fp64[:2],
+        target,
+        as_fp64[2],
+        tangents64,
+        torch.tensor(1.0, dtype=torch.float64),
+        class_weight=weights.double(),
+        **kwargs,
+    )
+    for (label, (value, _)), torch_value in zip(truth.items(), expected, strict=True):
+        assert_relative_error(value, torch_value, FP64_FUSED_CAP, label=f"closed form {label}")
+    errors = {}
+    for (label, (value, bound)), result in zip(truth.items(), got, strict=True):
+        assert result.dtype == dtype, label
+        errors[label] = relative_error(result, value)
+        assert_relative_error(result, value, bound + unit_roundoff(dtype), label=f"{dtype} {label}")
+    print(backend, dtype, {label: f"{e:.2e} (bound {truth[label][1]:.1e})" for label, e in errors.items()})
 
 
 VARIANT_ERRORS = [
@@ -972,8 +1204,10 @@ def flat(result) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("variant", ["z_loss", "softcap", "class_weight"])
 def test_backends_without_a_variant_raise_naming_it(variant, monkeypatch):
-    """cpp and triton implement no variant yet: an explicit choice raises naming the variant and the backend;
-    "auto" on CPU (which picks cpp) runs the eager reference with a warning that says why; never the plain loss."""
+    """A backend without the variant in curvkern.linear_ce.variants.IMPLEMENTED (cpp made to lack it here, as it
+    implements all three; triton where it lacks it): an explicit choice raises naming the variant and the
+    backend; "auto" on CPU (which picks cpp) runs the eager reference with a warning that says why; never the
+    plain loss. Where cpp implements it, "auto" runs cpp's kernels without a warning."""
     hidden, weight, bias, target = make_problem()
     change = {
         "z_loss": dict(z_loss=0.1),
@@ -985,9 +1219,22 @@ def test_backends_without_a_variant_raise_naming_it(variant, monkeypatch):
         lambda fused: ours(hidden, weight, target, bias, fused=fused, **change),
         lambda fused: curvkern.linear_ce_ggn_vp(hidden, weight, target, hidden, bias=bias, fused=fused, **change),
     ]
+    if variant in curvkern.linear_ce.variants.IMPLEMENTED.get("cpp", frozenset()) and "cpp" in BACKENDS:
+        monkeypatch.setattr(_dispatch, "_warned", set())
+        for call in calls:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                got = call("auto")
+            assert all(torch.equal(a, b) for a, b in zip(flat(got), flat(call("cpp")), strict=True))
+    monkeypatch.setitem(curvkern.linear_ce.variants.IMPLEMENTED, "cpp", frozenset())
+    lacking = [
+        b
+        for b in ("cpp", "triton")
+        if b in FAMILY.backends and variant not in curvkern.linear_ce.variants.IMPLEMENTED.get(b, frozenset())
+    ]
     monkeypatch.setattr(_dispatch, "triton_unavailable_reason", lambda device: None)
     for call in calls:
-        for fused in [b for b in ("cpp", "triton") if b in FAMILY.backends]:
+        for fused in lacking:
             with pytest.raises(
                 NotImplementedError, match=rf"fused='{fused}' does not implement the loss variant\(s\) {variant}"
             ):
@@ -1001,6 +1248,8 @@ def test_backends_without_a_variant_raise_naming_it(variant, monkeypatch):
     # The kernels themselves refuse too, before any work (no Triton launch: nothing runs in the interpreter).
     record = curvkern.linear_ce.variants.LinearCrossEntropyHyperparameters(**change)
     for kernels, name in ((cpp.CppLinearCrossEntropy, "cpp"), (linear_ce_triton.TritonLinearCrossEntropy, "triton")):
+        if name not in lacking:
+            continue
         with pytest.raises(
             NotImplementedError, match=rf"fused='{name}' does not implement the loss variant\(s\) {variant}"
         ):

@@ -60,14 +60,6 @@ CURVKERN_INLINE void prefetch_next_block(const T* z, const T* u, int64_t next, i
   }
 }
 
-// tanh(y) with its sign, from vec::abs_tanh (within 2 ulp, full relative accuracy near 0): the soft cap
-// c·tanh(x/c) (docs/cross_entropy.md, "Loss variants"). A NaN stays NaN.
-template <typename A>
-CURVKERN_INLINE A signed_tanh(A y) {
-  const A t = vec::abs_tanh(y);
-  return y < A(0) ? -t : t;
-}
-
 // Sweep 1 over one row: online max and sums, block by block. With u (the HVP), each e^{z - shift} is also
 // kept in ``exps`` and each block's shift in ``shifts`` (-inf where the block was shifted by 0, everything
 // before it being -inf), so sweep 2 rescales them instead of computing exp again. kCap: the logits are
@@ -91,7 +83,7 @@ CURVKERN_INLINE RowStats<at::opmath_type<T>> stats_sweep(const T* z, const T* u,
       block_max = x > block_max ? x : block_max;
     }
     const A inverse_cap = kCap ? A(1) / cap : A(0);
-    if constexpr (kCap) block_max = cap * signed_tanh(block_max * inverse_cap);
+    if constexpr (kCap) block_max = cap * vec::tanh(block_max * inverse_cap);
     if (block_max > stats.max) {
       A rescale = vec::exp(stats.max - block_max);
       stats.sum_exp *= rescale;
@@ -110,7 +102,7 @@ CURVKERN_INLINE RowStats<at::opmath_type<T>> stats_sweep(const T* z, const T* u,
         A x = load(zb, j);
         A uj = load(ub, j);
         if constexpr (kCap) {
-          const A t = signed_tanh(x * inverse_cap);
+          const A t = vec::tanh(x * inverse_cap);
           x = cap * t;
           uj *= A(1) - t * t;
         }
@@ -124,7 +116,7 @@ CURVKERN_INLINE RowStats<at::opmath_type<T>> stats_sweep(const T* z, const T* u,
 #pragma omp simd reduction(+ : sum_exp, sum_z)
       for (int64_t j = 0; j < length; ++j) {
         A x = load(zb, j);
-        if constexpr (kCap) x = cap * signed_tanh(x * inverse_cap);
+        if constexpr (kCap) x = cap * vec::tanh(x * inverse_cap);
         sum_exp += vec::exp(x - shift);
         if constexpr (kSums) sum_z += x;
       }
@@ -317,7 +309,7 @@ CURVKERN_INLINE void forward_row(const ForwardArgs<T>& args, int64_t r) {
     args.loss[r] = std::numeric_limits<A>::quiet_NaN();
     return;
   }
-  const A z_y = p.softcap != A(0) ? p.softcap * signed_tanh(load(z, y) / p.softcap) : load(z, y);
+  const A z_y = p.softcap != A(0) ? p.softcap * vec::tanh(load(z, y) / p.softcap) : load(z, y);
   A row_loss = row_lse - (A(1) - p.label_smoothing) * z_y;
   if (smoothing) row_loss -= p.label_smoothing / A(p.classes) * stats.sum_z;
   if (p.class_weight != nullptr) row_loss *= p.weight_of(y);  // w_y·(lse − z_y): no smoothing with weights
@@ -338,7 +330,7 @@ CURVKERN_INLINE void backward_row_variants(const Problem<T>& p, const T* z, T* o
     const A inverse_cap = A(1) / cap;
 #pragma omp simd
     for (int64_t j = 0; j < p.classes; ++j) {
-      const A t = signed_tanh(load(z, j) * inverse_cap);
+      const A t = vec::tanh(load(z, j) * inverse_cap);
       store(out, j, scale * (A(1) - t * t) * (a * vec::exp(cap * t - row_lse) - uniform));
     }
   } else {
@@ -347,7 +339,7 @@ CURVKERN_INLINE void backward_row_variants(const Problem<T>& p, const T* z, T* o
   }
   if (!p.in_shard(y)) return;
   const int64_t j = y - p.class_offset;
-  const A t = cap != A(0) ? signed_tanh(load(z, j) / cap) : A(0);
+  const A t = cap != A(0) ? vec::tanh(load(z, j) / cap) : A(0);
   const A x = cap != A(0) ? cap * t : A(load(z, j));
   const A jacobian = cap != A(0) ? A(1) - t * t : A(1);
   store(out, j, scale * jacobian * (a * vec::exp(x - row_lse) - uniform - (A(1) - p.label_smoothing) * label_weight));
@@ -495,7 +487,7 @@ CURVKERN_INLINE void hvp_sweep_capped(T* out_row, const T* u_row, const T* z, co
     T* ob = out_row + start;
 #pragma omp simd
     for (int64_t j = 0; j < length; ++j) {
-      const A t = signed_tanh(load(zb, j) * inverse_cap);
+      const A t = vec::tanh(load(zb, j) * inverse_cap);
       const A jacobian = A(1) - t * t;
       const A second = A(-2) * inverse_cap * t * jacobian;
       const A pj = factor * eb[j];
@@ -526,7 +518,7 @@ CURVKERN_INLINE void tangent_sums(const T* z, const T* u, const A* exps, const A
     for (int64_t j = 0; j < length; ++j) {
       A uj = load(ub, j);
       if constexpr (kCap) {
-        const A t = signed_tanh(load(zb, j) * inverse_cap);
+        const A t = vec::tanh(load(zb, j) * inverse_cap);
         uj *= A(1) - t * t;
       }
       block_exp_u += eb[j] * uj;
@@ -562,7 +554,7 @@ CURVKERN_INLINE void hvp_tangent(const HvpArgs<T>& args, int64_t r, int64_t k, c
     hvp_sweep_capped(out_row, u_row, z, exps, shifts, p.classes, row.max, row.inverse_sum, row.scale, row.a,
                      row.two_lambda, p_dot_u, uniform, p.softcap);
     // The label's element: g_y has the extra −(1 − α).
-    const A t = signed_tanh(load(z, y) / p.softcap);
+    const A t = vec::tanh(load(z, y) / p.softcap);
     const A jacobian = A(1) - t * t;
     const A second = A(-2) / p.softcap * t * jacobian;
     const A p_y = row.inverse_sum * vec::exp(shifts[y / kBlock] - row.max) * exps[y];

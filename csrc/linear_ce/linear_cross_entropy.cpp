@@ -7,7 +7,9 @@
 // the row reductions (online max, Σ exp, the target logit, ⟨p, u⟩) and the elementwise epilogue in place in the
 // tile buffer, vectorized with csrc/vec.h. Tiles are computed in the accumulation dtype A (fp64 for fp64 inputs,
 // fp32 for fp32 and bf16), into buffers of n_tile·v_tile elements (K times that for K tangents) allocated once
-// per call; per-row statistics are (N) vectors. Offsets are 64-bit; inputs may have any strides.
+// per call; per-row statistics are (N) vectors. Offsets are 64-bit; inputs may have any strides. The loss
+// variants (z-loss, soft cap, class weights) enter the row loops elementwise and through the per-row factor
+// a = W + 2λ·lse and weight w_y, (N) vectors formed with ATen before the sweeps that read them.
 #include "linear_ce/linear_cross_entropy.h"
 
 #include <ATen/Parallel.h>
@@ -27,6 +29,16 @@ namespace curvkern {
 
 namespace {
 
+// What every element of one row's gradient and Hessian shares (docs/linear_cross_entropy.md, "Loss variants").
+template <typename A>
+struct RowTerms {
+  A lse, scale;
+  A factor;   // a = W + 2λ·lse, the factor of p in the gradient to the capped logits (1: plain)
+  A uniform;  // α/V, the smoothing part of q̃ (times w_j with class weights)
+  A cap, inverse_cap, curvature_scale;  // c, 1/c and −2/c² (with a cap only)
+  A p_dot_v_shift;                      // (a − 2λ)·⟨p, J⊙u⟩ (the HVP's and Gauss-Newton product's second sweeps only)
+};
+
 // One tile: rows [row0, row0 + rows) and classes [col0, col0 + cols) of the logits, stored densely (row
 // stride cols) in z and, for tangents, in u (tangent k at u + k·rows·cols).
 template <typename A>
@@ -41,6 +53,11 @@ struct Tile {
   int64_t scale_stride;
   A label_smoothing;
   const A* lse;  // forward's (backward, hvp) or null
+  // The loss variants: λ, the cap c (0: none), the (V) class weights w, and per row (N) w_y and a (null: 1).
+  A z_loss, softcap;
+  const A* class_weight;
+  const A* label_weight;
+  const A* factor;
 
   CURVKERN_INLINE int64_t label(int64_t i) const { return target[(row0 + i) * target_stride]; }
   CURVKERN_INLINE bool valid(int64_t i) const { return label(i) != ignore_index; }
@@ -51,7 +68,92 @@ struct Tile {
   }
   // The row's scale, exactly 0 on an ignored row (a select: an infinite mean scale gives 0 there, not NaN).
   CURVKERN_INLINE A row_scale(int64_t i) const { return valid(i) ? scale[(row0 + i) * scale_stride] : A(0); }
+  CURVKERN_INLINE A label_weight_of(int64_t i) const { return label_weight != nullptr ? label_weight[row0 + i] : A(1); }
+  // q̃'s extra part at the label, −(1 − α)·w_y, added as the eager reference adds it.
+  CURVKERN_INLINE A label_term(int64_t i) const { return (label_smoothing - A(1)) * label_weight_of(i); }
+  // The tile's class weights, read only where the smoothing spreads them (kWeightedSpread).
+  CURVKERN_INLINE const A* spread_weights() const { return class_weight + col0; }
+  CURVKERN_INLINE RowTerms<A> row_terms(int64_t i) const {
+    const int64_t r = row0 + i;
+    const bool capped = softcap != A(0);
+    return RowTerms<A>{lse[r],
+                       row_scale(i),
+                       factor != nullptr ? factor[r] : A(1),
+                       label_smoothing / A(classes),
+                       softcap,
+                       capped ? A(1) / softcap : A(0),
+                       capped ? A(-2) / (softcap * softcap) : A(0),
+                       A(0)};
+  }
 };
+
+// Calls body(cap, weighted_spread), two std::bool_constant: whether the tile's logits are capped, and whether the
+// label smoothing is spread over class weights (α/V·w_j, not α/V). Each combination is its own loop, so the
+// plain loops do the plain operations only.
+template <typename A, typename Body>
+CURVKERN_INLINE void with_variants(const Tile<A>& t, Body&& body) {
+  const bool weighted_spread = t.class_weight != nullptr && t.label_smoothing != A(0);
+  if (t.softcap != A(0)) {
+    if (weighted_spread) return body(std::true_type{}, std::true_type{});
+    return body(std::true_type{}, std::false_type{});
+  }
+  if (weighted_spread) return body(std::false_type{}, std::true_type{});
+  return body(std::false_type{}, std::false_type{});
+}
+
+// α/V·w_j, the smoothing part of q̃ at column j of the tile (α/V without class weights).
+template <bool kWeightedSpread, typename A>
+CURVKERN_INLINE A spread_at(A uniform, const A* weights, int64_t j) {
+  if constexpr (kWeightedSpread) return uniform * weights[j];
+  return uniform;
+}
+
+// The logit the loss sees, z' = c·tanh(z/c), and the cap's slope J = dz'/dz = 1 − tanh²; (z, 1) without a cap.
+template <typename A>
+struct Capped {
+  A logit, slope;
+};
+template <bool kCap, typename A>
+CURVKERN_INLINE Capped<A> cap_logit(A z, const RowTerms<A>& row) {
+  if constexpr (kCap) {
+    const A t = vec::tanh(z * row.inverse_cap);
+    return {row.cap * t, A(1) - t * t};
+  }
+  return {z, A(1)};
+}
+
+// g_z = s·J·(a·p − q̃) at one element, q̃ = α/V·w_j (spread) plus, at the label, −label_term.
+template <bool kCap, typename A>
+CURVKERN_INLINE A gradient_element(A z, A spread, A label_term, const RowTerms<A>& row) {
+  const auto [logit, slope] = cap_logit<kCap>(z, row);
+  A grad = row.factor * vec::exp(logit - row.lse) - spread + label_term;
+  if constexpr (kCap) grad *= slope;
+  return grad * row.scale;
+}
+
+// (H u) at one element and, in grad_z, g_z (the cross terms'): with v = J·u and g' = a·p − q̃,
+// H u = s·(J·p·(a·v − (a − 2λ)·⟨p, v⟩) + g'·z''·u), z'' = −(2/c²)·z'·J; without a cap s·p·(a·u − (a − 2λ)·⟨p, u⟩).
+template <bool kCap, typename A>
+CURVKERN_INLINE A hessian_element(A z, A u, A spread, A label_term, const RowTerms<A>& row, A& grad_z) {
+  const auto [logit, slope] = cap_logit<kCap>(z, row);
+  const A p = vec::exp(logit - row.lse);
+  const A grad_capped = row.factor * p - spread + label_term;
+  if constexpr (kCap) {
+    grad_z = grad_capped * slope * row.scale;
+    const A curvature = row.curvature_scale * logit * slope;
+    return (slope * p * (row.factor * (slope * u) - row.p_dot_v_shift) + grad_capped * curvature * u) * row.scale;
+  }
+  grad_z = grad_capped * row.scale;
+  return p * (row.factor * u - row.p_dot_v_shift) * row.scale;
+}
+
+// z' = c·tanh(z/c) in place of a row's logits.
+template <typename A>
+CURVKERN_INLINE void cap_row(A* z, int64_t cols, A cap) {
+  const A inverse_cap = A(1) / cap;
+#pragma omp simd
+  for (int64_t j = 0; j < cols; ++j) z[j] = cap * vec::tanh(z[j] * inverse_cap);
+}
 
 // The forward's running statistics of each row, (N) each.
 template <typename A>
@@ -59,7 +161,7 @@ struct OnlineStats {
   A* max;
   A* sum_exp;
   A* target_logit;
-  A* sum_z;
+  A* sum_z;      // Σ z', or Σ w_j·z'_j when the smoothing is spread over class weights
   A* sum_exp_u;  // (K, N), the Gauss-Newton product's Σ e·u_k; null in the forward
 };
 
@@ -88,75 +190,119 @@ CURVKERN_INLINE A online_row(A* z, int64_t cols, A& running_max, A& sum_exp) {
   return rescale;
 }
 
+// Forward: the capped logits z' in place, then z'_y, Σ z' (or Σ w·z') and the online log-sum-exp.
 template <typename A>
 CURVKERN_INLINE void forward_row(const Tile<A>& t, const OnlineStats<A>& s, int64_t i) {
-  const int64_t r = t.row0 + i;
-  A* z = t.z + i * t.cols;
-  const int64_t local = t.local_label(i);
-  if (local >= 0) s.target_logit[r] += z[local];
-  if (t.label_smoothing != A(0)) {
-    A sum_z = 0;
+  with_variants(t, [&](auto cap, auto weighted_spread) CURVKERN_INLINE_LAMBDA {
+    constexpr bool kWeightedSpread = decltype(weighted_spread)::value;
+    const int64_t r = t.row0 + i;
+    A* z = t.z + i * t.cols;
+    if constexpr (decltype(cap)::value) cap_row(z, t.cols, t.softcap);
+    const int64_t local = t.local_label(i);
+    if (local >= 0) s.target_logit[r] += z[local];
+    if (t.label_smoothing != A(0)) {
+      const A* weights = kWeightedSpread ? t.spread_weights() : nullptr;
+      A sum_z = 0;
 #pragma omp simd reduction(+ : sum_z)
-    for (int64_t j = 0; j < t.cols; ++j) sum_z += z[j];
-    s.sum_z[r] += sum_z;
-  }
-  online_row<false>(z, t.cols, s.max[r], s.sum_exp[r]);
+      for (int64_t j = 0; j < t.cols; ++j) sum_z += spread_at<kWeightedSpread>(A(1), weights, j) * z[j];
+      s.sum_z[r] += sum_z;
+    }
+    online_row<false>(z, t.cols, s.max[r], s.sum_exp[r]);
+  });
 }
 
-// g_z = s_r·(p − q) in place of z: (e^{z − lse} − α/V − (1 − α)·[j = y])·s_r, the eager reference's order.
-template <typename A>
-CURVKERN_INLINE void gradient_row(const Tile<A>& t, A* z, int64_t i) {
-  const A row_lse = t.lse[t.row0 + i];
-  const A scale = t.row_scale(i);
-  const A uniform = t.label_smoothing / A(t.classes);
-  const int64_t local = t.local_label(i);
-  const A at_label = local >= 0 ? vec::exp(z[local] - row_lse) - uniform + (t.label_smoothing - A(1)) : A(0);
-#pragma omp simd
-  for (int64_t j = 0; j < t.cols; ++j) z[j] = (vec::exp(z[j] - row_lse) - uniform) * scale;
-  if (local >= 0) z[local] = at_label * scale;
-}
-
+// Backward: g_z = s·J ⊙ (a·p − q̃) in place of z, the eager reference's order.
 template <typename A>
 CURVKERN_INLINE void backward_row(const Tile<A>& t, int64_t i) {
-  gradient_row(t, t.z + i * t.cols, i);
+  with_variants(t, [&](auto cap, auto weighted_spread) CURVKERN_INLINE_LAMBDA {
+    constexpr bool kCap = decltype(cap)::value, kWeightedSpread = decltype(weighted_spread)::value;
+    A* z = t.z + i * t.cols;
+    const RowTerms<A> row = t.row_terms(i);
+    const A* weights = kWeightedSpread ? t.spread_weights() : nullptr;
+    const int64_t local = t.local_label(i);
+    const A at_label = local >= 0
+                           ? gradient_element<kCap>(z[local], spread_at<kWeightedSpread>(row.uniform, weights, local),
+                                                    t.label_term(i), row)
+                           : A(0);
+#pragma omp simd
+    for (int64_t j = 0; j < t.cols; ++j)
+      z[j] = gradient_element<kCap>(z[j], spread_at<kWeightedSpread>(row.uniform, weights, j), A(0), row);
+    if (local >= 0) z[local] = at_label;
+  });
 }
 
-// HVP sweep 1: ⟨p, u⟩ and ⟨q, u⟩ = (1 − α)·u_y + α/V·Σ u of each row, accumulated over the tiles.
+// HVP sweep 1: ⟨p, v⟩ and ⟨q̃, v⟩ = (1 − α)·w_y·v_y + α/V·Σ w·v of each row, v = J ⊙ u, accumulated over the tiles.
 template <typename A>
 CURVKERN_INLINE void hvp_stats_row(const Tile<A>& t, A* p_dot_u, A* q_dot_u, int64_t i) {
-  const int64_t r = t.row0 + i;
-  const A* z = t.z + i * t.cols;
-  const A* u = t.u + i * t.cols;
-  const A row_lse = t.lse[r];
-  A pu = 0, sum_u = 0;
-#pragma omp simd reduction(+ : pu, sum_u)
-  for (int64_t j = 0; j < t.cols; ++j) {
-    pu += vec::exp(z[j] - row_lse) * u[j];
-    sum_u += u[j];
-  }
-  p_dot_u[r] += pu;
-  const int64_t local = t.local_label(i);
-  if (local >= 0) q_dot_u[r] += (A(1) - t.label_smoothing) * u[local];
-  if (t.label_smoothing != A(0)) q_dot_u[r] += t.label_smoothing / A(t.classes) * sum_u;
+  with_variants(t, [&](auto cap, auto weighted_spread) CURVKERN_INLINE_LAMBDA {
+    constexpr bool kCap = decltype(cap)::value, kWeightedSpread = decltype(weighted_spread)::value;
+    const int64_t r = t.row0 + i;
+    const A* z = t.z + i * t.cols;
+    const A* u = t.u + i * t.cols;
+    const RowTerms<A> row = t.row_terms(i);
+    const A* weights = kWeightedSpread ? t.spread_weights() : nullptr;
+    A pv = 0, sum_v = 0;
+#pragma omp simd reduction(+ : pv, sum_v)
+    for (int64_t j = 0; j < t.cols; ++j) {
+      const auto [logit, slope] = cap_logit<kCap>(z[j], row);
+      const A v = kCap ? slope * u[j] : u[j];
+      pv += vec::exp(logit - row.lse) * v;
+      sum_v += spread_at<kWeightedSpread>(A(1), weights, j) * v;
+    }
+    p_dot_u[r] += pv;
+    const int64_t local = t.local_label(i);
+    if (local >= 0) {
+      const A v_y = kCap ? cap_logit<kCap>(z[local], row).slope * u[local] : u[local];
+      q_dot_u[r] += (A(1) - t.label_smoothing) * (t.label_weight_of(i) * v_y);
+    }
+    if (t.label_smoothing != A(0)) q_dot_u[r] += row.uniform * sum_v;
+  });
 }
 
-// HVP sweep 2: (H u)_r = p ⊙ (u − ⟨p, u⟩)·s_r in place of u and, with cross terms, g_z in place of z.
+// HVP sweep 2: (H u)_r in place of u and g_z in place of z (for the cross terms).
 template <typename A>
-CURVKERN_INLINE void hvp_products_row(const Tile<A>& t, const A* p_dot_u, bool cross_terms, int64_t i) {
-  const int64_t r = t.row0 + i;
-  A* z = t.z + i * t.cols;
-  A* u = t.u + i * t.cols;
-  const A row_lse = t.lse[r], pu = p_dot_u[r], scale = t.row_scale(i);
+CURVKERN_INLINE void hvp_products_row(const Tile<A>& t, const A* p_dot_u, int64_t i) {
+  with_variants(t, [&](auto cap, auto weighted_spread) CURVKERN_INLINE_LAMBDA {
+    constexpr bool kCap = decltype(cap)::value, kWeightedSpread = decltype(weighted_spread)::value;
+    const int64_t r = t.row0 + i;
+    A* z = t.z + i * t.cols;
+    A* u = t.u + i * t.cols;
+    RowTerms<A> row = t.row_terms(i);
+    row.p_dot_v_shift = (row.factor - A(2) * t.z_loss) * p_dot_u[r];
+    const A* weights = kWeightedSpread ? t.spread_weights() : nullptr;
+    const int64_t local = t.local_label(i);
+    A label_grad = 0, label_hessian = 0;
+    if (local >= 0)
+      label_hessian = hessian_element<kCap>(z[local], u[local], spread_at<kWeightedSpread>(row.uniform, weights, local),
+                                            t.label_term(i), row, label_grad);
 #pragma omp simd
-  for (int64_t j = 0; j < t.cols; ++j) u[j] = vec::exp(z[j] - row_lse) * (u[j] - pu) * scale;
-  if (cross_terms) gradient_row(t, z, i);
+    for (int64_t j = 0; j < t.cols; ++j)
+      u[j] = hessian_element<kCap>(z[j], u[j], spread_at<kWeightedSpread>(row.uniform, weights, j), A(0), row, z[j]);
+    if (local >= 0) {
+      u[local] = label_hessian;
+      z[local] = label_grad;
+    }
+  });
 }
 
-// Gauss-Newton sweep 1: the online max and Σ e, and Σ e·u_k for each tangent, e = e^{z − max}.
+// Gauss-Newton sweep 1: the online max and Σ e, and Σ e·v_k for each tangent, e = e^{z' − max}, v_k = J ⊙ u_k.
 template <typename A>
 CURVKERN_INLINE void ggn_stats_row(const Tile<A>& t, const OnlineStats<A>& s, int64_t rows_total, int64_t i) {
   const int64_t r = t.row0 + i;
   A* e = t.z + i * t.cols;
+  if (t.softcap != A(0)) {
+    // tanh(z/c) in place first: J = 1 − tanh² for every tangent from one tanh, then z' = c·tanh(z/c).
+    const A inverse_cap = A(1) / t.softcap;
+#pragma omp simd
+    for (int64_t j = 0; j < t.cols; ++j) e[j] = vec::tanh(e[j] * inverse_cap);
+    for (int64_t k = 0; k < t.tangents; ++k) {
+      A* u = t.u + (k * t.rows + i) * t.cols;
+#pragma omp simd
+      for (int64_t j = 0; j < t.cols; ++j) u[j] *= A(1) - e[j] * e[j];
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < t.cols; ++j) e[j] = t.softcap * e[j];
+  }
   const A rescale = online_row<true>(e, t.cols, s.max[r], s.sum_exp[r]);
   for (int64_t k = 0; k < t.tangents; ++k) {
     const A* u = t.u + (k * t.rows + i) * t.cols;
@@ -168,20 +314,46 @@ CURVKERN_INLINE void ggn_stats_row(const Tile<A>& t, const OnlineStats<A>& s, in
   }
 }
 
-// Gauss-Newton sweep 2: (H u_k)_r = p ⊙ (u_k − ⟨p, u_k⟩)·s_r in place of each u_k, p in place of z.
+// Gauss-Newton sweep 2: (H u_k)_r in place of each u_k. Without a cap p is computed once, in place of z, for all
+// K tangents; with one each tangent's loop recomputes it from z (the cap's term needs z' and J too).
 template <typename A>
 CURVKERN_INLINE void ggn_products_row(const Tile<A>& t, const A* p_dot_u, int64_t rows_total, int64_t i) {
-  const int64_t r = t.row0 + i;
-  A* p = t.z + i * t.cols;
-  const A row_lse = t.lse[r], scale = t.row_scale(i);
+  with_variants(t, [&](auto cap, auto weighted_spread) CURVKERN_INLINE_LAMBDA {
+    constexpr bool kCap = decltype(cap)::value, kWeightedSpread = decltype(weighted_spread)::value;
+    const int64_t r = t.row0 + i;
+    A* z = t.z + i * t.cols;
+    RowTerms<A> row = t.row_terms(i);
+    const A shift_factor = row.factor - A(2) * t.z_loss;
+    if constexpr (kCap) {
+      const A* weights = kWeightedSpread ? t.spread_weights() : nullptr;
+      const int64_t local = t.local_label(i);
+      for (int64_t k = 0; k < t.tangents; ++k) {
+        A* u = t.u + (k * t.rows + i) * t.cols;
+        row.p_dot_v_shift = shift_factor * p_dot_u[k * rows_total + r];
+        A label_grad, label_hessian = 0;
+        if (local >= 0)
+          label_hessian =
+              hessian_element<kCap>(z[local], u[local], spread_at<kWeightedSpread>(row.uniform, weights, local),
+                                    t.label_term(i), row, label_grad);
 #pragma omp simd
-  for (int64_t j = 0; j < t.cols; ++j) p[j] = vec::exp(p[j] - row_lse);
-  for (int64_t k = 0; k < t.tangents; ++k) {
-    A* u = t.u + (k * t.rows + i) * t.cols;
-    const A pu = p_dot_u[k * rows_total + r];
+        for (int64_t j = 0; j < t.cols; ++j) {
+          A grad_z;  // the cross terms' g_z: the Gauss-Newton product has none
+          u[j] =
+              hessian_element<kCap>(z[j], u[j], spread_at<kWeightedSpread>(row.uniform, weights, j), A(0), row, grad_z);
+        }
+        if (local >= 0) u[local] = label_hessian;
+      }
+    } else {
 #pragma omp simd
-    for (int64_t j = 0; j < t.cols; ++j) u[j] = p[j] * (u[j] - pu) * scale;
-  }
+      for (int64_t j = 0; j < t.cols; ++j) z[j] = vec::exp(z[j] - row.lse);
+      for (int64_t k = 0; k < t.tangents; ++k) {
+        A* u = t.u + (k * t.rows + i) * t.cols;
+        const A shift = shift_factor * p_dot_u[k * rows_total + r];
+#pragma omp simd
+        for (int64_t j = 0; j < t.cols; ++j) u[j] = z[j] * (row.factor * u[j] - shift) * row.scale;
+      }
+    }
+  });
 }
 
 // The tile regions, one OpenMP region over a tile's rows each, stamped per accumulation dtype and ISA
@@ -200,9 +372,9 @@ CURVKERN_INLINE void ggn_products_row(const Tile<A>& t, const A* p_dot_u, int64_
     _Pragma("omp parallel for schedule(static) num_threads(at::get_num_threads())")                          \
     for (int64_t i = 0; i < t.rows; ++i) hvp_stats_row(t, p_dot_u, q_dot_u, i);                              \
   }                                                                                                          \
-  target void lce_hvp_products_##dtype##_##isa(const Tile<A>& t, const A* p_dot_u, bool cross_terms) {       \
+  target void lce_hvp_products_##dtype##_##isa(const Tile<A>& t, const A* p_dot_u) {                         \
     _Pragma("omp parallel for schedule(static) num_threads(at::get_num_threads())")                          \
-    for (int64_t i = 0; i < t.rows; ++i) hvp_products_row(t, p_dot_u, cross_terms, i);                       \
+    for (int64_t i = 0; i < t.rows; ++i) hvp_products_row(t, p_dot_u, i);                                    \
   }                                                                                                          \
   target void lce_ggn_stats_##dtype##_##isa(const Tile<A>& t, const OnlineStats<A>& s, int64_t rows_total) { \
     _Pragma("omp parallel for schedule(static) num_threads(at::get_num_threads())")                          \
@@ -219,8 +391,8 @@ CURVKERN_INLINE void ggn_products_row(const Tile<A>& t, const A* p_dot_u, int64_
   void run_hvp_stats(const Tile<A>& t, A* p_dot_u, A* q_dot_u) {                                                       \
     CURVKERN_CALL_ACTIVE_ISA(lce_hvp_stats_##dtype, t, p_dot_u, q_dot_u);                                              \
   }                                                                                                                    \
-  void run_hvp_products(const Tile<A>& t, const A* p_dot_u, bool cross_terms) {                                        \
-    CURVKERN_CALL_ACTIVE_ISA(lce_hvp_products_##dtype, t, p_dot_u, cross_terms);                                       \
+  void run_hvp_products(const Tile<A>& t, const A* p_dot_u) {                                                          \
+    CURVKERN_CALL_ACTIVE_ISA(lce_hvp_products_##dtype, t, p_dot_u);                                                    \
   }                                                                                                                    \
   void run_ggn_stats(const Tile<A>& t, const OnlineStats<A>& s, int64_t rows_total) {                                  \
     CURVKERN_CALL_ACTIVE_ISA(lce_ggn_stats_##dtype, t, s, rows_total);                                                 \
@@ -297,6 +469,52 @@ at::Tensor optional_tangent(const char* op, const char* name, const std::optiona
   return *tangent;
 }
 
+// The loss variants of one call, checked: λ, the cap c (0: none) and, with class weights, the (V) weights w and
+// each row's w_y (0 on ignored rows) and W_r = (1 − α)·w_y + α/V·Σ_j w_j, (N) each, in the accumulation dtype.
+struct Variants {
+  double z_loss, softcap;
+  at::Tensor class_weight, label_weight, total_weight;
+};
+
+Variants make_variants(const char* op, const Problem& p, int64_t ignore_index, double label_smoothing, double z_loss,
+                       double softcap, const std::optional<at::Tensor>& class_weight) {
+  TORCH_CHECK(std::isfinite(z_loss) && z_loss >= 0.0, op, ": z_loss must be finite and >= 0, got ", z_loss);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, op, ": softcap must be finite and > 0 (0: no cap), got ",
+              softcap);
+  Variants variants{z_loss, softcap, at::Tensor(), at::Tensor(), at::Tensor()};
+  if (!class_weight.has_value() || !class_weight->defined()) return variants;
+  const at::Tensor& weight = *class_weight;
+  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == p.acc && weight.dim() == 1 &&
+                  weight.size(0) == p.classes && weight.is_contiguous(),
+              op, ": class_weight must be a contiguous (", p.classes, ") ", p.acc, " CPU tensor, got a ",
+              weight.is_contiguous() ? "" : "non-contiguous ", weight.scalar_type(), " tensor of shape ",
+              weight.sizes(), " on ", weight.device());
+  // The label clamped into [0, V), as the eager reference does: a label out of range (its row's loss NaN)
+  // never reads out of bounds.
+  const at::Tensor valid = p.target != ignore_index;
+  const at::Tensor label = at::where(valid, p.target, 0).clamp(0, std::max<int64_t>(p.classes - 1, 0));
+  variants.class_weight = weight;
+  variants.label_weight = at::where(valid, weight.index_select(0, label), 0);
+  variants.total_weight = variants.label_weight * (1.0 - label_smoothing) +
+                          weight.sum() * (label_smoothing / static_cast<double>(p.classes));
+  return variants;
+}
+
+// a_r = W_r + 2λ·lse_r (W_r = 1 without class weights), the factor of p in each row's gradient; undefined where
+// it is 1 (neither a z-loss nor class weights). `total_weight` and `lse` are the rows' parts.
+at::Tensor gradient_factor(const Variants& variants, const at::Tensor& total_weight, const at::Tensor& lse) {
+  if (variants.z_loss == 0.0) return total_weight;
+  const at::Tensor z_term = lse * (2.0 * variants.z_loss);
+  return total_weight.defined() ? total_weight + z_term : z_term + 1.0;
+}
+
+bool has_gradient_factor(const Variants& variants) { return variants.z_loss != 0.0 || variants.class_weight.defined(); }
+
+template <typename A>
+const A* data_or_null(const at::Tensor& tensor) {
+  return tensor.defined() ? tensor.const_data_ptr<A>() : nullptr;
+}
+
 // --- the tile loops -----------------------------------------------------------------------------------------
 
 // (n, v) logits of the tile into `out` (dense), by one ATen addmm (mm without bias) in A.
@@ -339,8 +557,9 @@ at::Tensor part(const at::Tensor& tensor, int64_t dim, int64_t start, int64_t le
 }
 
 template <typename A>
-Tile<A> make_tile(const Problem& p, const at::Tensor& z, const at::Tensor& u, int64_t row0, int64_t rows, int64_t col0,
-                  int64_t cols, int64_t tangents, int64_t ignore_index, double label_smoothing) {
+Tile<A> make_tile(const Problem& p, const Variants& variants, const at::Tensor& z, const at::Tensor& u, int64_t row0,
+                  int64_t rows, int64_t col0, int64_t cols, int64_t tangents, int64_t ignore_index,
+                  double label_smoothing) {
   return Tile<A>{z.data_ptr<A>(),
                  u.defined() ? u.data_ptr<A>() : nullptr,
                  row0,
@@ -355,6 +574,11 @@ Tile<A> make_tile(const Problem& p, const at::Tensor& z, const at::Tensor& u, in
                  nullptr,
                  0,
                  static_cast<A>(label_smoothing),
+                 nullptr,
+                 static_cast<A>(variants.z_loss),
+                 static_cast<A>(variants.softcap),
+                 data_or_null<A>(variants.class_weight),
+                 data_or_null<A>(variants.label_weight),
                  nullptr};
 }
 
@@ -397,12 +621,14 @@ at::Tensor to_input_dtype(const at::Tensor& acc_result, const Problem& p) {
 std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_forward(const at::Tensor& hidden, const at::Tensor& weight,
                                                                 const std::optional<at::Tensor>& bias,
                                                                 const at::Tensor& target, int64_t ignore_index,
-                                                                double label_smoothing, int64_t n_tile,
-                                                                int64_t v_tile) {
+                                                                double label_smoothing, int64_t n_tile, int64_t v_tile,
+                                                                double z_loss, double softcap,
+                                                                const std::optional<at::Tensor>& class_weight) {
   const char* op = "curvkern::linear_cross_entropy_forward";
   const Problem p = make_problem(op, hidden, weight, bias, target, n_tile, v_tile);
   TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op, ": label_smoothing must be in [0, 1], got ",
               label_smoothing);
+  const Variants variants = make_variants(op, p, ignore_index, label_smoothing, z_loss, softcap, class_weight);
   const auto options = hidden.options().dtype(p.acc);
   at::Tensor loss = at::empty({p.rows}, options), lse = at::empty({p.rows}, options);
   at::Tensor running_max = at::full({p.rows}, -std::numeric_limits<double>::infinity(), options);
@@ -414,24 +640,32 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_forward(const at::Tensor
     const OnlineStats<A> stats{running_max.data_ptr<A>(), sum_exp.data_ptr<A>(), target_logit.data_ptr<A>(),
                                sum_z.data_ptr<A>(), nullptr};
     for_each_row_tile(p, [&](int64_t row0, int64_t rows, const at::Tensor& hidden_tile) {
-      for_each_class_tile(p, [&](int64_t col0, int64_t cols, const at::Tensor& weight_tile,
-                                 const at::Tensor& bias_tile) {
-        at::Tensor z = dense(buffer, 0, rows, cols);
-        logits_tile(z, hidden_tile, weight_tile, bias_tile);
-        run_forward(make_tile<A>(p, z, at::Tensor(), row0, rows, col0, cols, 0, ignore_index, label_smoothing), stats);
-      });
+      for_each_class_tile(
+          p, [&](int64_t col0, int64_t cols, const at::Tensor& weight_tile, const at::Tensor& bias_tile) {
+            at::Tensor z = dense(buffer, 0, rows, cols);
+            logits_tile(z, hidden_tile, weight_tile, bias_tile);
+            run_forward(
+                make_tile<A>(p, variants, z, at::Tensor(), row0, rows, col0, cols, 0, ignore_index, label_smoothing),
+                stats);
+          });
     });
-    // ℓ_r = lse − (1 − α)·z_y − α/V·Σ z, 0 on ignored rows and NaN for a label outside [0, V).
-    const A alpha = static_cast<A>(label_smoothing);
+    // ℓ_r = W·lse − (1 − α)·w_y·z'_y − α/V·Σ w·z' + λ·lse² (W = w = 1 without class weights), 0 on ignored rows
+    // and NaN for a label outside [0, V).
+    const A alpha = static_cast<A>(label_smoothing), lambda = static_cast<A>(z_loss);
     const int64_t* labels = p.target.const_data_ptr<int64_t>();
     const int64_t label_stride = p.target.stride(0);
+    const A* label_weight = data_or_null<A>(variants.label_weight);
+    const A* total_weight = data_or_null<A>(variants.total_weight);
     A* loss_data = loss.data_ptr<A>();
     A* lse_data = lse.data_ptr<A>();
     at::parallel_for(0, p.rows, 4096, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const A row_lse = stats.max[r] + std::log(stats.sum_exp[r]);
-        A row_loss = row_lse - (A(1) - alpha) * stats.target_logit[r];
+        const A target_logit =
+            label_weight != nullptr ? label_weight[r] * stats.target_logit[r] : stats.target_logit[r];
+        A row_loss = (total_weight != nullptr ? total_weight[r] * row_lse : row_lse) - (A(1) - alpha) * target_logit;
         if (alpha != A(0)) row_loss -= alpha / A(p.classes) * stats.sum_z[r];
+        if (lambda != A(0)) row_loss += lambda * row_lse * row_lse;
         const int64_t y = labels[r * label_stride];
         lse_data[r] = row_lse;
         loss_data[r] = y == ignore_index           ? A(0)
@@ -446,14 +680,16 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_forward(const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& target,
     const at::Tensor& lse, const at::Tensor& grad_scale, int64_t ignore_index, double label_smoothing, int64_t n_tile,
-    int64_t v_tile) {
+    int64_t v_tile, double z_loss, double softcap, const std::optional<at::Tensor>& class_weight) {
   const char* op = "curvkern::linear_cross_entropy_backward";
   const Problem p = make_problem(op, hidden, weight, bias, target, n_tile, v_tile);
   TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op, ": label_smoothing must be in [0, 1], got ",
               label_smoothing);
   check_row_vector(op, "lse", lse, p, /*per_row=*/true);
   const int64_t scale_stride = check_row_vector(op, "grad_scale", grad_scale, p, /*per_row=*/false);
+  const Variants variants = make_variants(op, p, ignore_index, label_smoothing, z_loss, softcap, class_weight);
   const at::Tensor lse_dense = lse.contiguous();
+  const at::Tensor factor = gradient_factor(variants, variants.total_weight, lse_dense);
   const auto options = hidden.options().dtype(p.acc);
   at::Tensor grad_hidden = at::zeros({p.rows, p.features}, options);
   at::Tensor grad_weight = at::zeros({p.classes, p.features}, options);
@@ -466,10 +702,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
           p, [&](int64_t col0, int64_t cols, const at::Tensor& weight_tile, const at::Tensor& bias_tile) {
             at::Tensor z = dense(buffer, 0, rows, cols);
             logits_tile(z, hidden_tile, weight_tile, bias_tile);
-            Tile<A> t = make_tile<A>(p, z, at::Tensor(), row0, rows, col0, cols, 0, ignore_index, label_smoothing);
+            Tile<A> t =
+                make_tile<A>(p, variants, z, at::Tensor(), row0, rows, col0, cols, 0, ignore_index, label_smoothing);
             t.scale = grad_scale.const_data_ptr<A>();
             t.scale_stride = scale_stride;
             t.lse = lse_dense.const_data_ptr<A>();
+            t.factor = data_or_null<A>(factor);
             run_backward(t);
             grad_hidden.narrow(0, row0, rows).addmm_(z, weight_tile);
             grad_weight.narrow(0, col0, cols).addmm_(z.t(), hidden_tile);
@@ -484,7 +722,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& target,
     const at::Tensor& lse, const at::Tensor& grad_scale, const std::optional<at::Tensor>& v_hidden,
     const std::optional<at::Tensor>& v_weight, const std::optional<at::Tensor>& v_bias, int64_t ignore_index,
-    double label_smoothing, int64_t n_tile, int64_t v_tile) {
+    double label_smoothing, int64_t n_tile, int64_t v_tile, double z_loss, double softcap,
+    const std::optional<at::Tensor>& class_weight) {
   const char* op = "curvkern::linear_cross_entropy_hvp";
   const Problem p = make_problem(op, hidden, weight, bias, target, n_tile, v_tile);
   TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op, ": label_smoothing must be in [0, 1], got ",
@@ -494,8 +733,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
   const at::Tensor tangent_hidden = optional_tangent(op, "v_hidden", v_hidden, hidden, {p.rows, p.features});
   const at::Tensor tangent_weight = optional_tangent(op, "v_weight", v_weight, hidden, {p.classes, p.features});
   const at::Tensor tangent_bias = optional_tangent(op, "v_bias", v_bias, p.bias, {p.classes});
-  const bool cross_terms = tangent_hidden.defined() || tangent_weight.defined();
+  const Variants variants = make_variants(op, p, ignore_index, label_smoothing, z_loss, softcap, class_weight);
   const at::Tensor lse_dense = lse.contiguous();
+  const at::Tensor factor = gradient_factor(variants, variants.total_weight, lse_dense);
   const auto options = hidden.options().dtype(p.acc);
   at::Tensor grad_hidden = at::zeros({p.rows, p.features}, options);
   at::Tensor grad_weight = at::zeros({p.classes, p.features}, options);
@@ -512,10 +752,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
         logits_tile(z, hidden_tile, weight_tile, bias_tile);
         tangent_tile(u, hidden_tile, weight_tile, v_hidden_tile, part(tangent_weight, 0, col0, cols, p.acc),
                      part(tangent_bias, 0, col0, cols, p.acc));
-        Tile<A> t = make_tile<A>(p, z, u, row0, rows, col0, cols, 1, ignore_index, label_smoothing);
+        Tile<A> t = make_tile<A>(p, variants, z, u, row0, rows, col0, cols, 1, ignore_index, label_smoothing);
         t.scale = grad_scale.const_data_ptr<A>();
         t.scale_stride = scale_stride;
         t.lse = lse_dense.const_data_ptr<A>();
+        t.factor = data_or_null<A>(factor);
         return std::make_tuple(t, z, u);
       };
       for_each_class_tile(p,
@@ -526,8 +767,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
       for_each_class_tile(p,
                           [&](int64_t col0, int64_t cols, const at::Tensor& weight_tile, const at::Tensor& bias_tile) {
                             const auto [t, z, u] = tile_at(col0, cols, weight_tile, bias_tile);
-                            run_hvp_products(t, p_dot_u.data_ptr<A>(), cross_terms);
-                            // u now holds H u and z, with cross terms, g_z.
+                            run_hvp_products(t, p_dot_u.data_ptr<A>());
+                            // u now holds H u and z g_z.
                             grad_hidden.narrow(0, row0, rows).addmm_(u, weight_tile);
                             grad_weight.narrow(0, col0, cols).addmm_(u.t(), hidden_tile);
                             if (p.bias.defined()) grad_bias.narrow(0, col0, cols).add_(u.sum(0));
@@ -539,14 +780,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
     });
   });
   at::Tensor valid = target != ignore_index;
-  at::Tensor dot = at::where(valid, p_dot_u - q_dot_u, at::zeros({}, p_dot_u.options()));
+  // ⟨J ⊙ (a·p − q̃), u⟩ = a·⟨p, J⊙u⟩ − ⟨q̃, J⊙u⟩.
+  const at::Tensor p_dot_u_term = factor.defined() ? factor * p_dot_u : p_dot_u;
+  at::Tensor dot = at::where(valid, p_dot_u_term - q_dot_u, at::zeros({}, p_dot_u.options()));
   return {to_input_dtype(grad_hidden, p), to_input_dtype(grad_weight, p), to_input_dtype(grad_bias, p), dot};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_ggn_vp(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& target,
     const at::Tensor& scale, const at::Tensor& d_hidden, const std::optional<at::Tensor>& d_weight,
-    const std::optional<at::Tensor>& d_bias, int64_t ignore_index, int64_t n_tile, int64_t v_tile) {
+    const std::optional<at::Tensor>& d_bias, int64_t ignore_index, int64_t n_tile, int64_t v_tile,
+    double label_smoothing, double z_loss, double softcap, const std::optional<at::Tensor>& class_weight) {
   const char* op = "curvkern::linear_ce_ggn_vp";
   const Problem p = make_problem(op, hidden, weight, bias, target, n_tile, v_tile);
   const int64_t scale_stride = check_row_vector(op, "scale", scale, p, /*per_row=*/false);
@@ -556,6 +800,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_ggn_vp(
   const at::Tensor tangent_weight =
       optional_tangent(op, "d_weight", d_weight, hidden, {tangents, p.classes, p.features});
   const at::Tensor tangent_bias = optional_tangent(op, "d_bias", d_bias, p.bias, {tangents, p.classes});
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op, ": label_smoothing must be in [0, 1], got ",
+              label_smoothing);
+  const Variants variants = make_variants(op, p, ignore_index, label_smoothing, z_loss, softcap, class_weight);
   const auto options = hidden.options().dtype(p.acc);
   at::Tensor prod_hidden = at::zeros({tangents, p.rows, p.features}, options);
   at::Tensor prod_weight = at::zeros({tangents, p.classes, p.features}, options);
@@ -568,6 +815,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_ggn_vp(
     const OnlineStats<A> stats{running_max.data_ptr<A>(), sum_exp.data_ptr<A>(), nullptr, nullptr,
                                sum_exp_u.data_ptr<A>()};
     at::Tensor lse = at::empty({p.rows}, options), p_dot_u = at::empty({tangents, p.rows}, options);
+    const at::Tensor factor = has_gradient_factor(variants) ? at::empty({p.rows}, options) : at::Tensor();
     for_each_row_tile(p, [&](int64_t row0, int64_t rows, const at::Tensor& hidden_tile) {
       const at::Tensor d_hidden_tile = d_hidden.narrow(1, row0, rows).to(p.acc);
       // The logits tile once for all K tangents, then each tangent's.
@@ -580,20 +828,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_ggn_vp(
                        tangent_weight.defined() ? part(tangent_weight[k], 0, col0, cols, p.acc) : at::Tensor(),
                        tangent_bias.defined() ? part(tangent_bias[k], 0, col0, cols, p.acc) : at::Tensor());
         }
-        Tile<A> t = make_tile<A>(p, z, u_all, row0, rows, col0, cols, tangents, ignore_index, 0.0);
+        Tile<A> t =
+            make_tile<A>(p, variants, z, u_all, row0, rows, col0, cols, tangents, ignore_index, label_smoothing);
         t.scale = scale.const_data_ptr<A>();
         t.scale_stride = scale_stride;
         t.lse = lse.const_data_ptr<A>();
+        t.factor = data_or_null<A>(factor);
         return t;
       };
       for_each_class_tile(p,
                           [&](int64_t col0, int64_t cols, const at::Tensor& weight_tile, const at::Tensor& bias_tile) {
                             run_ggn_stats(tile_at(col0, cols, weight_tile, bias_tile), stats, p.rows);
                           });
-      // lse = max + log Σ e and ⟨p, u_k⟩ = Σ e·u_k / Σ e of the tile's rows.
+      // lse = max + log Σ e, ⟨p, v_k⟩ = Σ e·v_k / Σ e and a = W + 2λ·lse of the tile's rows.
       const at::Tensor row_sum_exp = sum_exp.narrow(0, row0, rows);
-      lse.narrow(0, row0, rows).copy_(running_max.narrow(0, row0, rows) + row_sum_exp.log());
+      const at::Tensor row_lse = lse.narrow(0, row0, rows);
+      row_lse.copy_(running_max.narrow(0, row0, rows) + row_sum_exp.log());
       p_dot_u.narrow(1, row0, rows).copy_(sum_exp_u.narrow(1, row0, rows) / row_sum_exp);
+      if (factor.defined())
+        factor.narrow(0, row0, rows)
+            .copy_(gradient_factor(variants, part(variants.total_weight, 0, row0, rows, p.acc), row_lse));
       for_each_class_tile(p,
                           [&](int64_t col0, int64_t cols, const at::Tensor& weight_tile, const at::Tensor& bias_tile) {
                             const Tile<A> t = tile_at(col0, cols, weight_tile, bias_tile);

@@ -4,7 +4,8 @@ fake implementations so ``torch.compile`` can trace them.
 
 The ops take the tile sizes as arguments: :data:`N_TILE` rows by :data:`V_TILE` classes, module constants
 read at every call, so tests can make them small. Without a bias the ops return an empty bias result, which
-the wrappers turn into None.
+the wrappers turn into None. The loss variants go to the ops as ``z_loss``, ``softcap`` (0.0 for no cap) and
+``class_weight`` converted to a contiguous tensor in the accumulation dtype.
 """
 
 from __future__ import annotations
@@ -27,12 +28,38 @@ if cpp_unavailable_reason() is None:
         return weight.new_empty((*leading, 0 if bias is None else weight.shape[0]))
 
     @torch.library.register_fake("curvkern::linear_cross_entropy_forward")
-    def _forward_fake(hidden, weight, bias, target, ignore_index, label_smoothing, n_tile, v_tile):
+    def _forward_fake(
+        hidden,
+        weight,
+        bias,
+        target,
+        ignore_index,
+        label_smoothing,
+        n_tile,
+        v_tile,
+        z_loss=0.0,
+        softcap=0.0,
+        class_weight=None,
+    ):
         row = hidden.new_empty(hidden.shape[0], dtype=accumulation_dtype(hidden.dtype))
         return row, torch.empty_like(row)
 
     @torch.library.register_fake("curvkern::linear_cross_entropy_backward")
-    def _backward_fake(hidden, weight, bias, target, lse, grad_scale, ignore_index, label_smoothing, n_tile, v_tile):
+    def _backward_fake(
+        hidden,
+        weight,
+        bias,
+        target,
+        lse,
+        grad_scale,
+        ignore_index,
+        label_smoothing,
+        n_tile,
+        v_tile,
+        z_loss=0.0,
+        softcap=0.0,
+        class_weight=None,
+    ):
         return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), _bias_result(weight, bias)
 
     @torch.library.register_fake("curvkern::linear_cross_entropy_hvp")
@@ -50,12 +77,31 @@ if cpp_unavailable_reason() is None:
         label_smoothing,
         n_tile,
         v_tile,
+        z_loss=0.0,
+        softcap=0.0,
+        class_weight=None,
     ):
         dot = hidden.new_empty(hidden.shape[0], dtype=accumulation_dtype(hidden.dtype))
         return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), _bias_result(weight, bias), dot
 
     @torch.library.register_fake("curvkern::linear_ce_ggn_vp")
-    def _ggn_vp_fake(hidden, weight, bias, target, scale, d_hidden, d_weight, d_bias, ignore_index, n_tile, v_tile):
+    def _ggn_vp_fake(
+        hidden,
+        weight,
+        bias,
+        target,
+        scale,
+        d_hidden,
+        d_weight,
+        d_bias,
+        ignore_index,
+        n_tile,
+        v_tile,
+        label_smoothing=0.0,
+        z_loss=0.0,
+        softcap=0.0,
+        class_weight=None,
+    ):
         tangents = d_hidden.shape[0]
         return (
             hidden.new_empty((tangents, *hidden.shape)),
@@ -66,6 +112,15 @@ if cpp_unavailable_reason() is None:
 
 def _bias_or_none(result: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     return None if bias is None else result
+
+
+def _variants(hyperparameters: CrossEntropyHyperparameters, dtype: torch.dtype) -> tuple:
+    """The ops' ``(z_loss, softcap, class_weight)`` for inputs of ``dtype``; a plain record has no variants."""
+    softcap = getattr(hyperparameters, "softcap", None)
+    class_weight = getattr(hyperparameters, "class_weight", None)
+    if class_weight is not None:
+        class_weight = class_weight.to(accumulation_dtype(dtype)).contiguous()
+    return float(getattr(hyperparameters, "z_loss", 0.0)), 0.0 if softcap is None else float(softcap), class_weight
 
 
 @register("linear_cross_entropy", "cpp")
@@ -83,7 +138,7 @@ class CppLinearCrossEntropy:
         refuse_missing_variants(hyperparameters, "cpp")
         h = hyperparameters
         return torch.ops.curvkern.linear_cross_entropy_forward(
-            hidden, weight, bias, target, h.ignore_index, h.label_smoothing, N_TILE, V_TILE
+            hidden, weight, bias, target, h.ignore_index, h.label_smoothing, N_TILE, V_TILE, *_variants(h, hidden.dtype)
         )
 
     @staticmethod
@@ -99,7 +154,17 @@ class CppLinearCrossEntropy:
         refuse_missing_variants(hyperparameters, "cpp")
         h = hyperparameters
         grad_hidden, grad_weight, grad_bias = torch.ops.curvkern.linear_cross_entropy_backward(
-            hidden, weight, bias, target, lse, grad_scale, h.ignore_index, h.label_smoothing, N_TILE, V_TILE
+            hidden,
+            weight,
+            bias,
+            target,
+            lse,
+            grad_scale,
+            h.ignore_index,
+            h.label_smoothing,
+            N_TILE,
+            V_TILE,
+            *_variants(h, hidden.dtype),
         )
         return grad_hidden, grad_weight, _bias_or_none(grad_bias, bias)
 
@@ -132,6 +197,7 @@ class CppLinearCrossEntropy:
             h.label_smoothing,
             N_TILE,
             V_TILE,
+            *_variants(h, hidden.dtype),
         )
         return grad_hidden, grad_weight, _bias_or_none(grad_bias, bias), dot
 
@@ -148,6 +214,7 @@ class CppLinearCrossEntropy:
         hyperparameters: CrossEntropyHyperparameters,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         refuse_missing_variants(hyperparameters, "cpp")
+        h = hyperparameters
         prod_hidden, prod_weight, prod_bias = torch.ops.curvkern.linear_ce_ggn_vp(
             hidden,
             weight,
@@ -157,8 +224,10 @@ class CppLinearCrossEntropy:
             d_hidden,
             d_weight,
             d_bias,
-            hyperparameters.ignore_index,
+            h.ignore_index,
             N_TILE,
             V_TILE,
+            h.label_smoothing,
+            *_variants(h, hidden.dtype),
         )
         return prod_hidden, prod_weight, _bias_or_none(prod_bias, bias)
