@@ -11,7 +11,10 @@ import torch
 from curvkern.hyperparameters import CrossEntropyHyperparameters, require_range
 
 # Which variants each backend implements; a backend not listed implements none.
-IMPLEMENTED = {"eager": frozenset({"z_loss", "softcap", "class_weight"})}
+IMPLEMENTED = {
+    "eager": frozenset({"z_loss", "softcap", "class_weight"}),
+    "triton": frozenset({"z_loss", "softcap", "class_weight"}),
+}
 
 
 @dataclass(frozen=True)
