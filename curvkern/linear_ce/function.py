@@ -214,11 +214,11 @@ def linear_cross_entropy(
       ``"sum"`` or ``"none"``; ``label_smoothing`` α in [0, 1] as F.cross_entropy defines it.
     - The result has hidden's dtype. Products and sums accumulate in fp64 for fp64 inputs, in fp32 for
       fp32 and bf16.
-    - Loss variants (docs/linear_cross_entropy.md, "Loss variants"; the eager reference and the C++ kernels):
-      ``z_loss`` λ ≥ 0 adds λ·lse(z')² per valid row; ``softcap`` c > 0 makes the loss see z' = c·tanh(z/c);
-      ``class_weight`` (V,) is ``F.cross_entropy``'s ``weight=``. A backend without them (Triton) raises
-      NotImplementedError naming the variant, ``"auto"`` runs the eager reference instead with a warning;
-      probability targets raise NotImplementedError.
+    - Loss variants (docs/linear_cross_entropy.md, "Loss variants"; every backend: the eager reference, the C++
+      and the Triton kernels): ``z_loss`` λ ≥ 0 adds λ·lse(z')² per valid row; ``softcap`` c > 0 makes the loss
+      see z' = c·tanh(z/c); ``class_weight`` (V,) is ``F.cross_entropy``'s ``weight=``. A backend listed without
+      one in ``curvkern.linear_ce.variants.IMPLEMENTED`` raises NotImplementedError naming it (``"auto"`` runs
+      the eager reference instead, with a warning); probability targets raise NotImplementedError.
 
     The forward, the backward (gradients to hidden, weight and bias) and the double backward (the exact
     Hessian-vector product, cross terms included) each sweep over tiles of at most (N_TILE, V_TILE)

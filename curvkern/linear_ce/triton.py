@@ -26,6 +26,11 @@ Results accumulate in the accumulation dtype (fp64 for fp64 inputs, fp32 otherwi
 the inputs' dtype once, by torch, at the end. Offsets are 64-bit (row and column indices are int64
 before they meet a stride), any strides are accepted, and the reduction scale is read from a device
 tensor: no host synchronization. Every input is checked on the host before a launch.
+
+The loss variants (z-loss, soft cap, class weights; docs/linear_cross_entropy.md, "Loss variants") are
+constexpr flags of every kernel (HAS_ZLOSS, HAS_SOFTCAP, HAS_WEIGHT), so the plain kernels carry none of
+their code; their formulas live once, in the ``@triton.jit`` helpers the kernels share (``_gradient_tile``,
+``_hessian_tile``, ``_row_factors``), with the cross-entropy kernels' tanh (:mod:`curvkern.ce.triton`).
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ _BACKWARD, _HVP, _GGN = 0, 1, 2
 if importlib.util.find_spec("triton") is not None:
     import triton
     import triton.language as tl
+
+    from curvkern.ce.triton import _exact_scalar, _label_weight, _tanh
 
     @triton.jit
     def _dot_tile(
@@ -174,6 +181,133 @@ if importlib.util.find_spec("triton") is not None:
         scale = tl.load(scale_ptr + rows * scale_stride, mask=live, other=0.0).to(ACC)
         return tl.where(live, tl.where(in_range, scale, float("nan")), 0.0)
 
+    # --- The loss variants (docs/linear_cross_entropy.md, "Loss variants") -----------------------------------
+    # Each helper takes its variant's constexpr flag and, with the flag off, returns its input or emits the
+    # plain operations in the plain order: the plain kernels compute what they did before, bit for bit.
+    # One return statement each: the compiler requires every return of a function to have one type.
+
+    @triton.jit
+    def _variant_scalars(smoothing_hi, smoothing_lo, z_loss_hi, z_loss_lo, cap_hi, cap_lo, ACC: tl.constexpr):
+        """α, λ and c, each rebuilt in ACC from the two fp32 halves the host split it into."""
+        alpha = _exact_scalar(smoothing_hi, smoothing_lo, ACC)
+        return alpha, _exact_scalar(z_loss_hi, z_loss_lo, ACC), _exact_scalar(cap_hi, cap_lo, ACC)
+
+    @triton.jit
+    def _capped(z, cap, HAS_SOFTCAP: tl.constexpr):
+        """``(z', J)``: the logits the loss sees, c·tanh(z/c), and the cap's derivative 1 − tanh²; (z, 1)
+        without a cap."""
+        jacobian = 1.0
+        if HAS_SOFTCAP:
+            t = _tanh(z / cap)
+            z = cap * t
+            jacobian = 1.0 - t * t
+        return z, jacobian
+
+    @triton.jit
+    def _class_weighted(values, cw_ptr, cols, col_mask, ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+        """``values`` ⊙ w over a class tile (w = 0 outside it); ``values`` without class weights."""
+        if HAS_WEIGHT:
+            values = values * tl.load(cw_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+        return values
+
+    @triton.jit
+    def _row_factors(
+        cw_ptr,
+        cw_sum_ptr,
+        label,
+        live,
+        in_range,
+        lse,
+        alpha,
+        z_loss,
+        V,
+        ACC: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        HAS_ZLOSS: tl.constexpr,
+        HAS_WEIGHT: tl.constexpr,
+    ):
+        """``(w_y, a)`` per row: the class weight of the label, and a = W + 2λ·lse, the factor of p in the
+        gradient to z', where W = (1 − α)·w_y + (α/V)·Σ_j w_j is the total weight of the row's smoothed target
+        (1 without class weights; ``cw_sum_ptr`` holds Σ_j w_j)."""
+        w_y = _label_weight(cw_ptr, label, live, in_range, ACC, BLOCK_N, HAS_WEIGHT)
+        total = w_y
+        if HAS_WEIGHT:
+            total = (1.0 - alpha) * w_y + alpha / V * tl.load(cw_sum_ptr).to(ACC)
+        if HAS_ZLOSS:
+            total = total + 2.0 * z_loss * lse
+        return w_y, total
+
+    @triton.jit
+    def _gradient_tile(
+        z,
+        lse,
+        scale,
+        a,
+        w_y,
+        label,
+        cols,
+        col_mask,
+        live,
+        cw_ptr,
+        alpha,
+        V,
+        cap,
+        ACC: tl.constexpr,
+        HAS_ZLOSS: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr,
+        HAS_WEIGHT: tl.constexpr,
+    ):
+        """Over one tile of the logits z: ``(p, J, g_z, s·g' ⊙ z'')``. p = softmax(z') (0 outside the live rows
+        and the columns), J the cap's derivative, g' = a·p − q̃ the gradient to z' with q̃ = (1 − α)·w_y·e_y +
+        (α/V)·w the weighted smoothed target, g_z = s·J ⊙ g' the gradient to z (the plain s·(p − q) without
+        variants), and the cap's curvature term with z'' = −(2z'/c²)·J (0 without a cap)."""
+        valid = live[:, None] & col_mask[None, :]
+        z, jacobian = _capped(z, cap, HAS_SOFTCAP)
+        p = tl.where(valid, tl.exp(z - lse[:, None]), 0.0)
+        target_part = tl.where(cols[None, :] == label[:, None], 1.0 - alpha, 0.0)
+        if HAS_WEIGHT:
+            target_part = target_part * w_y[:, None]
+        scaled_p = p
+        if HAS_ZLOSS or HAS_WEIGHT:
+            scaled_p = a[:, None] * p
+        grad_capped = scaled_p - _class_weighted(alpha / V, cw_ptr, cols, col_mask, ACC, HAS_WEIGHT) - target_part
+        curvature = 0.0
+        if HAS_SOFTCAP:
+            curvature = scale[:, None] * grad_capped * (-2.0 / (cap * cap)) * z * jacobian
+            grad_capped = jacobian * grad_capped
+        return p, jacobian, tl.where(valid, scale[:, None] * grad_capped, 0.0), curvature
+
+    @triton.jit
+    def _hessian_tile(
+        u,
+        p,
+        p_dot_u,
+        scale,
+        a,
+        z_loss,
+        jacobian,
+        curvature,
+        valid,
+        HAS_ZLOSS: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr,
+        HAS_WEIGHT: tl.constexpr,
+    ):
+        """s·(H_z u) over one tile, from ``p_dot_u`` = ⟨p, J⊙u⟩ and :func:`_gradient_tile`'s p, J and curvature:
+        J ⊙ s·[a·p ⊙ (J⊙u − ⟨p, J⊙u⟩) + 2λ·p·⟨p, J⊙u⟩] + s·g' ⊙ z'' ⊙ u; the plain s·p ⊙ (u − ⟨p, u⟩) without
+        variants. 0 outside ``valid``."""
+        v = u
+        if HAS_SOFTCAP:
+            v = jacobian * u
+        difference = v - p_dot_u[:, None]
+        if HAS_ZLOSS or HAS_WEIGHT:
+            difference = a[:, None] * difference
+        if HAS_ZLOSS:
+            difference += 2.0 * z_loss * p_dot_u[:, None]
+        hessian_u = scale[:, None] * p * difference
+        if HAS_SOFTCAP:
+            hessian_u = jacobian * hessian_u + curvature * u
+        return tl.where(valid, hessian_u, 0.0)
+
     @triton.jit
     def _forward_kernel(
         h_ptr,
@@ -193,18 +327,28 @@ if importlib.util.find_spec("triton") is not None:
         ignore_index,
         smoothing_hi,
         smoothing_lo,
+        cw_ptr,
+        cw_sum_ptr,
+        z_loss_hi,
+        z_loss_lo,
+        cap_hi,
+        cap_lo,
         HAS_BIAS: tl.constexpr,
         SMOOTHING: tl.constexpr,
+        HAS_ZLOSS: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr,
+        HAS_WEIGHT: tl.constexpr,
         ACC: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_V: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        """Row program: one sweep over the V tiles, online max and Σ exp, the label's logit and Σ z."""
+        """Row program: one sweep over the V tiles of z', online max and Σ exp, the label's z' and Σ w ⊙ z';
+        ℓ = W·lse − ⟨q̃, z'⟩ + λ·lse²."""
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < N
         label, live, in_range = _row_labels(target_ptr, rows, row_mask, V, ignore_index)
-        alpha = tl.cast(smoothing_hi, ACC) + tl.cast(smoothing_lo, ACC)
+        alpha, z_loss, cap = _variant_scalars(smoothing_hi, smoothing_lo, z_loss_hi, z_loss_lo, cap_hi, cap_lo, ACC)
         running_max = tl.full([BLOCK_N], float("-inf"), ACC)
         sum_exp = tl.zeros([BLOCK_N], ACC)
         label_logit = tl.zeros([BLOCK_N], ACC)
@@ -216,18 +360,29 @@ if importlib.util.find_spec("triton") is not None:
                 h_ptr, h_s0, h_s1, w_ptr, w_s0, w_s1, b_ptr, b_s0, rows, row_mask, cols, col_mask, D,
                 HAS_BIAS, ACC, BLOCK_N, BLOCK_V, BLOCK_D,
             )  # fmt: skip
+            z, _ = _capped(z, cap, HAS_SOFTCAP)
+            if SMOOTHING:  # before the -inf padding, which a weight of 0 would turn into NaN
+                weighted = _class_weighted(z, cw_ptr, cols, col_mask, ACC, HAS_WEIGHT)
+                sum_z += tl.sum(tl.where(col_mask[None, :], weighted, 0.0), axis=1)
             z = tl.where(col_mask[None, :], z, float("-inf"))
             new_max = tl.maximum(running_max, tl.max(z, axis=1))
             shift = tl.where(new_max == float("-inf"), 0.0, new_max)
             sum_exp = sum_exp * tl.exp(running_max - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
             running_max = new_max
             label_logit += tl.sum(tl.where(cols[None, :] == label[:, None], z, 0.0), axis=1)
-            if SMOOTHING:
-                sum_z += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
         lse = running_max + tl.log(sum_exp)
-        loss = lse - (1.0 - alpha) * label_logit
+        loss = lse
+        if HAS_WEIGHT:
+            w_y, total = _row_factors(
+                cw_ptr, cw_sum_ptr, label, live, in_range, lse, alpha, z_loss, V, ACC, BLOCK_N, False, HAS_WEIGHT
+            )
+            loss = total * lse
+            label_logit = w_y * label_logit
+        loss = loss - (1.0 - alpha) * label_logit
         if SMOOTHING:
             loss -= alpha / V * sum_z
+        if HAS_ZLOSS:
+            loss += z_loss * lse * lse
         loss = tl.where(live, tl.where(in_range, loss, float("nan")), 0.0)
         tl.store(loss_ptr + rows, loss, mask=row_mask)
         tl.store(lse_ptr + rows, lse, mask=row_mask)
@@ -267,11 +422,20 @@ if importlib.util.find_spec("triton") is not None:
         ignore_index,
         smoothing_hi,
         smoothing_lo,
+        cw_ptr,
+        cw_sum_ptr,
+        z_loss_hi,
+        z_loss_lo,
+        cap_hi,
+        cap_lo,
         MODE: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         HAS_VH: tl.constexpr,
         HAS_VW: tl.constexpr,
         HAS_VB: tl.constexpr,
+        HAS_ZLOSS: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr,
+        HAS_WEIGHT: tl.constexpr,
         ACC: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_V: tl.constexpr,
@@ -280,13 +444,13 @@ if importlib.util.find_spec("triton") is not None:
         """Row program of the backward (MODE 0), HVP (1) and Gauss-Newton product (2): the products to hidden.
 
         ``out`` is (K, N, D) contiguous in ACC, zero on entry; ``p_dot_u`` (K, N) in ACC, zero on entry
-        (MODE 1, 2), where this program stores ⟨p_r, u_kr⟩ for the column programs; MODE 2 also stores lse
-        (found by an online sweep), MODE 1 ⟨p_r − q_r, u_r⟩ into ``dot``."""
+        (MODE 1, 2), where this program stores ⟨p_r, J⊙u_kr⟩ for the column programs; MODE 2 also stores lse
+        (found by an online sweep), MODE 1 ⟨J⊙(a·p_r − q̃_r), u_r⟩ into ``dot``."""
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < N
         label, live, in_range = _row_labels(target_ptr, rows, row_mask, V, ignore_index)
         weight = _row_weight(scale_ptr, scale_stride, rows, live, in_range, ACC)
-        alpha = tl.cast(smoothing_hi, ACC) + tl.cast(smoothing_lo, ACC)
+        alpha, z_loss, cap = _variant_scalars(smoothing_hi, smoothing_lo, z_loss_hi, z_loss_lo, cap_hi, cap_lo, ACC)
 
         # Sweep 1 (MODE 1, 2): the row statistics.
         if MODE == 2:
@@ -299,6 +463,7 @@ if importlib.util.find_spec("triton") is not None:
                     h_ptr, h_s0, h_s1, w_ptr, w_s0, w_s1, b_ptr, b_s0, rows, row_mask, cols, col_mask, D,
                     HAS_BIAS, ACC, BLOCK_N, BLOCK_V, BLOCK_D,
                 )  # fmt: skip
+                z, jacobian = _capped(z, cap, HAS_SOFTCAP)
                 z = tl.where(col_mask[None, :], z, float("-inf"))
                 new_max = tl.maximum(running_max, tl.max(z, axis=1))
                 shift = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -313,6 +478,8 @@ if importlib.util.find_spec("triton") is not None:
                         vw_s1, vb_ptr, vb_sk, vb_s0, rows, row_mask, cols, col_mask, D, HAS_VH, HAS_VW, HAS_VB,
                         ACC, BLOCK_N, BLOCK_V, BLOCK_D,
                     )  # fmt: skip
+                    if HAS_SOFTCAP:
+                        u = jacobian * u
                     stat_ptrs = p_dot_u_ptr + k * N + rows
                     acc = tl.load(stat_ptrs, mask=row_mask, other=0.0)
                     tl.store(stat_ptrs, acc * rescale + tl.sum(e * u, axis=1), mask=row_mask)
@@ -324,6 +491,9 @@ if importlib.util.find_spec("triton") is not None:
                 tl.store(stat_ptrs, tl.load(stat_ptrs, mask=row_mask, other=0.0) / sum_exp, mask=row_mask)
         else:
             lse = tl.load(lse_ptr + rows, mask=live, other=0.0).to(ACC)
+        w_y, a = _row_factors(
+            cw_ptr, cw_sum_ptr, label, live, in_range, lse, alpha, z_loss, V, ACC, BLOCK_N, HAS_ZLOSS, HAS_WEIGHT
+        )
         if MODE == 1:
             p_dot_u = tl.zeros([BLOCK_N], ACC)
             u_label = tl.zeros([BLOCK_N], ACC)
@@ -335,16 +505,25 @@ if importlib.util.find_spec("triton") is not None:
                     h_ptr, h_s0, h_s1, w_ptr, w_s0, w_s1, b_ptr, b_s0, rows, row_mask, cols, col_mask, D,
                     HAS_BIAS, ACC, BLOCK_N, BLOCK_V, BLOCK_D,
                 )  # fmt: skip
+                z, jacobian = _capped(z, cap, HAS_SOFTCAP)
                 p = tl.where(live[:, None] & col_mask[None, :], tl.exp(z - lse[:, None]), 0.0)
                 u = _tangent_tile(
                     0, h_ptr, h_s0, h_s1, w_ptr, w_s0, w_s1, vh_ptr, vh_sk, vh_s0, vh_s1, vw_ptr, vw_sk, vw_s0,
                     vw_s1, vb_ptr, vb_sk, vb_s0, rows, row_mask, cols, col_mask, D, HAS_VH, HAS_VW, HAS_VB,
                     ACC, BLOCK_N, BLOCK_V, BLOCK_D,
                 )  # fmt: skip
+                if HAS_SOFTCAP:
+                    u = jacobian * u
                 p_dot_u += tl.sum(p * u, axis=1)
                 u_label += tl.sum(tl.where(cols[None, :] == label[:, None], u, 0.0), axis=1)
-                sum_u += tl.sum(u, axis=1)
-            dot = p_dot_u - (1.0 - alpha) * u_label - alpha / V * sum_u
+                sum_u += tl.sum(_class_weighted(u, cw_ptr, cols, col_mask, ACC, HAS_WEIGHT), axis=1)
+            # ⟨J⊙g', u⟩ = a·⟨p, J⊙u⟩ − ⟨q̃, J⊙u⟩
+            dot = p_dot_u
+            if HAS_ZLOSS or HAS_WEIGHT:
+                dot = a * p_dot_u
+            if HAS_WEIGHT:
+                u_label = w_y * u_label
+            dot = dot - (1.0 - alpha) * u_label - alpha / V * sum_u
             dot = tl.where(live, tl.where(in_range, dot, float("nan")), 0.0)
             tl.store(dot_ptr + rows, dot, mask=row_mask)
             tl.store(p_dot_u_ptr + rows, p_dot_u, mask=row_mask)
@@ -359,9 +538,10 @@ if importlib.util.find_spec("triton") is not None:
                 HAS_BIAS, ACC, BLOCK_N, BLOCK_V, BLOCK_D,
             )  # fmt: skip
             valid = live[:, None] & col_mask[None, :]
-            p = tl.where(valid, tl.exp(z - lse[:, None]), 0.0)
-            target_part = tl.where(cols[None, :] == label[:, None], 1.0 - alpha, 0.0)
-            grad_z = tl.where(valid, weight[:, None] * (p - alpha / V - target_part), 0.0)
+            p, jacobian, grad_z, curvature = _gradient_tile(
+                z, lse, weight, a, w_y, label, cols, col_mask, live, cw_ptr, alpha, V, cap,
+                ACC, HAS_ZLOSS, HAS_SOFTCAP, HAS_WEIGHT,
+            )  # fmt: skip
             for k32 in range(0, K):
                 k = k32 + tl.zeros([], tl.int64)
                 if MODE == 0:
@@ -373,7 +553,10 @@ if importlib.util.find_spec("triton") is not None:
                         ACC, BLOCK_N, BLOCK_V, BLOCK_D,
                     )  # fmt: skip
                     p_dot_u_k = tl.load(p_dot_u_ptr + k * N + rows, mask=row_mask, other=0.0)
-                    coefficient = tl.where(valid, weight[:, None] * p * (u - p_dot_u_k[:, None]), 0.0)
+                    coefficient = _hessian_tile(
+                        u, p, p_dot_u_k, weight, a, z_loss, jacobian, curvature, valid,
+                        HAS_ZLOSS, HAS_SOFTCAP, HAS_WEIGHT,
+                    )  # fmt: skip
                 for d_start in range(0, D, BLOCK_D):
                     d = (d_start + ds).to(tl.int64)
                     d_mask = d < D
@@ -430,11 +613,20 @@ if importlib.util.find_spec("triton") is not None:
         ignore_index,
         smoothing_hi,
         smoothing_lo,
+        cw_ptr,
+        cw_sum_ptr,
+        z_loss_hi,
+        z_loss_lo,
+        cap_hi,
+        cap_lo,
         MODE: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         HAS_VH: tl.constexpr,
         HAS_VW: tl.constexpr,
         HAS_VB: tl.constexpr,
+        HAS_ZLOSS: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr,
+        HAS_WEIGHT: tl.constexpr,
         ACC: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_V: tl.constexpr,
@@ -442,10 +634,10 @@ if importlib.util.find_spec("triton") is not None:
     ):
         """Column program: owns a V tile of ``out_w`` (K, V, D) and ``out_b`` (K, V), contiguous in ACC and
         zero on entry, and sweeps the row tiles in order: g_zᵀ·h (+ g_zᵀ·v_h in MODE 1) or (H u_k)ᵀ·h, and
-        the column sums, from the lse and ⟨p, u_k⟩ the row programs stored."""
+        the column sums, from the lse and ⟨p, J⊙u_k⟩ the row programs stored."""
         cols = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
         col_mask = cols < V
-        alpha = tl.cast(smoothing_hi, ACC) + tl.cast(smoothing_lo, ACC)
+        alpha, z_loss, cap = _variant_scalars(smoothing_hi, smoothing_lo, z_loss_hi, z_loss_lo, cap_hi, cap_lo, ACC)
         ds = tl.arange(0, BLOCK_D)
         for row_start in range(0, N, BLOCK_N):
             rows = row_start + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -453,14 +645,18 @@ if importlib.util.find_spec("triton") is not None:
             label, live, in_range = _row_labels(target_ptr, rows, row_mask, V, ignore_index)
             weight = _row_weight(scale_ptr, scale_stride, rows, live, in_range, ACC)
             lse = tl.load(lse_ptr + rows, mask=live, other=0.0).to(ACC)
+            w_y, a = _row_factors(
+                cw_ptr, cw_sum_ptr, label, live, in_range, lse, alpha, z_loss, V, ACC, BLOCK_N, HAS_ZLOSS, HAS_WEIGHT
+            )
             z = _logits_tile(
                 h_ptr, h_s0, h_s1, w_ptr, w_s0, w_s1, b_ptr, b_s0, rows, row_mask, cols, col_mask, D,
                 HAS_BIAS, ACC, BLOCK_N, BLOCK_V, BLOCK_D,
             )  # fmt: skip
             valid = live[:, None] & col_mask[None, :]
-            p = tl.where(valid, tl.exp(z - lse[:, None]), 0.0)
-            target_part = tl.where(cols[None, :] == label[:, None], 1.0 - alpha, 0.0)
-            grad_z = tl.where(valid, weight[:, None] * (p - alpha / V - target_part), 0.0)
+            p, jacobian, grad_z, curvature = _gradient_tile(
+                z, lse, weight, a, w_y, label, cols, col_mask, live, cw_ptr, alpha, V, cap,
+                ACC, HAS_ZLOSS, HAS_SOFTCAP, HAS_WEIGHT,
+            )  # fmt: skip
             for k32 in range(0, K):
                 k = k32 + tl.zeros([], tl.int64)
                 if MODE == 0:
@@ -472,7 +668,10 @@ if importlib.util.find_spec("triton") is not None:
                         ACC, BLOCK_N, BLOCK_V, BLOCK_D,
                     )  # fmt: skip
                     p_dot_u_k = tl.load(p_dot_u_ptr + k * N + rows, mask=row_mask, other=0.0)
-                    coefficient = tl.where(valid, weight[:, None] * p * (u - p_dot_u_k[:, None]), 0.0)
+                    coefficient = _hessian_tile(
+                        u, p, p_dot_u_k, weight, a, z_loss, jacobian, curvature, valid,
+                        HAS_ZLOSS, HAS_SOFTCAP, HAS_WEIGHT,
+                    )  # fmt: skip
                 if HAS_BIAS:
                     bias_ptrs = out_b_ptr + k * V + cols
                     tl.store(bias_ptrs, tl.load(bias_ptrs, mask=col_mask) + tl.sum(coefficient, axis=0), mask=col_mask)
@@ -499,17 +698,19 @@ if importlib.util.find_spec("triton") is not None:
 
 
 _INPUT_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+_CLASS_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _fail(method: str, message: str) -> RuntimeError:
     return RuntimeError(f"curvkern.linear_ce.triton.{method}: {message}")
 
 
-def _check(method, hidden, weight, bias, target, acc_tensors=(), tangents=(), tangent_count=None):
-    """Every input checked before a launch: dims, shapes, dtypes, one device. ``acc_tensors``: (name, tensor,
-    allowed shapes) in the accumulation dtype; ``tangents``: (name, tensor, expected shape) in the inputs'
-    dtype. Raises RuntimeError naming the argument (the public functions have checked the user's call;
-    this guards direct calls of the kernels)."""
+def _check(method, hidden, weight, bias, target, hyperparameters, acc_tensors=(), tangents=(), tangent_count=None):
+    """Every input checked before a launch: dims, shapes, dtypes, one device, and the class weights of
+    ``hyperparameters`` (a (V,) fp16, bf16, fp32 or fp64 tensor; any strides, :func:`_variant_arguments`
+    makes them contiguous). ``acc_tensors``: (name, tensor, allowed shapes) in the accumulation dtype;
+    ``tangents``: (name, tensor, expected shape) in the inputs' dtype. Raises RuntimeError naming the argument
+    (the public functions have checked the user's call; this guards direct calls of the kernels)."""
     if hidden.dim() != 2:
         raise _fail(method, f"hidden must be 2-D (N, d), got {tuple(hidden.shape)}")
     if hidden.dtype not in _INPUT_DTYPES:
@@ -543,6 +744,15 @@ def _check(method, hidden, weight, bias, target, acc_tensors=(), tangents=(), ta
             raise _fail(method, f"every tensor must be on hidden's device {device}, got one on {tensor.device}")
     if tangent_count is not None and tangent_count < 1:
         raise _fail(method, "at least one tangent is needed")
+    class_weight = getattr(hyperparameters, "class_weight", None)
+    if class_weight is not None:
+        if not isinstance(class_weight, torch.Tensor) or tuple(class_weight.shape) != (v,):
+            got = tuple(class_weight.shape) if isinstance(class_weight, torch.Tensor) else type(class_weight)
+            raise _fail(method, f"class_weight must be a tensor of shape ({v},), got {got}")
+        if class_weight.dtype not in _CLASS_WEIGHT_DTYPES:
+            raise _fail(method, f"class_weight must be float16, bfloat16, float32 or float64, got {class_weight.dtype}")
+        if class_weight.device != device:
+            raise _fail(method, f"class_weight must be on hidden's device {device}, got {class_weight.device}")
     return n, d, v, acc
 
 
@@ -598,6 +808,23 @@ def _scale_stride(scale: torch.Tensor) -> int:
     return 0 if scale.dim() == 0 else scale.stride(0)
 
 
+def _variant_arguments(hyperparameters: CrossEntropyHyperparameters, hidden: torch.Tensor):
+    """The loss variants as the kernels take them (after :func:`_check`): ``(arguments, flags)``, the arguments
+    the class weights (contiguous, in the accumulation dtype) and their sum Σ_j w_j as a device tensor (no host
+    sync), or hidden twice (never read), then λ and c (1 without a cap) as fp32 halves; the flags the
+    constexprs HAS_ZLOSS, HAS_SOFTCAP and HAS_WEIGHT, off for a plain record."""
+    z_loss = float(getattr(hyperparameters, "z_loss", 0.0))
+    softcap = getattr(hyperparameters, "softcap", None)
+    class_weight = getattr(hyperparameters, "class_weight", None)
+    weights = (hidden, hidden)
+    if class_weight is not None:
+        contiguous = class_weight.to(accumulation_dtype(hidden.dtype)).contiguous()
+        weights = (contiguous, contiguous.sum())
+    arguments = (*weights, *_split(z_loss), *_split(1.0 if softcap is None else float(softcap)))
+    flags = dict(HAS_ZLOSS=z_loss != 0, HAS_SOFTCAP=softcap is not None, HAS_WEIGHT=class_weight is not None)
+    return arguments, flags
+
+
 def _launch_products(mode, hidden, weight, bias, target, lse, scale, tangents, tangent_count, h, p_dot_u, dot):
     """The row programs (products to hidden, and the statistics) then the column programs (to weight and
     bias). Returns the (K, N, d), (K, V, d) and (K, V) accumulators in the accumulation dtype."""
@@ -610,8 +837,9 @@ def _launch_products(mode, hidden, weight, bias, target, lse, scale, tangents, t
     if n == 0 or v == 0:
         return out_hidden, out_weight, out_bias
     operands = _operands(hidden, weight, bias, tangents)
-    flags = _flags(bias, tangents, _accumulator(hidden.dtype))
-    common = (n, v, d, tangent_count, h.ignore_index, *_split(h.label_smoothing))
+    variants, variant_flags = _variant_arguments(h, hidden)
+    flags = dict(_flags(bias, tangents, _accumulator(hidden.dtype)), **variant_flags)
+    common = (n, v, d, tangent_count, h.ignore_index, *_split(h.label_smoothing), *variants)
     _rows_kernel[(triton.cdiv(n, BLOCK_N),)](
         *operands, target, lse, scale, _scale_stride(scale), p_dot_u, dot, out_hidden, *common, MODE=mode, **flags
     )
@@ -638,7 +866,7 @@ class TritonLinearCrossEntropy:
         hyperparameters: CrossEntropyHyperparameters,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         refuse_missing_variants(hyperparameters, "triton")
-        n, d, v, acc = _check("forward", hidden, weight, bias, target)
+        n, d, v, acc = _check("forward", hidden, weight, bias, target, hyperparameters)
         loss = torch.empty(n, dtype=acc, device=hidden.device)
         lse = torch.empty_like(loss)
         if n == 0:
@@ -646,6 +874,7 @@ class TritonLinearCrossEntropy:
         if v == 0:
             raise _fail("forward", "weight has no classes (V = 0)")
         alpha = float(hyperparameters.label_smoothing)
+        variants, variant_flags = _variant_arguments(hyperparameters, hidden)
         _forward_kernel[(triton.cdiv(n, BLOCK_N),)](
             hidden,
             *hidden.stride(),
@@ -661,8 +890,10 @@ class TritonLinearCrossEntropy:
             d,
             hyperparameters.ignore_index,
             *_split(alpha),
+            *variants,
             HAS_BIAS=bias is not None,
             SMOOTHING=alpha != 0,
+            **variant_flags,
             ACC=_accumulator(hidden.dtype),
             BLOCK_N=BLOCK_N,
             BLOCK_V=BLOCK_V,
@@ -682,7 +913,15 @@ class TritonLinearCrossEntropy:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         refuse_missing_variants(hyperparameters, "triton")
         n = hidden.shape[0] if hidden.dim() == 2 else -1
-        _check("backward", hidden, weight, bias, target, [("lse", lse, [(n,)]), ("grad_scale", grad_scale, [(), (n,)])])
+        _check(
+            "backward",
+            hidden,
+            weight,
+            bias,
+            target,
+            hyperparameters,
+            [("lse", lse, [(n,)]), ("grad_scale", grad_scale, [(), (n,)])],
+        )
         products = _launch_products(
             _BACKWARD, hidden, weight, bias, target, lse, grad_scale, (None, None, None), 1, hyperparameters, lse, lse
         )
@@ -716,6 +955,7 @@ class TritonLinearCrossEntropy:
             weight,
             bias,
             target,
+            hyperparameters,
             [("lse", lse, [(n,)]), ("grad_scale", grad_scale, [(), (n,)])],
             tangents,
         )
@@ -753,7 +993,15 @@ class TritonLinearCrossEntropy:
             ("d_bias", d_bias, (k, *weight.shape[:1])),
         ]
         _, _, _, acc = _check(
-            "ggn_vp", hidden, weight, bias, target, [("scale", scale, [(), (n,)])], tangents, tangent_count=k
+            "ggn_vp",
+            hidden,
+            weight,
+            bias,
+            target,
+            hyperparameters,
+            [("scale", scale, [(), (n,)])],
+            tangents,
+            tangent_count=k,
         )
         lse = torch.zeros(n, dtype=acc, device=hidden.device)
         p_dot_u = torch.zeros((k, n), dtype=acc, device=hidden.device)

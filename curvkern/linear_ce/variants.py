@@ -14,6 +14,7 @@ from curvkern.hyperparameters import CrossEntropyHyperparameters, require_range
 IMPLEMENTED = {
     "eager": frozenset({"z_loss", "softcap", "class_weight"}),
     "cpp": frozenset({"z_loss", "softcap", "class_weight"}),
+    "triton": frozenset({"z_loss", "softcap", "class_weight"}),
 }
 
 
