@@ -809,6 +809,35 @@ def compile_for_sm90(dtype: str) -> dict:
 
 
 # One compiler process per dtype: fp32 in every run, the others in the slow ones.
+def rows_past_two_to_the_31(rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` (R, d) as a view whose rows lie 2³⁰ + 7 elements apart in one bf16 storage of more than 2³¹
+    elements: a 32-bit offset would wrap. Only the pages of the R rows are ever touched (torch.empty)."""
+    stride = 2**30 + 7
+    storage = torch.empty((rows.shape[0] - 1) * stride + rows.shape[1], dtype=rows.dtype)
+    view = storage.as_strided(rows.shape, (stride, 1))
+    view.copy_(rows)
+    return view
+
+
+@ON_EACH_BACKEND
+def test_inputs_whose_offsets_pass_two_to_the_31(backend):
+    """hidden and weight rows past element 2³¹ of their storage (64-bit offsets): loss, gradients and the double
+    backward equal those of the same values stored densely."""
+    hidden, weight, bias, target = (
+        x.to(torch.bfloat16) if x.is_floating_point() else x for x in make_problem((3,), d=5, v=3, ignore=())
+    )
+    tangents = tangents_for(hidden, weight, bias)
+    dense = derivatives(on(backend), hidden, weight, target, bias, tangents, torch.tensor(1.0, dtype=torch.bfloat16))
+    far = [rows_past_two_to_the_31(x).requires_grad_(True) for x in (hidden, weight)]
+    assert far[0].stride(0) * 2 + 5 > 2**31
+    far.append(bias.clone().requires_grad_(True))
+    loss = ours(far[0], far[1], target, far[2], fused=backend)
+    grads = torch.autograd.grad(loss, far, create_graph=True)
+    hvps = torch.autograd.grad(grads, far, tangents)
+    for got, want, label in zip([loss, *grads, *hvps], dense[:7], LABELS[:7], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=label)
+
+
 @pytest.mark.parametrize("dtype", ["fp32", *(pytest.param(d, marks=pytest.mark.slow) for d in ("bf16", "fp64"))])
 def test_triton_kernels_compile_for_a_gpu_target(dtype):
     """The interpreter accepts code the Triton compiler rejects: without a GPU, compile every kernel for sm_90.
