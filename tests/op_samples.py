@@ -410,17 +410,30 @@ def _variant_args(variants: tuple, logits: torch.Tensor) -> tuple:
     return tuple(weights if value == "weight" else value for value in variants)
 
 
-def _forward(case: CrossEntropyCase, ignore_index=-100, label_smoothing=0.1, variants=()):
+def _soft_target(case: CrossEntropyCase) -> torch.Tensor:
+    """(N, V) probability targets in the case's dtype, rows summing to 1.3 (F.cross_entropy takes any
+    non-negative row), stored inside wider rows like the case's logits."""
+    probs = 1.3 * torch.softmax(torch.randn(case.rows, case.classes, generator=_generator(2), dtype=fp64), dim=1)
+    return case.strided(probs.to(case.dtype))
+
+
+def _forward(case: CrossEntropyCase, ignore_index=-100, label_smoothing=0.1, variants=(), soft=False):
+    """``soft``: probability targets (_soft_target) instead of class indices."""
+
     def make_args():
         logits, target, _ = case.problem(ignore_index)
+        target = _soft_target(case) if soft else target
         return logits, target, ignore_index, label_smoothing, *_variant_args(variants, logits)
 
     return make_args
 
 
-def _backward(case: CrossEntropyCase, per_row_scale: bool, scale_layout=_contiguous, variants=(), label_smoothing=0.1):
+def _backward(
+    case: CrossEntropyCase, per_row_scale: bool, scale_layout=_contiguous, variants=(), label_smoothing=0.1, soft=False
+):
     def make_args():
         logits, target, _ = case.problem()
+        target = _soft_target(case) if soft else target
         extra = _variant_args(variants, logits)
         _, lse = _ops().cross_entropy_forward(logits, target, -100, label_smoothing, *extra)
         return logits, target, lse, scale_layout(case.scale(per_row_scale)), -100, label_smoothing, *extra
@@ -437,11 +450,14 @@ def _hvp(
     broadcast_u=False,
     variants=(),
     tangents=None,
+    soft=False,
 ):
-    """``tangents`` K: u and out (K, N, V), tangent k being u + k (the first one strided like the case's)."""
+    """``tangents`` K: u and out (K, N, V), tangent k being u + k (the first one strided like the case's);
+    ``soft``: probability targets."""
 
     def make_args():
         logits, target, u = case.problem()
+        target = _soft_target(case) if soft else target
         if broadcast_u:  # one row of u for every row: row stride 0
             u = u[2:3].expand(u.shape)
         out = case.out(logits)
@@ -472,6 +488,14 @@ def _scale_name(per_row: bool) -> str:
 CE_VARIANTS = [("z-loss", (0.01, 0.0)), ("softcap", (0.0, 3.0)), ("z-loss-softcap", (0.01, 3.0))]
 # Class weights (without label smoothing), alone and with the other two.
 CE_WEIGHTED = [("weight", (0.0, 0.0, "weight")), ("weight-z-loss-softcap", (0.01, 3.0, "weight"))]
+# Class weights with label smoothing (the samples' 0.1), and probability targets: the dense targets.
+CE_WEIGHT_SMOOTHING = [
+    ("weight-smoothing", (0.0, 0.0, "weight")),
+    ("weight-smoothing-z-loss-softcap", (0.01, 3.0, "weight")),
+]
+CE_SOFT = [("soft", ()), ("soft-z-loss-softcap", (0.01, 3.0)), ("soft-weight-z-loss-softcap", (0.01, 3.0, "weight"))]
+# fp32, fp64, bf16, an empty batch and rows inside wider ones (the probabilities' rows too).
+CE_DENSE_CASES = [CE_CASES[i] for i in (0, 1, 2, 4, 6)]
 CROSS_ENTROPY_FORWARD_SAMPLES = (
     [Sample(case.name, _forward(case)) for case in CE_CASES]
     + [
@@ -487,6 +511,16 @@ CROSS_ENTROPY_FORWARD_SAMPLES = (
         Sample(f"{case.name}-{label}", _forward(case, label_smoothing=0.0, variants=variants))
         for case in CE_CASES[:3]
         for label, variants in CE_WEIGHTED
+    ]
+    + [
+        Sample(f"{case.name}-{label}", _forward(case, variants=variants))
+        for case in CE_DENSE_CASES
+        for label, variants in CE_WEIGHT_SMOOTHING
+    ]
+    + [
+        Sample(f"{case.name}-{label}", _forward(case, variants=variants, soft=True))
+        for case in CE_DENSE_CASES
+        for label, variants in CE_SOFT
     ]
 )
 CROSS_ENTROPY_BACKWARD_SAMPLES = (
@@ -505,6 +539,16 @@ CROSS_ENTROPY_BACKWARD_SAMPLES = (
         Sample(f"{case.name}-{label}", _backward(case, True, variants=variants, label_smoothing=0.0))
         for case in CE_CASES[:3]
         for label, variants in CE_WEIGHTED
+    ]
+    + [
+        Sample(f"{case.name}-{label}", _backward(case, True, variants=variants))
+        for case in CE_DENSE_CASES
+        for label, variants in CE_WEIGHT_SMOOTHING
+    ]
+    + [
+        Sample(f"{case.name}-{label}", _backward(case, True, variants=variants, soft=True))
+        for case in CE_DENSE_CASES
+        for label, variants in CE_SOFT
     ]
 )
 CROSS_ENTROPY_HVP_SAMPLES = (
@@ -537,6 +581,29 @@ CROSS_ENTROPY_HVP_SAMPLES = (
         Sample(f"{case.name}-{label}", _hvp(case, True, label_smoothing=0.0, variants=variants))
         for case in CE_CASES[:3]
         for label, variants in CE_WEIGHTED
+    ]
+    + [
+        Sample(f"{case.name}-{label}", _hvp(case, True, variants=variants))
+        for case in CE_DENSE_CASES
+        for label, variants in CE_WEIGHT_SMOOTHING
+    ]
+    + [
+        Sample(f"{case.name}-{label}", _hvp(case, True, variants=variants, soft=True))
+        for case in CE_DENSE_CASES
+        for label, variants in CE_SOFT
+    ]
+    + [Sample("fp32-soft-u-broadcast", _hvp(CE_CASES[0], False, broadcast_u=True, soft=True))]
+    + [
+        # K tangents: each further tangent's sums over d⊙u from the kept exps (tangent_sums).
+        Sample(f"{case.name}-{k}-tangents-{label}", _hvp(case, True, tangents=k, variants=variants, soft=soft))
+        for case in (CE_CASES[0], CE_CASES[1])
+        for k in (3, 0)
+        for label, variants, soft in (
+            ("weight-smoothing-z-loss-softcap", (0.01, 3.0, "weight"), False),
+            ("weight-smoothing", (0.0, 0.0, "weight"), False),
+            ("soft-weight-z-loss-softcap", (0.01, 3.0, "weight"), True),
+            ("soft", (), True),
+        )
     ]
 )
 

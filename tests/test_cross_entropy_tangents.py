@@ -23,6 +23,8 @@ CASES = {
     "z-loss+softcap": (("z_loss", "softcap"), 0.1),
     "weight": (("weight",), 0.0),
     "probabilities": (("soft",), 0.0),
+    "weight-label-smoothing-z-loss-softcap": (("weight", "z_loss", "softcap"), 0.2),
+    "probabilities-weight-label-smoothing-softcap": (("soft", "weight", "softcap"), 0.1),
 }
 
 

@@ -179,11 +179,53 @@ def test_a_large_cap_tends_to_the_uncapped_loss(backend, device):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+def _without_variant(monkeypatch, backend: str, missing: str):
+    """Takes ``missing`` out of the backend's VARIANTS for this test (a backend that has not implemented it
+    yet); skips where the backend is not available."""
+    if backend not in _dispatch.available_backends("cross_entropy", "cpu"):
+        pytest.skip(f"the {backend} backend is not available")
+    kernels = _dispatch._REGISTRY[("cross_entropy", backend)]
+    monkeypatch.setattr(kernels, "VARIANTS", kernels.VARIANTS - {missing})
+    return kernels
+
+
+@pytest.mark.parametrize(
+    "combination, label_smoothing, missing",
+    [(("weight",), 0.3, "weight with label smoothing"), (("soft", "z_loss"), 0.0, "probability targets")],
+    ids=["weight-with-label-smoothing", "probability-targets"],
+)
+def test_a_backend_refuses_a_variant_it_lacks(monkeypatch, combination, label_smoothing, missing):
+    """A backend whose VARIANTS lacks a variant raises NotImplementedError naming it and the backend, in the
+    public functions and in its kernels themselves, and never computes something else (the C++ kernels,
+    which implement every variant, with one taken away)."""
+    kernels = _without_variant(monkeypatch, "cpp", missing)
+    logits, target, u, kwargs = problem("cpu", combination)
+    kwargs |= dict(label_smoothing=label_smoothing)
+    with pytest.raises(NotImplementedError, match=rf"cpp .*{missing}"):
+        curvkern.cross_entropy(logits, target, fused="cpp", **kwargs)
+    with pytest.raises(NotImplementedError, match=rf"cpp .*{missing}"):
+        curvkern.ce_hvp(logits, target, u, fused="cpp", **kwargs)
+    rows, u_rows = logits[..., 0], u[..., 0]
+    flat = target[..., 0].contiguous() if "soft" in combination else target[:, 0]
+    h = curvkern.hyperparameters.CrossEntropyLossHyperparameters(
+        label_smoothing=label_smoothing, z_loss=kwargs.get("z_loss", 0.0), weight=kwargs.get("weight")
+    )
+    scale = torch.ones((), dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match=rf"cpp .*{missing}"):
+        kernels.forward(rows, flat, h)
+    with pytest.raises(NotImplementedError, match=rf"cpp .*{missing}"):
+        kernels.backward(rows, flat, torch.zeros(rows.shape[0], dtype=torch.float64), scale, h)
+    with pytest.raises(NotImplementedError, match=rf"cpp .*{missing}"):
+        kernels.hvp(rows, flat, u_rows, scale, h, 0, torch.empty_like(u_rows))
+
+
 def test_auto_takes_eager_for_a_variant_its_backend_lacks(monkeypatch):
-    """With a one-time warning naming what the chosen backend lacks, as where a kernel is missing."""
+    """With a one-time warning naming what the chosen backend lacks, as where a kernel is missing (the C++
+    kernels without probability targets)."""
+    _without_variant(monkeypatch, "cpp", "probability targets")
     logits, target, u, kwargs = problem("cpu", VARIANTS)
     monkeypatch.setattr(_dispatch, "_warned", set())
-    with pytest.warns(RuntimeWarning, match="eager reference because its cpp kernels do not implement"):
+    with pytest.warns(RuntimeWarning, match="eager reference because its cpp kernels do not implement probability"):
         auto = loss_grad_hvp(ours("auto"), logits, target, u, **kwargs)
     eager = loss_grad_hvp(ours("eager"), logits, target, u, **kwargs)
     assert all(torch.equal(a, b) for a, b in zip(auto, eager, strict=True))
@@ -223,26 +265,41 @@ def test_argument_errors(backend, device):
 # cap's tanh (transcendental), x/c, c·t, J = 1 − t² (2), z'' = −(2/c)·t·J (3) and the chain rule's J⊙(·),
 # g⊙z''⊙u and their sum (3); the z-loss's a = 1 + 2λ·lse (3), a·u, (a − 2λ)·⟨p, u⟩ (2) and λ·lse² (2).
 VARIANT_OPS = TRANSCENDENTAL_OPS + 11 + 7
+# A weighted or probability target: d = w⊙((1 − α)·t + α/V) (3), W = Σ d (1), d⊙z and d⊙u (2).
+TARGET_OPS = 6
+# Class weights (with the label smoothing of 0.1 below) and probability targets, alone and with everything.
+LOW_PRECISION = [("z_loss",), ("softcap",), ("z_loss", "softcap"), ("weight",), ("soft",), VARIANTS]
 
 
 @pytest.mark.fused_vs_eager
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("combination", [("z_loss",), ("softcap",), ("z_loss", "softcap")], ids="+".join)
+@pytest.mark.parametrize("combination", LOW_PRECISION, ids="+".join)
 def test_low_precision_against_fp64_ground_truth(backend, device, combination, dtype):
-    """Kind (b) of tests/tolerance.py: each result's ‖a − b‖/‖b‖ against fp64 on the same (rounded) inputs."""
-    if not implements(backend, combination):
+    """Kind (b) of tests/tolerance.py: each result's ‖a − b‖/‖b‖ against fp64 on the same (rounded) inputs
+    (the weights and probabilities rounded to ``dtype`` too)."""
+    if not implements(backend, combination, 0.1):
         pytest.skip(f"{backend} does not implement {combination}")
     n, v = 16, 300
     logits64, target, u64, kwargs = problem(device, combination, n=n, c=v, d=1, ignored=((3, 0), (9, 0)))
     logits, u, target = logits64[..., 0].to(dtype), u64[..., 0].to(dtype), target[..., 0]
     kwargs |= dict(label_smoothing=0.1)
-    truth = loss_grad_hvp(torch_loss, logits.double(), target, u.double(), **kwargs)
+    truth_kwargs = dict(kwargs)
+    if "weight" in kwargs:
+        kwargs["weight"] = kwargs["weight"].to(dtype)
+        truth_kwargs["weight"] = kwargs["weight"].double()
+    truth_target = target
+    if "soft" in combination:
+        target = target.to(dtype)
+        truth_target = target.double()
+    truth = loss_grad_hvp(torch_loss, logits.double(), truth_target, u.double(), **truth_kwargs)
     actual = loss_grad_hvp(ours(backend), logits, target, u, **kwargs)
-    bound = truth_bound(dtype, ops=CE_OPS + VARIANT_OPS, reduction_length=v)
+    ops = CE_OPS + VARIANT_OPS + (TARGET_OPS if {"weight", "soft"} & set(combination) else 0)
+    bound = truth_bound(dtype, ops=ops, reduction_length=v)
     if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
         bound += unit_roundoff(dtype)  # Triton's interpreter truncates fp32 -> bf16: a whole ulp, not half
     for name, ours_result, truth_result in zip(["loss", "grad", "hvp", "grad_grad_loss"], actual, truth, strict=True):
         assert ours_result.dtype == dtype, name
         assert_relative_error(ours_result, truth_result, bound, label=name)
     standalone = curvkern.ce_hvp(logits, target, u, fused=backend, **kwargs)
-    assert_relative_error(standalone, _torch_hvp(logits.double(), target, u.double(), **kwargs), bound, label="ce_hvp")
+    expected = _torch_hvp(logits.double(), truth_target, u.double(), **truth_kwargs)
+    assert_relative_error(standalone, expected, bound, label="ce_hvp")

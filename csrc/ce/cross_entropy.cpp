@@ -46,6 +46,35 @@ struct RowStats {
   A sum_exp_u;  // <e^{z - max}, u>
   A sum_z;      // sum of z (label smoothing)
   A sum_u;      // sum of u (label smoothing)
+  A sum_d;      // Σ d_j, the row's dense target (probability targets; DenseTarget)
+};
+
+// A row's target without a dense part: the sweeps sum z and u themselves (kSums) where smoothing asks.
+struct NoDenseTarget {
+  static constexpr bool kActive = false, kProbs = false;
+};
+
+// The part d_j of the row's weighted target q̃ on every class (docs/cross_entropy.md, "Loss variants"), where
+// it is more than a constant: α/V·w_j for a class index with class weights and label smoothing (the label's
+// (1 − α)·w_y apart; their sum α/V·Σ w is `total`), w_j·((1 − α)·t_j + α/V) for probability targets t (w_j = 1
+// without weights; their sum per row is taken by the sweeps). The sweeps then sum d⊙z and d⊙u instead of z
+// and u, and the gradient subtracts d_j instead of α/V.
+template <typename T, bool kProbabilities, bool kWeighted>
+struct DenseTarget {
+  using A = at::opmath_type<T>;
+  static constexpr bool kActive = true, kProbs = kProbabilities;
+  const T* probs;   // the row's t (kProbs)
+  const T* weight;  // w (kWeighted)
+  A keep;           // 1 − α
+  A uniform;        // α/V
+  A total;          // Σ_j d_j, without kProbs
+
+  CURVKERN_INLINE A at(int64_t j) const {
+    A d = uniform;
+    if constexpr (kProbs) d = keep * load(probs, j) + uniform;
+    if constexpr (kWeighted) d *= load(weight, j);
+    return d;
+  }
 };
 
 // The hardware prefetcher of the benchmark VM falls behind loops with work per element (see
@@ -65,13 +94,16 @@ CURVKERN_INLINE void prefetch_next_block(const T* z, const T* u, int64_t next, i
 // before it being -inf), so sweep 2 rescales them instead of computing exp again. kCap: the logits are
 // capped, z = cap·tanh(x/cap) (cap > 0), and the sums over u are over J⊙u with J = dz/dx = 1 − tanh²; the
 // max is taken on x and capped after (the cap is increasing).
-template <bool kWithU, bool kSums, bool kCap = false, typename T>
+// With a dense target (Dense::kActive), sum_z and sum_u are Σ d⊙z and Σ d⊙u (J⊙u with a cap), and sum_d is Σ d
+// with kProbs; kSums is then ignored.
+template <bool kWithU, bool kSums, bool kCap = false, typename T, typename Dense = NoDenseTarget>
 CURVKERN_INLINE RowStats<at::opmath_type<T>> stats_sweep(const T* z, const T* u, int64_t v, at::opmath_type<T>* exps,
                                                          at::opmath_type<T>* shifts,
-                                                         at::opmath_type<T> cap = at::opmath_type<T>(0)) {
+                                                         at::opmath_type<T> cap = at::opmath_type<T>(0),
+                                                         const Dense& dense = Dense{}) {
   using A = at::opmath_type<T>;
   constexpr A minus_inf = -std::numeric_limits<A>::infinity();
-  RowStats<A> stats{minus_inf, A(0), A(0), A(0), A(0)};
+  RowStats<A> stats{minus_inf, A(0), A(0), A(0), A(0), A(0)};
   for (int64_t start = 0; start < v; start += kBlock) {
     const int64_t length = std::min(kBlock, v - start);
     const T* zb = z + start;
@@ -92,12 +124,12 @@ CURVKERN_INLINE RowStats<at::opmath_type<T>> stats_sweep(const T* z, const T* u,
     }
     // While everything seen is -inf, shift by 0: -inf entries add e^{-inf} = 0 and NaN still propagates.
     const A shift = stats.max == minus_inf ? A(0) : stats.max;
-    A sum_exp = 0, sum_exp_u = 0, sum_z = 0, sum_u = 0;
+    A sum_exp = 0, sum_exp_u = 0, sum_z = 0, sum_u = 0, sum_d = 0;
     if constexpr (kWithU) {
       const T* ub = u + start;
       A* eb = exps + start;
       shifts[start / kBlock] = stats.max;
-#pragma omp simd reduction(+ : sum_exp, sum_exp_u, sum_u)
+#pragma omp simd reduction(+ : sum_exp, sum_exp_u, sum_u, sum_d)
       for (int64_t j = 0; j < length; ++j) {
         A x = load(zb, j);
         A uj = load(ub, j);
@@ -110,21 +142,34 @@ CURVKERN_INLINE RowStats<at::opmath_type<T>> stats_sweep(const T* z, const T* u,
         eb[j] = e;
         sum_exp += e;
         sum_exp_u += e * uj;
-        if constexpr (kSums) sum_u += uj;
+        if constexpr (Dense::kActive) {
+          const A d = dense.at(start + j);
+          sum_u += d * uj;
+          if constexpr (Dense::kProbs) sum_d += d;
+        } else if constexpr (kSums) {
+          sum_u += uj;
+        }
       }
     } else {
-#pragma omp simd reduction(+ : sum_exp, sum_z)
+#pragma omp simd reduction(+ : sum_exp, sum_z, sum_d)
       for (int64_t j = 0; j < length; ++j) {
         A x = load(zb, j);
         if constexpr (kCap) x = cap * vec::tanh(x * inverse_cap);
         sum_exp += vec::exp(x - shift);
-        if constexpr (kSums) sum_z += x;
+        if constexpr (Dense::kActive) {
+          const A d = dense.at(start + j);
+          sum_z += d * x;
+          if constexpr (Dense::kProbs) sum_d += d;
+        } else if constexpr (kSums) {
+          sum_z += x;
+        }
       }
     }
     stats.sum_exp += sum_exp;
     stats.sum_exp_u += sum_exp_u;
     stats.sum_z += sum_z;
     stats.sum_u += sum_u;
+    if constexpr (Dense::kProbs) stats.sum_d += sum_d;
   }
   return stats;
 }
@@ -207,16 +252,28 @@ struct Problem {
   int64_t rows, classes, ignore_index, shift_period;
   at::opmath_type<T> label_smoothing;
   int64_t class_offset, total_classes;
-  at::opmath_type<T> z_loss = 0;    // λ: λ·lse² per row (0: none)
-  at::opmath_type<T> softcap = 0;   // c: logits capped to c·tanh(x/c) (0: none)
-  const T* class_weight = nullptr;  // (classes,) class weights w (nullptr: none; only without label smoothing)
+  at::opmath_type<T> z_loss = 0;        // λ: λ·lse² per row (0: none)
+  at::opmath_type<T> softcap = 0;       // c: logits capped to c·tanh(x/c) (0: none)
+  const T* class_weight = nullptr;      // (classes,) class weights w (nullptr: none)
+  at::opmath_type<T> weight_total = 0;  // Σ_j w_j (with class weights)
+  // Probability targets: row r's t at probs + r·probs_row_stride (target is then unused; every row counts).
+  bool soft_targets = false;
+  const T* probs = nullptr;
+  int64_t probs_row_stride = 0;
 
   // w_y, the row's class weight (1 without weights); y in range.
   CURVKERN_INLINE at::opmath_type<T> weight_of(int64_t y) const {
     return class_weight == nullptr ? at::opmath_type<T>(1) : at::opmath_type<T>(load(class_weight, y));
   }
-  // Whether a variant leaves the plain loops: a z-loss, a cap or class weights.
-  CURVKERN_INLINE bool variants() const { return z_loss != 0 || softcap != 0 || class_weight != nullptr; }
+  // Whether a variant leaves the plain loops: a z-loss, a cap, class weights or probability targets.
+  CURVKERN_INLINE bool variants() const {
+    return z_loss != 0 || softcap != 0 || class_weight != nullptr || soft_targets;
+  }
+  // Whether q̃ has a part on every class that is not a constant (DenseTarget): probability targets, or class
+  // weights with label smoothing.
+  CURVKERN_INLINE bool dense_target() const {
+    return soft_targets || (class_weight != nullptr && label_smoothing != 0);
+  }
 
   // The label of row r, or ignore_index: target[r], or target[r + 1] under the causal shift (the last
   // time step of each sequence has none).
@@ -229,6 +286,21 @@ struct Problem {
   // Whether label y falls in this shard's columns.
   CURVKERN_INLINE bool in_shard(int64_t y) const { return y >= class_offset && y - class_offset < classes; }
 };
+
+// Calls body(dense) with row r's DenseTarget (Problem::dense_target()): its template flags chosen here, once
+// per row, so that each combination is a loop of its own.
+template <typename T, typename Body>
+CURVKERN_INLINE void with_dense_target(const Problem<T>& p, int64_t r, Body&& body) {
+  using A = at::opmath_type<T>;
+  const A keep = A(1) - p.label_smoothing;
+  const A uniform = p.classes > 0 ? p.label_smoothing / A(p.total_classes) : A(0);
+  if (!p.soft_targets) {
+    return body(DenseTarget<T, false, true>{nullptr, p.class_weight, keep, uniform, uniform * p.weight_total});
+  }
+  const T* t = p.probs + r * p.probs_row_stride;
+  if (p.class_weight != nullptr) return body(DenseTarget<T, true, true>{t, p.class_weight, keep, uniform, A(0)});
+  body(DenseTarget<T, true, false>{t, nullptr, keep, uniform, A(0)});
+}
 
 // Each kernel's arguments: the problem, and per row its outputs (in at::opmath_type<T>, or T for the
 // gradient and the HVP) and inputs.
@@ -290,14 +362,47 @@ struct HvpArgs {
 // The per-row bodies below are force-inlined into the ISA versions' parallel loops (the parallel loop must
 // sit in the ISA's function itself: GCC outlines an OpenMP region from the function that holds it, and
 // the outlined body inherits that function's target; csrc/cpu_dispatch.h).
+// A row with a dense target (DenseTarget; y, the label, unused with probability targets): one sweep for lse,
+// Σ d⊙z (and Σ d), then ℓ = W·lse − ⟨q̃, z⟩ + λ·lse² with q̃ = d + (1 − α)·w_y·e_y and W = Σ q̃.
+template <typename T, typename Dense>
+CURVKERN_INLINE void forward_row_dense(const ForwardArgs<T>& args, int64_t r, int64_t y, const Dense& dense) {
+  using A = at::opmath_type<T>;
+  const Problem<T>& p = args.problem;
+  const T* z = p.row(r);
+  const RowStats<A> stats = p.softcap != A(0)
+                                ? stats_sweep<false, false, true>(z, z, p.classes, nullptr, nullptr, p.softcap, dense)
+                                : stats_sweep<false, false, false>(z, z, p.classes, nullptr, nullptr, A(0), dense);
+  const A row_lse = stats.max + std::log(stats.sum_exp);
+  args.lse[r] = row_lse;
+  A weight_sum = Dense::kProbs ? stats.sum_d : dense.total;
+  A row_loss = -stats.sum_z;
+  if constexpr (!Dense::kProbs) {
+    if (!p.in_range(y)) {  // the Python layer raises first on CPU; never read out of bounds regardless
+      args.loss[r] = std::numeric_limits<A>::quiet_NaN();
+      return;
+    }
+    const A spike = dense.keep * p.weight_of(y);
+    const A z_y = p.softcap != A(0) ? p.softcap * vec::tanh(load(z, y) / p.softcap) : load(z, y);
+    weight_sum += spike;
+    row_loss -= spike * z_y;
+  }
+  row_loss += weight_sum * row_lse;
+  if (p.z_loss != A(0)) row_loss += p.z_loss * row_lse * row_lse;
+  args.loss[r] = row_loss;
+}
+
 template <typename T>
 CURVKERN_INLINE void forward_row(const ForwardArgs<T>& args, int64_t r) {
   using A = at::opmath_type<T>;
   const Problem<T>& p = args.problem;
-  const int64_t y = p.label(r);
-  if (y == p.ignore_index) {
+  const int64_t y = p.soft_targets ? 0 : p.label(r);  // every row counts with probability targets
+  if (y == p.ignore_index && !p.soft_targets) {
     args.loss[r] = A(0);
     args.lse[r] = A(0);
+    return;
+  }
+  if (p.dense_target()) {
+    with_dense_target(p, r, [&](const auto& dense) CURVKERN_INLINE_LAMBDA { forward_row_dense(args, r, y, dense); });
     return;
   }
   const T* z = p.row(r);
@@ -312,7 +417,7 @@ CURVKERN_INLINE void forward_row(const ForwardArgs<T>& args, int64_t r) {
   const A z_y = p.softcap != A(0) ? p.softcap * vec::tanh(load(z, y) / p.softcap) : load(z, y);
   A row_loss = row_lse - (A(1) - p.label_smoothing) * z_y;
   if (smoothing) row_loss -= p.label_smoothing / A(p.classes) * stats.sum_z;
-  if (p.class_weight != nullptr) row_loss *= p.weight_of(y);  // w_y·(lse − z_y): no smoothing with weights
+  if (p.class_weight != nullptr) row_loss *= p.weight_of(y);  // w_y·(lse − z_y): smoothing is dense_target()
   if (p.z_loss != A(0)) row_loss += p.z_loss * row_lse * row_lse;
   args.loss[r] = row_loss;
 }
@@ -345,23 +450,64 @@ CURVKERN_INLINE void backward_row_variants(const Problem<T>& p, const T* z, T* o
   store(out, j, scale * jacobian * (a * vec::exp(x - row_lse) - uniform - (A(1) - p.label_smoothing) * label_weight));
 }
 
+// The backward with a dense target (DenseTarget): scale·J⊙(a·p − q̃), q̃ = d + (1 − α)·w_y·e_y (no label with
+// probability targets), a = W + 2λ·lse with W = Σ q̃ (with probabilities one sweep over d first).
+template <typename T, typename A, typename Dense>
+CURVKERN_INLINE void backward_row_dense(const Problem<T>& p, const T* z, T* out, int64_t y, A scale, A row_lse,
+                                        const Dense& dense) {
+  A weight_sum = dense.total;
+  if constexpr (Dense::kProbs) {
+    weight_sum = A(0);
+#pragma omp simd reduction(+ : weight_sum)
+    for (int64_t j = 0; j < p.classes; ++j) weight_sum += dense.at(j);
+  }
+  const A spike = Dense::kProbs ? A(0) : dense.keep * p.weight_of(y);
+  const A a = weight_sum + spike + A(2) * p.z_loss * row_lse;
+  const A cap = p.softcap;
+  if (cap != A(0)) {
+    const A inverse_cap = A(1) / cap;
+#pragma omp simd
+    for (int64_t j = 0; j < p.classes; ++j) {
+      const A t = vec::tanh(load(z, j) * inverse_cap);
+      store(out, j, scale * (A(1) - t * t) * (a * vec::exp(cap * t - row_lse) - dense.at(j)));
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < p.classes; ++j) store(out, j, scale * (a * vec::exp(load(z, j) - row_lse) - dense.at(j)));
+  }
+  if constexpr (!Dense::kProbs) {
+    const A t = cap != A(0) ? vec::tanh(load(z, y) / cap) : A(0);
+    const A x = cap != A(0) ? cap * t : A(load(z, y));
+    const A jacobian = cap != A(0) ? A(1) - t * t : A(1);
+    store(out, y, scale * jacobian * (a * vec::exp(x - row_lse) - dense.at(y) - spike));
+  }
+}
+
 template <typename T>
 CURVKERN_INLINE void backward_row(const BackwardArgs<T>& args, int64_t r) {
   using A = at::opmath_type<T>;
   const Problem<T>& p = args.problem;
   T* out = args.grad + r * p.classes;
-  const int64_t y = p.label(r);
-  if (y == p.ignore_index) {
-    write_zeros(out, p.classes);
-    return;
-  }
-  if (!p.in_range(y)) {
-    write_nan(out, p.classes);
-    return;
+  const int64_t y = p.soft_targets ? 0 : p.label(r);  // every row counts with probability targets
+  if (!p.soft_targets) {
+    if (y == p.ignore_index) {
+      write_zeros(out, p.classes);
+      return;
+    }
+    if (!p.in_range(y)) {
+      write_nan(out, p.classes);
+      return;
+    }
   }
   const T* z = p.row(r);
   const A scale = args.grad_scale[r * args.grad_scale_stride];
   const A row_lse = args.lse[r];
+  if (p.dense_target()) {
+    with_dense_target(p, r, [&](const auto& dense) CURVKERN_INLINE_LAMBDA {
+      backward_row_dense(p, z, out, y, scale, row_lse, dense);
+    });
+    return;
+  }
   const A uniform = p.label_smoothing / A(p.total_classes);
   if (p.variants()) {
     backward_row_variants(p, z, out, y, scale, row_lse, uniform);
@@ -473,10 +619,11 @@ CURVKERN_INLINE void hvp_sweep(T* out_row, const T* u_row, const A* exps, const 
 
 // Sweep 2 of a soft-capped HVP row (docs/cross_entropy.md, "Loss variants"): with t = tanh(x/c), J = 1 − t²,
 // z'' = −(2/c)·t·J, p_j from the kept e_j, g = a·p − α/V (the label's term added after):
-// out = scale·(J·(a·p·(J·u − <p, J⊙u>) + 2λ·p·<p, J⊙u>) + g·z''·u).
-template <typename T, typename A>
+// out = scale·(J·(a·p·(J·u − <p, J⊙u>) + 2λ·p·<p, J⊙u>) + g·z''·u). With a dense target, g = a·p − d.
+template <typename T, typename A, typename Dense = NoDenseTarget>
 CURVKERN_INLINE void hvp_sweep_capped(T* out_row, const T* u_row, const T* z, const A* exps, const A* shifts, int64_t v,
-                                      A max, A inverse_sum, A scale, A a, A two_lambda, A p_dot_v, A uniform, A cap) {
+                                      A max, A inverse_sum, A scale, A a, A two_lambda, A p_dot_v, A uniform, A cap,
+                                      const Dense& dense = Dense{}) {
   const A inverse_cap = A(1) / cap;
   for (int64_t start = 0; start < v; start += kBlock) {
     const int64_t length = std::min(kBlock, v - start);
@@ -493,17 +640,19 @@ CURVKERN_INLINE void hvp_sweep_capped(T* out_row, const T* u_row, const T* z, co
       const A pj = factor * eb[j];
       const A uj = load(ub, j);
       const A h = a * pj * (jacobian * uj - p_dot_v) + two_lambda * pj * p_dot_v;
-      store(ob, j, scale * (jacobian * h + (a * pj - uniform) * second * uj));
+      A target = uniform;
+      if constexpr (Dense::kActive) target = dense.at(start + j);
+      store(ob, j, scale * (jacobian * h + (a * pj - target) * second * uj));
     }
   }
 }
 
 // Sweep 1's sums for a further tangent u of a row whose e^{z - shift} it kept: Σ e^{z - max}·u (with a cap,
 // J⊙u, J recomputed from z) and Σ u (kSums), block by block from the kept exps, so K tangents read and
-// exponentiate the logits once.
-template <bool kSums, bool kCap, typename T, typename A>
+// exponentiate the logits once. With a dense target, sum_u is Σ d⊙u (d⊙J⊙u with a cap).
+template <bool kSums, bool kCap, typename T, typename A, typename Dense = NoDenseTarget>
 CURVKERN_INLINE void tangent_sums(const T* z, const T* u, const A* exps, const A* shifts, int64_t v, A max, A cap,
-                                  A& sum_exp_u, A& sum_u) {
+                                  A& sum_exp_u, A& sum_u, const Dense& dense = Dense{}) {
   const A inverse_cap = kCap ? A(1) / cap : A(0);
   sum_exp_u = 0;
   sum_u = 0;
@@ -522,7 +671,11 @@ CURVKERN_INLINE void tangent_sums(const T* z, const T* u, const A* exps, const A
         uj *= A(1) - t * t;
       }
       block_exp_u += eb[j] * uj;
-      if constexpr (kSums) block_u += uj;
+      if constexpr (Dense::kActive) {
+        block_u += dense.at(start + j) * uj;
+      } else if constexpr (kSums) {
+        block_u += uj;
+      }
     }
     sum_exp_u += vec::exp(shifts[start / kBlock] - max) * block_exp_u;
     sum_u += block_u;
@@ -572,14 +725,84 @@ CURVKERN_INLINE void hvp_tangent(const HvpArgs<T>& args, int64_t r, int64_t k, c
   args.dot_of(k, r) = row_dot;
 }
 
+// Tangent k of a valid row with a dense target (DenseTarget; row.y unused with probability targets), from
+// <e^{z - max}, v> and <d, v>, v = J⊙u: writes its row of out and its dot <v, g> with g = a·p − d − spike·e_y,
+// spike = (1 − α)·w_y (0 with probabilities).
+template <typename T, typename A, typename Dense>
+CURVKERN_INLINE void hvp_tangent_dense(const HvpArgs<T>& args, int64_t r, int64_t k, const HvpRow<A>& row,
+                                       const A* exps, const A* shifts, A sum_exp_u, A sum_d_u, const Dense& dense) {
+  const Problem<T>& p = args.problem;
+  const T* z = p.row(r);
+  const T* u_row = args.u_row(k, r);
+  T* out_row = args.out_row(k, r);
+  const A p_dot_v = sum_exp_u * row.inverse_sum;
+  const A spike = Dense::kProbs ? A(0) : dense.keep * row.label_weight;
+  A row_dot = row.a * p_dot_v - sum_d_u;
+  if (p.softcap != A(0)) {
+    hvp_sweep_capped(out_row, u_row, z, exps, shifts, p.classes, row.max, row.inverse_sum, row.scale, row.a,
+                     row.two_lambda, p_dot_v, A(0), p.softcap, dense);
+    if constexpr (!Dense::kProbs) {  // the label's element: g_y has the extra −spike
+      const int64_t y = row.y;
+      const A u_y = load(u_row, y);
+      const A t = vec::tanh(load(z, y) / p.softcap);
+      const A jacobian = A(1) - t * t;
+      const A second = A(-2) / p.softcap * t * jacobian;
+      const A p_y = row.inverse_sum * vec::exp(shifts[y / kBlock] - row.max) * exps[y];
+      const A h = row.a * p_y * (jacobian * u_y - p_dot_v) + row.two_lambda * p_y * p_dot_v;
+      const A g_y = row.a * p_y - dense.at(y) - spike;
+      store(out_row, y, row.scale * (jacobian * h + g_y * second * u_y));
+      row_dot -= spike * jacobian * u_y;
+    }
+  } else {
+    hvp_sweep(out_row, u_row, exps, shifts, p.classes, row.max, row.scale * row.inverse_sum, row.a,
+              (row.a - row.two_lambda) * p_dot_v, args.stream_output);
+    if constexpr (!Dense::kProbs) row_dot -= spike * load(u_row, row.y);
+  }
+  args.dot_of(k, r) = row_dot;
+}
+
+// One HVP row with a dense target, every tangent (hvp_row's sweeps, the sums over d⊙J⊙u instead of J⊙u); y is
+// a valid label, or unused with probability targets.
+template <typename T, typename Dense>
+CURVKERN_INLINE void hvp_row_dense(const HvpArgs<T>& args, int64_t r, int64_t y, at::opmath_type<T>* scratch,
+                                   const Dense& dense) {
+  using A = at::opmath_type<T>;
+  const Problem<T>& p = args.problem;
+  const T* z = p.row(r);
+  A* exps = scratch;
+  A* shifts = scratch + p.classes;
+  const T* u0 = args.u_row(0, r);
+  const RowStats<A> stats = p.softcap != A(0)
+                                ? stats_sweep<true, false, true>(z, u0, p.classes, exps, shifts, p.softcap, dense)
+                                : stats_sweep<true, false, false>(z, u0, p.classes, exps, shifts, A(0), dense);
+  const A two_lambda = A(2) * p.z_loss;
+  const A label_weight = Dense::kProbs ? A(0) : p.weight_of(y);
+  // W = Σ q̃ = Σ d + (1 − α)·w_y; a = W + 2λ·lse.
+  const A weight_sum = Dense::kProbs ? stats.sum_d : dense.total + dense.keep * label_weight;
+  const A a = p.z_loss != A(0) ? weight_sum + two_lambda * (stats.max + std::log(stats.sum_exp)) : weight_sum;
+  const HvpRow<A> row{y, stats.max, A(1) / stats.sum_exp, args.scale[r * args.scale_stride], two_lambda, label_weight,
+                      a};
+  hvp_tangent_dense(args, r, 0, row, exps, shifts, stats.sum_exp_u, stats.sum_u, dense);
+  for (int64_t k = 1; k < args.tangents; ++k) {
+    A sum_exp_u, sum_d_u;
+    const T* u_row = args.u_row(k, r);
+    if (p.softcap != A(0)) {
+      tangent_sums<false, true>(z, u_row, exps, shifts, p.classes, stats.max, p.softcap, sum_exp_u, sum_d_u, dense);
+    } else {
+      tangent_sums<false, false>(z, u_row, exps, shifts, p.classes, stats.max, A(0), sum_exp_u, sum_d_u, dense);
+    }
+    hvp_tangent_dense(args, r, k, row, exps, shifts, sum_exp_u, sum_d_u, dense);
+  }
+}
+
 // One HVP row, every tangent; scratch holds scratch_size(classes) elements. Sweep 1 over the logits takes
 // tangent 0's sums with it; a further tangent re-reads only itself (tangent_sums).
 template <typename T>
 CURVKERN_INLINE void hvp_row(const HvpArgs<T>& args, int64_t r, at::opmath_type<T>* scratch) {
   using A = at::opmath_type<T>;
   const Problem<T>& p = args.problem;
-  const int64_t y = p.label(r);
-  if (y == p.ignore_index || !p.in_range(y)) {
+  const int64_t y = p.soft_targets ? 0 : p.label(r);  // every row counts with probability targets
+  if (!p.soft_targets && (y == p.ignore_index || !p.in_range(y))) {
     for (int64_t k = 0; k < args.tangents; ++k) {
       if (y == p.ignore_index) {
         write_zeros(args.out_row(k, r), p.classes);
@@ -591,13 +814,19 @@ CURVKERN_INLINE void hvp_row(const HvpArgs<T>& args, int64_t r, at::opmath_type<
     }
     return;
   }
+  if (p.dense_target()) {
+    with_dense_target(p, r,
+                      [&](const auto& dense) CURVKERN_INLINE_LAMBDA { hvp_row_dense(args, r, y, scratch, dense); });
+    return;
+  }
   const T* z = p.row(r);
   const bool smoothing = p.label_smoothing != A(0);
   A* exps = scratch;
   A* shifts = scratch + p.classes;
   const RowStats<A> stats = stats_sweep_for<true>(smoothing, p.softcap, z, args.u_row(0, r), p.classes, exps, shifts);
   // The z-loss: the row's gradient is a·p − q with a = 1 + 2λ·lse, its Hessian a·(diag p − p pᵀ) + 2λ·p pᵀ.
-  // Class weights: the row's loss is w_y times the plain one (no smoothing with weights), so a = w_y + 2λ·lse.
+  // Class weights: the row's loss is w_y times the plain one (smoothing with weights is dense_target()), so
+  // a = w_y + 2λ·lse.
   const A two_lambda = A(2) * p.z_loss;
   const A label_weight = p.weight_of(y);
   const A a = p.z_loss != A(0) ? label_weight + two_lambda * (stats.max + std::log(stats.sum_exp)) : label_weight;
@@ -685,30 +914,47 @@ void check_tangent_rows(const char* op, const char* name, const at::Tensor& tens
   if (tensor.size(0) > 0) check_rows(op, name, tensor.select(0, 0), logits);
 }
 
-// Validates the logits and labels; returns the problem description for element type T.
+// Validates the logits and labels; returns the problem description for element type T. The target holds
+// (N,) int64 class indices or, where `probabilities` allows them, (N, V) class probabilities: any floating
+// dtype is taken for those and must then be the logits' dtype, with the logits' shape and a dense last
+// dimension (any row stride), on the CPU, without the causal shift.
 template <typename T>
 Problem<T> make_problem(const char* op, const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index,
-                        double label_smoothing, int64_t shift_period) {
+                        double label_smoothing, int64_t shift_period, bool probabilities = false) {
   TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D (N, V), got shape ", logits.sizes());
   check_rows(op, "logits", logits, logits);
-  TORCH_CHECK(target.device().is_cpu() && target.scalar_type() == at::kLong && target.dim() == 1 &&
-                  target.size(0) == logits.size(0) && target.is_contiguous(),
-              op, ": target must be a contiguous int64 CPU tensor of shape (", logits.size(0), "), got ",
-              target.scalar_type(), " of shape ", target.sizes());
+  const bool soft = probabilities && at::isFloatingType(target.scalar_type());
+  if (soft) {
+    check_rows(op, "target (probabilities)", target, logits);
+    TORCH_CHECK(shift_period == 0, op, ": the causal shift (shift_period ", shift_period,
+                ") takes class indices, not probability targets");
+  } else {
+    TORCH_CHECK(target.device().is_cpu() && target.scalar_type() == at::kLong && target.dim() == 1 &&
+                    target.size(0) == logits.size(0) && target.is_contiguous(),
+                op, ": target must be a contiguous int64 CPU tensor of shape (", logits.size(0), ")",
+                probabilities ? " or probabilities of the logits' shape and dtype" : "", ", got ", target.scalar_type(),
+                " of shape ", target.sizes());
+  }
   TORCH_CHECK(shift_period >= 0 && (shift_period == 0 || logits.size(0) % shift_period == 0), op,
               ": shift_period must be 0 or divide the number of rows ", logits.size(0), ", got ", shift_period);
   TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op, ": label_smoothing must be in [0, 1], got ",
               label_smoothing);
-  return Problem<T>{logits.const_data_ptr<T>(),
-                    logits.size(0) > 1 ? logits.stride(0) : logits.size(1),
-                    target.const_data_ptr<int64_t>(),
-                    logits.size(0),
-                    logits.size(1),
-                    ignore_index,
-                    shift_period,
-                    static_cast<at::opmath_type<T>>(label_smoothing),
-                    0,
-                    logits.size(1)};
+  Problem<T> problem{logits.const_data_ptr<T>(),
+                     logits.size(0) > 1 ? logits.stride(0) : logits.size(1),
+                     soft ? nullptr : target.const_data_ptr<int64_t>(),
+                     logits.size(0),
+                     logits.size(1),
+                     ignore_index,
+                     shift_period,
+                     static_cast<at::opmath_type<T>>(label_smoothing),
+                     0,
+                     logits.size(1)};
+  if (soft) {
+    problem.soft_targets = true;
+    problem.probs = target.const_data_ptr<T>();
+    problem.probs_row_stride = target.size(0) > 1 ? target.stride(0) : target.size(1);
+  }
+  return problem;
 }
 
 // make_problem for a shard: columns class_offset .. class_offset + V of num_classes.
@@ -744,7 +990,7 @@ int64_t check_scale(const char* op, const char* name, const at::Tensor& scale, c
 
 }  // namespace
 
-// The variants' scalars: z_loss >= 0 and softcap >= 0 (0: no cap), set on the problem.
+// The variants' scalars: z_loss >= 0 and softcap >= 0 (0: no cap), and the class weights, set on the problem.
 template <typename T>
 void set_variants(const char* op, Problem<T>& problem, double z_loss, double softcap,
                   const std::optional<at::Tensor>& weight, const at::Tensor& logits) {
@@ -753,9 +999,10 @@ void set_variants(const char* op, Problem<T>& problem, double z_loss, double sof
                     weight->size(0) == logits.size(1) && weight->is_contiguous(),
                 op, ": weight must be a contiguous (", logits.size(1), ",) ", logits.scalar_type(), " CPU tensor, got ",
                 weight->scalar_type(), " of shape ", weight->sizes());
-    TORCH_CHECK(problem.label_smoothing == 0, op,
-                ": class weights with label smoothing are not implemented by the C++ kernels");
     problem.class_weight = weight->const_data_ptr<T>();
+    double total = 0.0;  // Σ w_j, serially: the same bits on every run
+    for (int64_t j = 0; j < weight->size(0); ++j) total += static_cast<double>(load(problem.class_weight, j));
+    problem.weight_total = static_cast<at::opmath_type<T>>(total);
   }
   TORCH_CHECK(std::isfinite(z_loss) && z_loss >= 0.0, op, ": z_loss must be finite and >= 0, got ", z_loss);
   TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, op, ": softcap must be finite and > 0 (0: no cap), got ",
@@ -773,7 +1020,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logit
   with_dtype(logits.scalar_type(), op, "logits", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = at::opmath_type<T>;
-    Problem<T> problem = make_problem<T>(op, logits, target, ignore_index, label_smoothing, 0);
+    Problem<T> problem = make_problem<T>(op, logits, target, ignore_index, label_smoothing, 0, true);
     set_variants(op, problem, z_loss, softcap, weight, logits);
     run_forward(ForwardArgs<T>{problem, loss.data_ptr<A>(), lse.data_ptr<A>()});
   });
@@ -789,7 +1036,7 @@ at::Tensor cross_entropy_backward(const at::Tensor& logits, const at::Tensor& ta
   with_dtype(logits.scalar_type(), op, "logits", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = at::opmath_type<T>;
-    Problem<T> problem = make_problem<T>(op, logits, target, ignore_index, label_smoothing, 0);
+    Problem<T> problem = make_problem<T>(op, logits, target, ignore_index, label_smoothing, 0, true);
     set_variants(op, problem, z_loss, softcap, weight, logits);
     check_row_statistic(op, "lse", lse, logits);
     const int64_t scale_stride = check_scale(op, "grad_scale", grad_scale, logits);
@@ -814,7 +1061,7 @@ at::Tensor cross_entropy_hvp_(const at::Tensor& logits, const at::Tensor& target
   with_dtype(logits.scalar_type(), op, "logits", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = at::opmath_type<T>;
-    Problem<T> problem = make_problem<T>(op, logits, target, ignore_index, label_smoothing, shift_period);
+    Problem<T> problem = make_problem<T>(op, logits, target, ignore_index, label_smoothing, shift_period, true);
     set_variants(op, problem, z_loss, softcap, weight, logits);
     const int64_t scale_stride = check_scale(op, "scale", scale, logits);
     if (tangents == 0) return;

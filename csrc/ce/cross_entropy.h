@@ -7,8 +7,10 @@
 namespace curvkern {
 
 // z_loss (λ ≥ 0) adds λ·lse² to each row's loss and softcap (c > 0; 0: none) caps the logits to c·tanh(x/c),
-// in every kernel below, and weight (None or (V,) class weights in the logits' dtype, only without label
-// smoothing) multiplies a row's loss by w_y (docs/cross_entropy.md, "Loss variants").
+// in every kernel below, and weight (None or (V,) class weights in the logits' dtype) weighs the target q̃ of
+// each row (docs/cross_entropy.md, "Loss variants"). The target of these three ops is (N,) int64 class indices
+// or (N, V) class probabilities in the logits' dtype (a dense last dimension; every row counts, no causal
+// shift).
 // Per-row loss (0 on ignored rows) and log-sum-exp, in the accumulation dtype (fp64 for fp64 logits,
 // fp32 otherwise).
 std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logits, const at::Tensor& target,

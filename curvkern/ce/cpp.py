@@ -7,13 +7,26 @@ from __future__ import annotations
 import torch
 
 from curvkern._dispatch import cpp_unavailable_reason, register
-from curvkern.ce.eager import accumulation_dtype, refuse_variants
+from curvkern.ce.eager import accumulation_dtype, is_soft, refuse_variants
 from curvkern.hyperparameters import CrossEntropyLossHyperparameters
+
+
+def _check_fake_target(logits, target):
+    """The ops' target: (N,) int64 class indices or (N, V) probabilities of the logits' shape and dtype."""
+    if target.is_floating_point():
+        torch._check(
+            target.shape == logits.shape and target.dtype == logits.dtype,
+            lambda: "probability targets must have the logits' shape and dtype",
+        )
+    else:
+        torch._check(target.dim() == 1 and target.shape[0] == logits.shape[0], lambda: "target must be (N,)")
+
 
 if cpp_unavailable_reason() is None:
 
     @torch.library.register_fake("curvkern::cross_entropy_forward")
     def _forward_fake(logits, target, ignore_index, label_smoothing, z_loss=0.0, softcap=0.0, weight=None):
+        _check_fake_target(logits, target)
         row = logits.new_empty(logits.shape[0], dtype=accumulation_dtype(logits.dtype))
         return row, torch.empty_like(row)
 
@@ -21,6 +34,7 @@ if cpp_unavailable_reason() is None:
     def _backward_fake(
         logits, target, lse, grad_scale, ignore_index, label_smoothing, z_loss=0.0, softcap=0.0, weight=None
     ):
+        _check_fake_target(logits, target)
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("curvkern::cross_entropy_hvp_")
@@ -38,6 +52,8 @@ if cpp_unavailable_reason() is None:
         softcap=0.0,
         weight=None,
     ):
+        _check_fake_target(logits, target)
+        torch._check(not (shift_period and target.is_floating_point()), lambda: "the causal shift takes class indices")
         torch._check(
             u.shape[-2:] == logits.shape and u.dim() in (2, 3) and out.shape == u.shape,
             lambda: "u and out must be (N, V) or (K, N, V) for (N, V) logits",
@@ -64,9 +80,12 @@ def _variants(h: CrossEntropyLossHyperparameters) -> dict:
 
 @register("cross_entropy", "cpp")
 class CppCrossEntropy:
-    """The C++ kernels; the contract is :class:`curvkern.families.LossKernels`."""
+    """The C++ kernels; the contract is :class:`curvkern.families.LossKernels`. Every loss variant is
+    implemented; the target is (N,) int64 class indices or (N, V) probabilities of the logits' dtype."""
 
-    VARIANTS: frozenset[str] = frozenset({"z_loss", "softcap", "weight"})  # refuse_variants raises for the others
+    VARIANTS: frozenset[str] = frozenset(
+        {"z_loss", "softcap", "weight", "weight with label smoothing", "probability targets"}
+    )  # refuse_variants raises for any other
 
     @staticmethod
     def forward(logits: torch.Tensor, target: torch.Tensor, hyperparameters: CrossEntropyLossHyperparameters):
@@ -102,6 +121,8 @@ class CppCrossEntropy:
         out_is_callers: bool = False,
     ):
         refuse_variants("cpp", CppCrossEntropy.VARIANTS, hyperparameters, target)
+        if shift_period and is_soft(target):
+            raise NotImplementedError("the causal shift takes class indices, not probability targets")
         h = hyperparameters
         return torch.ops.curvkern.cross_entropy_hvp_(
             logits,
