@@ -581,6 +581,7 @@ def compile_for_sm90(dtype: str) -> None:
     logits, common = (
         f"*{dtype}",
         {
+            "target_row_stride": "i64",
             "N": "i64",
             "V": "i32",
             "class_offset": "i64",
@@ -605,7 +606,16 @@ def compile_for_sm90(dtype: str) -> None:
                 "loss_ptr": accumulator,
                 "lse_ptr": accumulator,
             },
-            {"ACC": acc, "SMOOTHING": True, "Z_LOSS": True, "CAP": True, "WEIGHTED": True, "ROWS": 4, "BLOCK_V": 1024},
+            {
+                "ACC": acc,
+                "SMOOTHING": True,
+                "Z_LOSS": True,
+                "CAP": True,
+                "WEIGHTED": True,
+                "SOFT": False,
+                "ROWS": 4,
+                "BLOCK_V": 1024,
+            },
         ),
         (
             ce_triton._backward_kernel,
@@ -619,7 +629,16 @@ def compile_for_sm90(dtype: str) -> None:
                 "scale_stride": "i64",
                 "grad_ptr": logits,
             },
-            {"ACC": acc, "Z_LOSS": True, "CAP": True, "WEIGHTED": True, "ROWS": 1, "BLOCK_V": 4096},
+            {
+                "ACC": acc,
+                "SMOOTHING": True,
+                "Z_LOSS": True,
+                "CAP": True,
+                "WEIGHTED": True,
+                "SOFT": False,
+                "ROWS": 1,
+                "BLOCK_V": 4096,
+            },
         ),
         (
             ce_triton._hvp_kernel,
@@ -647,6 +666,7 @@ def compile_for_sm90(dtype: str) -> None:
                 "Z_LOSS": True,
                 "CAP": True,
                 "WEIGHTED": True,
+                "SOFT": False,
                 "ROWS": 1,
                 "BLOCK_V": 512,
                 "TANGENTS": 8,  # K = 8 tangents: a [8, 1, 512] tile
@@ -682,6 +702,13 @@ def compile_for_sm90(dtype: str) -> None:
             {"ACC": acc, "ROWS": 4, "BLOCK_V": 1024},
         ),
     ]
+    # The three kernels above take class weights with label smoothing; again with probability targets (of the
+    # logits' dtype, not shifted), and plain (every flag off: code behind a constexpr branch compiles only when taken).
+    with_labels = kernels[:3]
+    for kernel, pointers, constants in with_labels:
+        soft = {**constants, "SOFT": True, **({"SHIFTED": False} if "SHIFTED" in constants else {})}
+        plain = {name: False if isinstance(value, bool) else value for name, value in constants.items()}
+        kernels += [(kernel, {**pointers, "target_ptr": logits}, soft), (kernel, pointers, plain)]
     for kernel, pointers, constants in kernels:
         signature = {**pointers, **common, **{name: "constexpr" for name in constants}}
         source = ASTSource(kernel, signature={name: signature[name] for name in kernel.arg_names}, constexprs=constants)

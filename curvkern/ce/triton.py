@@ -6,7 +6,9 @@ A program takes ``ROWS`` rows (several where V is small, one where it is large) 
 Σ e^{z−max} and ⟨e^{z−max}, u⟩, the second recomputes p and writes; 5 copies of (N, V) traffic when a row
 does not stay in L2, 3 when it does. Labels (and the causal shift) are read in the kernel, ignored rows
 are written as zeros without a single load of the logits or u, offsets are 64-bit, rows may be strided,
-and the reduction scale is read from a device tensor: no host sync anywhere.
+and the reduction scale is read from a device tensor: no host sync anywhere. Probability targets, and class
+weights with label smoothing, give the weighted target q̃ a part on every class (``DENSE``): its sums ride
+along sweep 1, and the backward, which writes from its first tile, sweeps them once before.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import struct
 import torch
 
 from curvkern._dispatch import register
-from curvkern.ce.eager import accumulation_dtype, check_hvp_tangents, check_shard_inputs, refuse_variants
+from curvkern.ce.eager import accumulation_dtype, check_hvp_tangents, check_shard_inputs, is_soft, refuse_variants
 from curvkern.hyperparameters import CrossEntropyLossHyperparameters
 
 if importlib.util.find_spec("triton") is not None:
@@ -50,20 +52,119 @@ if importlib.util.find_spec("triton") is not None:
         return tl.full([ROWS], 1.0, ACC)
 
     @triton.jit
-    def _program_rows(target_ptr, N, V, ignore_index, shift_period, ROWS: tl.constexpr, SHIFTED: tl.constexpr):
+    def _target_weights(
+        weight_ptr,
+        label,
+        live,
+        in_range,
+        sum_q,
+        alpha,
+        ACC: tl.constexpr,
+        ROWS: tl.constexpr,
+        WEIGHTED: tl.constexpr,
+        SOFT: tl.constexpr,
+        DENSE: tl.constexpr,
+    ):
+        """(w_y, W) per row: the label's class weight (1 without weights or labels) and W = Σ_j q̃_j, from
+        ``sum_q`` = Σ_j q̄_j where q̃ has a DENSE part q̄ (:func:`_spread_target`). Otherwise q̃ is w_y times a
+        distribution and W = w_y."""
+        # One return: the compiler checks every return after a taken constexpr branch against the others.
+        label_weight = _label_weight(weight_ptr, label, live, in_range, ACC, ROWS, WEIGHTED and not SOFT)
+        if SOFT:
+            total = sum_q
+        elif DENSE:
+            total = (1.0 - alpha) * label_weight + sum_q
+        else:
+            total = label_weight
+        return label_weight, total
+
+    @triton.jit
+    def _label_part(label, label_weight, col, alpha, WEIGHTED: tl.constexpr):
+        """(1 − α)·w_y·e_y on a [ROWS, BLOCK_V] tile of columns ``col``: the label's part of q̃."""
+        part = tl.where(col[None, :] == label[:, None], 1.0 - alpha, 0.0)
+        if WEIGHTED:
+            part = part * label_weight[:, None]
+        return part
+
+    @triton.jit
+    def _spread_target(
+        t_ptrs,
+        weight_ptr,
+        col,
+        mask,
+        alpha,
+        V,
+        ACC: tl.constexpr,
+        SOFT: tl.constexpr,
+        WEIGHTED: tl.constexpr,
+        DENSE: tl.constexpr,
+    ):
+        """q̄, q̃ less the label's part: the scalar α/V unless DENSE; else a [ROWS, BLOCK_V] tile, 0 where ``mask``
+        is not, of w ⊙ ((1 − α)·t + α/V) for probabilities t (rows at ``t_ptrs``), (α/V)·w for class indices."""
+        if not DENSE:
+            q = alpha / V
+        else:
+            if SOFT:
+                t = tl.load(t_ptrs[:, None] + col[None, :], mask=mask, other=0.0).to(ACC)
+                q = tl.where(mask, (1.0 - alpha) * t + alpha / V, 0.0)
+            else:
+                q = tl.where(mask, alpha / V, 0.0)
+            if WEIGHTED:
+                q = q * tl.load(weight_ptr + col, mask=col < V, other=0.0).to(ACC)[None, :]
+        return q
+
+    @triton.jit
+    def _dense_target_sum(
+        t_ptrs,
+        weight_ptr,
+        live,
+        V,
+        alpha,
+        ACC: tl.constexpr,
+        ROWS: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        SOFT: tl.constexpr,
+        WEIGHTED: tl.constexpr,
+    ):
+        """Σ_j q̄_j per row in a sweep of its own: the backward writes from its first tile, so it needs W first."""
+        cols = tl.arange(0, BLOCK_V)
+        total = tl.zeros([ROWS], ACC)
+        for start in range(0, V, BLOCK_V):
+            col = start + cols
+            mask = live[:, None] & (col < V)[None, :]
+            total += tl.sum(_spread_target(t_ptrs, weight_ptr, col, mask, alpha, V, ACC, SOFT, WEIGHTED, True), axis=1)
+        return total
+
+    @triton.jit
+    def _program_rows(
+        target_ptr,
+        N,
+        V,
+        ignore_index,
+        shift_period,
+        ROWS: tl.constexpr,
+        SHIFTED: tl.constexpr,
+        SOFT: tl.constexpr = False,
+    ):
         """This program's ROWS rows: their indices, which exist, their labels, which are live (not ignored)
         and whose label is in [0, V). Row r's label is target[r], or (SHIFTED) target[r + 1] with the last
         step of each sequence of ``shift_period`` rows ignored; the period is a runtime value, so a new
-        sequence length never recompiles."""
+        sequence length never recompiles. SOFT (probability targets): every row is live and has no label
+        (0 here, never read)."""
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         row_mask = rows < N
-        if not SHIFTED:
-            label = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index)
+        if SOFT:
+            label = tl.zeros([ROWS], tl.int64)
+            live = row_mask
+            in_range = row_mask
         else:
-            last_step = (rows + 1) % shift_period == 0
-            label = tl.load(target_ptr + rows + 1, mask=row_mask & ~last_step, other=ignore_index)
-        live = row_mask & (label != ignore_index)
-        in_range = (label >= 0) & (label < V)
+            if not SHIFTED:
+                label = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index)
+            else:
+                last_step = (rows + 1) % shift_period == 0
+                label = tl.load(target_ptr + rows + 1, mask=row_mask & ~last_step, other=ignore_index)
+            live = row_mask & (label != ignore_index)
+            in_range = (label >= 0) & (label < V)
         return rows, row_mask, label, live, in_range
 
     @triton.jit
@@ -81,21 +182,32 @@ if importlib.util.find_spec("triton") is not None:
         CAP: tl.constexpr = False,
         u_live=None,
         TANGENTS: tl.constexpr = 1,
+        t_ptrs=None,
+        weight_ptr=None,
+        alpha=0.0,
+        DENSE: tl.constexpr = False,
+        SOFT: tl.constexpr = False,
+        WEIGHTED: tl.constexpr = False,
     ):
         """Sweep 1: online max, Σ e^{z−max}, ⟨e^{z−max}, u⟩, Σz, Σu over [ROWS, V] rows, tile by tile.
 
         ``z_ptrs`` point at column 0 of each row; ``live`` masks the rows to read at all. With u, ``u_ptrs``
         and ``u_live`` are [TANGENTS, ROWS]: column 0 of each tangent's rows and which to read, and the u sums
         come back [TANGENTS, ROWS] (the logits read once for all tangents). CAP: the logits are capped,
-        z = cap·tanh(x/cap), and u is replaced by J⊙u with J = 1 − tanh²."""
+        z = cap·tanh(x/cap), and u is replaced by J⊙u with J = 1 − tanh². DENSE: the sums are Σq̄⊙z and Σq̄⊙u
+        instead, with q̄ of :func:`_spread_target`, and Σq̄ comes back last (0 otherwise)."""
         cols = tl.arange(0, BLOCK_V)
         running_max = tl.full([ROWS], float("-inf"), ACC)
         sum_exp = tl.zeros([ROWS], ACC)
         sum_exp_u = tl.zeros([TANGENTS, ROWS], ACC)
         sum_z = tl.zeros([ROWS], ACC)
         sum_u = tl.zeros([TANGENTS, ROWS], ACC)
+        sum_q = tl.zeros([ROWS], ACC)
         for start in range(0, V, BLOCK_V):
             mask = live[:, None] & (start + cols < V)[None, :]
+            if DENSE:
+                q = _spread_target(t_ptrs, weight_ptr, start + cols, mask, alpha, V, ACC, SOFT, WEIGHTED, True)
+                sum_q += tl.sum(q, axis=1)
             z = tl.load(z_ptrs[:, None] + (start + cols)[None, :], mask=mask, other=float("-inf")).to(ACC)
             if CAP:
                 t = _tanh(z / cap)
@@ -112,18 +224,23 @@ if importlib.util.find_spec("triton") is not None:
                 if CAP:
                     u = u * (1.0 - t * t)[None, :, :]
                 sum_exp_u = sum_exp_u * rescale[None, :] + tl.sum(e[None, :, :] * u, axis=2)
-                if SUMS:
+                if DENSE:
+                    sum_u += tl.sum(q[None, :, :] * u, axis=2)
+                elif SUMS:
                     sum_u += tl.sum(u, axis=2)
-            if SUMS:
+            if DENSE:
+                sum_z += tl.sum(q * tl.where(mask, z, 0.0), axis=1)
+            elif SUMS:
                 sum_z += tl.sum(tl.where(mask, z, 0.0), axis=1)
             running_max = new_max
-        return running_max, sum_exp, sum_exp_u, sum_z, sum_u
+        return running_max, sum_exp, sum_exp_u, sum_z, sum_u, sum_q
 
     @triton.jit
     def _forward_kernel(
         logits_ptr,
         row_stride,
         target_ptr,
+        target_row_stride,
         weight_ptr,
         loss_ptr,
         lse_ptr,
@@ -141,25 +258,53 @@ if importlib.util.find_spec("triton") is not None:
         Z_LOSS: tl.constexpr,
         CAP: tl.constexpr,
         WEIGHTED: tl.constexpr,
+        SOFT: tl.constexpr,
         ROWS: tl.constexpr,
         BLOCK_V: tl.constexpr,
     ):
+        """SOFT: ``target_ptr`` holds (N, V) probabilities, rows ``target_row_stride`` apart."""
+        DENSE: tl.constexpr = SOFT or (WEIGHTED and SMOOTHING)  # q̃ has a part on every class
         label_smoothing = _exact_scalar(smoothing_hi, smoothing_lo, ACC)
         cap = _exact_scalar(cap_hi, cap_lo, ACC)
-        rows, row_mask, label, live, in_range = _program_rows(target_ptr, N, V, ignore_index, 0, ROWS, False)
+        rows, row_mask, label, live, in_range = _program_rows(target_ptr, N, V, ignore_index, 0, ROWS, False, SOFT)
         z_ptrs = logits_ptr + rows * row_stride
-        running_max, sum_exp, _, sum_z, _ = _row_stats(
-            z_ptrs, z_ptrs, live, V, ACC, False, SMOOTHING, ROWS, BLOCK_V, cap, CAP
+        t_ptrs = target_ptr + rows * target_row_stride
+        running_max, sum_exp, _, sum_z, _, sum_q = _row_stats(
+            z_ptrs,
+            z_ptrs,
+            live,
+            V,
+            ACC,
+            False,
+            SMOOTHING,
+            ROWS,
+            BLOCK_V,
+            cap,
+            CAP,
+            t_ptrs=t_ptrs,
+            weight_ptr=weight_ptr,
+            alpha=label_smoothing,
+            DENSE=DENSE,
+            SOFT=SOFT,
+            WEIGHTED=WEIGHTED,
         )
         lse = running_max + tl.log(sum_exp)
-        z_label = tl.load(z_ptrs + label, mask=live & in_range, other=0.0).to(ACC)
-        if CAP:
-            z_label = cap * _tanh(z_label / cap)
-        loss = lse - (1.0 - label_smoothing) * z_label
-        if SMOOTHING:
-            loss -= label_smoothing / V * sum_z
-        if WEIGHTED:
-            loss = loss * _label_weight(weight_ptr, label, live, in_range, ACC, ROWS, WEIGHTED)
+        if not SOFT:
+            z_label = tl.load(z_ptrs + label, mask=live & in_range, other=0.0).to(ACC)
+            if CAP:
+                z_label = cap * _tanh(z_label / cap)
+        if DENSE:
+            # W·lse − ⟨q̃, z⟩ with q̃ = q̄ (+ the label's (1 − α)·w_y·e_y), W = Σq̄ (+ (1 − α)·w_y).
+            loss = sum_q * lse - sum_z
+            if not SOFT:
+                label_weight = _label_weight(weight_ptr, label, live, in_range, ACC, ROWS, WEIGHTED)
+                loss += (1.0 - label_smoothing) * label_weight * (lse - z_label)
+        else:
+            loss = lse - (1.0 - label_smoothing) * z_label
+            if SMOOTHING:
+                loss -= label_smoothing / V * sum_z
+            if WEIGHTED:
+                loss = loss * _label_weight(weight_ptr, label, live, in_range, ACC, ROWS, WEIGHTED)
         if Z_LOSS:
             loss += _exact_scalar(z_loss_hi, z_loss_lo, ACC) * lse * lse
         loss = tl.where(in_range, loss, float("nan"))  # a bad label is never a silent number
@@ -171,6 +316,7 @@ if importlib.util.find_spec("triton") is not None:
         logits_ptr,
         row_stride,
         target_ptr,
+        target_row_stride,
         weight_ptr,
         lse_ptr,
         scale_ptr,
@@ -188,24 +334,33 @@ if importlib.util.find_spec("triton") is not None:
         cap_hi,
         cap_lo,
         ACC: tl.constexpr,
+        SMOOTHING: tl.constexpr,
         Z_LOSS: tl.constexpr,
         CAP: tl.constexpr,
         WEIGHTED: tl.constexpr,
+        SOFT: tl.constexpr,
         ROWS: tl.constexpr,
         BLOCK_V: tl.constexpr,
     ):
         """The gradient over V columns starting at ``class_offset`` of ``num_classes`` (a vocabulary shard;
-        0 and V for whole rows). Z_LOSS: scale·(a·p − q) with a = 1 + 2λ·lse."""
+        0 and V for whole rows, the only case with variants): scale·(a·p − q̃) with a = W + 2λ·lse."""
+        DENSE: tl.constexpr = SOFT or (WEIGHTED and SMOOTHING)  # q̃ has a part on every class
         label_smoothing = _exact_scalar(smoothing_hi, smoothing_lo, ACC)
-        rows, row_mask, label, live, in_range = _program_rows(target_ptr, N, num_classes, ignore_index, 0, ROWS, False)
+        rows, row_mask, label, live, in_range = _program_rows(
+            target_ptr, N, num_classes, ignore_index, 0, ROWS, False, SOFT
+        )
+        t_ptrs = target_ptr + rows * target_row_stride
         lse = tl.load(lse_ptr + rows, mask=live, other=0.0)
         scale = tl.load(scale_ptr + rows * scale_stride, mask=live, other=0.0)
         scale = tl.where(live, tl.where(in_range, scale, float("nan")), 0.0)
-        # a = w_y + 2λ·lse (class weights only without label smoothing: the row's loss is w_y times the plain one).
-        label_weight = _label_weight(weight_ptr, label, live, in_range, ACC, ROWS, WEIGHTED)
-        a = label_weight
+        sum_q = 0.0
+        if DENSE:
+            sum_q = _dense_target_sum(t_ptrs, weight_ptr, live, V, label_smoothing, ACC, ROWS, BLOCK_V, SOFT, WEIGHTED)
+        label_weight, a = _target_weights(
+            weight_ptr, label, live, in_range, sum_q, label_smoothing, ACC, ROWS, WEIGHTED, SOFT, DENSE
+        )
         if Z_LOSS:
-            a = label_weight + 2.0 * _exact_scalar(z_loss_hi, z_loss_lo, ACC) * lse
+            a += 2.0 * _exact_scalar(z_loss_hi, z_loss_lo, ACC) * lse
         cols = tl.arange(0, BLOCK_V)
         for start in range(0, V, BLOCK_V):
             col = start + cols
@@ -213,17 +368,19 @@ if importlib.util.find_spec("triton") is not None:
             z = tl.load(
                 logits_ptr + rows[:, None] * row_stride + col[None, :], mask=mask & live[:, None], other=0.0
             ).to(ACC)
-            target_part = tl.where((col + class_offset)[None, :] == label[:, None], 1.0 - label_smoothing, 0.0)
-            if WEIGHTED:
-                target_part = target_part * label_weight[:, None]
             if CAP:
                 cap = _exact_scalar(cap_hi, cap_lo, ACC)
                 t = _tanh(z / cap)
                 z = cap * t
             p = tl.exp(z - lse[:, None])
-            if Z_LOSS or WEIGHTED:
+            if Z_LOSS or WEIGHTED or SOFT:
                 p = a[:, None] * p
-            grad = scale[:, None] * (p - label_smoothing / num_classes - target_part)
+            grad = p - _spread_target(
+                t_ptrs, weight_ptr, col, mask & live[:, None], label_smoothing, num_classes, ACC, SOFT, WEIGHTED, DENSE
+            )
+            if not SOFT:
+                grad -= _label_part(label, label_weight, col + class_offset, label_smoothing, WEIGHTED)
+            grad = scale[:, None] * grad
             if CAP:
                 grad = grad * (1.0 - t * t)
             grad = tl.where(live[:, None], grad, 0.0)
@@ -234,6 +391,7 @@ if importlib.util.find_spec("triton") is not None:
         logits_ptr,
         row_stride,
         target_ptr,
+        target_row_stride,
         weight_ptr,
         u_ptr,
         u_tangent_stride,
@@ -261,39 +419,61 @@ if importlib.util.find_spec("triton") is not None:
         Z_LOSS: tl.constexpr,
         CAP: tl.constexpr,
         WEIGHTED: tl.constexpr,
+        SOFT: tl.constexpr,
         ROWS: tl.constexpr,
         BLOCK_V: tl.constexpr,
         TANGENTS: tl.constexpr,
     ):
         """The HVP of ROWS rows for all K tangents (TANGENTS ≥ K, a power of two): row values are [ROWS],
         tangent values [TANGENTS, ROWS], tiles [TANGENTS, ROWS, BLOCK_V]; each logits tile is read once per
-        sweep for every tangent."""
+        sweep for every tangent. SOFT: (N, V) probabilities as in :func:`_forward_kernel` (not SHIFTED)."""
+        DENSE: tl.constexpr = SOFT or (WEIGHTED and SMOOTHING)  # q̃ has a part on every class
         label_smoothing = _exact_scalar(smoothing_hi, smoothing_lo, ACC)
         rows, row_mask, label, live, in_range = _program_rows(
-            target_ptr, N, V, ignore_index, shift_period, ROWS, SHIFTED
+            target_ptr, N, V, ignore_index, shift_period, ROWS, SHIFTED, SOFT
         )
         tangent = tl.arange(0, TANGENTS).to(tl.int64)
         tangent_mask = (tangent < K)[:, None] & row_mask[None, :]
         u_live = tangent_mask & live[None, :]
         z_ptrs = logits_ptr + rows * row_stride
         u_ptrs = u_ptr + tangent[:, None] * u_tangent_stride + rows[None, :] * u_row_stride
+        t_ptrs = target_ptr + rows * target_row_stride
         cap = _exact_scalar(cap_hi, cap_lo, ACC)
-        running_max, sum_exp, sum_exp_u, _, sum_u = _row_stats(
-            z_ptrs, u_ptrs, live, V, ACC, True, SMOOTHING, ROWS, BLOCK_V, cap, CAP, u_live, TANGENTS
+        running_max, sum_exp, sum_exp_u, _, sum_u, sum_q = _row_stats(
+            z_ptrs,
+            u_ptrs,
+            live,
+            V,
+            ACC,
+            True,
+            SMOOTHING,
+            ROWS,
+            BLOCK_V,
+            cap,
+            CAP,
+            u_live,
+            TANGENTS,
+            t_ptrs=t_ptrs,
+            weight_ptr=weight_ptr,
+            alpha=label_smoothing,
+            DENSE=DENSE,
+            SOFT=SOFT,
+            WEIGHTED=WEIGHTED,
         )
         p_dot_u = sum_exp_u / sum_exp[None, :]  # ⟨p, J⊙u⟩ with a cap
         scale = tl.load(scale_ptr + rows * scale_stride, mask=live, other=0.0).to(ACC)
         weight = tl.where(live, tl.where(in_range, scale / sum_exp, float("nan")), 0.0)
-        # The z-loss: H = a·(diag p − p pᵀ) + 2λ·p pᵀ with a = 1 + 2λ·lse, so H u = p ⊙ (a·u − (a − 2λ)·⟨p, u⟩).
-        # Class weights (without label smoothing): a = w_y + 2λ·lse and the label's term times w_y.
-        label_weight = _label_weight(weight_ptr, label, live, in_range, ACC, ROWS, WEIGHTED)
-        a = label_weight
+        # H = a·(diag p − p pᵀ) + 2λ·p pᵀ with a = W + 2λ·lse, so H u = p ⊙ (a·u − (a − 2λ)·⟨p, u⟩); W = 1
+        # without class weights or probabilities.
+        label_weight, a = _target_weights(
+            weight_ptr, label, live, in_range, sum_q, label_smoothing, ACC, ROWS, WEIGHTED, SOFT, DENSE
+        )
         shift = p_dot_u
         two_lambda = 0.0
         if Z_LOSS:
             two_lambda = 2.0 * _exact_scalar(z_loss_hi, z_loss_lo, ACC)
-            a = label_weight + two_lambda * (running_max + tl.log(sum_exp))
-        if Z_LOSS or WEIGHTED:
+            a += two_lambda * (running_max + tl.log(sum_exp))
+        if Z_LOSS or WEIGHTED or SOFT:
             shift = (a - two_lambda)[None, :] * p_dot_u
         cols = tl.arange(0, BLOCK_V)
         out_ptrs = out_ptr + tangent[:, None] * out_tangent_stride + rows[None, :] * out_row_stride
@@ -307,20 +487,20 @@ if importlib.util.find_spec("triton") is not None:
                 u_ptrs[:, :, None] + col[None, None, :], mask=u_live[:, :, None] & read[None, :, :], other=0.0
             ).to(ACC)
             if CAP:
-                # J⊙H_z(J⊙u) + g⊙z''⊙u with t = tanh(x/c), J = 1 − t², z'' = −(2/c)·t·J, g = a·p − q.
+                # J⊙H_z(J⊙u) + g⊙z''⊙u with t = tanh(x/c), J = 1 − t², z'' = −(2/c)·t·J, g = a·p − q̃.
                 t = _tanh(z / cap)
                 jacobian = 1.0 - t * t
                 p = weight[:, None] * tl.exp(cap * t - running_max[:, None])
                 h = (a[:, None] * p)[None, :, :] * (jacobian[None, :, :] * u - p_dot_u[:, :, None]) + (two_lambda * p)[
                     None, :, :
                 ] * p_dot_u[:, :, None]
-                target_part = tl.where(col[None, :] == label[:, None], 1.0 - label_smoothing, 0.0)
-                if WEIGHTED:
-                    target_part = target_part * label_weight[:, None]
-                g = a[:, None] * p - (label_smoothing / V + target_part) * tl.where(live, scale, 0.0)[:, None]
+                q = _spread_target(t_ptrs, weight_ptr, col, read, label_smoothing, V, ACC, SOFT, WEIGHTED, DENSE)
+                if not SOFT:
+                    q = q + _label_part(label, label_weight, col, label_smoothing, WEIGHTED)
+                g = a[:, None] * p - q * tl.where(live, scale, 0.0)[:, None]
                 hvp = jacobian[None, :, :] * h + (g * (-2.0 / cap) * t * jacobian)[None, :, :] * u
             else:
-                if Z_LOSS or WEIGHTED:
+                if Z_LOSS or WEIGHTED or SOFT:
                     u = a[None, :, None] * u
                 p = weight[:, None] * tl.exp(z - running_max[:, None])
                 hvp = p[None, :, :] * (u - shift[:, :, None])
@@ -330,12 +510,17 @@ if importlib.util.find_spec("triton") is not None:
                 hvp.to(out_ptr.dtype.element_ty),
                 mask=tangent_mask[:, :, None] & mask[None, :, :],
             )
-        u_label = tl.load(u_ptrs + label[None, :], mask=u_live & in_range[None, :], other=0.0).to(ACC)
-        if CAP:
-            t_label = _tanh(tl.load(z_ptrs + label, mask=live & in_range, other=0.0).to(ACC) / cap)
-            u_label = u_label * (1.0 - t_label * t_label)[None, :]
-        dot = a[None, :] * p_dot_u - ((1.0 - label_smoothing) * label_weight)[None, :] * u_label
-        if SMOOTHING:
+        # ⟨J⊙u, g⟩ = a·⟨p, J⊙u⟩ − ⟨q̃, J⊙u⟩: the label's part here, q̄'s from the sweep (Σ(J⊙u) without DENSE).
+        dot = a[None, :] * p_dot_u
+        if not SOFT:
+            u_label = tl.load(u_ptrs + label[None, :], mask=u_live & in_range[None, :], other=0.0).to(ACC)
+            if CAP:
+                t_label = _tanh(tl.load(z_ptrs + label, mask=live & in_range, other=0.0).to(ACC) / cap)
+                u_label = u_label * (1.0 - t_label * t_label)[None, :]
+            dot -= ((1.0 - label_smoothing) * label_weight)[None, :] * u_label
+        if DENSE:
+            dot -= sum_u
+        elif SMOOTHING:
             dot -= label_smoothing / V * sum_u
         dot = tl.where(in_range[None, :], dot, float("nan"))
         tl.store(dot_ptr + tangent[:, None] * N + rows[None, :], tl.where(live[None, :], dot, 0.0), mask=tangent_mask)
@@ -364,7 +549,7 @@ if importlib.util.find_spec("triton") is not None:
         rows, row_mask, label, live, in_range = _program_rows(target_ptr, N, num_classes, ignore_index, 0, ROWS, False)
         z_ptrs = logits_ptr + rows * row_stride
         u_ptrs = u_ptr + rows * u_row_stride
-        running_max, sum_exp, sum_exp_u, sum_z, sum_u = _row_stats(
+        running_max, sum_exp, sum_exp_u, sum_z, sum_u, _ = _row_stats(
             z_ptrs, u_ptrs[None, :], live, V, ACC, WITH_U, SMOOTHING, ROWS, BLOCK_V, u_live=live[None, :]
         )
         sum_exp_u = tl.sum(sum_exp_u, axis=0)  # the one tangent's [ROWS]
@@ -446,9 +631,38 @@ def _accumulator(dtype: torch.dtype):
     return tl.float64 if accumulation_dtype(dtype) == torch.float64 else tl.float32
 
 
-def _weight_or(hyperparameters: CrossEntropyLossHyperparameters, placeholder: torch.Tensor) -> torch.Tensor:
-    """The class weights, or ``placeholder`` (a tensor the kernel does not read) without them."""
-    return placeholder if hyperparameters.weight is None else hyperparameters.weight
+def _variant_inputs(
+    op: str, logits: torch.Tensor, target: torch.Tensor, hyperparameters: CrossEntropyLossHyperparameters
+) -> tuple[torch.Tensor, int]:
+    """The class weights as the kernels read them (dense; the logits, unread, without weights) and the row stride
+    of probability targets (0 for class indices), both checked against the (N, V) logits before any launch:
+    ValueError for weights not (V,) in the logits' dtype and on their device, or probabilities not (N, V) in
+    the logits' dtype and on their device with a dense last dimension."""
+    n, v = logits.shape
+    weight = hyperparameters.weight
+    if weight is None:
+        weight = logits
+    elif weight.shape != (v,) or weight.dtype != logits.dtype or weight.device != logits.device:
+        raise ValueError(
+            f"{op}: weight must be ({v},) {logits.dtype} on {logits.device}, got {tuple(weight.shape)} "
+            f"{weight.dtype} on {weight.device}"
+        )
+    else:
+        weight = weight.contiguous()
+    if not is_soft(target):
+        return weight, 0
+    if (
+        target.shape != logits.shape
+        or target.dtype != logits.dtype
+        or target.device != logits.device
+        or (n and v > 1 and target.stride(1) != 1)
+    ):
+        raise ValueError(
+            f"{op}: probability targets must be {tuple(logits.shape)} {logits.dtype} on {logits.device} with a "
+            f"dense last dimension, got {tuple(target.shape)} {target.dtype} on {target.device} with strides "
+            f"{target.stride()}"
+        )
+    return weight, _row_stride(target)
 
 
 def _cap(hyperparameters: CrossEntropyLossHyperparameters) -> float:
@@ -464,11 +678,14 @@ def _row_stride(tensor: torch.Tensor) -> int:
 class TritonCrossEntropy:
     """The Triton kernels; the contract is :class:`curvkern.families.LossKernels`."""
 
-    VARIANTS: frozenset[str] = frozenset({"z_loss", "softcap", "weight"})  # refuse_variants raises for the others
+    VARIANTS: frozenset[str] = frozenset(
+        {"z_loss", "softcap", "weight", "weight with label smoothing", "probability targets"}
+    )
 
     @staticmethod
     def forward(logits: torch.Tensor, target: torch.Tensor, hyperparameters: CrossEntropyLossHyperparameters):
         refuse_variants("triton", TritonCrossEntropy.VARIANTS, hyperparameters, target)
+        weight, target_row_stride = _variant_inputs("curvkern.ce triton forward", logits, target, hyperparameters)
         ignore_index, label_smoothing = hyperparameters.ignore_index, hyperparameters.label_smoothing
         n, v = logits.shape
         loss = torch.empty(n, dtype=accumulation_dtype(logits.dtype), device=logits.device)
@@ -479,7 +696,8 @@ class TritonCrossEntropy:
                 logits,
                 _row_stride(logits),
                 target,
-                _weight_or(hyperparameters, logits),
+                target_row_stride,
+                weight,
                 loss,
                 lse,
                 n,
@@ -493,6 +711,7 @@ class TritonCrossEntropy:
                 Z_LOSS=hyperparameters.z_loss != 0,
                 CAP=hyperparameters.softcap is not None,
                 WEIGHTED=hyperparameters.weight is not None,
+                SOFT=is_soft(target),
                 ROWS=rows,
                 BLOCK_V=block_v,
             )
@@ -507,6 +726,7 @@ class TritonCrossEntropy:
         hyperparameters: CrossEntropyLossHyperparameters,
     ):
         refuse_variants("triton", TritonCrossEntropy.VARIANTS, hyperparameters, target)
+        weight, target_row_stride = _variant_inputs("curvkern.ce triton backward", logits, target, hyperparameters)
         ignore_index, label_smoothing = hyperparameters.ignore_index, hyperparameters.label_smoothing
         n, v = logits.shape
         grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
@@ -516,7 +736,8 @@ class TritonCrossEntropy:
                 logits,
                 _row_stride(logits),
                 target,
-                _weight_or(hyperparameters, logits),
+                target_row_stride,
+                weight,
                 lse,
                 grad_scale,
                 0 if grad_scale.dim() == 0 else grad_scale.stride(0),
@@ -530,9 +751,11 @@ class TritonCrossEntropy:
                 *_split(hyperparameters.z_loss),
                 *_split(_cap(hyperparameters)),
                 ACC=_accumulator(logits.dtype),
+                SMOOTHING=label_smoothing != 0,
                 Z_LOSS=hyperparameters.z_loss != 0,
                 CAP=hyperparameters.softcap is not None,
                 WEIGHTED=hyperparameters.weight is not None,
+                SOFT=is_soft(target),
                 ROWS=rows,
                 BLOCK_V=block_v,
             )
@@ -551,6 +774,9 @@ class TritonCrossEntropy:
     ):
         refuse_variants("triton", TritonCrossEntropy.VARIANTS, hyperparameters, target)
         tangents = check_hvp_tangents("curvkern.ce triton hvp", logits, u, out)
+        weight, target_row_stride = _variant_inputs("curvkern.ce triton hvp", logits, target, hyperparameters)
+        if shift_period and is_soft(target):
+            raise NotImplementedError("the causal shift takes class indices, not probability targets")
         ignore_index, label_smoothing = hyperparameters.ignore_index, hyperparameters.label_smoothing
         n, v = logits.shape
         dot = torch.empty(u.shape[:-1], dtype=accumulation_dtype(logits.dtype), device=logits.device)
@@ -561,7 +787,8 @@ class TritonCrossEntropy:
                 logits,
                 _row_stride(logits),
                 target,
-                _weight_or(hyperparameters, logits),
+                target_row_stride,
+                weight,
                 u,
                 u.stride(0) if u.dim() == 3 else 0,
                 u.stride(-2),
@@ -585,6 +812,7 @@ class TritonCrossEntropy:
                 Z_LOSS=hyperparameters.z_loss != 0,
                 CAP=hyperparameters.softcap is not None,
                 WEIGHTED=hyperparameters.weight is not None,
+                SOFT=is_soft(target),
                 ROWS=rows,
                 BLOCK_V=block_v,
                 TANGENTS=padded,
@@ -646,6 +874,7 @@ class TritonCrossEntropy:
                 logits,
                 _row_stride(logits),
                 target,
+                0,
                 logits,  # no class weights on a shard (weight_ptr unread)
                 lse,
                 grad_scale,
@@ -662,9 +891,11 @@ class TritonCrossEntropy:
                 1.0,
                 0.0,
                 ACC=_accumulator(logits.dtype),
+                SMOOTHING=hyperparameters.label_smoothing != 0,
                 Z_LOSS=False,
                 CAP=False,
                 WEIGHTED=False,
+                SOFT=False,
                 ROWS=rows,
                 BLOCK_V=block_v,
             )
