@@ -17,10 +17,12 @@ from curvkern.hyperparameters import CrossEntropyHyperparameters
 from curvkern.linear_ce.eager import accumulation_dtype
 from curvkern.linear_ce.variants import refuse_missing_variants
 
-# Rows and classes per logits tile: a 1024 × 4096 fp32 tile is 16 MiB, large enough for ATen's GEMMs to
-# run near peak and small enough for the epilogue to find it in the last-level cache.
+# Rows and classes per logits tile: a 1024 × 2048 fp32 tile is 8 MiB, large enough for ATen's GEMMs to run
+# near peak and small enough for the epilogue to find it in the last-level cache; the HVP's two tile buffers
+# (16 MiB) stay within 5% of one (N, V) fp32 copy from N·V ≥ 84 M (GPT-2's vocabulary at 2048 tokens).
+# 1024 rows, not fewer: each row tile adds a read and write of the (V, d) weight gradient.
 N_TILE = 1024
-V_TILE = 4096
+V_TILE = 2048
 
 if cpp_unavailable_reason() is None:
 
