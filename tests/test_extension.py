@@ -68,6 +68,9 @@ def test_kernel_is_cloned_per_isa():
 @pytest.mark.slow  # compiles the whole extension a second time
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
 def test_cmake_builds_the_same_extension(tmp_path):
+    """The CMake route builds and loads the same sources. Unoptimised (Debug with -O0, no -g): the kernels' code
+    generation is checked on setup.py's build (test_kernel_is_cloned_per_isa and the disassembly
+    tests), and -O3 would take minutes more here."""
     prefix = subprocess.check_output(
         [sys.executable, "-c", "import torch.utils; print(torch.utils.cmake_prefix_path)"], text=True
     ).strip()
@@ -82,6 +85,8 @@ def test_cmake_builds_the_same_extension(tmp_path):
             str(build),
             f"-DCMAKE_PREFIX_PATH={prefix}",
             f"-DPython3_EXECUTABLE={sys.executable}",
+            "-DCMAKE_BUILD_TYPE=Debug",
+            "-DCMAKE_CXX_FLAGS_DEBUG=-O0",
         ],
         check=True,
         capture_output=True,
