@@ -24,15 +24,17 @@ $(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml $(CSRC)
 
 # The whole suite (slow cases and every hypothesis example included) in two worker processes, then the
 # fused-vs-eager tests once per CPU code path (test-isa). The multi-process tests spend most of their time in
-# their ranks, so two workers keep `make test` within 15 minutes of a fresh clone on 2 cores.
+# their ranks, so two workers keep `make test` within 15 minutes of a fresh clone on 2 cores; a worker that
+# runs out of tests takes queued ones from the other (worksteal), so a long test late in a queue does not
+# leave a core idle.
 test: venv cross-compiler
-	$(PY) -m pytest -n 2 tests
+	$(PY) -m pytest -n 2 --dist worksteal tests
 	$(PY) tests/isa_matrix.py
 
 # Every family and backend on small shapes: no `slow` cases, a quarter of the hypothesis examples, two
 # worker processes.
 test-fast: venv
-	HYPOTHESIS_PROFILE=fast $(PY) -m pytest -q -n 2 -m "not slow" tests
+	HYPOTHESIS_PROFILE=fast $(PY) -m pytest -q -n 2 --dist worksteal -m "not slow" tests
 
 # The fused-vs-eager tests under each CURVKERN_CPU_CAPABILITY x ATEN_CPU_CAPABILITY this CPU can run.
 test-isa: venv

@@ -13,6 +13,7 @@ Usage: ``python tests/isa_matrix.py [extra pytest arguments]`` (``make test-isa`
 """
 
 import concurrent.futures
+import glob
 import itertools
 import os
 import subprocess
@@ -36,7 +37,7 @@ def aten_capabilities() -> list[str]:
     return ATEN_CAPABILITIES[: ATEN_CAPABILITIES.index(best) + 1]
 
 
-def run_one(ours: str, aten: str, first: bool, tests: str, pytest_args: list[str]) -> tuple[str, int, str, float]:
+def run_one(ours: str, aten: str, first: bool, tests: list[str], pytest_args: list[str]) -> tuple[str, int, str, float]:
     """One combination's pytest process: (its label, exit code, output, seconds)."""
     env = dict(
         os.environ,
@@ -57,7 +58,7 @@ def run_one(ours: str, aten: str, first: bool, tests: str, pytest_args: list[str
         "-m",
         "fused_vs_eager",
         *only_cpp,
-        tests,
+        *tests,
         *pytest_args,
     ]
     started = time.monotonic()
@@ -66,10 +67,17 @@ def run_one(ours: str, aten: str, first: bool, tests: str, pytest_args: list[str
     return label, done.returncode, done.stdout, time.monotonic() - started
 
 
+def marked_modules(directory: str) -> list[str]:
+    """The test modules that use the mark: each process then imports and collects those alone (the others'
+    imports, transformers among them, cost seconds a process)."""
+    modules = sorted(glob.glob(os.path.join(directory, "test_*.py")))
+    return [path for path in modules if "pytest.mark.fused_vs_eager" in open(path, encoding="utf-8").read()]
+
+
 def main(pytest_args: list[str]) -> int:
     """Two combinations at a time (each pytest process spends much of its time importing and collecting, on
     one core), reported in the matrix's order."""
-    tests = os.path.dirname(os.path.abspath(__file__))
+    tests = marked_modules(os.path.dirname(os.path.abspath(__file__)))
     ours_capabilities = cpu_capabilities()
     combinations = list(itertools.product(ours_capabilities, aten_capabilities()))
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
