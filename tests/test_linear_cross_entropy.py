@@ -878,6 +878,15 @@ def variant_backends():
 
 
 ON_EACH_VARIANT_BACKEND = pytest.mark.parametrize("backend", variant_backends())
+# The fp64 matrices: Triton's interpreter runs them in make test only (slow); make test-fast checks its
+# variants through the gradcheck, K-tangent, low-precision and compile tests.
+ON_EACH_VARIANT_BACKEND_INTERPRETER_SLOW = pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param(b, marks=pytest.mark.slow) if b == "triton" and not torch.cuda.is_available() else b
+        for b in variant_backends()
+    ],
+)
 
 
 def class_weights(v=13, seed=3):
@@ -939,7 +948,7 @@ def torch_variant_loss(hidden, weight, target, bias=None, **kwargs):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.15])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no bias"])
-@ON_EACH_VARIANT_BACKEND
+@ON_EACH_VARIANT_BACKEND_INTERPRETER_SLOW
 def test_variants_match_pytorch_fp64(variants, reduction, label_smoothing, with_bias, backend):
     """Loss, gradients and the double backward (cross terms, and to the incoming gradient) of every variant and
     combination, against autograd through F.linear + the variant in plain torch; ignored rows 1 and 7, three row
@@ -986,7 +995,7 @@ def torch_variant_ggn_vp(hidden, weight, target, d_hidden, d_weight, d_bias, bia
 @ON_EACH_VARIANT
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no bias"])
-@ON_EACH_VARIANT_BACKEND
+@ON_EACH_VARIANT_BACKEND_INTERPRETER_SLOW
 def test_variants_ggn_vp_matches_torch_func(variants, reduction, with_bias, backend):
     skip_outside_the_interpreted_subset(backend, variants, with_bias)
     hidden, weight, bias, target = make_problem((2, 5), bias=with_bias)

@@ -30,10 +30,17 @@ SKIPPED_CHECKS = {
     "cpu_capabilities": {"test_aot_dispatch_dynamic"},
 }
 
+# make test-fast checks each op on its first samples (the plain dtypes and layouts); make test on all of them.
+FAST_SAMPLES_PER_OP = 6
 CASES = [
-    pytest.param(op_name, sample, id=f"{op_name}-{sample.name}")
+    pytest.param(
+        op_name,
+        sample,
+        id=f"{op_name}-{sample.name}",
+        marks=pytest.mark.slow if index >= FAST_SAMPLES_PER_OP else (),
+    )
     for op_name in sorted(SAMPLES)
-    for sample in SAMPLES[op_name]
+    for index, sample in enumerate(SAMPLES[op_name])
 ]
 
 
